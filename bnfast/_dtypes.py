@@ -1,0 +1,114 @@
+"""The reference's result dtypes, found by running the NumPy twin on stand-ins.
+
+bnfast promises the dtypes the reference class's arithmetic gives under the
+installed NumPy's promotion rules (NEP 50 on NumPy 2, value-based casting on
+NumPy 1).  Rather than restating those rules, each resolver runs the twin once
+on a 2 x 1 batch whose operands promote exactly like the caller's: arrays are
+replaced by one-element arrays of the same dtype, scalars are kept as they are.
+Results are memoized on the operands' types and dtypes.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ._checks import result_float
+from .reference import BatchNormalization as _Twin
+
+# NumPy 1 promotes by value for scalars and 0-d arrays, so their value is part
+# of the memo key there; NumPy 2 promotes by type alone.
+_BY_VALUE = int(np.__version__.split(".")[0]) < 2
+
+
+class TrainDtypes(NamedTuple):
+    stat: np.dtype           # mean / xc / xn / std
+    out: np.dtype            # forward output
+    running_mean: np.dtype   # updated running statistics
+    running_var: np.dtype
+
+
+class EvalDtypes(NamedTuple):
+    out: np.dtype
+
+
+class GradDtypes(NamedTuple):
+    dx: np.dtype
+    dgamma: np.dtype
+    dbeta: np.dtype
+
+
+def _stand_in(value: Any) -> Any:
+    if isinstance(value, np.ndarray) and value.ndim >= 1:
+        return np.ones(1, value.dtype)
+    return value
+
+
+def _key(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        if value.ndim >= 1:
+            return (1, value.dtype)
+        return (0, value.dtype, value.item() if _BY_VALUE else None)
+    kind = type(value)
+    if kind in (float, int, bool) or value is None:
+        return (kind,)
+    if isinstance(value, np.generic):
+        return (kind, value.item() if _BY_VALUE else None)
+    raise TypeError(f"unexpected operand type {kind.__name__}")
+
+
+_memo: dict[Any, Any] = {}
+
+
+def _run_twin(train: bool, x_dtype: np.dtype, gamma: Any, beta: Any, momentum: Any,
+              running_mean: Any, running_var: Any, dout_dtype: np.dtype | None) -> Any:
+    twin = _Twin(_stand_in(gamma), _stand_in(beta), momentum,
+                 _stand_in(running_mean), _stand_in(running_var))
+    x = np.array([[1.0], [2.0]]).astype(x_dtype)
+    with np.errstate(all="ignore"):
+        try:
+            out = twin.forward(x, train)
+            grads = None if dout_dtype is None else twin.backward(np.ones((2, 1), dout_dtype))
+        except TypeError as exc:  # NumPy cannot combine these dtypes at all
+            raise TypeError(f"these operands cannot be combined: {exc}") from None
+    if dout_dtype is not None:
+        return GradDtypes(result_float(grads.dtype, "dx"), result_float(twin.dgamma.dtype, "dgamma"),
+                          np.asarray(twin.dbeta).dtype)
+    out_dt = result_float(out.dtype, "the output")
+    if not train:
+        return EvalDtypes(out_dt)
+    return TrainDtypes(twin.xn.dtype, out_dt,
+                       result_float(np.asarray(twin.running_mean).dtype, "running_mean"),
+                       result_float(np.asarray(twin.running_var).dtype, "running_var"))
+
+
+def _resolve(train: bool, x_dtype: np.dtype, gamma: Any, beta: Any, momentum: Any,
+             running_mean: Any, running_var: Any, dout_dtype: np.dtype | None) -> Any:
+    key = (train, x_dtype, _key(gamma), _key(beta), _key(momentum),
+           _key(running_mean), _key(running_var), dout_dtype)
+    found = _memo.get(key)
+    if found is None:
+        found = _run_twin(train, x_dtype, gamma, beta, momentum, running_mean, running_var,
+                          dout_dtype)
+        if len(_memo) > 4096:  # bounded: keys are types, so this is never hit in practice
+            _memo.clear()
+        _memo[key] = found
+    return found
+
+
+def train(x_dtype: np.dtype, gamma: Any, beta: Any, momentum: Any = 0.9,
+          running_mean: Any = None, running_var: Any = None) -> TrainDtypes:
+    """dtypes of a training forward (statistics, output, new running stats)."""
+    return _resolve(True, x_dtype, gamma, beta, momentum, running_mean, running_var, None)
+
+
+def evaluate(x_dtype: np.dtype, gamma: Any, beta: Any, running_mean: Any,
+             running_var: Any) -> EvalDtypes:
+    """dtype of an eval-mode forward."""
+    return _resolve(False, x_dtype, gamma, beta, 0.9, running_mean, running_var, None)
+
+
+def grads(train: bool, x_dtype: np.dtype, gamma: Any, dout_dtype: np.dtype,
+          running_mean: Any = None, running_var: Any = None) -> GradDtypes:
+    """dtypes of dx, dgamma and dbeta after a training or eval-mode forward."""
+    return _resolve(train, x_dtype, gamma, 0.0, 0.9, running_mean, running_var, dout_dtype)

@@ -1,0 +1,112 @@
+"""The slow twin: batch normalization in plain NumPy, with bnfast's contract.
+
+This is the oracle for the tests and the baseline for the benchmarks.  It does
+the same NumPy operations, in the same order and the same dtypes, as the
+``BatchNormalization`` class of *Deep Learning from Scratch*, so its numbers
+and its speed are those of the class users replace.  It differs from that
+class only where bnfast's contract does:
+
+* any input with ``ndim >= 2`` is flattened per sample (the book's class
+  unpacks exactly four dimensions, so 3-D and 5-D input fail there);
+* ``eps`` is a keyword argument (default ``1e-6``, the book's ``10e-7``);
+* ``backward`` after an eval-mode ``forward`` differentiates the eval-mode
+  function, with the running statistics held constant.  The book's class
+  silently reuses the last training batch's cache there.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BatchNormalization"]
+
+
+class BatchNormalization:
+    """Pure-NumPy batch normalization over flattened features."""
+
+    def __init__(self, gamma: Any, beta: Any, momentum: float = 0.9,
+                 running_mean: Any = None, running_var: Any = None, *, eps: float = 1e-6) -> None:
+        self.gamma = gamma
+        self.beta = beta
+        self.momentum = momentum
+        self.eps = eps
+        self.input_shape: tuple[int, ...] | None = None
+        self.running_mean = running_mean
+        self.running_var = running_var
+        self.batch_size: int | None = None
+        self.xc: Any = None
+        self.xn: Any = None
+        self.std: Any = None
+        self.dgamma: Any = None
+        self.dbeta: Any = None
+        # What the last forward was, and the eval-mode pieces its backward needs.
+        self._last_train: bool | None = None
+        self._eval_xn: Any = None
+        self._eval_std: Any = None
+
+    def forward(self, x: Any, train_flg: bool = True) -> np.ndarray:
+        x = np.asarray(x)
+        self.input_shape = x.shape
+        rows = x.reshape(x.shape[0], -1)
+        if self.running_mean is None:
+            features = rows.shape[1]
+            self.running_mean = np.zeros(features)
+            self.running_var = np.zeros(features)
+        if train_flg:
+            normalized = self._normalize_batch(rows)
+        else:
+            normalized = self._normalize_running(rows)
+        self._last_train = bool(train_flg)
+        return (self.gamma * normalized + self.beta).reshape(self.input_shape)
+
+    def _normalize_batch(self, rows: np.ndarray) -> np.ndarray:
+        mean = rows.mean(axis=0)
+        centered = rows - mean
+        var = np.mean(centered ** 2, axis=0)
+        std = np.sqrt(var + self.eps)
+        normalized = centered / std
+        self.batch_size = rows.shape[0]
+        self.xc = centered
+        self.xn = normalized
+        self.std = std
+        keep = self.momentum
+        self.running_mean = keep * self.running_mean + (1 - keep) * mean
+        self.running_var = keep * self.running_var + (1 - keep) * var
+        return normalized
+
+    def _normalize_running(self, rows: np.ndarray) -> np.ndarray:
+        centered = rows - self.running_mean
+        std = np.sqrt(self.running_var + self.eps)
+        normalized = centered / std
+        self._eval_xn = normalized
+        self._eval_std = std
+        return normalized
+
+    def backward(self, dout: Any) -> np.ndarray:
+        if self._last_train is None:
+            raise RuntimeError("backward() called before any forward()")
+        dout = np.asarray(dout)
+        rows = dout.reshape(dout.shape[0], -1)
+        if self._last_train:
+            grad = self._backward_batch(rows)
+        else:
+            grad = self._backward_running(rows)
+        return grad.reshape(self.input_shape)
+
+    def _backward_batch(self, dout: np.ndarray) -> np.ndarray:
+        n = self.batch_size
+        self.dbeta = dout.sum(axis=0)
+        self.dgamma = np.sum(self.xn * dout, axis=0)
+        dnormalized = self.gamma * dout
+        dcentered = dnormalized / self.std
+        dstd = -np.sum((dnormalized * self.xc) / (self.std * self.std), axis=0)
+        dvar = 0.5 * dstd / self.std
+        dcentered += (2.0 / n) * self.xc * dvar
+        dmean = np.sum(dcentered, axis=0)
+        return dcentered - dmean / n
+
+    def _backward_running(self, dout: np.ndarray) -> np.ndarray:
+        self.dbeta = dout.sum(axis=0)
+        self.dgamma = np.sum(self._eval_xn * dout, axis=0)
+        return (self.gamma * dout) / self._eval_std

@@ -1,0 +1,169 @@
+"""Build the typed kernels of bnfast.
+
+Metadata lives in pyproject.toml; this file only describes the extension:
+which flags each compiler gets, whether OpenMP is used, and the Cython
+directives (set here once, not repeated in the sources).
+
+Environment switches (read at build time):
+  BNFAST_OPENMP=0   build the serial kernels even where OpenMP is available
+  BNFAST_NATIVE=1   add -march=native (a local build for this CPU only)
+  BNFAST_SANITIZE=1 build with -fsanitize=address,undefined (see tools/)
+  BNFAST_VARIANTS=0 build only the baseline kernels (no AVX2/AVX-512 variants)
+
+On x86-64 with GCC or Clang the same kernels are also compiled for AVX2 and
+for AVX-512; bnfast/_native.py picks the widest one the CPU runs at import.
+The default build therefore runs on any x86-64 CPU and is fast on new ones.
+"""
+import os
+import platform
+import sys
+import tempfile
+import textwrap
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+# Per-compiler OpenMP flags: (compile args, link args).  Apple's clang has no
+# OpenMP of its own; it gets it only from a Homebrew/conda libomp, which the
+# probe below finds or does not.
+OPENMP_FLAGS = {
+    "unix": (["-fopenmp"], ["-fopenmp"]),
+    "mingw32": (["-fopenmp"], ["-fopenmp"]),
+    "msvc": (["/openmp"], []),
+    "darwin": (["-Xpreprocessor", "-fopenmp"], ["-lomp"]),
+}
+
+OPTIMIZE_FLAGS = {
+    "unix": ["-O3", "-fno-math-errno", "-fno-trapping-math"],
+    "mingw32": ["-O3", "-fno-math-errno", "-fno-trapping-math"],
+    "msvc": ["/O2"],
+}
+
+# Instruction-set variants: module suffix -> extra flags.  bnfast_cpu_level()
+# in _kernels.pyx checks for exactly these features before one is loaded.
+ISA_VARIANTS = {
+    "avx2": ["-mavx2", "-mfma", "-mbmi", "-mbmi2"],
+    "avx512": ["-mavx2", "-mfma", "-mbmi", "-mbmi2", "-mavx512f", "-mavx512bw",
+               "-mavx512cd", "-mavx512dq", "-mavx512vl", "-mprefer-vector-width=512"],
+}
+
+CYTHON_DIRECTIVES = {
+    "language_level": 3,
+    "boundscheck": False,
+    "wraparound": False,
+    "cdivision": True,
+    "initializedcheck": False,
+    "nonecheck": False,
+    "embedsignature": True,
+}
+
+
+def _env_flag(name, default):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+def _compiler_kind(compiler):
+    kind = compiler.compiler_type
+    if kind == "unix" and sys.platform == "darwin":
+        return "darwin"
+    return kind
+
+
+OPENMP_PROBE = """
+#include <omp.h>
+int main(void) {
+    int n = 0;
+    #pragma omp parallel reduction(+:n)
+    n += 1;
+    return n > 0 ? 0 : 1;
+}
+"""
+
+PLAIN_PROBE = "int main(void) { return 0; }\n"
+
+
+def _compiles_with(compiler, compile_args, link_args, source=OPENMP_PROBE):
+    """Try to build and link a tiny program with these flags."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "probe.c")
+        with open(path, "w") as handle:
+            handle.write(source)
+        try:
+            objects = compiler.compile([path], output_dir=tmp, extra_postargs=compile_args)
+            compiler.link_executable(objects, "probe", output_dir=tmp, extra_postargs=link_args)
+        except Exception:  # any compile or link failure means "these flags don't work here"
+            return False
+    return True
+
+
+class BuildKernels(build_ext):
+    """Pick optimisation and OpenMP flags for the compiler actually in use."""
+
+    def build_extensions(self):
+        kind = _compiler_kind(self.compiler)
+        compile_args = list(OPTIMIZE_FLAGS.get(kind, OPTIMIZE_FLAGS["unix"]))
+        link_args = []
+
+        if _env_flag("BNFAST_NATIVE", False) and kind != "msvc":
+            compile_args.append("-march=native")
+        if _env_flag("BNFAST_SANITIZE", False) and kind != "msvc":
+            compile_args = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                            "-fno-sanitize-recover=undefined"]
+            link_args += ["-fsanitize=address,undefined"]
+
+        if _env_flag("BNFAST_OPENMP", True):
+            omp_compile, omp_link = OPENMP_FLAGS.get(kind, OPENMP_FLAGS["unix"])
+            if _compiles_with(self.compiler, omp_compile, omp_link):
+                compile_args += omp_compile
+                link_args += omp_link
+            else:
+                print("bnfast: OpenMP not available for this compiler; building serial kernels",
+                      file=sys.stderr)
+        keep = []
+        for ext in self.extensions:
+            isa = ext.name.rpartition("_")[2] if ext.name != "bnfast._kernels" else None
+            ext_compile = compile_args + (ISA_VARIANTS[isa] if isa else [])
+            if isa and not _compiles_with(self.compiler, ext_compile, link_args, PLAIN_PROBE):
+                print(f"bnfast: the compiler does not take {isa} flags; skipping that variant",
+                      file=sys.stderr)
+                continue
+            described = "compile: %s; link: %s" % (" ".join(ext_compile), " ".join(link_args) or "-")
+            ext.extra_compile_args = ext_compile
+            ext.extra_link_args = link_args
+            ext.define_macros = list(ext.define_macros or []) + [
+                ("BNFAST_BUILD_FLAGS", '"%s"' % described)]
+            keep.append(ext)
+        self.extensions = keep
+        super().build_extensions()
+
+
+def _wants_variants():
+    if not _env_flag("BNFAST_VARIANTS", True) or _env_flag("BNFAST_NATIVE", False):
+        return False
+    if _env_flag("BNFAST_SANITIZE", False) or os.name == "nt":
+        return False
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _extension(name):
+    return Extension(
+        name,
+        ["%s.pyx" % name.replace(".", "/")],
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+
+
+extensions = [_extension("bnfast._kernels")]
+if _wants_variants():
+    extensions += [_extension("bnfast._kernels_" + isa) for isa in ISA_VARIANTS]
+
+setup(
+    ext_modules=cythonize(extensions, compiler_directives=CYTHON_DIRECTIVES),
+    cmdclass={"build_ext": BuildKernels},
+)

@@ -1,0 +1,428 @@
+"""bnfast.BatchNormalization against the NumPy twin and against math."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import pickle
+
+import numpy as np
+import pytest
+
+import bnfast
+from bnfast.reference import BatchNormalization as Twin
+from conftest import assert_close, dx_scale, tolerance, layouts, make_params, pair, seed_reference_path
+
+SHAPES = [(1, 5), (7, 1), (2, 3), (13, 17), (64, 33), (3, 4, 5), (2, 3, 4, 5), (2, 3, 2, 2, 2)]
+ATTRS = ("input_shape", "batch_size", "xc", "xn", "std", "dgamma", "dbeta",
+         "running_mean", "running_var", "momentum")
+
+
+def features(shape):
+    return int(np.prod(shape[1:]))
+
+
+def assert_same_state(layer, twin, what="", rtol=None):
+    """Every attribute the reference has, equal in value, shape and dtype.
+
+    rtol: the input dtype's tolerance (float32 input makes the reference's
+    statistics float32-accurate even where they end up in float64 arrays)."""
+    for name in ATTRS:
+        mine, theirs = getattr(layer, name), getattr(twin, name)
+        if theirs is None or isinstance(theirs, (int, float, tuple)):
+            assert mine == theirs, f"{what}{name}: {mine!r} != {theirs!r}"
+        else:
+            assert_close(mine, theirs, rtol=rtol, what=f"{what}{name}")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_forward_backward_match_twin(rng, shape, dtype):
+    d = features(shape)
+    gamma, beta = make_params(rng, d, dtype)
+    layer, twin = pair(gamma, beta)
+    for step in range(3):
+        x = (rng.standard_normal(shape) * 3 + step).astype(dtype)
+        dout = rng.standard_normal(shape).astype(dtype)
+        assert_close(layer.forward(x), twin.forward(x), what="train out")
+        assert_close(layer.backward(dout), twin.backward(dout), what="dx",
+                     scale=dx_scale(twin, dout))
+        assert_same_state(layer, twin, f"step {step}: ", tolerance(dtype))
+        assert_close(layer.forward(x, False), twin.forward(x, False), what="eval out",
+                     rtol=tolerance(dtype))
+        assert_same_state(layer, twin, f"step {step} eval: ", tolerance(dtype))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_outputs_keep_input_shape(rng, train):
+    layer = bnfast.BatchNormalization(1.0, 0.0)
+    for shape in [(4, 3), (4, 3, 2), (4, 1, 2, 3), (4, 2, 1, 1, 3)]:
+        layer = bnfast.BatchNormalization(1.0, 0.0)
+        x = rng.standard_normal(shape)
+        out = layer.forward(x, train)
+        assert out.shape == shape and layer.input_shape == shape
+        assert layer.backward(np.ones(shape)).shape == shape
+
+
+def test_eps_default_is_the_books():
+    assert bnfast.BatchNormalization(1.0, 0.0).eps == 10e-7 == 1e-6
+
+
+def test_running_statistics_are_created_as_float64_zeros(rng):
+    layer = bnfast.BatchNormalization(1.0, 0.0)
+    assert layer.running_mean is None and layer.running_var is None
+    x = rng.standard_normal((6, 4)).astype(np.float32)
+    layer.forward(x, train_flg=False)        # eval first: zeros are created, as in the reference
+    assert layer.running_mean.dtype == np.float64 and not layer.running_mean.any()
+    assert layer.running_var.shape == (4,) and not layer.running_var.any()
+
+
+def test_running_statistics_follow_momentum_across_steps(rng):
+    d = 9
+    gamma, beta = make_params(rng, d)
+    layer, twin = pair(gamma, beta, momentum=0.8)
+    for step, momentum in enumerate([0.8, 0.5, 0.99, 0.0, 1.0]):
+        layer.momentum = twin.momentum = momentum
+        x = rng.standard_normal((11, d)) * (step + 1) + step
+        layer.forward(x)
+        twin.forward(x)
+        assert_close(layer.running_mean, twin.running_mean, what="running_mean")
+        assert_close(layer.running_var, twin.running_var, what="running_var")
+    # and the rule itself, independently of the twin
+    before_mean, before_var = layer.running_mean, layer.running_var
+    x = rng.standard_normal((11, d))
+    layer.momentum = 0.7
+    layer.forward(x)
+    np.testing.assert_allclose(layer.running_mean, 0.7 * before_mean + 0.3 * x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(layer.running_var, 0.7 * before_var + 0.3 * x.var(0), rtol=1e-12)
+
+
+def test_running_statistics_are_rebound_never_mutated(rng):
+    d = 5
+    given_mean, given_var = rng.standard_normal(d), rng.random(d) + 0.5
+    keep_mean, keep_var = given_mean.copy(), given_var.copy()
+    layer = bnfast.BatchNormalization(np.ones(d), np.zeros(d), 0.9, given_mean, given_var)
+    layer.forward(rng.standard_normal((4, d)))
+    assert layer.running_mean is not given_mean and layer.running_var is not given_var
+    np.testing.assert_array_equal(given_mean, keep_mean)
+    np.testing.assert_array_equal(given_var, keep_var)
+    seen_mean = layer.running_mean
+    seen_copy = seen_mean.copy()
+    layer.forward(rng.standard_normal((4, d)))
+    assert layer.running_mean is not seen_mean
+    np.testing.assert_array_equal(seen_mean, seen_copy)
+
+
+def test_gamma_beta_are_held_by_reference(rng):
+    d = 6
+    gamma, beta = np.ones(d), np.zeros(d)
+    layer = bnfast.BatchNormalization(gamma, beta)
+    assert layer.gamma is gamma and layer.beta is beta
+    x = rng.standard_normal((8, d))
+    first = layer.forward(x)
+    gamma *= 2.0          # an optimizer updating in place
+    beta += 1.0
+    second = layer.forward(x)
+    np.testing.assert_allclose(second, 2.0 * first + 1.0, rtol=1e-12, atol=1e-12)
+    gamma[3] += 1e-3      # numerical-gradient code perturbing one element
+    third = layer.forward(x)
+    assert np.array_equal(third[:, :3], second[:, :3]) and not np.allclose(third[:, 3], second[:, 3])
+    layer.gamma = np.full(d, 5.0)   # rebinding
+    np.testing.assert_allclose(layer.forward(x), 5.0 * first + 1.0, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("gamma,beta", [(2.0, 0.5), (3, 1), (np.float64(1.5), np.float64(-1)),
+                                        (np.array([2.0]), np.array(0.25)), ([1.0, 2.0, 3.0], 0)])
+def test_scalar_and_broadcast_parameters(rng, gamma, beta):
+    x = rng.standard_normal((5, 3))
+    layer, twin = pair(gamma, beta)
+    assert_close(layer.forward(x), twin.forward(x))
+    dout = rng.standard_normal((5, 3))
+    assert_close(layer.backward(dout), twin.backward(dout))
+    assert_close(layer.dgamma, twin.dgamma)
+    assert_close(layer.dbeta, twin.dbeta)
+
+
+DTYPE_CASES = [
+    # x dtype, gamma, beta, running stats dtype or None
+    (np.float64, "f8", "f8", None),
+    (np.float32, "f4", "f4", None),
+    (np.float32, "f8", "f8", None),
+    (np.float32, "f4", "f4", "f4"),
+    (np.float32, 1.0, 0.0, None),
+    (np.float32, "f4", 0.0, "f8"),
+    (np.float64, "f4", "f4", "f4"),
+    (np.float16, "f2", "f2", "f2"),
+    (np.float16, 1.0, 0.0, None),
+    (np.int64, "f8", "f8", None),
+    (np.int32, 1.0, 0.0, None),
+    (np.uint8, "f4", "f4", "f4"),
+    (np.bool_, 1.0, 0.0, None),
+    (np.float32, np.float64(1.0), 0.0, None),
+    (np.float32, np.array(2.0, np.float64), 0.0, None),
+    (np.float32, "i8", "f4", None),
+]
+
+
+def _param(spec, d, rng):
+    if isinstance(spec, str):
+        return (rng.random(d) + 0.5).astype(spec)
+    return spec
+
+
+@pytest.mark.parametrize("x_dtype,gspec,bspec,rdtype", DTYPE_CASES)
+def test_dtypes_and_values_follow_reference_promotion(rng, x_dtype, gspec, bspec, rdtype):
+    d = 7
+    x = (rng.standard_normal((9, d)) * 4).astype(x_dtype) if x_dtype is not np.bool_ \
+        else rng.random((9, d)) > 0.5
+    gamma, beta = _param(gspec, d, rng), _param(bspec, d, rng)
+    kwargs = {}
+    if rdtype is not None:
+        kwargs = dict(running_mean=rng.standard_normal(d).astype(rdtype),
+                      running_var=(rng.random(d) + 0.5).astype(rdtype))
+    layer, twin = pair(gamma, beta, **kwargs)
+    dout = rng.standard_normal((9, d)).astype(x_dtype if x_dtype in (np.float16, np.float32)
+                                              else np.float64)
+    # The reference computes in the narrowest float among its operands.
+    operands = [np.asarray(v) for v in (x, gamma, beta, *kwargs.values())]
+    loose = max(tolerance(a.dtype) if a.dtype.kind == "f" and a.ndim else 1e-10
+                for a in operands)
+    loose = 5e-3 if x_dtype is np.float16 else loose
+    assert_close(layer.forward(x), twin.forward(x), rtol=loose, what="train")
+    assert_close(layer.backward(dout), twin.backward(dout), rtol=loose, what="dx")
+    for name in ("dgamma", "dbeta", "running_mean", "running_var", "xc", "xn", "std"):
+        assert_close(getattr(layer, name), getattr(twin, name), rtol=loose, what=name)
+    assert_close(layer.forward(x, False), twin.forward(x, False), rtol=loose, what="eval")
+    assert_close(layer.backward(dout), twin.backward(dout), rtol=loose, what="eval dx")
+
+
+def test_integer_dout_gives_integer_dbeta_like_the_reference(rng):
+    layer, twin = pair(np.ones(3), np.zeros(3))
+    x = rng.standard_normal((4, 3))
+    layer.forward(x)
+    twin.forward(x)
+    dout = np.arange(12).reshape(4, 3)
+    assert_close(layer.backward(dout), twin.backward(dout))
+    assert layer.dbeta.dtype == twin.dbeta.dtype and np.array_equal(layer.dbeta, twin.dbeta)
+
+
+def test_each_call_returns_new_arrays(rng):
+    layer = bnfast.BatchNormalization(np.ones(4), np.zeros(4))
+    x1, x2 = rng.standard_normal((5, 4)), rng.standard_normal((5, 4))
+    out1 = layer.forward(x1)
+    keep = out1.copy()
+    dx1 = layer.backward(np.ones((5, 4)))
+    dx_keep, dg_keep = dx1.copy(), layer.dgamma.copy()
+    dg1 = layer.dgamma
+    xn1 = layer.xn
+    xn_keep = xn1.copy()
+    out2 = layer.forward(x2)
+    layer.backward(rng.standard_normal((5, 4)))
+    assert out2 is not out1 and np.array_equal(out1, keep)
+    assert np.array_equal(dx1, dx_keep) and np.array_equal(dg1, dg_keep)
+    assert np.array_equal(xn1, xn_keep)
+    assert layer.forward(x1, False) is not layer.forward(x1, False)
+
+
+def test_input_is_never_modified_and_later_changes_do_not_leak(rng):
+    x = rng.standard_normal((6, 4))
+    keep = x.copy()
+    layer, twin = pair(np.ones(4), np.zeros(4))
+    layer.forward(x)
+    twin.forward(x)
+    assert np.array_equal(x, keep)
+    x[:] = 1e6            # the caller reuses its buffer before backward
+    dout = rng.standard_normal((6, 4))
+    assert_close(layer.backward(dout), twin.backward(dout))
+    assert_close(layer.xn, twin.xn)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_every_memory_layout_gives_the_twins_result(rng, dtype):
+    base = (rng.standard_normal((6, 3, 4)) * 2 + 1).astype(dtype)
+    dout = rng.standard_normal((6, 3, 4)).astype(dtype)
+    gamma, beta = make_params(rng, 12, dtype)
+    for name, x in layouts(base):
+        for dname, g in layouts(dout):
+            layer, twin = pair(gamma, beta)
+            keep, gkeep = x.copy(), g.copy()
+            assert_close(layer.forward(x), twin.forward(x), what=f"{name} train")
+            assert_close(layer.backward(g), twin.backward(g), what=f"{name}/{dname} dx")
+            # float32 input: the reference's running statistics are float32-accurate
+            assert_close(layer.forward(x, False), twin.forward(x, False), what=f"{name} eval",
+                         rtol=tolerance(dtype))
+            assert_close(layer.backward(g), twin.backward(g), what=f"{name}/{dname} eval dx",
+                         rtol=tolerance(dtype))
+            assert np.array_equal(x, keep) and np.array_equal(g, gkeep), "input modified"
+
+
+def test_zero_strided_and_nested_list_input(rng):
+    row = rng.standard_normal(5)
+    x = np.broadcast_to(row, (4, 5))
+    layer, twin = pair(np.ones(5), np.zeros(5))
+    assert_close(layer.forward(x), twin.forward(x))   # every feature constant
+    nested = rng.standard_normal((3, 2)).tolist()
+    layer, twin = pair(1.0, 0.0)
+    assert_close(layer.forward(nested), twin.forward(nested))
+
+
+def test_eval_mode_backward_is_the_gradient_of_the_eval_function(rng):
+    d = 5
+    gamma, beta = make_params(rng, d)
+    running_mean, running_var = rng.standard_normal(d), rng.random(d) + 0.1
+    layer = bnfast.BatchNormalization(gamma, beta, running_mean=running_mean.copy(),
+                                      running_var=running_var.copy())
+    x = rng.standard_normal((7, d))
+    out = layer.forward(x, train_flg=False)
+    std = np.sqrt(running_var + 1e-6)
+    np.testing.assert_allclose(out, gamma * (x - running_mean) / std + beta, rtol=1e-13)
+    dout = rng.standard_normal((7, d))
+    dx = layer.backward(dout)
+    np.testing.assert_allclose(dx, dout * gamma / std, rtol=1e-13)
+    np.testing.assert_allclose(layer.dgamma, np.sum(dout * (x - running_mean) / std, 0), rtol=1e-12)
+    np.testing.assert_allclose(layer.dbeta, dout.sum(0), rtol=1e-12)
+    # the last training batch's cache is left alone by eval calls
+    layer.forward(x * 2)
+    xn_train = layer.xn.copy()
+    layer.forward(x, False)
+    layer.backward(dout)
+    assert np.array_equal(layer.xn, xn_train)
+
+
+def numerical_gradients(layer_factory, x, dout, train, h=1e-6):
+    """Central differences of sum(forward(x) * dout) w.r.t. x, gamma and beta."""
+    def loss(xv, g, b):
+        layer = layer_factory(g, b)
+        if not train:
+            layer.forward(x)           # give it running statistics
+        return float(np.sum(layer.forward(xv, train) * dout))
+
+    base = layer_factory(None, None)
+    gamma, beta = base.gamma.copy(), base.beta.copy()
+    grads = []
+    for target in ("x", "gamma", "beta"):
+        arr = {"x": x, "gamma": gamma, "beta": beta}[target]
+        grad = np.zeros_like(arr)
+        for idx in np.ndindex(arr.shape):
+            old = arr[idx]
+            arr[idx] = old + h
+            plus = loss(x, gamma, beta)
+            arr[idx] = old - h
+            minus = loss(x, gamma, beta)
+            arr[idx] = old
+            grad[idx] = (plus - minus) / (2 * h)
+        grads.append(grad)
+    return grads
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (2, 3), (5, 4), (3, 2, 2)])
+@pytest.mark.parametrize("train", [True, False])
+def test_backward_matches_central_differences(rng, shape, train):
+    d = features(shape)
+    gamma0, beta0 = make_params(rng, d)
+    x = rng.standard_normal(shape) * 2 + 0.5
+    dout = rng.standard_normal(shape)
+
+    def factory(g, b):
+        return bnfast.BatchNormalization(gamma0.copy() if g is None else g,
+                                         beta0.copy() if b is None else b, momentum=1.0,
+                                         running_mean=np.full(d, 0.3), running_var=np.full(d, 2.0))
+
+    num_dx, num_dgamma, num_dbeta = numerical_gradients(factory, x, dout, train)
+    layer = factory(None, None)
+    if not train:
+        layer.forward(x)
+    layer.forward(x, train)
+    dx = layer.backward(dout)
+    scale = max(1.0, float(np.abs(num_dx).max()))
+    np.testing.assert_allclose(dx, num_dx, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(layer.dgamma, num_dgamma, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.dbeta, num_dbeta, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gradient_invariants(rng, dtype):
+    """Per feature: sum_i dx = 0 and sum_i dx * xhat = 0 (the mean and the scale
+    of a normalized batch do not depend on x's shift and scale).  The second is
+    exact only for eps = 0 (with eps it is off by a factor eps / (var + eps))."""
+    d = 40
+    layer = bnfast.BatchNormalization(np.ones(d, dtype), np.zeros(d, dtype), eps=0.0)
+    x = (rng.standard_normal((50, d)) * 5 + 3).astype(dtype)
+    layer.forward(x)
+    dx = layer.backward(rng.standard_normal((50, d)).astype(dtype)).astype(np.float64)
+    tol = 1e-12 if dtype == np.float64 else 1e-4
+    scale = np.abs(dx).sum(0)
+    assert np.all(np.abs(dx.sum(0)) <= tol * scale)
+    assert np.all(np.abs((dx * layer.xn).sum(0)) <= tol * scale * np.abs(layer.xn).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_constant_feature_gives_exactly_beta(rng, dtype):
+    d = 6
+    x = rng.standard_normal((33, d)).astype(dtype)
+    x[:, 2] = dtype(0.1)
+    x[:, 4] = dtype(-123456.789)
+    gamma, beta = make_params(rng, d, dtype)
+    layer = bnfast.BatchNormalization(gamma, beta)
+    out = layer.forward(x)
+    assert np.array_equal(out[:, 2], np.full(33, beta[2])) and np.array_equal(out[:, 4],
+                                                                              np.full(33, beta[4]))
+    assert np.all(layer.xn[:, [2, 4]] == 0)
+    dx = layer.backward(rng.standard_normal((33, d)).astype(dtype))
+    assert np.all(np.isfinite(dx)) and np.all(np.isfinite(layer.dgamma))
+
+
+@pytest.mark.parametrize("clone_of", [lambda layer: pickle.loads(pickle.dumps(layer)),
+                                      copy.deepcopy], ids=["pickle", "deepcopy"])
+@pytest.mark.parametrize("last_train", [True, False])
+def test_pickle_and_deepcopy_round_trip(rng, clone_of, last_train):
+    d = 8
+    gamma, beta = make_params(rng, d)
+    layer = bnfast.BatchNormalization(gamma, beta, momentum=0.7)
+    x = rng.standard_normal((10, d))
+    layer.forward(x)
+    layer.backward(rng.standard_normal((10, d)))
+    layer.forward(x * 2, last_train)
+    for clone in (clone_of(layer),):
+        for name in ATTRS + ("gamma", "beta", "eps"):
+            a, b = getattr(clone, name), getattr(layer, name)
+            assert (a == b) if not isinstance(b, np.ndarray) else np.array_equal(a, b), name
+        dout = rng.standard_normal((10, d))
+        assert np.array_equal(clone.backward(dout), layer.backward(dout))
+        x2 = rng.standard_normal((10, d))
+        assert np.array_equal(clone.forward(x2), layer.forward(x2))
+        assert np.array_equal(clone.running_var, layer.running_var)
+        assert clone.gamma is not layer.gamma
+
+
+def test_comparison_with_the_books_class(rng):
+    """Randomized agreement with the verbatim seed class (../shared/reference)."""
+    path = seed_reference_path()
+    if path is None:
+        pytest.skip("the seed reference (../shared/reference/reference_bn.py) is not beside this "
+                    "checkout; set BNFAST_SEED_REFERENCE to its path")
+    spec = importlib.util.spec_from_file_location("seed_reference_bn", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    worst = 0.0
+    for trial in range(40):
+        shape = [(int(rng.integers(1, 70)), int(rng.integers(1, 90)))][0] if trial % 2 else \
+            (int(rng.integers(1, 9)), int(rng.integers(1, 4)), int(rng.integers(1, 5)),
+             int(rng.integers(1, 5)))
+        d = features(shape)
+        gamma, beta = make_params(rng, d)
+        mine = bnfast.BatchNormalization(gamma.copy(), beta.copy(), momentum=0.85)
+        book = module.BatchNormalization(gamma.copy(), beta.copy(), momentum=0.85)
+        for step in range(3):
+            x = rng.standard_normal(shape) * rng.uniform(0.1, 10) + rng.uniform(-5, 5)
+            dout = rng.standard_normal(shape)
+            pairs = [(mine.forward(x), book.forward(x)), (mine.backward(dout), book.backward(dout)),
+                     (mine.dgamma, book.dgamma), (mine.dbeta, book.dbeta),
+                     (mine.running_mean, book.running_mean), (mine.running_var, book.running_var),
+                     (mine.xn, book.xn), (mine.xc, book.xc), (mine.std, book.std),
+                     (mine.forward(x, False), book.forward(x, False))]
+            for a, b in pairs:
+                assert a.dtype == b.dtype and a.shape == b.shape
+                rel = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300)
+                worst = max(worst, float(rel))
+    print(f"worst relative difference against the book's class: {worst:.3e}")
+    assert worst < 1e-10
