@@ -6,17 +6,26 @@
 #
 # Directives (boundscheck, wraparound, cdivision, ...) are set once in setup.py.
 #
-# Layout of the work.  Every loop walks rows and keeps one float64 accumulator
-# per feature, so memory is read in address order and never column-strided.
+# Layout of the work.  Every loop walks rows with one float64 accumulator per
+# feature, so memory is read in address order and never column by column.
 # The (N, D) array is cut into a grid that depends only on (N, D, itemsize),
-# never on the thread count:
-#   - column blocks of at most COL_BLOCK features,
-#   - row blocks of `block_rows` rows, small enough that a tile of
-#     block_rows x column_block stays in L2 (statistics read it twice there),
-#   - row chunks: consecutive row blocks merged in order inside one task.
-# A task is (row chunk, column block).  Threads take tasks in any order, but
-# each task's arithmetic is fixed and partial results are merged in chunk
-# order, so results are bitwise identical for any number of threads.
+# never on the thread count, in one of two ways:
+#
+#   strips  when a full-height strip of >= MIN_STRIP features fits in L2
+#           (STRIP_BYTES): a task owns whole columns.  It reads its strip from
+#           memory once, computes the statistics (exact two-pass, the second
+#           pass from L2), and normalizes or back-propagates from L2.  Memory
+#           sees one read of x per forward, one of (x, dy) per backward.
+#   blocks  otherwise (tall batches): a task is (row chunk, column block);
+#           inside a chunk, row blocks small enough for L2 (TILE_BYTES) get
+#           the exact two-pass and are merged in order (Chan's formula); the
+#           chunks are merged in chunk order afterwards.
+#
+# Threads take tasks in any order, but each task's arithmetic is fixed and
+# partial results are merged in a fixed order, so results are bitwise
+# identical for any number of threads.  Large outputs are written with
+# streaming (non-temporal) stores, which skip the read-for-ownership of each
+# destination line.
 
 from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport sqrt
@@ -39,6 +48,14 @@ cdef extern from *:
     #ifndef BNFAST_BUILD_FLAGS
     #define BNFAST_BUILD_FLAGS ""
     #endif
+    /* Accumulators never alias the data they sum: saying so lets compilers
+       vectorize loops that read four rows and update two accumulators
+       without one run-time overlap check per pair of pointers. */
+    #if defined(_MSC_VER)
+    typedef double* __restrict bnfast_acc_t;
+    #else
+    typedef double* __restrict__ bnfast_acc_t;
+    #endif
     /* Widest instruction set this CPU (and OS) runs: 2 = AVX-512 (F, BW, CD,
        DQ, VL), 1 = AVX2 + FMA + BMI1/2, 0 = the x86-64 baseline or another
        architecture.  Matches the flags setup.py gives each kernel variant. */
@@ -55,11 +72,48 @@ cdef extern from *:
     #else
     static int bnfast_cpu_level(void) { return 0; }
     #endif
+    /* Copy bytes with streaming stores where the CPU has them (every x86-64
+       has SSE2); elsewhere a plain memcpy.  Call bnfast_fence() before the
+       data is read by another thread. */
+    #include <stdint.h>
+    #include <string.h>
+    #if defined(__SSE2__) || defined(_M_X64)
+    #include <immintrin.h>
+    static void bnfast_stream(void* dst, const void* src, size_t bytes) {
+        char* d = (char*)dst;
+        const char* s = (const char*)src;
+        size_t head = (size_t)((64 - ((uintptr_t)d & 63)) & 63);
+        if (head > bytes) head = bytes;
+        memcpy(d, s, head);
+        d += head; s += head; bytes -= head;
+        for (; bytes >= 64; bytes -= 64, d += 64, s += 64) {
+    #if defined(__AVX512F__)
+            _mm512_stream_si512((__m512i*)d, _mm512_loadu_si512((const void*)s));
+    #elif defined(__AVX__)
+            _mm256_stream_si256((__m256i*)d, _mm256_loadu_si256((const __m256i*)s));
+            _mm256_stream_si256((__m256i*)(d + 32), _mm256_loadu_si256((const __m256i*)(s + 32)));
+    #else
+            _mm_stream_si128((__m128i*)d, _mm_loadu_si128((const __m128i*)s));
+            _mm_stream_si128((__m128i*)(d + 16), _mm_loadu_si128((const __m128i*)(s + 16)));
+            _mm_stream_si128((__m128i*)(d + 32), _mm_loadu_si128((const __m128i*)(s + 32)));
+            _mm_stream_si128((__m128i*)(d + 48), _mm_loadu_si128((const __m128i*)(s + 48)));
+    #endif
+        }
+        memcpy(d, s, bytes);
+    }
+    static void bnfast_fence(void) { _mm_sfence(); }
+    #else
+    static void bnfast_stream(void* dst, const void* src, size_t bytes) { memcpy(dst, src, bytes); }
+    static void bnfast_fence(void) { }
+    #endif
     """
     const int BNFAST_OPENMP
     const char* BNFAST_BUILD_FLAGS
     int omp_get_max_threads() noexcept nogil
     int bnfast_cpu_level() noexcept nogil
+    void bnfast_stream(void* dst, const void* src, size_t nbytes) noexcept nogil
+    void bnfast_fence() noexcept nogil
+    ctypedef double* acc_t "bnfast_acc_t"
 
 ctypedef fused in_t:
     float
@@ -70,18 +124,41 @@ ctypedef fused out_t:
     double
 
 cdef enum:
-    # Features per column block: wide enough for long unit-stride runs, narrow
-    # enough that the per-task accumulators (3 x COL_BLOCK doubles) stay in L1.
+    # At most this many features per task: accumulators and per-feature
+    # coefficients (a few x COL_BLOCK doubles) stay in L1/L2.
     COL_BLOCK = 1024
-    # Bytes of input per tile: the statistics read a tile twice, the second
-    # time from L2 (1 MiB per core on current x86; more elsewhere).
+    # A full-height strip of input this big stays in L2 (1 MiB per core on
+    # current x86, more elsewhere) while a task reads it a second time.
+    STRIP_BYTES = 262144
+    # Narrower strips than this make row segments too short to stream well;
+    # such batches are cut into row blocks instead.
+    MIN_STRIP = 32
+    # Row-block tiles (tall batches) of this many bytes are read twice from L2.
     TILE_BYTES = 131072
     # Aim for at least this many tasks so that up to ~16 threads stay busy.
     TARGET_TASKS = 64
-    # Below this many bytes of input one thread is faster than waking a team.
+    # Below this many bytes of input one thread beats waking a team.
     PARALLEL_MIN_BYTES = 262144
+    # Outputs this big are written with streaming stores: they cannot stay
+    # in the cache for the caller anyway.
+    STREAM_MIN_BYTES = 8388608
+    # Doubles of per-thread scratch: 6 rows of COL_BLOCK plus a staging row.
+    SCRATCH_ROWS = 7
+    # Element passes give each task about this much output, written in
+    # address order: a fresh output's pages (2 MiB when transparent huge
+    # pages are on) are then zeroed by the OS and filled by one thread while
+    # they are still in cache, instead of being zeroed, evicted and written.
+    PAGE_BYTES = 2097152
 
 cdef int _num_threads = 1
+# Tunables (see _set_tuning); start at the compile-time defaults.
+cdef Py_ssize_t _strip_bytes = STRIP_BYTES
+cdef Py_ssize_t _min_strip = MIN_STRIP
+cdef Py_ssize_t _stream_min_bytes = STREAM_MIN_BYTES
+cdef Py_ssize_t _col_block = COL_BLOCK
+cdef bint _fused_strips = True
+cdef bint _stream_pages = False
+cdef Py_ssize_t _page_bytes = PAGE_BYTES
 
 
 cdef struct Grid:
@@ -93,71 +170,194 @@ cdef struct Grid:
     Py_ssize_t chunk_rows
     Py_ssize_t n_chunks
     Py_ssize_t n_tasks
+    Py_ssize_t page_rows     # rows per element-pass task: about one huge page of output
+    Py_ssize_t n_page_tasks
     int n_threads
+    bint stream          # copy the cache / write strip outputs with streaming stores
+    bint stream_pages    # write row-major (page-ordered) outputs with streaming stores
 
 
 cdef struct Vec:
-    # A per-feature vector of float32 or float64 values; stride 0 broadcasts
-    # one value to every feature.  Read only in O(D) set-up loops, so the
-    # branch on the dtype costs nothing measurable.
+    # A per-feature float32/float64 vector; stride 0 broadcasts one value.
     const void* data
     Py_ssize_t stride
     bint is_f64
 
 
-cdef inline double _at(const Vec* v, Py_ssize_t j) noexcept nogil:
-    if v.is_f64:
-        return (<const double*>v.data)[j * v.stride]
-    return (<const float*>v.data)[j * v.stride]
-
-
-cdef inline void _put(void* data, bint is_f64, Py_ssize_t j, double value) noexcept nogil:
-    if is_f64:
-        (<double*>data)[j] = value
-    else:
-        (<float*>data)[j] = <float>value
+cdef struct OutVec:
+    # A per-feature float32/float64 result, contiguous; NULL data: not wanted.
+    void* data
+    bint is_f64
 
 
 cdef inline Py_ssize_t _ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
-cdef Grid _make_grid(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize) noexcept nogil:
+cdef Grid _make_grid(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize,
+                     Py_ssize_t out_bytes) noexcept nogil:
     cdef Grid g
-    cdef Py_ssize_t n_row_blocks, wanted_chunks
+    cdef Py_ssize_t strip, n_row_blocks, chunks
     g.n_rows = n
     g.n_cols = d
-    g.col_block = d if d < COL_BLOCK else COL_BLOCK
-    g.n_col_blocks = _ceil_div(d, g.col_block)
-    g.block_rows = TILE_BYTES // (g.col_block * itemsize)
-    if g.block_rows < 1:
-        g.block_rows = 1
-    n_row_blocks = _ceil_div(n, g.block_rows)
-    wanted_chunks = _ceil_div(TARGET_TASKS, g.n_col_blocks)
-    if wanted_chunks > n_row_blocks:
-        wanted_chunks = n_row_blocks
-    g.chunk_rows = _ceil_div(n_row_blocks, wanted_chunks) * g.block_rows
-    g.n_chunks = _ceil_div(n, g.chunk_rows)
+    strip = _strip_bytes // (n * itemsize)
+    if strip >= _min_strip or strip >= d:
+        # strips: whole columns per task
+        g.col_block = d if d < _col_block else _col_block
+        if strip < g.col_block:
+            g.col_block = strip - strip % 16 if strip >= 32 else strip
+        g.block_rows = n
+        g.chunk_rows = n
+        g.n_chunks = 1
+        g.n_col_blocks = _ceil_div(d, g.col_block)
+    else:
+        # blocks: row chunks x column blocks
+        g.col_block = d if d < _col_block else _col_block
+        g.n_col_blocks = _ceil_div(d, g.col_block)
+        g.block_rows = TILE_BYTES // (g.col_block * itemsize)
+        if g.block_rows < 1:
+            g.block_rows = 1
+        n_row_blocks = _ceil_div(n, g.block_rows)
+        chunks = _ceil_div(TARGET_TASKS, g.n_col_blocks)
+        if chunks > n_row_blocks:
+            chunks = n_row_blocks
+        g.chunk_rows = _ceil_div(n_row_blocks, chunks) * g.block_rows
+        g.n_chunks = _ceil_div(n, g.chunk_rows)
     g.n_tasks = g.n_chunks * g.n_col_blocks
+    g.page_rows = _page_bytes // (d * (out_bytes // (n * d)))
+    if g.page_rows < 1:
+        g.page_rows = 1
+    g.n_page_tasks = _ceil_div(n, g.page_rows)
     g.n_threads = 1
     if n * d * itemsize >= PARALLEL_MIN_BYTES and _num_threads > 1:
         g.n_threads = _num_threads if _num_threads < g.n_tasks else <int>g.n_tasks
+    g.stream = out_bytes >= _stream_min_bytes
+    g.stream_pages = g.stream and _stream_pages
     return g
 
 
-# ---------------------------------------------------------------------------
-# Statistics: corrected two-pass inside each tile, Chan's merge across tiles.
-# A constant feature gives its value as the mean exactly and M2 == 0 exactly:
-# the correction term sum(x - m0) / n recovers the rounding of m0.
+cdef struct Task:
+    Py_ssize_t k        # row chunk
+    Py_ssize_t r0, r1   # rows
+    Py_ssize_t c0, w    # columns c0 .. c0 + w
 
-cdef void _stats_task(const in_t* x, in_t* copy_to, Py_ssize_t d,
+
+cdef inline Task _task(const Grid* g, Py_ssize_t t) noexcept nogil:
+    # Returned by value: inside prange, assigning the result makes it
+    # thread-private (Cython does not privatize variables written through
+    # pointers).
+    cdef Task task
+    task.k = t // g.n_col_blocks
+    task.c0 = (t - task.k * g.n_col_blocks) * g.col_block
+    task.r0 = task.k * g.chunk_rows
+    task.r1 = task.r0 + g.chunk_rows
+    if task.r1 > g.n_rows:
+        task.r1 = g.n_rows
+    task.w = g.col_block
+    if task.c0 + task.w > g.n_cols:
+        task.w = g.n_cols - task.c0
+    return task
+
+
+cdef inline double* _scratch_alloc(const Grid* g) noexcept nogil:
+    return <double*>malloc(g.n_threads * SCRATCH_ROWS * COL_BLOCK * sizeof(double))
+
+
+# ---------------------------------------------------------------------------
+# Per-feature set-up: branch-free loops over contiguous doubles.
+
+cdef void _expand(const Vec* v, Py_ssize_t c0, Py_ssize_t w, double* dst) noexcept nogil:
+    """dst[j] = v[c0 + j] as float64, with the dtype/broadcast branch hoisted."""
+    cdef Py_ssize_t j
+    cdef double value
+    cdef const double* pd
+    cdef const float* pf
+    if v.stride == 0:
+        value = (<const double*>v.data)[0] if v.is_f64 else (<const float*>v.data)[0]
+        for j in range(w):
+            dst[j] = value
+    elif v.is_f64:
+        pd = <const double*>v.data + c0
+        for j in range(w):
+            dst[j] = pd[j]
+    else:
+        pf = <const float*>v.data + c0
+        for j in range(w):
+            dst[j] = pf[j]
+
+
+cdef void _store(const OutVec* v, Py_ssize_t c0, Py_ssize_t w, const double* src) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double* pd
+    cdef float* pf
+    if v.is_f64:
+        pd = <double*>v.data + c0
+        for j in range(w):
+            pd[j] = src[j]
+    else:
+        pf = <float*>v.data + c0
+        for j in range(w):
+            pf[j] = <float>src[j]
+
+
+cdef struct TrainArgs:
+    # Everything a training forward reads and writes besides x, cache and y.
+    const Vec* gamma
+    const Vec* beta
+    double eps
+    double* mean
+    double* var
+    double* invstd                 # may be NULL
+    const Vec* rm_old
+    const Vec* rv_old
+    OutVec rm_new                  # data NULL: no running update
+    OutVec rv_new
+    double momentum
+    double one_minus_momentum
+
+
+cdef void _finish_stats(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
+                        double* scale, double* shift, double* tmp) noexcept nogil:
+    """From mean and M2 (in a.var) of columns c0..c0+w: var, invstd, the
+    affine coefficients and the running statistics."""
+    cdef Py_ssize_t j
+    cdef double* mean = a.mean + c0
+    cdef double* var = a.var + c0
+    cdef double nd = <double>n
+    for j in range(w):
+        var[j] = var[j] / nd
+        scale[j] = 1.0 / sqrt(var[j] + a.eps)
+    if a.invstd != NULL:
+        for j in range(w):
+            a.invstd[c0 + j] = scale[j]
+    _expand(a.gamma, c0, w, tmp)
+    for j in range(w):
+        scale[j] = scale[j] * tmp[j]
+    _expand(a.beta, c0, w, shift)
+    if a.rm_new.data != NULL:
+        _expand(a.rm_old, c0, w, tmp)
+        for j in range(w):
+            tmp[j] = a.momentum * tmp[j] + a.one_minus_momentum * mean[j]
+        _store(&a.rm_new, c0, w, tmp)
+        _expand(a.rv_old, c0, w, tmp)
+        for j in range(w):
+            tmp[j] = a.momentum * tmp[j] + a.one_minus_momentum * var[j]
+        _store(&a.rv_new, c0, w, tmp)
+
+
+# ---------------------------------------------------------------------------
+# Statistics: corrected two-pass inside each block, Chan's merge across blocks.
+# A constant feature gives its value as the mean exactly and M2 == 0 exactly:
+# the correction sum(x - m0) / n recovers the rounding of m0.
+
+cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t d,
                       Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w,
-                      Py_ssize_t block_rows, double* mean_acc, double* m2_acc,
-                      double* s, double* sd, double* sd2) noexcept nogil:
+                      Py_ssize_t block_rows, acc_t mean_acc, acc_t m2_acc,
+                      acc_t s, acc_t sd, acc_t sd2) noexcept nogil:
     # Rows are taken four at a time so each accumulator is loaded and stored
     # once per four rows; the (fixed) pairing also shortens rounding chains.
     cdef Py_ssize_t b0 = r0, b1, i, j
-    cdef double nb, na = 0.0, n, wa, wb, e0, e1, e2, e3, mb, m2b, delta
+    cdef double nb, na = 0.0, n, wa, wb, e0, e1, e2, e3, mb, m2b, delta, q
     cdef const in_t* a
     while b0 < r1:
         b1 = b0 + block_rows
@@ -179,7 +379,10 @@ cdef void _stats_task(const in_t* x, in_t* copy_to, Py_ssize_t d,
             i += 1
         if copy_to != NULL:
             for i in range(b0, b1):
-                memcpy(copy_to + i * d + c0, x + i * d + c0, w * sizeof(in_t))
+                if stream:
+                    bnfast_stream(copy_to + i * d + c0, x + i * d + c0, w * sizeof(in_t))
+                else:
+                    memcpy(copy_to + i * d + c0, x + i * d + c0, w * sizeof(in_t))
         for j in range(w):
             s[j] = s[j] / nb
             sd[j] = 0.0
@@ -204,16 +407,18 @@ cdef void _stats_task(const in_t* x, in_t* copy_to, Py_ssize_t d,
             i += 1
         if na == 0.0:
             for j in range(w):
-                mean_acc[j] = s[j] + sd[j] / nb
-                m2b = sd2[j] - sd[j] * sd[j] / nb
+                q = sd[j] / nb
+                mean_acc[j] = s[j] + q
+                m2b = sd2[j] - sd[j] * q
                 m2_acc[j] = 0.0 if m2b < 0.0 else m2b
         else:
             n = na + nb
             wa = nb / n
             wb = na * nb / n
             for j in range(w):
-                mb = s[j] + sd[j] / nb
-                m2b = sd2[j] - sd[j] * sd[j] / nb
+                q = sd[j] / nb
+                mb = s[j] + q
+                m2b = sd2[j] - sd[j] * q
                 if m2b < 0.0:
                     m2b = 0.0
                 delta = mb - mean_acc[j]
@@ -231,7 +436,7 @@ cdef void _merge_chunks(const Grid* g, const double* part_mean, const double* pa
     for j in range(d):
         mean[j] = part_mean[j]
         m2[j] = part_m2[j]
-    na = <double>(g.chunk_rows if g.chunk_rows < g.n_rows else g.n_rows)
+    na = <double>g.chunk_rows
     for k in range(1, g.n_chunks):
         nb = <double>(g.n_rows - k * g.chunk_rows)
         if nb > g.chunk_rows:
@@ -246,191 +451,83 @@ cdef void _merge_chunks(const Grid* g, const double* part_mean, const double* pa
         na = n
 
 
-cdef inline void _task_bounds(const Grid* g, Py_ssize_t t, Py_ssize_t* r0, Py_ssize_t* r1,
-                              Py_ssize_t* c0, Py_ssize_t* w) noexcept nogil:
-    cdef Py_ssize_t k = t // g.n_col_blocks
-    cdef Py_ssize_t c = t - k * g.n_col_blocks
-    r0[0] = k * g.chunk_rows
-    r1[0] = r0[0] + g.chunk_rows
-    if r1[0] > g.n_rows:
-        r1[0] = g.n_rows
-    c0[0] = c * g.col_block
-    w[0] = g.col_block
-    if c0[0] + w[0] > g.n_cols:
-        w[0] = g.n_cols - c0[0]
-
-
-cdef int _batch_stats(const Grid* g, const in_t* x, in_t* copy_to,
-                      double* mean, double* m2) noexcept nogil:
-    """Per-feature mean and M2 of x (optionally copying x to copy_to)."""
-    cdef Py_ssize_t d = g.n_cols, t, r0, r1, c0, w, k
-    cdef double* part_mean
-    cdef double* part_m2
-    cdef double* scratch
-    cdef double* mine = NULL
-    cdef Py_ssize_t per_thread = 3 * g.col_block
-    scratch = <double*>malloc(g.n_threads * per_thread * sizeof(double))
-    if scratch == NULL:
-        return -1
-    if g.n_chunks == 1:
-        part_mean = mean
-        part_m2 = m2
-    else:
-        part_mean = <double*>malloc(2 * g.n_chunks * d * sizeof(double))
-        if part_mean == NULL:
-            free(scratch)
-            return -1
-        part_m2 = part_mean + g.n_chunks * d
-    if g.n_threads == 1:
-        for t in range(g.n_tasks):
-            _task_bounds(g, t, &r0, &r1, &c0, &w)
-            k = t // g.n_col_blocks
-            _stats_task(x, copy_to, d, r0, r1, c0, w, g.block_rows,
-                        part_mean + k * d + c0, part_m2 + k * d + c0,
-                        scratch, scratch + g.col_block, scratch + 2 * g.col_block)
-    else:
-        with parallel(num_threads=g.n_threads):
-            mine = scratch + threadid() * per_thread
-            for t in prange(g.n_tasks, schedule="dynamic"):
-                _task_bounds(g, t, &r0, &r1, &c0, &w)
-                k = t // g.n_col_blocks
-                _stats_task(x, copy_to, d, r0, r1, c0, w, g.block_rows,
-                            part_mean + k * d + c0, part_m2 + k * d + c0,
-                            mine, mine + g.col_block, mine + 2 * g.col_block)
-    free(scratch)
-    if g.n_chunks > 1:
-        _merge_chunks(g, part_mean, part_m2, mean, m2)
-        free(part_mean)
-    return 0
-
-
 # ---------------------------------------------------------------------------
-# Element passes: y = (x - center) * scale + shift, all per feature, in float64.
+# Element passes.
 
-cdef void _affine_rows(const in_t* x, out_t* y, Py_ssize_t d,
+cdef void _affine_rows(const in_t* x, out_t* y, bint stream, Py_ssize_t d,
                        Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w,
-                       const double* center, const double* scale,
-                       const double* shift) noexcept nogil:
+                       const double* center, const double* scale, const double* shift,
+                       out_t* staging) noexcept nogil:
+    """y = (x - center) * scale + shift per feature, computed in float64.
+
+    Subtracting first keeps full accuracy for large offsets and makes a
+    constant feature (x == center) give exactly shift."""
     cdef Py_ssize_t i, j
     cdef const in_t* xr
     cdef out_t* yr
     for i in range(r0, r1):
         xr = x + i * d + c0
-        yr = y + i * d + c0
+        yr = staging if stream else y + i * d + c0
         for j in range(w):
             yr[j] = <out_t>((xr[j] - center[j]) * scale[j] + shift[j])
+        if stream:
+            bnfast_stream(y + i * d + c0, staging, w * sizeof(out_t))
 
 
-cdef void _affine(const Grid* g, const in_t* x, out_t* y, const double* center,
-                  const double* scale, const double* shift) noexcept nogil:
-    cdef Py_ssize_t t, r0, r1, c0, w
-    if g.n_threads == 1:
-        for t in range(g.n_tasks):
-            _task_bounds(g, t, &r0, &r1, &c0, &w)
-            _affine_rows(x, y, g.n_cols, r0, r1, c0, w, center + c0, scale + c0, shift + c0)
-    else:
-        for t in prange(g.n_tasks, schedule="static", num_threads=g.n_threads):
-            _task_bounds(g, t, &r0, &r1, &c0, &w)
-            _affine_rows(x, y, g.n_cols, r0, r1, c0, w, center + c0, scale + c0, shift + c0)
+cdef void _affine_pages(const Grid* g, Py_ssize_t t, const in_t* x, out_t* y,
+                        const double* center, const double* scale, const double* shift,
+                        out_t* staging) noexcept nogil:
+    """Element-pass task t of the row-major grid: rows of about one page of
+    output, column block by column block (coefficients stay in L1)."""
+    cdef Py_ssize_t r0 = t * g.page_rows, r1 = r0 + g.page_rows, c0, w
+    if r1 > g.n_rows:
+        r1 = g.n_rows
+    c0 = 0
+    while c0 < g.n_cols:
+        w = g.col_block if c0 + g.col_block <= g.n_cols else g.n_cols - c0
+        _affine_rows(x, y, g.stream_pages, g.n_cols, r0, r1, c0, w, center + c0, scale + c0,
+                         shift + c0, staging)
+        c0 += g.col_block
 
 
-# ---------------------------------------------------------------------------
-# Backward reductions: per-feature sum(dy) and sum(dy * (x - center)), in
-# float64, per task; chunks are added in chunk order.  With `dx` given, the
-# same pass also writes dx = dy * dx_scale (the eval-mode gradient).
-
-cdef void _grad_sums_task(const in_t* x, const in_t* dy, out_t* dx, Py_ssize_t d,
+cdef void _grad_sums_rows(const in_t* x, const in_t* dy, Py_ssize_t d,
                           Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w,
-                          const double* center, const double* dx_scale,
-                          double* sum_dy, double* sum_dy_xc) noexcept nogil:
+                          const double* center, acc_t sum_dy,
+                          acc_t sum_dy_xc) noexcept nogil:
+    """Per feature: sum(dy) and sum(dy * (x - center)) over rows r0..r1."""
     cdef Py_ssize_t i = r0, j
     cdef const in_t* a
     cdef const in_t* g
-    cdef out_t* dr
     cdef double g0, g1, g2, g3
     for j in range(w):
         sum_dy[j] = 0.0
         sum_dy_xc[j] = 0.0
-    if dx == NULL:
-        # Four rows at a time, as in _stats_task.
-        while i + 4 <= r1:
-            a = x + i * d + c0
-            g = dy + i * d + c0
-            for j in range(w):
-                g0 = g[j]
-                g1 = g[d + j]
-                g2 = g[2 * d + j]
-                g3 = g[3 * d + j]
-                sum_dy[j] += (g0 + g1) + (g2 + g3)
-                sum_dy_xc[j] += ((g0 * (a[j] - center[j]) + g1 * (a[d + j] - center[j]))
-                                 + (g2 * (a[2 * d + j] - center[j])
-                                    + g3 * (a[3 * d + j] - center[j])))
-            i += 4
+    while i + 4 <= r1:
+        a = x + i * d + c0
+        g = dy + i * d + c0
+        for j in range(w):
+            g0 = g[j]
+            g1 = g[d + j]
+            g2 = g[2 * d + j]
+            g3 = g[3 * d + j]
+            sum_dy[j] += (g0 + g1) + (g2 + g3)
+            sum_dy_xc[j] += ((g0 * (a[j] - center[j]) + g1 * (a[d + j] - center[j]))
+                             + (g2 * (a[2 * d + j] - center[j]) + g3 * (a[3 * d + j] - center[j])))
+        i += 4
     while i < r1:
         a = x + i * d + c0
         g = dy + i * d + c0
-        if dx == NULL:
-            for j in range(w):
-                g0 = g[j]
-                sum_dy[j] += g0
-                sum_dy_xc[j] += g0 * (a[j] - center[j])
-        else:
-            dr = dx + i * d + c0
-            for j in range(w):
-                g0 = g[j]
-                sum_dy[j] += g0
-                sum_dy_xc[j] += g0 * (a[j] - center[j])
-                dr[j] = <out_t>(g0 * dx_scale[j])
+        for j in range(w):
+            g0 = g[j]
+            sum_dy[j] += g0
+            sum_dy_xc[j] += g0 * (a[j] - center[j])
         i += 1
 
 
-cdef int _grad_sums(const Grid* g, const in_t* x, const in_t* dy, out_t* dx,
-                    const double* center, const double* dx_scale,
-                    double* sum_dy, double* sum_dy_xc) noexcept nogil:
-    cdef Py_ssize_t d = g.n_cols, t, r0, r1, c0, w, k, j
-    cdef double* part
-    if g.n_chunks == 1:
-        part = NULL
-    else:
-        part = <double*>malloc(2 * g.n_chunks * d * sizeof(double))
-        if part == NULL:
-            return -1
-    if g.n_threads == 1:
-        for t in range(g.n_tasks):
-            _task_bounds(g, t, &r0, &r1, &c0, &w)
-            k = t // g.n_col_blocks
-            if part == NULL:
-                _grad_sums_task(x, dy, dx, d, r0, r1, c0, w, center + c0, dx_scale + c0,
-                                sum_dy + c0, sum_dy_xc + c0)
-            else:
-                _grad_sums_task(x, dy, dx, d, r0, r1, c0, w, center + c0, dx_scale + c0,
-                                part + k * d + c0, part + (g.n_chunks + k) * d + c0)
-    else:
-        for t in prange(g.n_tasks, schedule="dynamic", num_threads=g.n_threads):
-            _task_bounds(g, t, &r0, &r1, &c0, &w)
-            k = t // g.n_col_blocks
-            if part == NULL:
-                _grad_sums_task(x, dy, dx, d, r0, r1, c0, w, center + c0, dx_scale + c0,
-                                sum_dy + c0, sum_dy_xc + c0)
-            else:
-                _grad_sums_task(x, dy, dx, d, r0, r1, c0, w, center + c0, dx_scale + c0,
-                                part + k * d + c0, part + (g.n_chunks + k) * d + c0)
-    if part != NULL:
-        for j in range(d):
-            sum_dy[j] = part[j]
-            sum_dy_xc[j] = part[g.n_chunks * d + j]
-        for k in range(1, g.n_chunks):
-            for j in range(d):
-                sum_dy[j] += part[k * d + j]
-                sum_dy_xc[j] += part[(g.n_chunks + k) * d + j]
-        free(part)
-    return 0
-
-
-cdef void _grad_input_rows(const in_t* x, const in_t* dy, out_t* dx, Py_ssize_t d,
+cdef void _grad_input_rows(const in_t* x, const in_t* dy, out_t* dx, bint stream, Py_ssize_t d,
                            Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w,
                            const double* center, const double* mean_dy,
-                           const double* k_xc, const double* k) noexcept nogil:
+                           const double* k_xc, const double* k, out_t* staging) noexcept nogil:
     """dx = k * ((dy - mean_dy) - k_xc * (x - center)), per feature.
 
     The differences come first so that what cancels mathematically cancels
@@ -442,132 +539,278 @@ cdef void _grad_input_rows(const in_t* x, const in_t* dy, out_t* dx, Py_ssize_t 
     for i in range(r0, r1):
         xr = x + i * d + c0
         gr = dy + i * d + c0
-        dr = dx + i * d + c0
+        dr = staging if stream else dx + i * d + c0
         for j in range(w):
             dr[j] = <out_t>(k[j] * ((gr[j] - mean_dy[j]) - k_xc[j] * (xr[j] - center[j])))
+        if stream:
+            bnfast_stream(dx + i * d + c0, staging, w * sizeof(out_t))
 
 
-cdef void _grad_input(const Grid* g, const in_t* x, const in_t* dy, out_t* dx,
-                      const double* center, const double* mean_dy, const double* k_xc,
-                      const double* k) noexcept nogil:
-    cdef Py_ssize_t t, r0, r1, c0, w
-    if g.n_threads == 1:
-        for t in range(g.n_tasks):
-            _task_bounds(g, t, &r0, &r1, &c0, &w)
-            _grad_input_rows(x, dy, dx, g.n_cols, r0, r1, c0, w,
-                             center + c0, mean_dy + c0, k_xc + c0, k + c0)
-    else:
-        for t in prange(g.n_tasks, schedule="static", num_threads=g.n_threads):
-            _task_bounds(g, t, &r0, &r1, &c0, &w)
-            _grad_input_rows(x, dy, dx, g.n_cols, r0, r1, c0, w,
-                             center + c0, mean_dy + c0, k_xc + c0, k + c0)
+cdef void _grad_input_pages(const Grid* g, Py_ssize_t t, const in_t* x, const in_t* dy,
+                            out_t* dx, const double* center, const double* mean_dy,
+                            const double* k_xc, const double* k, out_t* staging) noexcept nogil:
+    """_grad_input_rows over the rows of element-pass task t (see _affine_pages)."""
+    cdef Py_ssize_t r0 = t * g.page_rows, r1 = r0 + g.page_rows, c0, w
+    if r1 > g.n_rows:
+        r1 = g.n_rows
+    c0 = 0
+    while c0 < g.n_cols:
+        w = g.col_block if c0 + g.col_block <= g.n_cols else g.n_cols - c0
+        _grad_input_rows(x, dy, dx, g.stream_pages, g.n_cols, r0, r1, c0, w, center + c0,
+                             mean_dy + c0, k_xc + c0, k + c0, staging)
+        c0 += g.col_block
+
+
+cdef void _eval_grad_rows(const in_t* x, const in_t* dy, out_t* dx, bint stream, Py_ssize_t d,
+                          Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w,
+                          const double* center, const double* dx_scale, acc_t sum_dy,
+                          acc_t sum_dy_xc, out_t* staging) noexcept nogil:
+    """dx = dy * dx_scale, with the sums of dy and dy * (x - center), one pass."""
+    cdef Py_ssize_t i, j
+    cdef const in_t* xr
+    cdef const in_t* gr
+    cdef out_t* dr
+    cdef double g0
+    for j in range(w):
+        sum_dy[j] = 0.0
+        sum_dy_xc[j] = 0.0
+    for i in range(r0, r1):
+        xr = x + i * d + c0
+        gr = dy + i * d + c0
+        dr = staging if stream else dx + i * d + c0
+        for j in range(w):
+            g0 = gr[j]
+            sum_dy[j] += g0
+            sum_dy_xc[j] += g0 * (xr[j] - center[j])
+            dr[j] = <out_t>(g0 * dx_scale[j])
+        if stream:
+            bnfast_stream(dx + i * d + c0, staging, w * sizeof(out_t))
 
 
 # ---------------------------------------------------------------------------
-# Whole operations.  Per-feature inputs (gamma, beta, running statistics) are
-# Vecs; per-feature results (dgamma, dbeta) are float32/float64 blocks.
+# Whole operations.  Each runs its tasks on the thread team (or inline when
+# the grid says one thread) with per-thread scratch of SCRATCH_ROWS x
+# COL_BLOCK doubles: rows 0-5 for per-feature work, row 6 to stage output
+# rows for streaming stores.
 
-cdef int _train_forward(const in_t* x, in_t* cache, out_t* y, Py_ssize_t n, Py_ssize_t d,
-                        const Vec* gamma, const Vec* beta, double eps,
-                        double* mean, double* var, double* invstd,
-                        const Vec* rm_old, double* rm_new, const Vec* rv_old, double* rv_new,
-                        double momentum, double one_minus_momentum) noexcept nogil:
-    """Writes y, the batch mean / biased var / invstd, and cache = x if given."""
-    cdef Grid g = _make_grid(n, d, sizeof(in_t))
-    cdef double* scale
-    cdef double inv
-    cdef Py_ssize_t j
-    if _batch_stats(&g, x, cache, mean, var) != 0:
+cdef int _train_forward(const Grid* g, const in_t* x, in_t* cache, out_t* y,
+                        const TrainArgs* a) noexcept nogil:
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta with the batch's own
+    statistics; also mean, var, invstd, running statistics, cache = x."""
+    cdef Task task
+    cdef Py_ssize_t d = g.n_cols, t, c0, w
+    cdef double* scratch = _scratch_alloc(g)
+    cdef double* part = NULL
+    cdef double* mine = NULL
+    if scratch == NULL:
         return -1
-    scale = <double*>malloc(2 * d * sizeof(double))
-    if scale == NULL:
+    if g.n_chunks == 1 and _fused_strips:
+        # strips: statistics, coefficients and the output in one task
+        with parallel(num_threads=g.n_threads, use_threads_if=g.n_threads > 1):
+            mine = scratch + threadid() * SCRATCH_ROWS * COL_BLOCK
+            for t in prange(g.n_tasks, schedule="dynamic"):
+                task = _task(g, t)
+                _stats_rows(x, cache, g.stream, d, task.r0, task.r1, task.c0, task.w, g.block_rows,
+                            a.mean + task.c0, a.var + task.c0, mine, mine + COL_BLOCK, mine + 2 * COL_BLOCK)
+                _finish_stats(a, g.n_rows, task.c0, task.w, mine, mine + COL_BLOCK, mine + 2 * COL_BLOCK)
+                _affine_rows(x, y, g.stream, d, task.r0, task.r1, task.c0, task.w, a.mean + task.c0, mine,
+                             mine + COL_BLOCK, <out_t*>(mine + 6 * COL_BLOCK))
+            bnfast_fence()
+        free(scratch)
+        return 0
+    part = <double*>malloc(2 * g.n_chunks * d * sizeof(double))
+    if part == NULL:
+        free(scratch)
         return -1
-    for j in range(d):
-        var[j] = var[j] / <double>n
-        inv = 1.0 / sqrt(var[j] + eps)
-        if invstd != NULL:
-            invstd[j] = inv
-        scale[j] = _at(gamma, j) * inv
-        scale[d + j] = _at(beta, j)
-    if rm_new != NULL:
-        for j in range(d):
-            rm_new[j] = momentum * _at(rm_old, j) + one_minus_momentum * mean[j]
-            rv_new[j] = momentum * _at(rv_old, j) + one_minus_momentum * var[j]
-    _affine(&g, <const in_t*>cache if cache != NULL else x, y, mean, scale, scale + d)
-    free(scale)
+    with parallel(num_threads=g.n_threads, use_threads_if=g.n_threads > 1):
+        mine = scratch + threadid() * SCRATCH_ROWS * COL_BLOCK
+        for t in prange(g.n_tasks, schedule="dynamic"):
+            task = _task(g, t)
+            _stats_rows(x, cache, g.stream, d, task.r0, task.r1, task.c0, task.w, g.block_rows,
+                        part + task.k * d + task.c0, part + (g.n_chunks + task.k) * d + task.c0,
+                        mine, mine + COL_BLOCK, mine + 2 * COL_BLOCK)
+        bnfast_fence()
+    _merge_chunks(g, part, part + g.n_chunks * d, a.mean, a.var)
+    free(part)
+    # Coefficients for all features (each column block once), then the output.
+    part = <double*>malloc(2 * d * sizeof(double))
+    if part == NULL:
+        free(scratch)
+        return -1
+    with parallel(num_threads=g.n_threads, use_threads_if=g.n_threads > 1):
+        mine = scratch + threadid() * SCRATCH_ROWS * COL_BLOCK
+        for t in prange(g.n_col_blocks, schedule="static"):
+            c0 = t * g.col_block
+            w = g.col_block if c0 + g.col_block <= d else d - c0
+            _finish_stats(a, g.n_rows, c0, w, part + c0, part + d + c0, mine)
+        for t in prange(g.n_page_tasks, schedule="static"):
+            _affine_pages(g, t, x, y, a.mean, part, part + d, <out_t*>(mine + 6 * COL_BLOCK))
+        bnfast_fence()
+    free(part)
+    free(scratch)
     return 0
 
 
-cdef int _eval_forward(const in_t* x, out_t* y, Py_ssize_t n, Py_ssize_t d,
-                       const Vec* gamma, const Vec* beta, const Vec* rm, const Vec* rv,
+cdef int _eval_forward(const Grid* g, const in_t* x, out_t* y, const Vec* gamma,
+                       const Vec* beta, const Vec* rm, const Vec* rv,
                        double eps) noexcept nogil:
-    cdef Grid g = _make_grid(n, d, sizeof(in_t))
-    cdef double* center = <double*>malloc(3 * d * sizeof(double))
-    cdef Py_ssize_t j
-    if center == NULL:
+    """y = gamma * (x - rm) / sqrt(rv + eps) + beta, one pass."""
+    cdef Task task
+    cdef Py_ssize_t d = g.n_cols, t, k, c0, w, j
+    cdef double* scratch = _scratch_alloc(g)
+    cdef double* mine = NULL
+    if scratch == NULL:
         return -1
-    for j in range(d):
-        center[j] = _at(rm, j)
-        center[d + j] = _at(gamma, j) / sqrt(_at(rv, j) + eps)
-        center[2 * d + j] = _at(beta, j)
-    _affine(&g, x, y, center, center + d, center + 2 * d)
-    free(center)
+    cdef double* coef = <double*>malloc(3 * d * sizeof(double))
+    if coef == NULL:
+        free(scratch)
+        return -1
+    with parallel(num_threads=g.n_threads, use_threads_if=g.n_threads > 1):
+        mine = scratch + threadid() * SCRATCH_ROWS * COL_BLOCK
+        for t in prange(g.n_col_blocks, schedule="static"):
+            # coef rows: center, scale, shift
+            c0 = t * g.col_block
+            w = g.col_block if c0 + g.col_block <= d else d - c0
+            _expand(rm, c0, w, coef + c0)
+            _expand(rv, c0, w, coef + d + c0)
+            _expand(gamma, c0, w, mine)
+            for j in range(w):
+                coef[d + c0 + j] = mine[j] / sqrt(coef[d + c0 + j] + eps)
+            _expand(beta, c0, w, coef + 2 * d + c0)
+        for t in prange(g.n_page_tasks, schedule="static"):
+            _affine_pages(g, t, x, y, coef, coef + d, coef + 2 * d,
+                          <out_t*>(mine + 6 * COL_BLOCK))
+        bnfast_fence()
+    free(coef)
+    free(scratch)
     return 0
 
 
-cdef int _train_backward(const in_t* x, const in_t* dy, out_t* dx, Py_ssize_t n, Py_ssize_t d,
-                         const double* mean, const double* invstd, const Vec* gamma,
-                         void* dgamma, void* dbeta, bint grads_f64) noexcept nogil:
-    """dx = gamma*invstd*(dy - mean(dy) - xhat*mean(dy*xhat)); two passes."""
-    cdef Grid g = _make_grid(n, d, sizeof(in_t))
-    cdef double* work = <double*>malloc(4 * d * sizeof(double))
-    cdef double* sum_dy
-    cdef double* sum_dy_xc
-    cdef double* k_xc
-    cdef double* k
-    cdef double nd = <double>n
+cdef void _backward_coefficients(Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w, const double* invstd,
+                                 const Vec* gamma, double* sum_dy, double* sum_dy_xc,
+                                 double* k_xc, double* k, OutVec* dgamma,
+                                 OutVec* dbeta) noexcept nogil:
+    """dgamma, dbeta and the pass-2 coefficients of columns c0..c0+w; turns
+    sum_dy into mean(dy).  invstd points at column c0."""
     cdef Py_ssize_t j
-    if work == NULL:
-        return -1
-    sum_dy = work           # becomes mean(dy)
-    sum_dy_xc = work + d
-    k_xc = work + 2 * d
-    k = work + 3 * d
-    if _grad_sums(&g, x, dy, <out_t*>NULL, mean, <const double*>NULL, sum_dy, sum_dy_xc) != 0:
-        free(work)
-        return -1
-    for j in range(d):
-        _put(dbeta, grads_f64, j, sum_dy[j])
-        _put(dgamma, grads_f64, j, sum_dy_xc[j] * invstd[j])
-        k[j] = _at(gamma, j) * invstd[j]
+    cdef double nd = <double>n
+    _store(dbeta, c0, w, sum_dy)
+    for j in range(w):
+        k_xc[j] = sum_dy_xc[j] * invstd[j]          # dgamma, for now
+    _store(dgamma, c0, w, k_xc)
+    _expand(gamma, c0, w, k)
+    for j in range(w):
+        k[j] = k[j] * invstd[j]
         k_xc[j] = invstd[j] * invstd[j] * (sum_dy_xc[j] / nd)
         sum_dy[j] = sum_dy[j] / nd
-    _grad_input(&g, x, dy, dx, mean, sum_dy, k_xc, k)
-    free(work)
+
+
+cdef int _train_backward(const Grid* g, const in_t* x, const in_t* dy, out_t* dx,
+                         const double* mean, const double* invstd, const Vec* gamma,
+                         OutVec* dgamma, OutVec* dbeta) noexcept nogil:
+    """dx = gamma*invstd*(dy - mean(dy) - xhat*mean(dy*xhat)); two passes."""
+    cdef Task task
+    cdef Py_ssize_t d = g.n_cols, t, k, c0, w, j
+    cdef double* scratch = _scratch_alloc(g)
+    cdef double* part = NULL
+    cdef double* mine = NULL
+    if scratch == NULL:
+        return -1
+    if g.n_chunks == 1 and _fused_strips:
+        # strips: sums, coefficients and dx in one task, pass 2 from L2
+        with parallel(num_threads=g.n_threads, use_threads_if=g.n_threads > 1):
+            mine = scratch + threadid() * SCRATCH_ROWS * COL_BLOCK
+            for t in prange(g.n_tasks, schedule="dynamic"):
+                task = _task(g, t)
+                _grad_sums_rows(x, dy, d, task.r0, task.r1, task.c0, task.w, mean + task.c0, mine, mine + COL_BLOCK)
+                _backward_coefficients(g.n_rows, task.c0, task.w, invstd + task.c0, gamma, mine,
+                                       mine + COL_BLOCK, mine + 2 * COL_BLOCK,
+                                       mine + 3 * COL_BLOCK, dgamma, dbeta)
+                _grad_input_rows(x, dy, dx, g.stream, d, task.r0, task.r1, task.c0, task.w, mean + task.c0, mine,
+                                 mine + 2 * COL_BLOCK, mine + 3 * COL_BLOCK,
+                                 <out_t*>(mine + 6 * COL_BLOCK))
+            bnfast_fence()
+        free(scratch)
+        return 0
+    # blocks: per-chunk sums, merged in chunk order, then dx.  part rows:
+    # 0..K-1 sum_dy per chunk, K..2K-1 sum_dy_xc per chunk, 2K and 2K+1 the
+    # totals; once merged, rows 0 and 1 hold the coefficients k_xc and k.
+    part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
+    if part == NULL:
+        free(scratch)
+        return -1
+    with parallel(num_threads=g.n_threads, use_threads_if=g.n_threads > 1):
+        for t in prange(g.n_tasks, schedule="dynamic"):
+            task = _task(g, t)
+            _grad_sums_rows(x, dy, d, task.r0, task.r1, task.c0, task.w, mean + task.c0, part + task.k * d + task.c0,
+                            part + (g.n_chunks + task.k) * d + task.c0)
+    cdef double* totals = part + 2 * g.n_chunks * d
+    for j in range(d):
+        totals[j] = part[j]
+        totals[d + j] = part[g.n_chunks * d + j]
+    for k in range(1, g.n_chunks):
+        for j in range(d):
+            totals[j] += part[k * d + j]
+            totals[d + j] += part[(g.n_chunks + k) * d + j]
+    _backward_coefficients(g.n_rows, 0, d, invstd, gamma, totals, totals + d,
+                           part, part + d, dgamma, dbeta)
+    with parallel(num_threads=g.n_threads, use_threads_if=g.n_threads > 1):
+        mine = scratch + threadid() * SCRATCH_ROWS * COL_BLOCK
+        for t in prange(g.n_page_tasks, schedule="static"):
+            _grad_input_pages(g, t, x, dy, dx, mean, totals, part, part + d,
+                              <out_t*>(mine + 6 * COL_BLOCK))
+        bnfast_fence()
+    free(part)
+    free(scratch)
     return 0
 
 
-cdef int _eval_backward(const in_t* x, const in_t* dy, out_t* dx, Py_ssize_t n, Py_ssize_t d,
+cdef int _eval_backward(const Grid* g, const in_t* x, const in_t* dy, out_t* dx,
                         const Vec* gamma, const Vec* rm, const Vec* rv, double eps,
-                        void* dgamma, void* dbeta, bint grads_f64) noexcept nogil:
+                        OutVec* dgamma, OutVec* dbeta) noexcept nogil:
     """Gradient of the eval-mode function: statistics are constants. One pass."""
-    cdef Grid g = _make_grid(n, d, sizeof(in_t))
-    cdef double* work = <double*>malloc(5 * d * sizeof(double))
-    cdef Py_ssize_t j
-    if work == NULL:
+    cdef Task task
+    cdef Py_ssize_t d = g.n_cols, t, k, c0, w, j
+    cdef double* scratch = _scratch_alloc(g)
+    cdef double* part
+    cdef double* mine = NULL
+    if scratch == NULL:
         return -1
-    # work rows: center, invstd, dx_scale, sum_dy, sum_dy_xc
-    for j in range(d):
-        work[j] = _at(rm, j)
-        work[d + j] = 1.0 / sqrt(_at(rv, j) + eps)
-        work[2 * d + j] = _at(gamma, j) * work[d + j]
-    if _grad_sums(&g, x, dy, dx, work, work + 2 * d, work + 3 * d, work + 4 * d) != 0:
-        free(work)
+    part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
+    if part == NULL:
+        free(scratch)
         return -1
+    with parallel(num_threads=g.n_threads, use_threads_if=g.n_threads > 1):
+        mine = scratch + threadid() * SCRATCH_ROWS * COL_BLOCK
+        for t in prange(g.n_tasks, schedule="static"):
+            task = _task(g, t)
+            # rows of mine: center, invstd, dx_scale
+            _expand(rm, task.c0, task.w, mine)
+            _expand(rv, task.c0, task.w, mine + COL_BLOCK)
+            _expand(gamma, task.c0, task.w, mine + 2 * COL_BLOCK)
+            for j in range(task.w):
+                mine[COL_BLOCK + j] = 1.0 / sqrt(mine[COL_BLOCK + j] + eps)
+                mine[2 * COL_BLOCK + j] = mine[2 * COL_BLOCK + j] * mine[COL_BLOCK + j]
+            _eval_grad_rows(x, dy, dx, g.stream, d, task.r0, task.r1, task.c0, task.w, mine, mine + 2 * COL_BLOCK,
+                            part + task.k * d + task.c0, part + (g.n_chunks + task.k) * d + task.c0,
+                            <out_t*>(mine + 6 * COL_BLOCK))
+        bnfast_fence()
+    # merge in chunk order; rows 2K, 2K+1 of part: sum_dy, sum_dy_xc * invstd
+    cdef double* totals = part + 2 * g.n_chunks * d
     for j in range(d):
-        _put(dbeta, grads_f64, j, work[3 * d + j])
-        _put(dgamma, grads_f64, j, work[4 * d + j] * work[d + j])
-    free(work)
+        totals[j] = part[j]
+        totals[d + j] = part[g.n_chunks * d + j]
+    for k in range(1, g.n_chunks):
+        for j in range(d):
+            totals[j] += part[k * d + j]
+            totals[d + j] += part[(g.n_chunks + k) * d + j]
+    _store(dbeta, 0, d, totals)
+    _expand(rv, 0, d, totals)           # sum_dy is stored; reuse its row
+    for j in range(d):
+        totals[d + j] = totals[d + j] / sqrt(totals[j] + eps)
+    _store(dgamma, 0, d, totals + d)
+    free(part)
+    free(scratch)
     return 0
 
 
@@ -593,6 +836,13 @@ cdef int _require(cnp.ndarray a, Py_ssize_t size, str name, bint writeable) exce
     return 0
 
 
+cdef int _require_f64(cnp.ndarray a, Py_ssize_t size, str name, bint writeable) except -1:
+    _require(a, size, name, writeable)
+    if not _is_f64(a):
+        raise TypeError(f"{name}: kernel needs float64, got {a.dtype}")
+    return 0
+
+
 cdef Vec _vec(cnp.ndarray a, Py_ssize_t d, str name) except *:
     """A per-feature input: d elements, or 1 element broadcast to all d."""
     cdef Vec v
@@ -606,17 +856,26 @@ cdef Vec _vec(cnp.ndarray a, Py_ssize_t d, str name) except *:
     return v
 
 
-cdef int _require_stat(cnp.ndarray a, Py_ssize_t d, str name, bint writeable) except -1:
-    _require(a, d, name, writeable)
-    if not _is_f64(a):
-        raise TypeError(f"{name}: kernel needs float64 statistics, got {a.dtype}")
-    return 0
+cdef OutVec _outvec(object a, Py_ssize_t d, str name) except *:
+    """A per-feature result of d elements, or 'not wanted' for None."""
+    cdef OutVec v
+    v.data = NULL
+    v.is_f64 = True
+    if a is not None:
+        _require(<cnp.ndarray?>a, d, name, True)
+        v.data = cnp.PyArray_DATA(<cnp.ndarray?>a)
+        v.is_f64 = _is_f64(<cnp.ndarray?>a)
+    return v
 
 
 cdef int _check_nd(Py_ssize_t n, Py_ssize_t d) except -1:
     if n < 1 or d < 1:
         raise ValueError(f"kernel needs n >= 1 and d >= 1, got n={n}, d={d}")
     return 0
+
+
+cdef Grid _grid_for(cnp.ndarray x, cnp.ndarray out, Py_ssize_t n, Py_ssize_t d) noexcept:
+    return _make_grid(n, d, cnp.PyArray_ITEMSIZE(x), n * d * cnp.PyArray_ITEMSIZE(out))
 
 
 def train_forward(cnp.ndarray x, cnp.ndarray cache, cnp.ndarray y, Py_ssize_t n, Py_ssize_t d,
@@ -628,20 +887,15 @@ def train_forward(cnp.ndarray x, cnp.ndarray cache, cnp.ndarray y, Py_ssize_t n,
 
     Writes y (n*d elements); the float64 batch mean, biased var and (unless
     None) invstd, d elements each; cache (a copy of x, x's dtype) unless None;
-    and the float64 running statistics rm_new / rv_new from rm_old / rv_old
-    unless rm_new is None.  gamma, beta, rm_old, rv_old: float32/float64 with
-    d or 1 elements.
+    and the running statistics rm_new / rv_new (float32/float64, d elements)
+    from rm_old / rv_old unless rm_new is None.  gamma, beta, rm_old, rv_old:
+    float32/float64 with d or 1 elements.
     """
+    cdef TrainArgs a
     cdef Vec g, b, rmo, rvo
     cdef bint in64, out64
     cdef int status
     cdef void* pcache = NULL
-    cdef double* prm_new = NULL
-    cdef double* prv_new = NULL
-    rmo.data = NULL
-    rmo.stride = 0
-    rmo.is_f64 = True
-    rvo = rmo
     _check_nd(n, d)
     _require(x, n * d, "x", False)
     _require(y, n * d, "y", True)
@@ -649,47 +903,50 @@ def train_forward(cnp.ndarray x, cnp.ndarray cache, cnp.ndarray y, Py_ssize_t n,
     out64 = _is_f64(y)
     g = _vec(gamma, d, "gamma")
     b = _vec(beta, d, "beta")
-    _require_stat(mean, d, "mean", True)
-    _require_stat(var, d, "var", True)
-    cdef double* pinv = NULL
+    _require_f64(mean, d, "mean", True)
+    _require_f64(var, d, "var", True)
+    a.invstd = NULL
     if invstd is not None:
-        _require_stat(invstd, d, "invstd", True)
-        pinv = <double*>cnp.PyArray_DATA(invstd)
+        _require_f64(invstd, d, "invstd", True)
+        a.invstd = <double*>cnp.PyArray_DATA(invstd)
     if cache is not None:
         _require(cache, n * d, "cache", True)
         if _is_f64(cache) != in64:
             raise TypeError("cache dtype must match x")
         pcache = cnp.PyArray_DATA(cache)
+    a.rm_new = _outvec(rm_new, d, "rm_new")
+    a.rv_new = _outvec(rv_new, d, "rv_new")
+    if (a.rm_new.data == NULL) != (a.rv_new.data == NULL):
+        raise ValueError("give both rm_new and rv_new, or neither")
+    rmo = rvo = g
     if rm_new is not None:
-        _require(rm_new, d, "rm_new", True)
-        _require(rv_new, d, "rv_new", True)
-        if not (_is_f64(rm_new) and _is_f64(rv_new)):
-            raise TypeError("running statistics updated here must be float64")
         rmo = _vec(rm_old, d, "rm_old")
         rvo = _vec(rv_old, d, "rv_old")
-        prm_new = <double*>cnp.PyArray_DATA(rm_new)
-        prv_new = <double*>cnp.PyArray_DATA(rv_new)
+    a.gamma = &g
+    a.beta = &b
+    a.eps = eps
+    a.mean = <double*>cnp.PyArray_DATA(mean)
+    a.var = <double*>cnp.PyArray_DATA(var)
+    a.rm_old = &rmo
+    a.rv_old = &rvo
+    a.momentum = momentum
+    a.one_minus_momentum = one_minus_momentum
+    cdef Grid grid = _grid_for(x, y, n, d)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* py = cnp.PyArray_DATA(y)
-    cdef double* pm = <double*>cnp.PyArray_DATA(mean)
-    cdef double* pv = <double*>cnp.PyArray_DATA(var)
     with nogil:
         if in64 and out64:
-            status = _train_forward[double, double](
-                <const double*>px, <double*>pcache, <double*>py, n, d, &g, &b, eps, pm, pv, pinv,
-                &rmo, prm_new, &rvo, prv_new, momentum, one_minus_momentum)
+            status = _train_forward[double, double](&grid, <const double*>px, <double*>pcache,
+                                                    <double*>py, &a)
         elif out64:
-            status = _train_forward[float, double](
-                <const float*>px, <float*>pcache, <double*>py, n, d, &g, &b, eps, pm, pv, pinv,
-                &rmo, prm_new, &rvo, prv_new, momentum, one_minus_momentum)
+            status = _train_forward[float, double](&grid, <const float*>px, <float*>pcache,
+                                                   <double*>py, &a)
         elif in64:
-            status = _train_forward[double, float](
-                <const double*>px, <double*>pcache, <float*>py, n, d, &g, &b, eps, pm, pv, pinv,
-                &rmo, prm_new, &rvo, prv_new, momentum, one_minus_momentum)
+            status = _train_forward[double, float](&grid, <const double*>px, <double*>pcache,
+                                                   <float*>py, &a)
         else:
-            status = _train_forward[float, float](
-                <const float*>px, <float*>pcache, <float*>py, n, d, &g, &b, eps, pm, pv, pinv,
-                &rmo, prm_new, &rvo, prv_new, momentum, one_minus_momentum)
+            status = _train_forward[float, float](&grid, <const float*>px, <float*>pcache,
+                                                  <float*>py, &a)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 
@@ -713,37 +970,34 @@ def eval_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t n, Py_ssize_t d,
     b = _vec(beta, d, "beta")
     m = _vec(rm, d, "running_mean")
     v = _vec(rv, d, "running_var")
+    cdef Grid grid = _grid_for(x, y, n, d)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* py = cnp.PyArray_DATA(y)
     with nogil:
         if in64 and out64:
-            status = _eval_forward[double, double](<const double*>px, <double*>py, n, d,
+            status = _eval_forward[double, double](&grid, <const double*>px, <double*>py,
                                                    &g, &b, &m, &v, eps)
         elif out64:
-            status = _eval_forward[float, double](<const float*>px, <double*>py, n, d,
+            status = _eval_forward[float, double](&grid, <const float*>px, <double*>py,
                                                   &g, &b, &m, &v, eps)
         elif in64:
-            status = _eval_forward[double, float](<const double*>px, <float*>py, n, d,
+            status = _eval_forward[double, float](&grid, <const double*>px, <float*>py,
                                                   &g, &b, &m, &v, eps)
         else:
-            status = _eval_forward[float, float](<const float*>px, <float*>py, n, d,
+            status = _eval_forward[float, float](&grid, <const float*>px, <float*>py,
                                                  &g, &b, &m, &v, eps)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 
 
 cdef int _check_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray dx, Py_ssize_t n,
-                         Py_ssize_t d, cnp.ndarray dgamma, cnp.ndarray dbeta) except -1:
+                         Py_ssize_t d) except -1:
     _check_nd(n, d)
     _require(x, n * d, "x", False)
     _require(dy, n * d, "dout", False)
     _require(dx, n * d, "dx", True)
-    _require(dgamma, d, "dgamma", True)
-    _require(dbeta, d, "dbeta", True)
     if _is_f64(x) != _is_f64(dy):
         raise TypeError("x and dout must have the same dtype in the kernel")
-    if _is_f64(dgamma) != _is_f64(dbeta):
-        raise TypeError("dgamma and dbeta must have the same dtype in the kernel")
     return 0
 
 
@@ -751,41 +1005,45 @@ def train_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray dx, Py_ssize_t n, 
                    cnp.ndarray mean, cnp.ndarray invstd, cnp.ndarray gamma,
                    cnp.ndarray dgamma, cnp.ndarray dbeta):
     """Backward of the training forward on the (n, d) views, given its
-    float64 batch mean and invstd (d elements each)."""
+    float64 batch mean and invstd (d elements each); dgamma and dbeta are
+    float32/float64 arrays of d elements."""
     cdef Vec g
-    cdef bint in64, out64, grads64
+    cdef OutVec dg, db
+    cdef bint in64, out64
     cdef int status
-    _check_backward(x, dy, dx, n, d, dgamma, dbeta)
-    _require_stat(mean, d, "mean", False)
-    _require_stat(invstd, d, "invstd", False)
+    _check_backward(x, dy, dx, n, d)
+    _require_f64(mean, d, "mean", False)
+    _require_f64(invstd, d, "invstd", False)
+    dg = _outvec(dgamma, d, "dgamma")
+    db = _outvec(dbeta, d, "dbeta")
+    if dg.data == NULL or db.data == NULL:
+        raise TypeError("dgamma and dbeta are required")
     in64 = _is_f64(x)
     out64 = _is_f64(dx)
-    grads64 = _is_f64(dgamma)
     g = _vec(gamma, d, "gamma")
+    cdef Grid grid = _grid_for(x, dx, n, d)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* pdy = cnp.PyArray_DATA(dy)
     cdef void* pdx = cnp.PyArray_DATA(dx)
     cdef const double* pm = <const double*>cnp.PyArray_DATA(mean)
     cdef const double* pi = <const double*>cnp.PyArray_DATA(invstd)
-    cdef void* pdg = cnp.PyArray_DATA(dgamma)
-    cdef void* pdb = cnp.PyArray_DATA(dbeta)
     with nogil:
         if in64 and out64:
-            status = _train_backward[double, double](
-                <const double*>px, <const double*>pdy, <double*>pdx, n, d, pm, pi, &g,
-                pdg, pdb, grads64)
+            status = _train_backward[double, double](&grid, <const double*>px,
+                                                     <const double*>pdy, <double*>pdx,
+                                                     pm, pi, &g, &dg, &db)
         elif out64:
-            status = _train_backward[float, double](
-                <const float*>px, <const float*>pdy, <double*>pdx, n, d, pm, pi, &g,
-                pdg, pdb, grads64)
+            status = _train_backward[float, double](&grid, <const float*>px,
+                                                    <const float*>pdy, <double*>pdx,
+                                                    pm, pi, &g, &dg, &db)
         elif in64:
-            status = _train_backward[double, float](
-                <const double*>px, <const double*>pdy, <float*>pdx, n, d, pm, pi, &g,
-                pdg, pdb, grads64)
+            status = _train_backward[double, float](&grid, <const double*>px,
+                                                    <const double*>pdy, <float*>pdx,
+                                                    pm, pi, &g, &dg, &db)
         else:
-            status = _train_backward[float, float](
-                <const float*>px, <const float*>pdy, <float*>pdx, n, d, pm, pi, &g,
-                pdg, pdb, grads64)
+            status = _train_backward[float, float](&grid, <const float*>px,
+                                                   <const float*>pdy, <float*>pdx,
+                                                   pm, pi, &g, &dg, &db)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 
@@ -795,39 +1053,82 @@ def eval_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray dx, Py_ssize_t n, P
                   cnp.ndarray dgamma, cnp.ndarray dbeta):
     """Backward of the eval-mode forward (running statistics held constant)."""
     cdef Vec g, m, v
-    cdef bint in64, out64, grads64
+    cdef OutVec dg, db
+    cdef bint in64, out64
     cdef int status
-    _check_backward(x, dy, dx, n, d, dgamma, dbeta)
+    _check_backward(x, dy, dx, n, d)
+    dg = _outvec(dgamma, d, "dgamma")
+    db = _outvec(dbeta, d, "dbeta")
+    if dg.data == NULL or db.data == NULL:
+        raise TypeError("dgamma and dbeta are required")
     in64 = _is_f64(x)
     out64 = _is_f64(dx)
-    grads64 = _is_f64(dgamma)
     g = _vec(gamma, d, "gamma")
     m = _vec(rm, d, "running_mean")
     v = _vec(rv, d, "running_var")
+    cdef Grid grid = _grid_for(x, dx, n, d)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* pdy = cnp.PyArray_DATA(dy)
     cdef void* pdx = cnp.PyArray_DATA(dx)
-    cdef void* pdg = cnp.PyArray_DATA(dgamma)
-    cdef void* pdb = cnp.PyArray_DATA(dbeta)
     with nogil:
         if in64 and out64:
-            status = _eval_backward[double, double](
-                <const double*>px, <const double*>pdy, <double*>pdx, n, d, &g, &m, &v, eps,
-                pdg, pdb, grads64)
+            status = _eval_backward[double, double](&grid, <const double*>px,
+                                                    <const double*>pdy, <double*>pdx,
+                                                    &g, &m, &v, eps, &dg, &db)
         elif out64:
-            status = _eval_backward[float, double](
-                <const float*>px, <const float*>pdy, <double*>pdx, n, d, &g, &m, &v, eps,
-                pdg, pdb, grads64)
+            status = _eval_backward[float, double](&grid, <const float*>px,
+                                                   <const float*>pdy, <double*>pdx,
+                                                   &g, &m, &v, eps, &dg, &db)
         elif in64:
-            status = _eval_backward[double, float](
-                <const double*>px, <const double*>pdy, <float*>pdx, n, d, &g, &m, &v, eps,
-                pdg, pdb, grads64)
+            status = _eval_backward[double, float](&grid, <const double*>px,
+                                                   <const double*>pdy, <float*>pdx,
+                                                   &g, &m, &v, eps, &dg, &db)
         else:
-            status = _eval_backward[float, float](
-                <const float*>px, <const float*>pdy, <float*>pdx, n, d, &g, &m, &v, eps,
-                pdg, pdb, grads64)
+            status = _eval_backward[float, float](&grid, <const float*>px,
+                                                  <const float*>pdy, <float*>pdx,
+                                                  &g, &m, &v, eps, &dg, &db)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
+
+
+# ---------------------------------------------------------------------------
+# Layout queries for the layer's fast path (no validation: a False only sends
+# the caller down the general, validating path).
+
+cdef inline bint _plain(cnp.ndarray a) noexcept:
+    cdef int t = cnp.PyArray_TYPE(a)
+    return ((t == cnp.NPY_DOUBLE or t == cnp.NPY_FLOAT) and cnp.PyArray_ISCARRAY_RO(a)
+            and cnp.PyArray_ISNOTSWAPPED(a))
+
+
+def plain_batch(object x):
+    """D = prod(x.shape[1:]) if x is an aligned, native, C-contiguous float32 or
+    float64 ndarray of ndim >= 2 with N, D >= 1; otherwise 0."""
+    cdef cnp.ndarray a
+    cdef Py_ssize_t n
+    if type(x) is not cnp.ndarray:
+        return 0
+    a = <cnp.ndarray>x
+    if cnp.PyArray_NDIM(a) < 2 or not _plain(a):
+        return 0
+    n = cnp.PyArray_DIMS(a)[0]
+    if n < 1 or cnp.PyArray_SIZE(a) < n:
+        return 0
+    return cnp.PyArray_SIZE(a) // n
+
+
+def plain_vector(object v, Py_ssize_t d, cnp.ndarray like, bint or_f64=False):
+    """Whether v is an aligned, native, contiguous 1-D ndarray of d elements
+    with like's dtype (or float64, if or_f64)."""
+    cdef cnp.ndarray a
+    cdef int t
+    if type(v) is not cnp.ndarray:
+        return False
+    a = <cnp.ndarray>v
+    t = cnp.PyArray_TYPE(a)
+    if cnp.PyArray_NDIM(a) != 1 or cnp.PyArray_DIMS(a)[0] != d or not _plain(a):
+        return False
+    return t == cnp.PyArray_TYPE(like) or (or_f64 and t == cnp.NPY_DOUBLE)
 
 
 # ---------------------------------------------------------------------------
@@ -841,6 +1142,21 @@ def set_num_threads(int n):
     if n > 1 and not BNFAST_OPENMP:
         raise RuntimeError(f"bnfast was built without OpenMP; cannot use {n} threads")
     _num_threads = n
+
+
+def _set_tuning(strip_bytes=STRIP_BYTES, min_strip=MIN_STRIP,
+                stream_min_bytes=STREAM_MIN_BYTES, col_block=COL_BLOCK, fused_strips=True,
+                page_bytes=PAGE_BYTES, stream_pages=False):
+    """Work-partition knobs, for measuring the kernels (not a public API)."""
+    global _strip_bytes, _min_strip, _stream_min_bytes, _col_block, _fused_strips, _page_bytes
+    global _stream_pages
+    _stream_pages = stream_pages
+    if not 16 <= col_block <= COL_BLOCK:
+        raise ValueError(f"col_block must be in 16..{COL_BLOCK}")
+    _strip_bytes, _min_strip, _stream_min_bytes, _col_block = (
+        strip_bytes, max(1, min_strip), stream_min_bytes, col_block)
+    _fused_strips = fused_strips
+    _page_bytes = max(1, page_bytes)
 
 
 def get_num_threads():

@@ -70,8 +70,8 @@ def same_kernel_dtype(x: np.ndarray, dout: np.ndarray) -> tuple[np.ndarray, np.n
 
 def running_update(momentum: Any, running_mean: Any, running_var: Any, mean: np.ndarray,
                    var: np.ndarray, stat: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """The reference's update, in NumPy: for running statistics the kernel does
-    not update itself (any result dtype other than float64)."""
+    """The reference's update, in NumPy, for the running statistics whose
+    result dtype the kernel does not write (float16)."""
     keep = 1 - momentum
     new_mean = momentum * running_mean + keep * mean.astype(stat)
     new_var = momentum * running_var + keep * var.astype(stat)
@@ -113,11 +113,11 @@ def forward_train(x: Any, gamma: Any, beta: Any, *, eps: float = 1e-6,
     xk = _checks.for_kernel(x, _checks.kernel_dtype(x.dtype))
     mean = np.empty(d)
     var = np.empty(d)
-    in_kernel = updating and dts.running_mean == F64 and dts.running_var == F64
+    in_kernel = updating and dts.running_mean in (F32, F64) and dts.running_var in (F32, F64)
     rm_old = _checks.kernel_vector(running_mean) if in_kernel else None
     rv_old = _checks.kernel_vector(running_var) if in_kernel else None
-    rm_new = np.empty(d) if in_kernel else None
-    rv_new = np.empty(d) if in_kernel else None
+    rm_new = np.empty(d, dts.running_mean) if in_kernel else None
+    rv_new = np.empty(d, dts.running_var) if in_kernel else None
     _kernels.train_forward(xk, None, target, n, d, _checks.kernel_vector(gamma),
                            _checks.kernel_vector(beta), eps, mean, var, None,
                            rm_old, rm_new, rv_old, rv_new,

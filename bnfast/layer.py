@@ -3,76 +3,30 @@
 State lives here; validation and layout come from _checks, result dtypes from
 _dtypes, and the work from the kernels.  A call either raises before touching
 any state or completes; it never leaves the layer half-updated.
+
+Each method has a fast path for the common case (an aligned, contiguous
+float32/float64 batch with parameters of its dtype), where the dtypes are
+known without resolution and nothing needs converting, and the general path
+that handles everything else.  Both call the same kernels.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import numpy as np
 
 from . import _checks, _dtypes
+from ._checks import F32, F64
 from ._native import kernels as _kernels
-from ._checks import F64
 from .functional import (check_dout, finish, grad_buffers, grads_as, result_buffers,
                          running_update, same_kernel_dtype)
 
 __all__ = ["BatchNormalization"]
 
-
-class _TrainCache:
-    """What a training forward leaves for backward and for the xc/xn/std views.
-
-    ``x`` is the batch as the kernels read it, in bnfast's own memory (a copy
-    made in the statistics pass, or the converted copy), so later changes to
-    the caller's array do not change the gradient, as in the reference.
-    """
-    __slots__ = ("x", "x_dtype", "n", "d", "shape", "stats", "stat_dtype", "eps", "views")
-
-    def __init__(self, x: np.ndarray, x_dtype: np.dtype, n: int, d: int,
-                 shape: tuple[int, ...], stats: np.ndarray, stat_dtype: np.dtype,
-                 eps: float) -> None:
-        self.x = x
-        self.x_dtype = x_dtype      # the caller's dtype (x may be a converted copy)
-        self.n = n
-        self.d = d
-        self.shape = shape
-        self.stats = stats          # float64 rows: mean, biased var, invstd
-        self.stat_dtype = stat_dtype
-        self.eps = eps
-        self.views: dict[str, np.ndarray] = {}
-
-    def view(self, name: str) -> np.ndarray:
-        """xc, xn (N, D) and std (D,) in the reference's dtype, made once."""
-        found = self.views.get(name)
-        if found is None:
-            mean, var, invstd = self.stats
-            if name == "std":
-                found = np.sqrt(var + self.eps).astype(self.stat_dtype)
-            else:
-                rows = self.x.reshape(self.n, self.d)
-                centered = rows - mean
-                if name == "xn":
-                    centered *= invstd
-                found = centered.astype(self.stat_dtype, copy=False)
-            self.views[name] = found
-        return found
-
-
-class _EvalCache:
-    """What an eval-mode forward leaves for an eval-mode backward."""
-    __slots__ = ("x", "x_dtype", "n", "d", "shape", "running_mean", "running_var", "eps")
-
-    def __init__(self, x: np.ndarray, x_dtype: np.dtype, n: int, d: int,
-                 shape: tuple[int, ...], running_mean: Any, running_var: Any,
-                 eps: float) -> None:
-        self.x = x
-        self.x_dtype = x_dtype
-        self.n = n
-        self.d = d
-        self.shape = shape
-        self.running_mean = running_mean
-        self.running_var = running_var
-        self.eps = eps
+_plain_batch = _kernels.plain_batch
+_plain_vector = _kernels.plain_vector
+_empty = np.empty
 
 
 class BatchNormalization:
@@ -83,6 +37,8 @@ class BatchNormalization:
     not given, and every training forward binds new arrays
     ``momentum * old + (1 - momentum) * batch`` (biased batch variance).
     Input of any ndim >= 2 is treated per sample as a flat feature vector.
+    ``backward`` after an eval-mode forward returns the gradient of the
+    eval-mode function (the one documented difference from the book's class).
     """
 
     def __init__(self, gamma: Any, beta: Any, momentum: float = 0.9,
@@ -99,26 +55,120 @@ class BatchNormalization:
         self.batch_size: Optional[int] = None
         self.dgamma: Optional[np.ndarray] = None
         self.dbeta: Optional[np.ndarray] = None
-        self._train: Optional[_TrainCache] = None
-        self._eval: Optional[_EvalCache] = None
+        # The last training forward: (x as the kernels read it, the caller's
+        # dtype, N, D, input shape, float64 rows mean/var/invstd, the
+        # reference's statistics dtype, eps).  x lives in bnfast's memory (a
+        # copy made in the statistics pass), so later changes to the caller's
+        # array do not change the gradient, as in the reference.
+        self._train: Optional[tuple] = None
+        self._views: dict[str, np.ndarray] = {}
+        # The last eval-mode forward: (x as the kernels read it, the caller's
+        # dtype, N, D, input shape, running mean, running var, eps).
+        self._eval: Optional[tuple] = None
         self._last_train: Optional[bool] = None
-        self._buffer: Optional[np.ndarray] = None
+        self._buffer: Optional[np.ndarray] = None   # reused for the cached copy of x
 
-    # The reference's cached intermediates, from the last training forward.
+    # -- the reference's cached intermediates, from the last training forward
+
+    def _view(self, name: str) -> Optional[np.ndarray]:
+        """xc, xn (N, D) and std (D,) in the reference's dtype, made once."""
+        if self._train is None:
+            return None
+        found = self._views.get(name)
+        if found is None:
+            x, _, n, d, _, stats, stat_dtype, eps = self._train
+            if name == "std":
+                found = np.sqrt(stats[1] + eps).astype(stat_dtype)
+            else:
+                centered = x.reshape(n, d) - stats[0]
+                if name == "xn":
+                    centered *= stats[2]
+                found = centered.astype(stat_dtype, copy=False)
+            self._views[name] = found
+        return found
+
     @property
     def xc(self) -> Optional[np.ndarray]:
         """x - batch mean, shape (N, D), from the last training forward."""
-        return None if self._train is None else self._train.view("xc")
+        return self._view("xc")
 
     @property
     def xn(self) -> Optional[np.ndarray]:
         """Normalized batch, shape (N, D), from the last training forward."""
-        return None if self._train is None else self._train.view("xn")
+        return self._view("xn")
 
     @property
     def std(self) -> Optional[np.ndarray]:
         """sqrt(batch var + eps), shape (D,), from the last training forward."""
-        return None if self._train is None else self._train.view("std")
+        return self._view("std")
+
+    # -- forward
+
+    def forward(self, x: Any, train_flg: bool = True) -> np.ndarray:
+        """Normalize x (ndim >= 2); returns a new array of x's shape."""
+        d = _plain_batch(x)
+        if d:
+            gamma, beta = self.gamma, self.beta
+            rm, rv, eps = self.running_mean, self.running_var, self.eps
+            if (_plain_vector(gamma, d, x) and _plain_vector(beta, d, x)
+                    and type(eps) is float and 0.0 <= eps < math.inf
+                    and ((rm is None and rv is None)
+                         or (_plain_vector(rm, d, x, True) and _plain_vector(rv, d, x, True)))):
+                if train_flg:
+                    if type(self.momentum) is float:
+                        return self._train_plain(x, d, gamma, beta, rm, rv, eps)
+                else:
+                    return self._eval_plain(x, d, gamma, beta, rm, rv, eps)
+        return self._forward_general(x, train_flg)
+
+    def _train_plain(self, x: np.ndarray, d: int, gamma: np.ndarray, beta: np.ndarray,
+                     rm: Optional[np.ndarray], rv: Optional[np.ndarray],
+                     eps: float) -> np.ndarray:
+        """Training forward, everything float32/float64 and laid out already."""
+        xdt = x.dtype
+        n = x.shape[0]
+        if rm is None:
+            rm = rv = np.zeros(d)
+        # momentum * running + (1 - momentum) * mean(x): float32 only if both are
+        rm_new = _empty(d, F32 if rm.dtype == F32 and xdt == F32 else F64)
+        rv_new = _empty(d, F32 if rv.dtype == F32 and xdt == F32 else F64)
+        y = _empty(x.shape, xdt)
+        stats = _empty((3, d))
+        buffer = self._buffer
+        if buffer is None or buffer.shape != (n, d) or buffer.dtype != xdt:
+            buffer = _empty((n, d), xdt)
+        momentum = self.momentum
+        _kernels.train_forward(x, buffer, y, n, d, gamma, beta, eps, stats[0], stats[1],
+                               stats[2], rm, rm_new, rv, rv_new, momentum, 1 - momentum)
+        self._buffer = buffer
+        self._train = (buffer, xdt, n, d, x.shape, stats, xdt, eps)
+        self._views = {}
+        self._last_train = True
+        self.input_shape = x.shape
+        self.batch_size = n
+        self.running_mean = rm_new
+        self.running_var = rv_new
+        return y
+
+    def _eval_plain(self, x: np.ndarray, d: int, gamma: np.ndarray, beta: np.ndarray,
+                    rm: Optional[np.ndarray], rv: Optional[np.ndarray],
+                    eps: float) -> np.ndarray:
+        """Eval-mode forward, everything float32/float64 and laid out already."""
+        created = rm is None
+        if created:
+            rm = rv = np.zeros(d)
+        xdt = x.dtype
+        # (x - rm) / sqrt(rv + eps): float32 only if x, rm and rv all are
+        out_dt = F32 if xdt == F32 and rm.dtype == F32 and rv.dtype == F32 else F64
+        y = _empty(x.shape, out_dt)
+        n = x.shape[0]
+        _kernels.eval_forward(x, y, n, d, gamma, beta, rm, rv, eps)
+        self._eval = (x, xdt, n, d, x.shape, rm, rv, eps)
+        self._last_train = False
+        self.input_shape = x.shape
+        if created:
+            self.running_mean, self.running_var = rm, np.zeros(d)
+        return y
 
     def _running(self, d: int, shape: tuple[int, ...]) -> tuple[Any, Any]:
         """The running statistics to use: checked, or fresh zeros if unset."""
@@ -129,8 +179,7 @@ class BatchNormalization:
         return (_checks.operand(self.running_mean, "running_mean", d, shape),
                 _checks.operand(self.running_var, "running_var", d, shape))
 
-    def forward(self, x: Any, train_flg: bool = True) -> np.ndarray:
-        """Normalize x (ndim >= 2); returns a new array of x's shape."""
+    def _forward_general(self, x: Any, train_flg: bool) -> np.ndarray:
         x, n, d = _checks.batch(x)
         eps = _checks.check_eps(self.eps)
         gamma = _checks.operand(self.gamma, "gamma", d, x.shape)
@@ -156,12 +205,12 @@ class BatchNormalization:
             cache = None  # xk is already our own converted copy
         result, target = result_buffers(x.shape, dts.out, None, "out", ())
         stats = np.empty((3, d))
-        in_kernel = dts.running_mean == F64 and dts.running_var == F64
+        in_kernel = dts.running_mean in (F32, F64) and dts.running_var in (F32, F64)
         if in_kernel:
             rm_old = _checks.kernel_vector(running_mean)
             rv_old = _checks.kernel_vector(running_var)
-            rm_new = np.empty(d)
-            rv_new = np.empty(d)
+            rm_new = np.empty(d, dts.running_mean)
+            rv_new = np.empty(d, dts.running_var)
         else:
             rm_old = rv_old = rm_new = rv_new = None
         _kernels.train_forward(xk, cache, target, n, d, _checks.kernel_vector(gamma),
@@ -173,8 +222,9 @@ class BatchNormalization:
                                             stats[0], stats[1], dts.stat)
         if cache is not None:
             self._buffer = cache
-        self._train = _TrainCache(cache if cache is not None else xk, x.dtype, n, d, x.shape,
-                                  stats, dts.stat, eps)
+        self._train = (cache if cache is not None else xk, x.dtype, n, d, x.shape, stats,
+                       dts.stat, eps)
+        self._views = {}
         self._last_train = True
         self.input_shape = x.shape
         self.batch_size = n
@@ -187,11 +237,10 @@ class BatchNormalization:
         dts = _dtypes.evaluate(x.dtype, gamma, beta, running_mean, running_var)
         xk = _checks.for_kernel(x, _checks.kernel_dtype(x.dtype))
         result, target = result_buffers(x.shape, dts.out, None, "out", ())
-        rm = _checks.kernel_vector(running_mean)
-        rv = _checks.kernel_vector(running_var)
         _kernels.eval_forward(xk, target, n, d, _checks.kernel_vector(gamma),
-                              _checks.kernel_vector(beta), rm, rv, eps)
-        self._eval = _EvalCache(xk, x.dtype, n, d, x.shape, running_mean, running_var, eps)
+                              _checks.kernel_vector(beta), _checks.kernel_vector(running_mean),
+                              _checks.kernel_vector(running_var), eps)
+        self._eval = (xk, x.dtype, n, d, x.shape, running_mean, running_var, eps)
         self._last_train = False
         self.input_shape = x.shape
         if self.running_mean is None:
@@ -199,31 +248,46 @@ class BatchNormalization:
             self.running_var = running_var
         return finish(result, target)
 
+    # -- backward
+
     def backward(self, dout: Any) -> np.ndarray:
         """Gradient with respect to the last forward's input; sets dgamma, dbeta."""
-        if self._last_train is None:
-            raise RuntimeError("backward() called before any forward(); call forward(x) first")
-        cache = self._train if self._last_train else self._eval
-        assert cache is not None
-        dout = check_dout(dout, cache.shape, cache.n, cache.d)
-        gamma = _checks.operand(self.gamma, "gamma", cache.d, cache.shape)
         if self._last_train:
-            dts = _dtypes.grads(True, cache.x_dtype, gamma, dout.dtype)
+            x, x_dtype, n, d, shape, stats, _, _ = self._train
+            gamma = self.gamma
+            if (_plain_batch(dout) == d and dout.dtype == x_dtype and x.dtype == x_dtype
+                    and (dout.shape == shape or dout.shape == (n, d))
+                    and _plain_vector(gamma, d, x)):
+                dx = _empty(shape, x_dtype)
+                dgamma = _empty(d, x_dtype)
+                dbeta = _empty(d, x_dtype)
+                _kernels.train_backward(x, dout, dx, n, d, stats[0], stats[2], gamma,
+                                        dgamma, dbeta)
+                self.dgamma = dgamma
+                self.dbeta = dbeta
+                return dx
+        elif self._last_train is None:
+            raise RuntimeError("backward() called before any forward(); call forward(x) first")
+        return self._backward_general(dout)
+
+    def _backward_general(self, dout: Any) -> np.ndarray:
+        if self._last_train:
+            x, x_dtype, n, d, shape, stats, _, _ = self._train
+            running_mean = running_var = eps = None
         else:
-            dts = _dtypes.grads(False, cache.x_dtype, gamma, dout.dtype,
-                                cache.running_mean, cache.running_var)
-        result, target = result_buffers(cache.shape, dts.dx, None, "dx", ())
-        xk, dk = same_kernel_dtype(cache.x, dout)
-        dgamma, dbeta = grad_buffers(cache.d, dts)
+            x, x_dtype, n, d, shape, running_mean, running_var, eps = self._eval
+        dout = check_dout(dout, shape, n, d)
+        gamma = _checks.operand(self.gamma, "gamma", d, shape)
+        dts = _dtypes.grads(bool(self._last_train), x_dtype, gamma, dout.dtype,
+                            running_mean, running_var)
+        result, target = result_buffers(shape, dts.dx, None, "dx", ())
+        xk, dk = same_kernel_dtype(x, dout)
+        dgamma, dbeta = grad_buffers(d, dts)
         gk = _checks.kernel_vector(gamma)
         if self._last_train:
-            stats = self._train.stats
-            _kernels.train_backward(xk, dk, target, cache.n, cache.d, stats[0], stats[2], gk,
-                                    dgamma, dbeta)
+            _kernels.train_backward(xk, dk, target, n, d, stats[0], stats[2], gk, dgamma, dbeta)
         else:
-            _kernels.eval_backward(xk, dk, target, cache.n, cache.d, gk,
-                                   _checks.kernel_vector(cache.running_mean),
-                                   _checks.kernel_vector(cache.running_var), cache.eps,
-                                   dgamma, dbeta)
+            _kernels.eval_backward(xk, dk, target, n, d, gk, _checks.kernel_vector(running_mean),
+                                   _checks.kernel_vector(running_var), eps, dgamma, dbeta)
         self.dgamma, self.dbeta = grads_as(dgamma, dbeta, dts)
         return finish(result, target)

@@ -1,0 +1,148 @@
+"""The kernels: every work partition gives the twin's numbers, results do not
+depend on the thread count, and the entry points refuse what would be unsafe."""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+
+import bnfast
+from bnfast._native import kernels
+from conftest import assert_close, dx_scale, make_params, pair
+
+# Shapes that land in each partition of the (N, D) grid with default tuning:
+# one strip; several strips; row blocks merged across chunks; streaming stores.
+SHAPES = {
+    "one strip": (32, 128),
+    "strips": (256, 1024),
+    "row blocks": (5000, 40),
+    "row blocks, wide": (2100, 1500),
+    "streamed": (24, 50000),
+}
+
+
+@contextlib.contextmanager
+def threads(n):
+    before = bnfast.get_num_threads()
+    bnfast.set_num_threads(n)
+    try:
+        yield
+    finally:
+        bnfast.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def tuning(**knobs):
+    kernels._set_tuning(**knobs)
+    try:
+        yield
+    finally:
+        kernels._set_tuning()
+
+
+def run_all(x, dout, gamma, beta):
+    """Every result a layer produces for one train/backward/eval/backward round."""
+    layer = bnfast.BatchNormalization(gamma, beta, running_mean=np.zeros(x.shape[1]),
+                                      running_var=np.ones(x.shape[1]))
+    out = [layer.forward(x), layer.backward(dout), layer.dgamma, layer.dbeta,
+           layer.running_mean, layer.running_var, layer.xn, layer.std]
+    out += [layer.forward(x, False), layer.backward(dout), layer.dgamma, layer.dbeta]
+    return out
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_each_partition_matches_the_twin(rng, name, dtype):
+    shape = SHAPES[name]
+    gamma, beta = make_params(rng, shape[1], dtype)
+    x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+    layer, twin = pair(gamma, beta)
+    rtol = 1e-10 if dtype == np.float64 else 1e-4
+    assert_close(layer.forward(x), twin.forward(x), rtol=rtol)
+    assert_close(layer.backward(dout), twin.backward(dout), rtol=rtol, scale=dx_scale(twin, dout))
+    assert_close(layer.dgamma, twin.dgamma, rtol=rtol)
+    assert_close(layer.running_var, twin.running_var, rtol=rtol)
+    assert_close(layer.forward(x, False), twin.forward(x, False), rtol=rtol)
+    assert_close(layer.backward(dout), twin.backward(dout), rtol=rtol)
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_results_are_bitwise_identical_for_any_thread_count(rng, name):
+    shape = SHAPES[name]
+    gamma, beta = make_params(rng, shape[1])
+    x = rng.standard_normal(shape) * 2 - 1
+    dout = rng.standard_normal(shape)
+    with threads(1):
+        expected = run_all(x, dout, gamma, beta)
+    for n in (2, 3, 4, 7):
+        with threads(n):
+            got = run_all(x, dout, gamma, beta)
+        for a, b in zip(got, expected):
+            assert np.array_equal(a, b), f"{n} threads differ from 1 thread"
+
+
+KNOBS = [
+    dict(strip_bytes=1),                        # never strips: row blocks everywhere
+    dict(min_strip=1, strip_bytes=1 << 30),     # always strips
+    dict(col_block=16, page_bytes=64),          # many small tasks
+    dict(stream_min_bytes=0),                   # streaming stores for every output
+    dict(stream_min_bytes=0, stream_pages=True, fused_strips=False),
+]
+
+
+@pytest.mark.parametrize("knobs", KNOBS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+@pytest.mark.parametrize("shape", [(7, 13), (300, 70), (33, 2000)])
+def test_every_work_partition_gives_the_same_numbers(rng, knobs, shape):
+    """Partitions change rounding only within a few ulps; the twin decides."""
+    gamma, beta = make_params(rng, shape[1])
+    x = rng.standard_normal(shape) * 4 + 3
+    dout = rng.standard_normal(shape)
+    with threads(1):
+        baseline = run_all(x, dout, gamma, beta)
+    with tuning(**knobs):
+        for n in (1, 2, 3):
+            with threads(n):
+                got = run_all(x, dout, gamma, beta)
+            if n == 1:
+                first = got
+            for a, b, c in zip(got, first, baseline):
+                assert np.array_equal(a, b), "thread count changed the result"
+                assert_close(a, c, rtol=1e-12, scale=float(np.max(np.abs(c))) + 1.0)
+
+
+def test_thread_settings():
+    before = bnfast.get_num_threads()
+    assert before >= 1
+    with threads(3):
+        assert bnfast.get_num_threads() == 3
+    assert bnfast.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        bnfast.set_num_threads(0)
+
+
+def test_entry_points_refuse_unsafe_arguments():
+    x = np.zeros((4, 3))
+    y = np.empty((4, 3))
+    v = np.ones(3)
+    mean, var = np.empty(3), np.empty(3)
+    with pytest.raises(ValueError, match="12 elements"):
+        kernels.eval_forward(x, np.empty((4, 2)), 4, 3, v, v, v, v, 1e-6)
+    with pytest.raises(ValueError, match="n >= 1"):
+        kernels.eval_forward(x, y, 0, 3, v, v, v, v, 1e-6)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.eval_forward(np.zeros((3, 4)).T, y, 4, 3, v, v, v, v, 1e-6)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        kernels.eval_forward(x.astype(np.int64), y, 4, 3, v, v, v, v, 1e-6)
+    with pytest.raises(ValueError, match="3 or 1 elements"):
+        kernels.eval_forward(x, y, 4, 3, np.ones(2), v, v, v, 1e-6)
+    readonly = np.empty((4, 3))
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        kernels.eval_forward(x, readonly, 4, 3, v, v, v, v, 1e-6)
+    with pytest.raises(TypeError, match="float64"):
+        kernels.train_forward(x, None, y, 4, 3, v, v, 1e-6, mean.astype(np.float32), var, None,
+                              None, None, None, None, 0.9, 0.1)
+    with pytest.raises(TypeError, match="same dtype"):
+        kernels.train_backward(x, x.astype(np.float32), y, 4, 3, mean, var, v, v.copy(), v.copy())
