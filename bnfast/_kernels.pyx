@@ -31,6 +31,7 @@ from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport sqrt
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
+from cpython.pyport cimport PY_SSIZE_T_MAX
 
 cimport numpy as cnp
 
@@ -142,8 +143,6 @@ cdef enum:
     # Outputs this big are written with streaming stores: they cannot stay
     # in the cache for the caller anyway.
     STREAM_MIN_BYTES = 8388608
-    # Doubles of per-thread scratch: 6 rows of COL_BLOCK plus a staging row.
-    SCRATCH_ROWS = 7
     # Element passes give each task about this much output, written in
     # address order: a fresh output's pages (2 MiB when transparent huge
     # pages are on) are then zeroed by the OS and filled by one thread while
@@ -259,10 +258,6 @@ cdef inline Task _task(const Grid* g, Py_ssize_t t) noexcept nogil:
     return task
 
 
-cdef inline double* _scratch_alloc(const Grid* g) noexcept nogil:
-    return <double*>malloc(g.n_threads * SCRATCH_ROWS * COL_BLOCK * sizeof(double))
-
-
 # ---------------------------------------------------------------------------
 # Per-feature set-up: branch-free loops over contiguous doubles.
 
@@ -317,14 +312,17 @@ cdef struct TrainArgs:
 
 
 cdef void _finish_stats(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
-                        double* scale, double* shift, double* tmp) noexcept nogil:
-    """From mean and M2 (in a.var) of columns c0..c0+w: var, invstd, the
-    affine coefficients and the running statistics."""
+                        const double* k, double* scale, double* shift,
+                        double* tmp) noexcept nogil:
+    """From the mean relative to the shift k (in a.mean) and M2 (in a.var) of
+    columns c0..c0+w: mean, var, invstd, the affine coefficients (scale,
+    shift) and the running statistics.  shift may alias k."""
     cdef Py_ssize_t j
     cdef double* mean = a.mean + c0
     cdef double* var = a.var + c0
     cdef double nd = <double>n
     for j in range(w):
+        mean[j] = k[j] + mean[j]
         var[j] = var[j] / nd
         scale[j] = 1.0 / sqrt(var[j] + a.eps)
     if a.invstd != NULL:
@@ -346,18 +344,40 @@ cdef void _finish_stats(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssiz
 
 
 # ---------------------------------------------------------------------------
-# Statistics: corrected two-pass inside each block, Chan's merge across blocks.
-# A constant feature gives its value as the mean exactly and M2 == 0 exactly:
-# the correction sum(x - m0) / n recovers the rounding of m0.
+# Statistics: corrected two-pass inside each block, Chan's merge across blocks,
+# all relative to a per-feature shift K = x[0, j] (0 where that is not finite).
+#
+# The shift keeps block means small, so merging them loses nothing to the
+# rounding of a large common offset, and a constant feature sums exact zeros:
+# its mean is K exactly and its M2 is 0 exactly.  The corrected two-pass
+# (m = m0 + sum(x - m0) / n) recovers the rounding of the first-pass mean m0.
+# A non-finite sum (inf or NaN in the feature) takes the plain mean instead,
+# as the reference's column sums do.
+
+cdef inline bint _finite(double v) noexcept nogil:
+    return v - v == 0.0
+
+
+cdef void _shift_of(const in_t* x, Py_ssize_t c0, Py_ssize_t w, double* shift) noexcept nogil:
+    """The per-feature shift of columns c0..c0+w from the batch's first row."""
+    cdef Py_ssize_t j
+    cdef double v
+    for j in range(w):
+        v = x[c0 + j]
+        shift[j] = v if v - v == 0.0 else 0.0
+
 
 cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t d,
                       Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w,
-                      Py_ssize_t block_rows, acc_t mean_acc, acc_t m2_acc,
-                      acc_t s, acc_t sd, acc_t sd2) noexcept nogil:
+                      Py_ssize_t block_rows, const double* shift, acc_t mean_acc,
+                      acc_t m2_acc, acc_t s, acc_t m0, acc_t sd, acc_t sd2) noexcept nogil:
+    """mean (relative to shift) and M2 of rows r0..r1 of columns c0..c0+w.
+
+    s, m0, sd, sd2: w doubles of scratch each."""
     # Rows are taken four at a time so each accumulator is loaded and stored
     # once per four rows; the (fixed) pairing also shortens rounding chains.
     cdef Py_ssize_t b0 = r0, b1, i, j
-    cdef double nb, na = 0.0, n, wa, wb, e0, e1, e2, e3, mb, m2b, delta, q
+    cdef double nb, na = 0.0, n, wa, wb, e0, e1, e2, e3, mb, m2b, delta, q, k
     cdef const in_t* a
     while b0 < r1:
         b1 = b0 + block_rows
@@ -370,12 +390,13 @@ cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t d,
         while i + 4 <= b1:
             a = x + i * d + c0
             for j in range(w):
-                s[j] += (<double>a[j] + a[d + j]) + (<double>a[2 * d + j] + a[3 * d + j])
+                k = shift[j]
+                s[j] += ((a[j] - k) + (a[d + j] - k)) + ((a[2 * d + j] - k) + (a[3 * d + j] - k))
             i += 4
         while i < b1:
             a = x + i * d + c0
             for j in range(w):
-                s[j] += a[j]
+                s[j] += a[j] - shift[j]
             i += 1
         if copy_to != NULL:
             for i in range(b0, b1):
@@ -384,31 +405,34 @@ cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t d,
                 else:
                     memcpy(copy_to + i * d + c0, x + i * d + c0, w * sizeof(in_t))
         for j in range(w):
-            s[j] = s[j] / nb
+            s[j] = s[j] / nb              # first-pass mean, relative to the shift
+            m0[j] = shift[j] + s[j]       # ... and absolute, for the deviations
             sd[j] = 0.0
             sd2[j] = 0.0
         i = b0
         while i + 4 <= b1:
             a = x + i * d + c0
             for j in range(w):
-                e0 = a[j] - s[j]
-                e1 = a[d + j] - s[j]
-                e2 = a[2 * d + j] - s[j]
-                e3 = a[3 * d + j] - s[j]
+                k = m0[j]
+                e0 = a[j] - k
+                e1 = a[d + j] - k
+                e2 = a[2 * d + j] - k
+                e3 = a[3 * d + j] - k
                 sd[j] += (e0 + e1) + (e2 + e3)
                 sd2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
             i += 4
         while i < b1:
             a = x + i * d + c0
             for j in range(w):
-                e0 = a[j] - s[j]
+                e0 = a[j] - m0[j]
                 sd[j] += e0
                 sd2[j] += e0 * e0
             i += 1
         if na == 0.0:
             for j in range(w):
                 q = sd[j] / nb
-                mean_acc[j] = s[j] + q
+                # relative block mean: (m0 - shift) is exact, q corrects it
+                mean_acc[j] = (m0[j] - shift[j]) + q if _finite(s[j]) else s[j]
                 m2b = sd2[j] - sd[j] * q
                 m2_acc[j] = 0.0 if m2b < 0.0 else m2b
         else:
@@ -417,13 +441,17 @@ cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t d,
             wb = na * nb / n
             for j in range(w):
                 q = sd[j] / nb
-                mb = s[j] + q
+                mb = (m0[j] - shift[j]) + q if _finite(s[j]) else s[j]
                 m2b = sd2[j] - sd[j] * q
                 if m2b < 0.0:
                     m2b = 0.0
-                delta = mb - mean_acc[j]
-                mean_acc[j] += delta * wa
-                m2_acc[j] += m2b + delta * delta * wb
+                if _finite(mb) and _finite(mean_acc[j]):
+                    delta = mb - mean_acc[j]
+                    mean_acc[j] += delta * wa
+                    m2_acc[j] += m2b + delta * delta * wb
+                else:
+                    mean_acc[j] += mb
+                    m2_acc[j] += m2b
         na += nb
         b0 = b1
 
@@ -432,7 +460,7 @@ cdef void _merge_chunks(const Grid* g, const double* part_mean, const double* pa
                         double* mean, double* m2) noexcept nogil:
     """Chan's merge of the per-chunk (mean, M2), always in chunk order."""
     cdef Py_ssize_t k, j, d = g.n_cols
-    cdef double na, nb, n, wa, wb, delta
+    cdef double na, nb, n, wa, wb, delta, mb
     for j in range(d):
         mean[j] = part_mean[j]
         m2[j] = part_m2[j]
@@ -445,9 +473,14 @@ cdef void _merge_chunks(const Grid* g, const double* part_mean, const double* pa
         wa = nb / n
         wb = na * nb / n
         for j in range(d):
-            delta = part_mean[k * d + j] - mean[j]
-            mean[j] += delta * wa
-            m2[j] += part_m2[k * d + j] + delta * delta * wb
+            mb = part_mean[k * d + j]
+            if _finite(mb) and _finite(mean[j]):
+                delta = mb - mean[j]
+                mean[j] += delta * wa
+                m2[j] += part_m2[k * d + j] + delta * delta * wb
+            else:
+                mean[j] += mb
+                m2[j] += part_m2[k * d + j]
         na = n
 
 
@@ -588,99 +621,151 @@ cdef void _eval_grad_rows(const in_t* x, const in_t* dy, out_t* dx, bint stream,
 
 
 # ---------------------------------------------------------------------------
-# Whole operations.  Each runs its tasks on the thread team (or inline when
-# the grid says one thread) with per-thread scratch of SCRATCH_ROWS x
-# COL_BLOCK doubles: rows 0-5 for per-feature work, row 6 to stage output
-# rows for streaming stores.
+# Whole operations.  Each phase is a task function applied to every task of
+# a grid, inline when the grid says one thread (no thread-team set-up for
+# small calls) or across the team.  Every thread has `rows` rows of
+# g.col_block doubles of scratch; the last row stages output rows for
+# streaming stores.
+
+cdef inline double* _scratch_alloc(const Grid* g, int rows) noexcept nogil:
+    return <double*>malloc(g.n_threads * rows * g.col_block * sizeof(double))
+
+
+cdef void _train_strip(const Grid* g, Py_ssize_t t, const in_t* x, in_t* cache, out_t* y,
+                       const TrainArgs* a, double* mine) noexcept nogil:
+    """Strip task: statistics, coefficients and output of whole columns.
+    mine: 5 rows (shift, then s/m0/sd/sd2; then beta, scale, temp, staging)."""
+    cdef Task task = _task(g, t)
+    cdef Py_ssize_t cb = g.col_block
+    _shift_of(x, task.c0, task.w, mine)
+    _stats_rows(x, cache, g.stream, g.n_cols, task.r0, task.r1, task.c0, task.w, g.block_rows,
+                mine, a.mean + task.c0, a.var + task.c0, mine + cb, mine + 2 * cb,
+                mine + 3 * cb, mine + 4 * cb)
+    _finish_stats(a, g.n_rows, task.c0, task.w, mine, mine + cb, mine, mine + 2 * cb)
+    _affine_rows(x, y, g.stream, g.n_cols, task.r0, task.r1, task.c0, task.w,
+                 a.mean + task.c0, mine + cb, mine, <out_t*>(mine + 3 * cb))
+
+
+cdef void _train_block_stats(const Grid* g, Py_ssize_t t, const in_t* x, in_t* cache,
+                             double* part, double* mine) noexcept nogil:
+    """Block task: per-chunk mean (relative to the shift) and M2 of a column
+    block (and cache = x).  mine: 5 rows."""
+    cdef Task task = _task(g, t)
+    cdef Py_ssize_t cb = g.col_block, d = g.n_cols
+    _shift_of(x, task.c0, task.w, mine)
+    _stats_rows(x, cache, g.stream, d, task.r0, task.r1, task.c0, task.w, g.block_rows, mine,
+                part + task.k * d + task.c0, part + (g.n_chunks + task.k) * d + task.c0,
+                mine + cb, mine + 2 * cb, mine + 3 * cb, mine + 4 * cb)
+
+
+cdef void _train_coefficients(const Grid* g, Py_ssize_t t, const in_t* x, const TrainArgs* a,
+                              double* coef, double* mine) noexcept nogil:
+    """Column block t: mean, var, invstd, running statistics, scale and shift.
+    mine: 2 rows."""
+    cdef Py_ssize_t c0 = t * g.col_block, d = g.n_cols
+    cdef Py_ssize_t w = g.col_block if c0 + g.col_block <= d else d - c0
+    _shift_of(x, c0, w, mine)
+    _finish_stats(a, g.n_rows, c0, w, mine, coef + c0, coef + d + c0, mine + g.col_block)
+
 
 cdef int _train_forward(const Grid* g, const in_t* x, in_t* cache, out_t* y,
                         const TrainArgs* a) noexcept nogil:
     """y = gamma * (x - mean) / sqrt(var + eps) + beta with the batch's own
     statistics; also mean, var, invstd, running statistics, cache = x."""
-    cdef Task task
-    cdef Py_ssize_t d = g.n_cols, t, c0, w
-    cdef double* scratch = _scratch_alloc(g)
-    cdef double* part = NULL
+    cdef Py_ssize_t d = g.n_cols, t, cb = g.col_block
+    cdef double* scratch
+    cdef double* part
     cdef double* mine = NULL
-    if scratch == NULL:
-        return -1
     if g.n_chunks == 1 and _fused_strips:
-        # strips: statistics, coefficients and the output in one task
-        with parallel(num_threads=g.n_threads, use_threads_if=g.n_threads > 1):
-            mine = scratch + threadid() * SCRATCH_ROWS * COL_BLOCK
-            for t in prange(g.n_tasks, schedule="dynamic"):
-                task = _task(g, t)
-                _stats_rows(x, cache, g.stream, d, task.r0, task.r1, task.c0, task.w, g.block_rows,
-                            a.mean + task.c0, a.var + task.c0, mine, mine + COL_BLOCK, mine + 2 * COL_BLOCK)
-                _finish_stats(a, g.n_rows, task.c0, task.w, mine, mine + COL_BLOCK, mine + 2 * COL_BLOCK)
-                _affine_rows(x, y, g.stream, d, task.r0, task.r1, task.c0, task.w, a.mean + task.c0, mine,
-                             mine + COL_BLOCK, <out_t*>(mine + 6 * COL_BLOCK))
-            bnfast_fence()
+        scratch = _scratch_alloc(g, 5)
+        if scratch == NULL:
+            return -1
+        if g.n_threads == 1:
+            for t in range(g.n_tasks):
+                _train_strip(g, t, x, cache, y, a, scratch)
+        else:
+            with parallel(num_threads=g.n_threads):
+                mine = scratch + threadid() * 5 * cb
+                for t in prange(g.n_tasks, schedule="dynamic"):
+                    _train_strip(g, t, x, cache, y, a, mine)
+                bnfast_fence()
         free(scratch)
         return 0
-    part = <double*>malloc(2 * g.n_chunks * d * sizeof(double))
-    if part == NULL:
+    # Row blocks (or unfused strips): statistics, merge, coefficients, output.
+    scratch = _scratch_alloc(g, 5)
+    part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
+    if scratch == NULL or part == NULL:
         free(scratch)
+        free(part)
         return -1
-    with parallel(num_threads=g.n_threads, use_threads_if=g.n_threads > 1):
-        mine = scratch + threadid() * SCRATCH_ROWS * COL_BLOCK
-        for t in prange(g.n_tasks, schedule="dynamic"):
-            task = _task(g, t)
-            _stats_rows(x, cache, g.stream, d, task.r0, task.r1, task.c0, task.w, g.block_rows,
-                        part + task.k * d + task.c0, part + (g.n_chunks + task.k) * d + task.c0,
-                        mine, mine + COL_BLOCK, mine + 2 * COL_BLOCK)
-        bnfast_fence()
+    if g.n_threads == 1:
+        for t in range(g.n_tasks):
+            _train_block_stats(g, t, x, cache, part, scratch)
+    else:
+        with parallel(num_threads=g.n_threads):
+            mine = scratch + threadid() * 5 * cb
+            for t in prange(g.n_tasks, schedule="dynamic"):
+                _train_block_stats(g, t, x, cache, part, mine)
+            bnfast_fence()
     _merge_chunks(g, part, part + g.n_chunks * d, a.mean, a.var)
-    free(part)
-    # Coefficients for all features (each column block once), then the output.
-    part = <double*>malloc(2 * d * sizeof(double))
-    if part == NULL:
-        free(scratch)
-        return -1
-    with parallel(num_threads=g.n_threads, use_threads_if=g.n_threads > 1):
-        mine = scratch + threadid() * SCRATCH_ROWS * COL_BLOCK
-        for t in prange(g.n_col_blocks, schedule="static"):
-            c0 = t * g.col_block
-            w = g.col_block if c0 + g.col_block <= d else d - c0
-            _finish_stats(a, g.n_rows, c0, w, part + c0, part + d + c0, mine)
-        for t in prange(g.n_page_tasks, schedule="static"):
-            _affine_pages(g, t, x, y, a.mean, part, part + d, <out_t*>(mine + 6 * COL_BLOCK))
-        bnfast_fence()
+    # part's first two rows now hold scale and shift
+    if g.n_threads == 1:
+        for t in range(g.n_col_blocks):
+            _train_coefficients(g, t, x, a, part, scratch)
+        for t in range(g.n_page_tasks):
+            _affine_pages(g, t, x, y, a.mean, part, part + d, <out_t*>(scratch + 2 * cb))
+    else:
+        with parallel(num_threads=g.n_threads):
+            mine = scratch + threadid() * 5 * cb
+            for t in prange(g.n_col_blocks, schedule="static"):
+                _train_coefficients(g, t, x, a, part, mine)
+            for t in prange(g.n_page_tasks, schedule="static"):
+                _affine_pages(g, t, x, y, a.mean, part, part + d, <out_t*>(mine + 2 * cb))
+            bnfast_fence()
     free(part)
     free(scratch)
     return 0
+
+
+cdef void _eval_coefficients(const Grid* g, Py_ssize_t t, const Vec* gamma, const Vec* beta,
+                             const Vec* rm, const Vec* rv, double eps, double* coef,
+                             double* mine) noexcept nogil:
+    """Column block t: coef rows center, scale = gamma / sqrt(rv + eps), shift."""
+    cdef Py_ssize_t c0 = t * g.col_block, d = g.n_cols, j
+    cdef Py_ssize_t w = g.col_block if c0 + g.col_block <= d else d - c0
+    _expand(rm, c0, w, coef + c0)
+    _expand(rv, c0, w, coef + d + c0)
+    _expand(gamma, c0, w, mine)
+    for j in range(w):
+        coef[d + c0 + j] = mine[j] / sqrt(coef[d + c0 + j] + eps)
+    _expand(beta, c0, w, coef + 2 * d + c0)
 
 
 cdef int _eval_forward(const Grid* g, const in_t* x, out_t* y, const Vec* gamma,
                        const Vec* beta, const Vec* rm, const Vec* rv,
                        double eps) noexcept nogil:
     """y = gamma * (x - rm) / sqrt(rv + eps) + beta, one pass."""
-    cdef Task task
-    cdef Py_ssize_t d = g.n_cols, t, k, c0, w, j
-    cdef double* scratch = _scratch_alloc(g)
-    cdef double* mine = NULL
-    if scratch == NULL:
-        return -1
+    cdef Py_ssize_t d = g.n_cols, t, cb = g.col_block
+    cdef double* scratch = _scratch_alloc(g, 2)
     cdef double* coef = <double*>malloc(3 * d * sizeof(double))
-    if coef == NULL:
+    cdef double* mine = NULL
+    if scratch == NULL or coef == NULL:
         free(scratch)
+        free(coef)
         return -1
-    with parallel(num_threads=g.n_threads, use_threads_if=g.n_threads > 1):
-        mine = scratch + threadid() * SCRATCH_ROWS * COL_BLOCK
-        for t in prange(g.n_col_blocks, schedule="static"):
-            # coef rows: center, scale, shift
-            c0 = t * g.col_block
-            w = g.col_block if c0 + g.col_block <= d else d - c0
-            _expand(rm, c0, w, coef + c0)
-            _expand(rv, c0, w, coef + d + c0)
-            _expand(gamma, c0, w, mine)
-            for j in range(w):
-                coef[d + c0 + j] = mine[j] / sqrt(coef[d + c0 + j] + eps)
-            _expand(beta, c0, w, coef + 2 * d + c0)
-        for t in prange(g.n_page_tasks, schedule="static"):
-            _affine_pages(g, t, x, y, coef, coef + d, coef + 2 * d,
-                          <out_t*>(mine + 6 * COL_BLOCK))
-        bnfast_fence()
+    if g.n_threads == 1:
+        for t in range(g.n_col_blocks):
+            _eval_coefficients(g, t, gamma, beta, rm, rv, eps, coef, scratch)
+        for t in range(g.n_page_tasks):
+            _affine_pages(g, t, x, y, coef, coef + d, coef + 2 * d, <out_t*>(scratch + cb))
+    else:
+        with parallel(num_threads=g.n_threads):
+            mine = scratch + threadid() * 2 * cb
+            for t in prange(g.n_col_blocks, schedule="static"):
+                _eval_coefficients(g, t, gamma, beta, rm, rv, eps, coef, mine)
+            for t in prange(g.n_page_tasks, schedule="static"):
+                _affine_pages(g, t, x, y, coef, coef + d, coef + 2 * d, <out_t*>(mine + cb))
+            bnfast_fence()
     free(coef)
     free(scratch)
     return 0
@@ -705,46 +790,41 @@ cdef void _backward_coefficients(Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w, cons
         sum_dy[j] = sum_dy[j] / nd
 
 
-cdef int _train_backward(const Grid* g, const in_t* x, const in_t* dy, out_t* dx,
-                         const double* mean, const double* invstd, const Vec* gamma,
-                         OutVec* dgamma, OutVec* dbeta) noexcept nogil:
-    """dx = gamma*invstd*(dy - mean(dy) - xhat*mean(dy*xhat)); two passes."""
-    cdef Task task
-    cdef Py_ssize_t d = g.n_cols, t, k, c0, w, j
-    cdef double* scratch = _scratch_alloc(g)
-    cdef double* part = NULL
-    cdef double* mine = NULL
-    if scratch == NULL:
-        return -1
-    if g.n_chunks == 1 and _fused_strips:
-        # strips: sums, coefficients and dx in one task, pass 2 from L2
-        with parallel(num_threads=g.n_threads, use_threads_if=g.n_threads > 1):
-            mine = scratch + threadid() * SCRATCH_ROWS * COL_BLOCK
-            for t in prange(g.n_tasks, schedule="dynamic"):
-                task = _task(g, t)
-                _grad_sums_rows(x, dy, d, task.r0, task.r1, task.c0, task.w, mean + task.c0, mine, mine + COL_BLOCK)
-                _backward_coefficients(g.n_rows, task.c0, task.w, invstd + task.c0, gamma, mine,
-                                       mine + COL_BLOCK, mine + 2 * COL_BLOCK,
-                                       mine + 3 * COL_BLOCK, dgamma, dbeta)
-                _grad_input_rows(x, dy, dx, g.stream, d, task.r0, task.r1, task.c0, task.w, mean + task.c0, mine,
-                                 mine + 2 * COL_BLOCK, mine + 3 * COL_BLOCK,
-                                 <out_t*>(mine + 6 * COL_BLOCK))
-            bnfast_fence()
-        free(scratch)
-        return 0
-    # blocks: per-chunk sums, merged in chunk order, then dx.  part rows:
-    # 0..K-1 sum_dy per chunk, K..2K-1 sum_dy_xc per chunk, 2K and 2K+1 the
-    # totals; once merged, rows 0 and 1 hold the coefficients k_xc and k.
-    part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
-    if part == NULL:
-        free(scratch)
-        return -1
-    with parallel(num_threads=g.n_threads, use_threads_if=g.n_threads > 1):
-        for t in prange(g.n_tasks, schedule="dynamic"):
-            task = _task(g, t)
-            _grad_sums_rows(x, dy, d, task.r0, task.r1, task.c0, task.w, mean + task.c0, part + task.k * d + task.c0,
-                            part + (g.n_chunks + task.k) * d + task.c0)
-    cdef double* totals = part + 2 * g.n_chunks * d
+cdef struct GradArgs:
+    # What a training backward reads and writes besides x, dy and dx.
+    const double* mean
+    const double* invstd
+    const Vec* gamma
+    OutVec* dgamma
+    OutVec* dbeta
+
+
+cdef void _backward_strip(const Grid* g, Py_ssize_t t, const in_t* x, const in_t* dy,
+                          out_t* dx, const GradArgs* a, double* mine) noexcept nogil:
+    """Strip task: sums, coefficients and dx of whole columns (pass 2 from L2)."""
+    cdef Task task = _task(g, t)
+    cdef Py_ssize_t cb = g.col_block
+    _grad_sums_rows(x, dy, g.n_cols, task.r0, task.r1, task.c0, task.w, a.mean + task.c0,
+                    mine, mine + cb)
+    _backward_coefficients(g.n_rows, task.c0, task.w, a.invstd + task.c0, a.gamma, mine,
+                           mine + cb, mine + 2 * cb, mine + 3 * cb, a.dgamma, a.dbeta)
+    _grad_input_rows(x, dy, dx, g.stream, g.n_cols, task.r0, task.r1, task.c0, task.w,
+                     a.mean + task.c0, mine, mine + 2 * cb, mine + 3 * cb,
+                     <out_t*>(mine + 4 * cb))
+
+
+cdef void _backward_block_sums(const Grid* g, Py_ssize_t t, const in_t* x, const in_t* dy,
+                               const double* mean, double* part) noexcept nogil:
+    """Block task: per-chunk sum(dy) and sum(dy * (x - mean)) of a column block."""
+    cdef Task task = _task(g, t)
+    cdef Py_ssize_t d = g.n_cols
+    _grad_sums_rows(x, dy, d, task.r0, task.r1, task.c0, task.w, mean + task.c0,
+                    part + task.k * d + task.c0, part + (g.n_chunks + task.k) * d + task.c0)
+
+
+cdef void _sum_chunks(const Grid* g, const double* part, double* totals) noexcept nogil:
+    """totals rows 0, 1: the two per-chunk sums of part, added in chunk order."""
+    cdef Py_ssize_t d = g.n_cols, k, j
     for j in range(d):
         totals[j] = part[j]
         totals[d + j] = part[g.n_chunks * d + j]
@@ -752,62 +832,117 @@ cdef int _train_backward(const Grid* g, const in_t* x, const in_t* dy, out_t* dx
         for j in range(d):
             totals[j] += part[k * d + j]
             totals[d + j] += part[(g.n_chunks + k) * d + j]
-    _backward_coefficients(g.n_rows, 0, d, invstd, gamma, totals, totals + d,
-                           part, part + d, dgamma, dbeta)
-    with parallel(num_threads=g.n_threads, use_threads_if=g.n_threads > 1):
-        mine = scratch + threadid() * SCRATCH_ROWS * COL_BLOCK
-        for t in prange(g.n_page_tasks, schedule="static"):
-            _grad_input_pages(g, t, x, dy, dx, mean, totals, part, part + d,
-                              <out_t*>(mine + 6 * COL_BLOCK))
-        bnfast_fence()
+
+
+cdef int _train_backward(const Grid* g, const in_t* x, const in_t* dy, out_t* dx,
+                         const GradArgs* a) noexcept nogil:
+    """dx = gamma*invstd*(dy - mean(dy) - xhat*mean(dy*xhat)); two passes."""
+    cdef Py_ssize_t d = g.n_cols, t, cb = g.col_block
+    cdef double* scratch
+    cdef double* part
+    cdef double* totals
+    cdef double* mine = NULL
+    if g.n_chunks == 1 and _fused_strips:
+        scratch = _scratch_alloc(g, 5)
+        if scratch == NULL:
+            return -1
+        if g.n_threads == 1:
+            for t in range(g.n_tasks):
+                _backward_strip(g, t, x, dy, dx, a, scratch)
+        else:
+            with parallel(num_threads=g.n_threads):
+                mine = scratch + threadid() * 5 * cb
+                for t in prange(g.n_tasks, schedule="dynamic"):
+                    _backward_strip(g, t, x, dy, dx, a, mine)
+                bnfast_fence()
+        free(scratch)
+        return 0
+    # Row blocks: per-chunk sums, merged in chunk order, then dx.  part rows:
+    # 0..K-1 sum_dy per chunk, K..2K-1 sum_dy_xc per chunk, 2K and 2K+1 the
+    # totals; once merged, rows 0 and 1 hold the coefficients k_xc and k.
+    scratch = _scratch_alloc(g, 1)
+    part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
+    if scratch == NULL or part == NULL:
+        free(scratch)
+        free(part)
+        return -1
+    totals = part + 2 * g.n_chunks * d
+    if g.n_threads == 1:
+        for t in range(g.n_tasks):
+            _backward_block_sums(g, t, x, dy, a.mean, part)
+    else:
+        for t in prange(g.n_tasks, schedule="dynamic", num_threads=g.n_threads):
+            _backward_block_sums(g, t, x, dy, a.mean, part)
+    _sum_chunks(g, part, totals)
+    _backward_coefficients(g.n_rows, 0, d, a.invstd, a.gamma, totals, totals + d,
+                           part, part + d, a.dgamma, a.dbeta)
+    if g.n_threads == 1:
+        for t in range(g.n_page_tasks):
+            _grad_input_pages(g, t, x, dy, dx, a.mean, totals, part, part + d, <out_t*>scratch)
+    else:
+        with parallel(num_threads=g.n_threads):
+            mine = scratch + threadid() * cb
+            for t in prange(g.n_page_tasks, schedule="static"):
+                _grad_input_pages(g, t, x, dy, dx, a.mean, totals, part, part + d,
+                                  <out_t*>mine)
+            bnfast_fence()
     free(part)
     free(scratch)
     return 0
 
 
+cdef struct EvalArgs:
+    const Vec* gamma
+    const Vec* rm
+    const Vec* rv
+    double eps
+
+
+cdef void _eval_backward_task(const Grid* g, Py_ssize_t t, const in_t* x, const in_t* dy,
+                              out_t* dx, const EvalArgs* a, double* part,
+                              double* mine) noexcept nogil:
+    """dx of a (row chunk, column block) and its per-chunk sums."""
+    cdef Task task = _task(g, t)
+    cdef Py_ssize_t cb = g.col_block, d = g.n_cols, j
+    # mine rows: center, invstd, dx_scale, staging
+    _expand(a.rm, task.c0, task.w, mine)
+    _expand(a.rv, task.c0, task.w, mine + cb)
+    _expand(a.gamma, task.c0, task.w, mine + 2 * cb)
+    for j in range(task.w):
+        mine[cb + j] = 1.0 / sqrt(mine[cb + j] + a.eps)
+        mine[2 * cb + j] = mine[2 * cb + j] * mine[cb + j]
+    _eval_grad_rows(x, dy, dx, g.stream, d, task.r0, task.r1, task.c0, task.w, mine,
+                    mine + 2 * cb, part + task.k * d + task.c0,
+                    part + (g.n_chunks + task.k) * d + task.c0, <out_t*>(mine + 3 * cb))
+
+
 cdef int _eval_backward(const Grid* g, const in_t* x, const in_t* dy, out_t* dx,
-                        const Vec* gamma, const Vec* rm, const Vec* rv, double eps,
-                        OutVec* dgamma, OutVec* dbeta) noexcept nogil:
+                        const EvalArgs* a, OutVec* dgamma, OutVec* dbeta) noexcept nogil:
     """Gradient of the eval-mode function: statistics are constants. One pass."""
-    cdef Task task
-    cdef Py_ssize_t d = g.n_cols, t, k, c0, w, j
-    cdef double* scratch = _scratch_alloc(g)
-    cdef double* part
+    cdef Py_ssize_t d = g.n_cols, t, j, cb = g.col_block
+    cdef double* scratch = _scratch_alloc(g, 4)
+    cdef double* part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
+    cdef double* totals
     cdef double* mine = NULL
-    if scratch == NULL:
-        return -1
-    part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
-    if part == NULL:
+    if scratch == NULL or part == NULL:
         free(scratch)
+        free(part)
         return -1
-    with parallel(num_threads=g.n_threads, use_threads_if=g.n_threads > 1):
-        mine = scratch + threadid() * SCRATCH_ROWS * COL_BLOCK
-        for t in prange(g.n_tasks, schedule="static"):
-            task = _task(g, t)
-            # rows of mine: center, invstd, dx_scale
-            _expand(rm, task.c0, task.w, mine)
-            _expand(rv, task.c0, task.w, mine + COL_BLOCK)
-            _expand(gamma, task.c0, task.w, mine + 2 * COL_BLOCK)
-            for j in range(task.w):
-                mine[COL_BLOCK + j] = 1.0 / sqrt(mine[COL_BLOCK + j] + eps)
-                mine[2 * COL_BLOCK + j] = mine[2 * COL_BLOCK + j] * mine[COL_BLOCK + j]
-            _eval_grad_rows(x, dy, dx, g.stream, d, task.r0, task.r1, task.c0, task.w, mine, mine + 2 * COL_BLOCK,
-                            part + task.k * d + task.c0, part + (g.n_chunks + task.k) * d + task.c0,
-                            <out_t*>(mine + 6 * COL_BLOCK))
-        bnfast_fence()
-    # merge in chunk order; rows 2K, 2K+1 of part: sum_dy, sum_dy_xc * invstd
-    cdef double* totals = part + 2 * g.n_chunks * d
-    for j in range(d):
-        totals[j] = part[j]
-        totals[d + j] = part[g.n_chunks * d + j]
-    for k in range(1, g.n_chunks):
-        for j in range(d):
-            totals[j] += part[k * d + j]
-            totals[d + j] += part[(g.n_chunks + k) * d + j]
+    if g.n_threads == 1:
+        for t in range(g.n_tasks):
+            _eval_backward_task(g, t, x, dy, dx, a, part, scratch)
+    else:
+        with parallel(num_threads=g.n_threads):
+            mine = scratch + threadid() * 4 * cb
+            for t in prange(g.n_tasks, schedule="static"):
+                _eval_backward_task(g, t, x, dy, dx, a, part, mine)
+            bnfast_fence()
+    totals = part + 2 * g.n_chunks * d
+    _sum_chunks(g, part, totals)
     _store(dbeta, 0, d, totals)
-    _expand(rv, 0, d, totals)           # sum_dy is stored; reuse its row
+    _expand(a.rv, 0, d, totals)           # sum_dy is stored; reuse its row
     for j in range(d):
-        totals[d + j] = totals[d + j] / sqrt(totals[j] + eps)
+        totals[d + j] = totals[d + j] / sqrt(totals[j] + a.eps)
     _store(dgamma, 0, d, totals + d)
     free(part)
     free(scratch)
@@ -871,6 +1006,8 @@ cdef OutVec _outvec(object a, Py_ssize_t d, str name) except *:
 cdef int _check_nd(Py_ssize_t n, Py_ssize_t d) except -1:
     if n < 1 or d < 1:
         raise ValueError(f"kernel needs n >= 1 and d >= 1, got n={n}, d={d}")
+    if n > PY_SSIZE_T_MAX // d:
+        raise ValueError(f"kernel sizes overflow: n={n} * d={d}")
     return 0
 
 
@@ -878,9 +1015,10 @@ cdef Grid _grid_for(cnp.ndarray x, cnp.ndarray out, Py_ssize_t n, Py_ssize_t d) 
     return _make_grid(n, d, cnp.PyArray_ITEMSIZE(x), n * d * cnp.PyArray_ITEMSIZE(out))
 
 
-def train_forward(cnp.ndarray x, cnp.ndarray cache, cnp.ndarray y, Py_ssize_t n, Py_ssize_t d,
-                  cnp.ndarray gamma, cnp.ndarray beta, double eps,
-                  cnp.ndarray mean, cnp.ndarray var, cnp.ndarray invstd,
+def train_forward(cnp.ndarray x not None, cnp.ndarray cache, cnp.ndarray y not None,
+                  Py_ssize_t n, Py_ssize_t d, cnp.ndarray gamma not None,
+                  cnp.ndarray beta not None, double eps,
+                  cnp.ndarray mean not None, cnp.ndarray var not None, cnp.ndarray invstd,
                   cnp.ndarray rm_old, cnp.ndarray rm_new, cnp.ndarray rv_old, cnp.ndarray rv_new,
                   double momentum, double one_minus_momentum):
     """Training forward on the (n, d) view of x.
@@ -920,6 +1058,8 @@ def train_forward(cnp.ndarray x, cnp.ndarray cache, cnp.ndarray y, Py_ssize_t n,
         raise ValueError("give both rm_new and rv_new, or neither")
     rmo = rvo = g
     if rm_new is not None:
+        if rm_old is None or rv_old is None:
+            raise TypeError("rm_old and rv_old are required with rm_new")
         rmo = _vec(rm_old, d, "rm_old")
         rvo = _vec(rv_old, d, "rv_old")
     a.gamma = &g
@@ -951,9 +1091,9 @@ def train_forward(cnp.ndarray x, cnp.ndarray cache, cnp.ndarray y, Py_ssize_t n,
         raise MemoryError("bnfast: could not allocate kernel work space")
 
 
-def eval_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t n, Py_ssize_t d,
-                 cnp.ndarray gamma, cnp.ndarray beta, cnp.ndarray rm, cnp.ndarray rv,
-                 double eps):
+def eval_forward(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t n, Py_ssize_t d,
+                 cnp.ndarray gamma not None, cnp.ndarray beta not None,
+                 cnp.ndarray rm not None, cnp.ndarray rv not None, double eps):
     """y = gamma * (x - rm) / sqrt(rv + eps) + beta on the (n, d) view of x.
 
     gamma, beta, rm, rv: float32/float64 with d or 1 elements each.
@@ -1001,14 +1141,16 @@ cdef int _check_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray dx, Py_ssize
     return 0
 
 
-def train_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray dx, Py_ssize_t n, Py_ssize_t d,
-                   cnp.ndarray mean, cnp.ndarray invstd, cnp.ndarray gamma,
-                   cnp.ndarray dgamma, cnp.ndarray dbeta):
+def train_backward(cnp.ndarray x not None, cnp.ndarray dy not None, cnp.ndarray dx not None,
+                   Py_ssize_t n, Py_ssize_t d, cnp.ndarray mean not None,
+                   cnp.ndarray invstd not None, cnp.ndarray gamma not None,
+                   cnp.ndarray dgamma not None, cnp.ndarray dbeta not None):
     """Backward of the training forward on the (n, d) views, given its
     float64 batch mean and invstd (d elements each); dgamma and dbeta are
     float32/float64 arrays of d elements."""
     cdef Vec g
     cdef OutVec dg, db
+    cdef GradArgs a
     cdef bint in64, out64
     cdef int status
     _check_backward(x, dy, dx, n, d)
@@ -1025,35 +1167,36 @@ def train_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray dx, Py_ssize_t n, 
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* pdy = cnp.PyArray_DATA(dy)
     cdef void* pdx = cnp.PyArray_DATA(dx)
-    cdef const double* pm = <const double*>cnp.PyArray_DATA(mean)
-    cdef const double* pi = <const double*>cnp.PyArray_DATA(invstd)
+    a.mean = <const double*>cnp.PyArray_DATA(mean)
+    a.invstd = <const double*>cnp.PyArray_DATA(invstd)
+    a.gamma = &g
+    a.dgamma = &dg
+    a.dbeta = &db
     with nogil:
         if in64 and out64:
             status = _train_backward[double, double](&grid, <const double*>px,
-                                                     <const double*>pdy, <double*>pdx,
-                                                     pm, pi, &g, &dg, &db)
+                                                     <const double*>pdy, <double*>pdx, &a)
         elif out64:
             status = _train_backward[float, double](&grid, <const float*>px,
-                                                    <const float*>pdy, <double*>pdx,
-                                                    pm, pi, &g, &dg, &db)
+                                                    <const float*>pdy, <double*>pdx, &a)
         elif in64:
             status = _train_backward[double, float](&grid, <const double*>px,
-                                                    <const double*>pdy, <float*>pdx,
-                                                    pm, pi, &g, &dg, &db)
+                                                    <const double*>pdy, <float*>pdx, &a)
         else:
             status = _train_backward[float, float](&grid, <const float*>px,
-                                                   <const float*>pdy, <float*>pdx,
-                                                   pm, pi, &g, &dg, &db)
+                                                   <const float*>pdy, <float*>pdx, &a)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 
 
-def eval_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray dx, Py_ssize_t n, Py_ssize_t d,
-                  cnp.ndarray gamma, cnp.ndarray rm, cnp.ndarray rv, double eps,
-                  cnp.ndarray dgamma, cnp.ndarray dbeta):
+def eval_backward(cnp.ndarray x not None, cnp.ndarray dy not None, cnp.ndarray dx not None,
+                  Py_ssize_t n, Py_ssize_t d, cnp.ndarray gamma not None,
+                  cnp.ndarray rm not None, cnp.ndarray rv not None, double eps,
+                  cnp.ndarray dgamma not None, cnp.ndarray dbeta not None):
     """Backward of the eval-mode forward (running statistics held constant)."""
     cdef Vec g, m, v
     cdef OutVec dg, db
+    cdef EvalArgs a
     cdef bint in64, out64
     cdef int status
     _check_backward(x, dy, dx, n, d)
@@ -1066,6 +1209,10 @@ def eval_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray dx, Py_ssize_t n, P
     g = _vec(gamma, d, "gamma")
     m = _vec(rm, d, "running_mean")
     v = _vec(rv, d, "running_var")
+    a.gamma = &g
+    a.rm = &m
+    a.rv = &v
+    a.eps = eps
     cdef Grid grid = _grid_for(x, dx, n, d)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* pdy = cnp.PyArray_DATA(dy)
@@ -1073,20 +1220,16 @@ def eval_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray dx, Py_ssize_t n, P
     with nogil:
         if in64 and out64:
             status = _eval_backward[double, double](&grid, <const double*>px,
-                                                    <const double*>pdy, <double*>pdx,
-                                                    &g, &m, &v, eps, &dg, &db)
+                                                    <const double*>pdy, <double*>pdx, &a, &dg, &db)
         elif out64:
             status = _eval_backward[float, double](&grid, <const float*>px,
-                                                   <const float*>pdy, <double*>pdx,
-                                                   &g, &m, &v, eps, &dg, &db)
+                                                   <const float*>pdy, <double*>pdx, &a, &dg, &db)
         elif in64:
             status = _eval_backward[double, float](&grid, <const double*>px,
-                                                   <const double*>pdy, <float*>pdx,
-                                                   &g, &m, &v, eps, &dg, &db)
+                                                   <const double*>pdy, <float*>pdx, &a, &dg, &db)
         else:
             status = _eval_backward[float, float](&grid, <const float*>px,
-                                                  <const float*>pdy, <float*>pdx,
-                                                  &g, &m, &v, eps, &dg, &db)
+                                                  <const float*>pdy, <float*>pdx, &a, &dg, &db)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 
@@ -1117,7 +1260,7 @@ def plain_batch(object x):
     return cnp.PyArray_SIZE(a) // n
 
 
-def plain_vector(object v, Py_ssize_t d, cnp.ndarray like, bint or_f64=False):
+def plain_vector(object v, Py_ssize_t d, cnp.ndarray like not None, bint or_f64=False):
     """Whether v is an aligned, native, contiguous 1-D ndarray of d elements
     with like's dtype (or float64, if or_f64)."""
     cdef cnp.ndarray a

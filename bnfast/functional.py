@@ -101,15 +101,16 @@ def forward_train(x: Any, gamma: Any, beta: Any, *, eps: float = 1e-6,
     eps = _checks.check_eps(eps)
     gamma = _checks.operand(gamma, "gamma", d, x.shape)
     beta = _checks.operand(beta, "beta", d, x.shape)
+    _checks.check_momentum(momentum)
     updating = running_mean is not None or running_var is not None
     if updating:
         if running_mean is None or running_var is None:
             raise ValueError("give both running_mean and running_var, or neither")
-        _checks.check_momentum(momentum)
         running_mean = _checks.operand(running_mean, "running_mean", d, x.shape)
         running_var = _checks.operand(running_var, "running_var", d, x.shape)
     dts = _dtypes.train(x.dtype, gamma, beta, momentum, running_mean, running_var)
-    result, target = result_buffers(x.shape, dts.out, out, "out", (x, gamma, beta))
+    result, target = result_buffers(x.shape, dts.out, out, "out",
+                                    (x, gamma, beta, running_mean, running_var))
     xk = _checks.for_kernel(x, _checks.kernel_dtype(x.dtype))
     mean = np.empty(d)
     var = np.empty(d)
@@ -165,13 +166,14 @@ def backward_train(dout: Any, x: Any, mean: Any, var: Any, gamma: Any, *, eps: f
         if arr.shape != (d,):
             raise ValueError(f"{what} has shape {arr.shape}; expected ({d},), one value per "
                              f"feature of x (shape {x.shape})")
-        stats.append(np.ascontiguousarray(arr, dtype=F64))
-    invstd = 1.0 / np.sqrt(stats[1] + eps)
+        stats.append(arr)
     dts = _dtypes.grads(True, x.dtype, gamma, dout.dtype)
-    result, target = result_buffers(x.shape, dts.dx, out, "out", (x, dout, gamma))
+    result, target = result_buffers(x.shape, dts.dx, out, "out", (x, dout, gamma, *stats))
+    mean = np.ascontiguousarray(stats[0], dtype=F64)
+    invstd = 1.0 / np.sqrt(np.asarray(stats[1], dtype=F64) + eps)
     xk, dk = same_kernel_dtype(x, dout)
     dgamma, dbeta = grad_buffers(d, dts)
-    _kernels.train_backward(xk, dk, target, n, d, stats[0], invstd,
+    _kernels.train_backward(xk, dk, target, n, d, mean, invstd,
                             _checks.kernel_vector(gamma), dgamma, dbeta)
     return (finish(result, target), *grads_as(dgamma, dbeta, dts))
 

@@ -252,8 +252,11 @@ class BatchNormalization:
 
     def backward(self, dout: Any) -> np.ndarray:
         """Gradient with respect to the last forward's input; sets dgamma, dbeta."""
-        if self._last_train:
-            x, x_dtype, n, d, shape, stats, _, _ = self._train
+        # Read the mode and its cache once: everything below uses these.
+        last_train = self._last_train
+        cache = self._train if last_train else self._eval
+        if last_train:
+            x, x_dtype, n, d, shape, stats, _, _ = cache
             gamma = self.gamma
             if (_plain_batch(dout) == d and dout.dtype == x_dtype and x.dtype == x_dtype
                     and (dout.shape == shape or dout.shape == (n, d))
@@ -266,25 +269,24 @@ class BatchNormalization:
                 self.dgamma = dgamma
                 self.dbeta = dbeta
                 return dx
-        elif self._last_train is None:
+        elif last_train is None:
             raise RuntimeError("backward() called before any forward(); call forward(x) first")
-        return self._backward_general(dout)
+        return self._backward_general(dout, last_train, cache)
 
-    def _backward_general(self, dout: Any) -> np.ndarray:
-        if self._last_train:
-            x, x_dtype, n, d, shape, stats, _, _ = self._train
+    def _backward_general(self, dout: Any, last_train: bool, cache: tuple) -> np.ndarray:
+        if last_train:
+            x, x_dtype, n, d, shape, stats, _, _ = cache
             running_mean = running_var = eps = None
         else:
-            x, x_dtype, n, d, shape, running_mean, running_var, eps = self._eval
+            x, x_dtype, n, d, shape, running_mean, running_var, eps = cache
         dout = check_dout(dout, shape, n, d)
         gamma = _checks.operand(self.gamma, "gamma", d, shape)
-        dts = _dtypes.grads(bool(self._last_train), x_dtype, gamma, dout.dtype,
-                            running_mean, running_var)
+        dts = _dtypes.grads(last_train, x_dtype, gamma, dout.dtype, running_mean, running_var)
         result, target = result_buffers(shape, dts.dx, None, "dx", ())
         xk, dk = same_kernel_dtype(x, dout)
         dgamma, dbeta = grad_buffers(d, dts)
         gk = _checks.kernel_vector(gamma)
-        if self._last_train:
+        if last_train:
             _kernels.train_backward(xk, dk, target, n, d, stats[0], stats[2], gk, dgamma, dbeta)
         else:
             _kernels.eval_backward(xk, dk, target, n, d, gk, _checks.kernel_vector(running_mean),
