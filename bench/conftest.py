@@ -1,0 +1,41 @@
+"""Fixtures of the pytest-benchmark suite: each cell's data and reference result.
+
+From the repository root:
+
+    pytest bench --benchmark-group-by=group     # every peer of a cell side by side
+    pytest bench --benchmark-disable            # a quick correctness pass only
+
+Data and peers come from bnfast.bench, the machinery of ``bnfast-bench``.
+Tests run cell by cell (all peers of one cell in a row), so caching the
+current cell's data and reference result makes each of them once per cell.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+
+from bnfast import bench
+
+
+@functools.lru_cache(maxsize=1)
+def _case(shape: tuple[int, ...], dtype: str) -> bench.Case:
+    return bench.make_case(shape, dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _expected(cell: bench.Cell) -> Any:
+    return bench.expected_result(_case(cell.shape, cell.dtype), cell.op)
+
+
+@pytest.fixture
+def case(cell: bench.Cell) -> bench.Case:
+    """The seeded data of the test's cell (shared by its peers: read-only)."""
+    return _case(cell.shape, cell.dtype)
+
+
+@pytest.fixture
+def expected(cell: bench.Cell) -> Any:
+    """The reference twin's result for the test's cell."""
+    return _expected(cell)

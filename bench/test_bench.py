@@ -1,0 +1,41 @@
+"""bnfast and its peers on the benchmark grid, one benchmark per (cell, peer).
+
+Each test's group is its cell, e.g. "256x1024-float64-train", so that
+``pytest bench --benchmark-group-by=group`` lists bnfast, reference, torch and
+floor side by side.  Every bnfast and torch result is checked against the
+reference twin before it is timed (the reference is the oracle, and the floor
+computes no batch normalization).  ``bnfast-bench`` times the same callables,
+interleaved; this suite gives pytest-benchmark's statistics and its saved,
+comparable runs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bnfast import bench
+from bnfast._timing import calls_per_repeat
+
+pytest.importorskip("pytest_benchmark")
+
+ROUNDS = bench.DEFAULT_REPEATS
+PARAMS = [(cell, peer) for cell in bench.grid(bench.SHAPES, bench.DTYPES, bench.OPS)
+          for peer in bench.PEERS]
+
+
+@pytest.mark.parametrize(("cell", "peer"), PARAMS,
+                         ids=[f"{cell.label}-{peer}" for cell, peer in PARAMS])
+def test_peer(benchmark: Any, cell: bench.Cell, peer: str, case: bench.Case,
+              expected: Any) -> None:
+    if peer == "torch":
+        pytest.importorskip("torch")
+    call = bench.make_call(peer, case, cell.op)
+    if peer in bench.CHECKED_PEERS:
+        bench.check(peer, call(), expected, case, cell.op)
+    benchmark.group = cell.label
+    benchmark.extra_info.update(peer=peer, shape=list(cell.shape), dtype=cell.dtype, op=cell.op)
+    # Tiny cells loop enough calls per round (~3 ms) that timer resolution
+    # does not matter; with --benchmark-disable the call just runs once.
+    iterations = 1 if benchmark.disabled else calls_per_repeat(call)
+    benchmark.pedantic(call, iterations=iterations, rounds=ROUNDS, warmup_rounds=1)
