@@ -223,13 +223,17 @@ cdef Grid _make_grid(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize,
         g.chunk_rows = _ceil_div(n_row_blocks, chunks) * g.block_rows
         g.n_chunks = _ceil_div(n, g.chunk_rows)
     g.n_tasks = g.n_chunks * g.n_col_blocks
-    g.page_rows = _page_bytes // (d * (out_bytes // (n * d)))
-    if g.page_rows < 1:
-        g.page_rows = 1
-    g.n_page_tasks = _ceil_div(n, g.page_rows)
     g.n_threads = 1
     if n * d * itemsize >= PARALLEL_MIN_BYTES and _num_threads > 1:
         g.n_threads = _num_threads if _num_threads < g.n_tasks else <int>g.n_tasks
+    # Element passes only write, so their rows may follow the thread count:
+    # about a page of output per task, but at least two tasks per thread.
+    g.page_rows = _page_bytes // (d * (out_bytes // (n * d)))
+    if g.page_rows > _ceil_div(n, 2 * g.n_threads):
+        g.page_rows = _ceil_div(n, 2 * g.n_threads)
+    if g.page_rows < 1:
+        g.page_rows = 1
+    g.n_page_tasks = _ceil_div(n, g.page_rows)
     g.stream = out_bytes >= _stream_min_bytes
     g.stream_pages = g.stream and _stream_pages
     return g
@@ -344,114 +348,150 @@ cdef void _finish_stats(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssiz
 
 
 # ---------------------------------------------------------------------------
-# Statistics: corrected two-pass inside each block, Chan's merge across blocks,
-# all relative to a per-feature shift K = x[0, j] (0 where that is not finite).
+# Statistics: shifted sums in one pass, with an exact two-pass fallback per
+# feature, inside each block; Chan's merge across blocks.  Everything is
+# relative to a per-feature shift K (the mean of the first rows, see _shift_of).
 #
-# The shift keeps block means small, so merging them loses nothing to the
-# rounding of a large common offset, and a constant feature sums exact zeros:
-# its mean is K exactly and its M2 is 0 exactly.  The corrected two-pass
-# (m = m0 + sum(x - m0) / n) recovers the rounding of the first-pass mean m0.
-# A non-finite sum (inf or NaN in the feature) takes the plain mean instead,
-# as the reference's column sums do.
+# With the shift, sum(x - K) and sum((x - K)^2) give M2 = s2 - s1^2 / n with a
+# relative error of about 2 eps * s2 / M2.  Where s2 > 8 M2 (K far from the
+# mean in units of the spread: an outlier first row, heavy tails) or the sums
+# are not finite, that feature's block is redone by the corrected two-pass
+# (m = m0 + sum(x - m0) / n, M2 = sum((x - m0)^2) - n (m - m0)^2), which is
+# exact to rounding whatever the offset.  Keeping block means relative to K
+# means merging them loses nothing to a large common offset; a constant
+# feature sums exact zeros, so its mean is K exactly and its M2 is 0 exactly.
+# A non-finite sum (inf or NaN in the feature) gives the plain mean, as the
+# reference's column sums do.
 
 cdef inline bint _finite(double v) noexcept nogil:
     return v - v == 0.0
 
 
-cdef void _shift_of(const in_t* x, Py_ssize_t c0, Py_ssize_t w, double* shift) noexcept nogil:
-    """The per-feature shift of columns c0..c0+w from the batch's first row."""
-    cdef Py_ssize_t j
+cdef void _shift_of(const in_t* x, Py_ssize_t d, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
+                    double* shift) noexcept nogil:
+    """Per-feature shift of columns c0..c0+w: the mean of the batch's first
+    rows (up to 8, summed pairwise so that 8 equal values give exactly that
+    value), or 0 where that is not finite.  Close to the batch mean for
+    most data, which keeps the one-pass sums well conditioned."""
+    cdef Py_ssize_t i, j, rows = n if n < 8 else 8
+    cdef const in_t* a = x + c0
     cdef double v
-    for j in range(w):
-        v = x[c0 + j]
-        shift[j] = v if v - v == 0.0 else 0.0
+    if rows == 8:
+        for j in range(w):
+            v = ((((<double>a[j] + a[d + j]) + (<double>a[2 * d + j] + a[3 * d + j]))
+                  + ((<double>a[4 * d + j] + a[5 * d + j]) + (<double>a[6 * d + j] + a[7 * d + j])))
+                 * 0.125)
+            shift[j] = v if v - v == 0.0 else 0.0
+    else:
+        for j in range(w):
+            v = 0.0
+            for i in range(rows):
+                v += a[i * d + j]
+            v = v / rows
+            shift[j] = v if v - v == 0.0 else 0.0
+
+
+cdef void _column_two_pass(const in_t* x, Py_ssize_t d, Py_ssize_t b0, Py_ssize_t b1,
+                           double k, double* mean, double* m2) noexcept nogil:
+    """Corrected two-pass over rows b0..b1 of the column x points at; mean
+    relative to k.  The fallback for ill-conditioned and non-finite sums."""
+    cdef Py_ssize_t i
+    cdef double nb = <double>(b1 - b0), s = 0.0, m0, e, sd = 0.0, sd2 = 0.0, q
+    for i in range(b0, b1):
+        s += x[i * d] - k
+    s = s / nb
+    m0 = k + s
+    for i in range(b0, b1):
+        e = x[i * d] - m0
+        sd += e
+        sd2 += e * e
+    if _finite(s):
+        q = sd / nb
+        mean[0] = (m0 - k) + q
+        m2[0] = sd2 - sd * q
+    else:
+        mean[0] = s
+        m2[0] = sd2
 
 
 cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t d,
                       Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w,
                       Py_ssize_t block_rows, const double* shift, acc_t mean_acc,
-                      acc_t m2_acc, acc_t s, acc_t m0, acc_t sd, acc_t sd2) noexcept nogil:
-    """mean (relative to shift) and M2 of rows r0..r1 of columns c0..c0+w.
-
-    s, m0, sd, sd2: w doubles of scratch each."""
+                      acc_t m2_acc, acc_t s1, acc_t s2) noexcept nogil:
+    """mean (relative to shift) and M2 of rows r0..r1 of columns c0..c0+w,
+    copying those rows to copy_to unless it is NULL.  s1, s2: w doubles of
+    scratch each."""
     # Rows are taken four at a time so each accumulator is loaded and stored
     # once per four rows; the (fixed) pairing also shortens rounding chains.
-    cdef Py_ssize_t b0 = r0, b1, i, j
-    cdef double nb, na = 0.0, n, wa, wb, e0, e1, e2, e3, mb, m2b, delta, q, k
+    cdef Py_ssize_t b0 = r0, b1, i, j, r
+    cdef double nb, na = 0.0, n, wa, wb, e0, e1, e2, e3, k, mb, m2b, delta
     cdef const in_t* a
+    cdef in_t* c
+    cdef bint copy_here = copy_to != NULL and not stream
     while b0 < r1:
         b1 = b0 + block_rows
         if b1 > r1:
             b1 = r1
         nb = <double>(b1 - b0)
         for j in range(w):
-            s[j] = 0.0
+            s1[j] = 0.0
+            s2[j] = 0.0
         i = b0
         while i + 4 <= b1:
             a = x + i * d + c0
+            if copy_here:
+                # one row per loop: a single (read, write) pair to check for
+                # overlap, so the copy vectorizes; no memcpy call per segment
+                for r in range(4):
+                    c = copy_to + (i + r) * d + c0
+                    for j in range(w):
+                        c[j] = a[r * d + j]
             for j in range(w):
                 k = shift[j]
-                s[j] += ((a[j] - k) + (a[d + j] - k)) + ((a[2 * d + j] - k) + (a[3 * d + j] - k))
-            i += 4
-        while i < b1:
-            a = x + i * d + c0
-            for j in range(w):
-                s[j] += a[j] - shift[j]
-            i += 1
-        if copy_to != NULL:
-            for i in range(b0, b1):
-                if stream:
-                    bnfast_stream(copy_to + i * d + c0, x + i * d + c0, w * sizeof(in_t))
-                else:
-                    memcpy(copy_to + i * d + c0, x + i * d + c0, w * sizeof(in_t))
-        for j in range(w):
-            s[j] = s[j] / nb              # first-pass mean, relative to the shift
-            m0[j] = shift[j] + s[j]       # ... and absolute, for the deviations
-            sd[j] = 0.0
-            sd2[j] = 0.0
-        i = b0
-        while i + 4 <= b1:
-            a = x + i * d + c0
-            for j in range(w):
-                k = m0[j]
                 e0 = a[j] - k
                 e1 = a[d + j] - k
                 e2 = a[2 * d + j] - k
                 e3 = a[3 * d + j] - k
-                sd[j] += (e0 + e1) + (e2 + e3)
-                sd2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+                s1[j] += (e0 + e1) + (e2 + e3)
+                s2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
             i += 4
         while i < b1:
             a = x + i * d + c0
+            if copy_here:
+                memcpy(copy_to + i * d + c0, a, w * sizeof(in_t))
             for j in range(w):
-                e0 = a[j] - m0[j]
-                sd[j] += e0
-                sd2[j] += e0 * e0
+                e0 = a[j] - shift[j]
+                s1[j] += e0
+                s2[j] += e0 * e0
             i += 1
+        if copy_to != NULL and stream:
+            for i in range(b0, b1):
+                bnfast_stream(copy_to + i * d + c0, x + i * d + c0, w * sizeof(in_t))
         if na == 0.0:
-            for j in range(w):
-                q = sd[j] / nb
-                # relative block mean: (m0 - shift) is exact, q corrects it
-                mean_acc[j] = (m0[j] - shift[j]) + q if _finite(s[j]) else s[j]
-                m2b = sd2[j] - sd[j] * q
-                m2_acc[j] = 0.0 if m2b < 0.0 else m2b
+            n = nb
+            wa = 1.0
+            wb = 0.0
         else:
             n = na + nb
             wa = nb / n
             wb = na * nb / n
-            for j in range(w):
-                q = sd[j] / nb
-                mb = (m0[j] - shift[j]) + q if _finite(s[j]) else s[j]
-                m2b = sd2[j] - sd[j] * q
-                if m2b < 0.0:
-                    m2b = 0.0
-                if _finite(mb) and _finite(mean_acc[j]):
-                    delta = mb - mean_acc[j]
-                    mean_acc[j] += delta * wa
-                    m2_acc[j] += m2b + delta * delta * wb
-                else:
-                    mean_acc[j] += mb
-                    m2_acc[j] += m2b
+        for j in range(w):
+            mb = s1[j] / nb
+            m2b = s2[j] - s1[j] * mb
+            if not m2b * 8.0 >= s2[j]:       # ill-conditioned, or not finite
+                _column_two_pass(x + c0 + j, d, b0, b1, shift[j], &mb, &m2b)
+            if m2b < 0.0:
+                m2b = 0.0
+            if na == 0.0:
+                mean_acc[j] = mb
+                m2_acc[j] = m2b
+            elif _finite(mb) and _finite(mean_acc[j]):
+                delta = mb - mean_acc[j]
+                mean_acc[j] += delta * wa
+                m2_acc[j] += m2b + delta * delta * wb
+            else:
+                mean_acc[j] += mb
+                m2_acc[j] += m2b
         na += nb
         b0 = b1
 
@@ -634,13 +674,12 @@ cdef inline double* _scratch_alloc(const Grid* g, int rows) noexcept nogil:
 cdef void _train_strip(const Grid* g, Py_ssize_t t, const in_t* x, in_t* cache, out_t* y,
                        const TrainArgs* a, double* mine) noexcept nogil:
     """Strip task: statistics, coefficients and output of whole columns.
-    mine: 5 rows (shift, then s/m0/sd/sd2; then beta, scale, temp, staging)."""
+    mine: 4 rows (shift, then sums; then beta, scale, temp, staging)."""
     cdef Task task = _task(g, t)
     cdef Py_ssize_t cb = g.col_block
-    _shift_of(x, task.c0, task.w, mine)
+    _shift_of(x, g.n_cols, g.n_rows, task.c0, task.w, mine)
     _stats_rows(x, cache, g.stream, g.n_cols, task.r0, task.r1, task.c0, task.w, g.block_rows,
-                mine, a.mean + task.c0, a.var + task.c0, mine + cb, mine + 2 * cb,
-                mine + 3 * cb, mine + 4 * cb)
+                mine, a.mean + task.c0, a.var + task.c0, mine + cb, mine + 2 * cb)
     _finish_stats(a, g.n_rows, task.c0, task.w, mine, mine + cb, mine, mine + 2 * cb)
     _affine_rows(x, y, g.stream, g.n_cols, task.r0, task.r1, task.c0, task.w,
                  a.mean + task.c0, mine + cb, mine, <out_t*>(mine + 3 * cb))
@@ -649,13 +688,13 @@ cdef void _train_strip(const Grid* g, Py_ssize_t t, const in_t* x, in_t* cache, 
 cdef void _train_block_stats(const Grid* g, Py_ssize_t t, const in_t* x, in_t* cache,
                              double* part, double* mine) noexcept nogil:
     """Block task: per-chunk mean (relative to the shift) and M2 of a column
-    block (and cache = x).  mine: 5 rows."""
+    block (and cache = x).  mine: 3 rows."""
     cdef Task task = _task(g, t)
     cdef Py_ssize_t cb = g.col_block, d = g.n_cols
-    _shift_of(x, task.c0, task.w, mine)
+    _shift_of(x, g.n_cols, g.n_rows, task.c0, task.w, mine)
     _stats_rows(x, cache, g.stream, d, task.r0, task.r1, task.c0, task.w, g.block_rows, mine,
                 part + task.k * d + task.c0, part + (g.n_chunks + task.k) * d + task.c0,
-                mine + cb, mine + 2 * cb, mine + 3 * cb, mine + 4 * cb)
+                mine + cb, mine + 2 * cb)
 
 
 cdef void _train_coefficients(const Grid* g, Py_ssize_t t, const in_t* x, const TrainArgs* a,
@@ -664,7 +703,7 @@ cdef void _train_coefficients(const Grid* g, Py_ssize_t t, const in_t* x, const 
     mine: 2 rows."""
     cdef Py_ssize_t c0 = t * g.col_block, d = g.n_cols
     cdef Py_ssize_t w = g.col_block if c0 + g.col_block <= d else d - c0
-    _shift_of(x, c0, w, mine)
+    _shift_of(x, d, g.n_rows, c0, w, mine)
     _finish_stats(a, g.n_rows, c0, w, mine, coef + c0, coef + d + c0, mine + g.col_block)
 
 
@@ -677,7 +716,7 @@ cdef int _train_forward(const Grid* g, const in_t* x, in_t* cache, out_t* y,
     cdef double* part
     cdef double* mine = NULL
     if g.n_chunks == 1 and _fused_strips:
-        scratch = _scratch_alloc(g, 5)
+        scratch = _scratch_alloc(g, 4)
         if scratch == NULL:
             return -1
         if g.n_threads == 1:
@@ -685,14 +724,14 @@ cdef int _train_forward(const Grid* g, const in_t* x, in_t* cache, out_t* y,
                 _train_strip(g, t, x, cache, y, a, scratch)
         else:
             with parallel(num_threads=g.n_threads):
-                mine = scratch + threadid() * 5 * cb
+                mine = scratch + threadid() * 4 * cb
                 for t in prange(g.n_tasks, schedule="dynamic"):
                     _train_strip(g, t, x, cache, y, a, mine)
                 bnfast_fence()
         free(scratch)
         return 0
     # Row blocks (or unfused strips): statistics, merge, coefficients, output.
-    scratch = _scratch_alloc(g, 5)
+    scratch = _scratch_alloc(g, 3)
     part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
     if scratch == NULL or part == NULL:
         free(scratch)
@@ -703,7 +742,7 @@ cdef int _train_forward(const Grid* g, const in_t* x, in_t* cache, out_t* y,
             _train_block_stats(g, t, x, cache, part, scratch)
     else:
         with parallel(num_threads=g.n_threads):
-            mine = scratch + threadid() * 5 * cb
+            mine = scratch + threadid() * 3 * cb
             for t in prange(g.n_tasks, schedule="dynamic"):
                 _train_block_stats(g, t, x, cache, part, mine)
             bnfast_fence()
@@ -716,7 +755,7 @@ cdef int _train_forward(const Grid* g, const in_t* x, in_t* cache, out_t* y,
             _affine_pages(g, t, x, y, a.mean, part, part + d, <out_t*>(scratch + 2 * cb))
     else:
         with parallel(num_threads=g.n_threads):
-            mine = scratch + threadid() * 5 * cb
+            mine = scratch + threadid() * 3 * cb
             for t in prange(g.n_col_blocks, schedule="static"):
                 _train_coefficients(g, t, x, a, part, mine)
             for t in prange(g.n_page_tasks, schedule="static"):
