@@ -68,12 +68,13 @@ def _run_twin(train: bool, x_dtype: np.dtype, gamma: Any, beta: Any, momentum: A
     with np.errstate(all="ignore"):
         try:
             out = twin.forward(x, train)
-            grads = None if dout_dtype is None else twin.backward(np.ones((2, 1), dout_dtype))
+            if dout_dtype is not None:
+                dx = twin.backward(np.ones((2, 1), dout_dtype))
+                return GradDtypes(result_float(dx.dtype, "dx"),
+                                  result_float(twin.dgamma.dtype, "dgamma"),
+                                  np.asarray(twin.dbeta).dtype)
         except TypeError as exc:  # NumPy cannot combine these dtypes at all
             raise TypeError(f"these operands cannot be combined: {exc}") from None
-    if dout_dtype is not None:
-        return GradDtypes(result_float(grads.dtype, "dx"), result_float(twin.dgamma.dtype, "dgamma"),
-                          np.asarray(twin.dbeta).dtype)
     out_dt = result_float(out.dtype, "the output")
     if not train:
         return EvalDtypes(out_dt)
@@ -99,16 +100,21 @@ def _resolve(train: bool, x_dtype: np.dtype, gamma: Any, beta: Any, momentum: An
 def train(x_dtype: np.dtype, gamma: Any, beta: Any, momentum: Any = 0.9,
           running_mean: Any = None, running_var: Any = None) -> TrainDtypes:
     """dtypes of a training forward (statistics, output, new running stats)."""
-    return _resolve(True, x_dtype, gamma, beta, momentum, running_mean, running_var, None)
+    found: TrainDtypes = _resolve(True, x_dtype, gamma, beta, momentum, running_mean,
+                                  running_var, None)
+    return found
 
 
 def evaluate(x_dtype: np.dtype, gamma: Any, beta: Any, running_mean: Any,
              running_var: Any) -> EvalDtypes:
     """dtype of an eval-mode forward."""
-    return _resolve(False, x_dtype, gamma, beta, 0.9, running_mean, running_var, None)
+    found: EvalDtypes = _resolve(False, x_dtype, gamma, beta, 0.9, running_mean, running_var, None)
+    return found
 
 
 def grads(train: bool, x_dtype: np.dtype, gamma: Any, dout_dtype: np.dtype,
           running_mean: Any = None, running_var: Any = None) -> GradDtypes:
     """dtypes of dx, dgamma and dbeta after a training or eval-mode forward."""
-    return _resolve(train, x_dtype, gamma, 0.0, 0.9, running_mean, running_var, dout_dtype)
+    found: GradDtypes = _resolve(train, x_dtype, gamma, 0.0, 0.9, running_mean, running_var,
+                                 dout_dtype)
+    return found

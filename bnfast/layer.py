@@ -12,7 +12,7 @@ that handles everything else.  Both call the same kernels.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
@@ -23,6 +23,14 @@ from .functional import (check_dout, finish, grad_buffers, grads_as, result_buff
                          running_update, same_kernel_dtype)
 
 __all__ = ["BatchNormalization"]
+
+# What the last training forward leaves: (x as the kernels read it, the
+# caller's dtype, N, D, input shape, float64 rows mean/var/invstd, the
+# reference's statistics dtype, eps).
+TrainCache = Tuple[np.ndarray, np.dtype, int, int, Tuple[int, ...], np.ndarray, np.dtype, float]
+# What the last eval-mode forward leaves: (x as the kernels read it, the
+# caller's dtype, N, D, input shape, running mean, running var, eps).
+EvalCache = Tuple[np.ndarray, np.dtype, int, int, Tuple[int, ...], Any, Any, float]
 
 _plain_batch = _kernels.plain_batch
 _plain_vector = _kernels.plain_vector
@@ -55,16 +63,12 @@ class BatchNormalization:
         self.batch_size: Optional[int] = None
         self.dgamma: Optional[np.ndarray] = None
         self.dbeta: Optional[np.ndarray] = None
-        # The last training forward: (x as the kernels read it, the caller's
-        # dtype, N, D, input shape, float64 rows mean/var/invstd, the
-        # reference's statistics dtype, eps).  x lives in bnfast's memory (a
-        # copy made in the statistics pass), so later changes to the caller's
-        # array do not change the gradient, as in the reference.
-        self._train: Optional[tuple] = None
+        # The training cache's x lives in bnfast's memory (a copy made in the
+        # statistics pass), so later changes to the caller's array do not
+        # change the gradient, as in the reference.
+        self._train: Optional[TrainCache] = None
         self._views: dict[str, np.ndarray] = {}
-        # The last eval-mode forward: (x as the kernels read it, the caller's
-        # dtype, N, D, input shape, running mean, running var, eps).
-        self._eval: Optional[tuple] = None
+        self._eval: Optional[EvalCache] = None
         self._last_train: Optional[bool] = None
         self._buffer: Optional[np.ndarray] = None   # reused for the cached copy of x
 
@@ -127,7 +131,7 @@ class BatchNormalization:
         """Training forward, everything float32/float64 and laid out already."""
         xdt = x.dtype
         n = x.shape[0]
-        if rm is None:
+        if rm is None or rv is None:     # both None: the fast path checked
             rm = rv = np.zeros(d)
         # momentum * running + (1 - momentum) * mean(x): float32 only if both are
         rm_new = _empty(d, F32 if rm.dtype == F32 and xdt == F32 else F64)
@@ -154,8 +158,8 @@ class BatchNormalization:
                     rm: Optional[np.ndarray], rv: Optional[np.ndarray],
                     eps: float) -> np.ndarray:
         """Eval-mode forward, everything float32/float64 and laid out already."""
-        created = rm is None
-        if created:
+        created = rm is None or rv is None     # both None: the fast path checked
+        if rm is None or rv is None:
             rm = rv = np.zeros(d)
         xdt = x.dtype
         # (x - rm) / sqrt(rv + eps): float32 only if x, rm and rv all are
@@ -206,13 +210,15 @@ class BatchNormalization:
         result, target = result_buffers(x.shape, dts.out, None, "out", ())
         stats = np.empty((3, d))
         in_kernel = dts.running_mean in (F32, F64) and dts.running_var in (F32, F64)
+        rm_old: Optional[np.ndarray] = None
+        rv_old: Optional[np.ndarray] = None
+        rm_new: Optional[np.ndarray] = None
+        rv_new: Optional[np.ndarray] = None
         if in_kernel:
             rm_old = _checks.kernel_vector(running_mean)
             rv_old = _checks.kernel_vector(running_var)
             rm_new = np.empty(d, dts.running_mean)
             rv_new = np.empty(d, dts.running_var)
-        else:
-            rm_old = rv_old = rm_new = rv_new = None
         _kernels.train_forward(xk, cache, target, n, d, _checks.kernel_vector(gamma),
                                _checks.kernel_vector(beta), eps, stats[0], stats[1], stats[2],
                                rm_old, rm_new, rv_old, rv_new,
@@ -254,7 +260,10 @@ class BatchNormalization:
         """Gradient with respect to the last forward's input; sets dgamma, dbeta."""
         # Read the mode and its cache once: everything below uses these.
         last_train = self._last_train
+        if last_train is None:
+            raise RuntimeError("backward() called before any forward(); call forward(x) first")
         cache = self._train if last_train else self._eval
+        assert cache is not None, "set by the forward that set _last_train"
         if last_train:
             x, x_dtype, n, d, shape, stats, _, _ = cache
             gamma = self.gamma
@@ -269,14 +278,14 @@ class BatchNormalization:
                 self.dgamma = dgamma
                 self.dbeta = dbeta
                 return dx
-        elif last_train is None:
-            raise RuntimeError("backward() called before any forward(); call forward(x) first")
         return self._backward_general(dout, last_train, cache)
 
-    def _backward_general(self, dout: Any, last_train: bool, cache: tuple) -> np.ndarray:
+    def _backward_general(self, dout: Any, last_train: bool,
+                          cache: Union[TrainCache, EvalCache]) -> np.ndarray:
         if last_train:
             x, x_dtype, n, d, shape, stats, _, _ = cache
-            running_mean = running_var = eps = None
+            running_mean = running_var = None
+            eps = 0.0
         else:
             x, x_dtype, n, d, shape, running_mean, running_var, eps = cache
         dout = check_dout(dout, shape, n, d)

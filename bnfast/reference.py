@@ -58,7 +58,8 @@ class BatchNormalization:
         else:
             normalized = self._normalize_running(rows)
         self._last_train = bool(train_flg)
-        return (self.gamma * normalized + self.beta).reshape(self.input_shape)
+        out: np.ndarray = self.gamma * normalized + self.beta
+        return out.reshape(self.input_shape)
 
     def _normalize_batch(self, rows: np.ndarray) -> np.ndarray:
         mean = rows.mean(axis=0)
@@ -73,7 +74,8 @@ class BatchNormalization:
         keep = self.momentum
         self.running_mean = keep * self.running_mean + (1 - keep) * mean
         self.running_var = keep * self.running_var + (1 - keep) * var
-        return normalized
+        result: np.ndarray = normalized
+        return result
 
     def _normalize_running(self, rows: np.ndarray) -> np.ndarray:
         centered = rows - self.running_mean
@@ -81,7 +83,8 @@ class BatchNormalization:
         normalized = centered / std
         self._eval_xn = normalized
         self._eval_std = std
-        return normalized
+        result: np.ndarray = normalized
+        return result
 
     def backward(self, dout: Any) -> np.ndarray:
         if self._last_train is None:
@@ -96,6 +99,7 @@ class BatchNormalization:
 
     def _backward_batch(self, dout: np.ndarray) -> np.ndarray:
         n = self.batch_size
+        assert n is not None, "set by the training forward"
         self.dbeta = dout.sum(axis=0)
         self.dgamma = np.sum(self.xn * dout, axis=0)
         dnormalized = self.gamma * dout
@@ -104,9 +108,11 @@ class BatchNormalization:
         dvar = 0.5 * dstd / self.std
         dcentered += (2.0 / n) * self.xc * dvar
         dmean = np.sum(dcentered, axis=0)
-        return dcentered - dmean / n
+        dx: np.ndarray = dcentered - dmean / n
+        return dx
 
     def _backward_running(self, dout: np.ndarray) -> np.ndarray:
         self.dbeta = dout.sum(axis=0)
         self.dgamma = np.sum(self._eval_xn * dout, axis=0)
-        return (self.gamma * dout) / self._eval_std
+        dx: np.ndarray = (self.gamma * dout) / self._eval_std
+        return dx
