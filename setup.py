@@ -57,6 +57,7 @@ CYTHON_DIRECTIVES = {
     "initializedcheck": False,
     "nonecheck": False,
     "embedsignature": True,
+    "autotestdict": False,
 }
 
 

@@ -5,14 +5,14 @@ in *Deep Learning from Scratch*; ``bnfast.functional`` holds the stateless
 operations it is built on; ``bnfast.reference`` is the pure-NumPy twin.
 """
 from ._native import build_info
-from ._native import kernels as _kernels
+from ._native import kernels as _active_kernels
 from ._version import __version__
 from .functional import (TrainResult, backward_eval, backward_train, forward_eval,
                          forward_train)
 from .layer import BatchNormalization
 
-set_num_threads = _kernels.set_num_threads
-get_num_threads = _kernels.get_num_threads
+set_num_threads = _active_kernels.set_num_threads
+get_num_threads = _active_kernels.get_num_threads
 
 __all__ = [
     "BatchNormalization",

@@ -20,6 +20,9 @@ SHAPES = {
     "row blocks, wide": (2100, 1500),
     "streamed": (24, 50000),
 }
+OPENMP = bnfast.build_info()["openmp"]
+# A serial build (BNFAST_OPENMP=0, the macOS wheels) runs one thread only.
+THREADS = (1, 2, 3) if OPENMP else (1,)
 
 
 @contextlib.contextmanager
@@ -68,6 +71,7 @@ def test_each_partition_matches_the_twin(rng, name, dtype):
     assert_close(layer.backward(dout), twin.backward(dout), rtol=rtol)
 
 
+@pytest.mark.skipif(not OPENMP, reason="serial build (no OpenMP): one thread only")
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_results_are_bitwise_identical_for_any_thread_count(rng, name):
     shape = SHAPES[name]
@@ -102,7 +106,7 @@ def test_every_work_partition_gives_the_same_numbers(rng, knobs, shape):
     with threads(1):
         baseline = run_all(x, dout, gamma, beta)
     with tuning(**knobs):
-        for n in (1, 2, 3):
+        for n in THREADS:
             with threads(n):
                 got = run_all(x, dout, gamma, beta)
             if n == 1:
@@ -115,8 +119,13 @@ def test_every_work_partition_gives_the_same_numbers(rng, knobs, shape):
 def test_thread_settings():
     before = bnfast.get_num_threads()
     assert before >= 1
-    with threads(3):
-        assert bnfast.get_num_threads() == 3
+    if OPENMP:
+        with threads(3):
+            assert bnfast.get_num_threads() == 3
+    else:
+        assert before == 1
+        with pytest.raises(RuntimeError, match="built without OpenMP"):
+            bnfast.set_num_threads(3)
     assert bnfast.get_num_threads() == before
     with pytest.raises(ValueError, match="threads must be >= 1"):
         bnfast.set_num_threads(0)

@@ -282,7 +282,7 @@ def test_kernels_release_the_gil(operation):
         inside = _probes_inside_c_calls(work)
     finally:
         bnfast.set_num_threads(threads)
-    if not inside:
+    if len(inside) < 2:     # one window is too little evidence either way
         pytest.skip("machine too busy: the worker thread was off the CPU for most of each call")
     assert max(inside) > 0, f"no tiny call ran inside a {operation} kernel: {inside}"
 

@@ -1,0 +1,14 @@
+"""Type stub of bnfast._kernels_avx2: the kernels of _kernels.pyx compiled for
+avx2 CPUs (see _kernels.pyi).  Built on x86-64 with GCC/Clang only."""
+from ._kernels import _set_tuning as _set_tuning
+from ._kernels import build_flags as build_flags
+from ._kernels import cpu_level as cpu_level
+from ._kernels import eval_backward as eval_backward
+from ._kernels import eval_forward as eval_forward
+from ._kernels import get_num_threads as get_num_threads
+from ._kernels import openmp_enabled as openmp_enabled
+from ._kernels import plain_batch as plain_batch
+from ._kernels import plain_vector as plain_vector
+from ._kernels import set_num_threads as set_num_threads
+from ._kernels import train_backward as train_backward
+from ._kernels import train_forward as train_forward
