@@ -28,7 +28,7 @@
 # destination line.
 
 from cython.parallel cimport prange, parallel, threadid
-from libc.math cimport sqrt
+from libc.math cimport sqrt, NAN
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from cpython.pyport cimport PY_SSIZE_T_MAX
@@ -125,12 +125,18 @@ ctypedef fused out_t:
     double
 
 cdef enum:
-    # At most this many features per task: accumulators and per-feature
-    # coefficients (a few x COL_BLOCK doubles) stay in L1/L2.
+    # Features per task in row blocks (tall batches): accumulators and
+    # per-feature coefficients (a few x COL_BLOCK doubles) stay in L1/L2.
     COL_BLOCK = 1024
     # A full-height strip of input this big stays in L2 (1 MiB per core on
-    # current x86, more elsewhere) while a task reads it a second time.
-    STRIP_BYTES = 262144
+    # current x86, more elsewhere) while a task reads it a second time...
+    STRIP_BYTES = 524288
+    # ... and is at most this wide (short batches give wide strips: long
+    # unit-stride runs per row, few per-feature set-ups per element).
+    MAX_STRIP_COLS = 8192
+    # Strips of big batches are at most 1/MIN_STRIP_TASKS of the features, so
+    # that several threads share the work.
+    MIN_STRIP_TASKS = 8
     # Narrower strips than this make row segments too short to stream well;
     # such batches are cut into row blocks instead.
     MIN_STRIP = 32
@@ -148,6 +154,8 @@ cdef enum:
     # pages are on) are then zeroed by the OS and filled by one thread while
     # they are still in cache, instead of being zeroed, evicted and written.
     PAGE_BYTES = 2097152
+    # ... but at least this many rows per element-pass task.
+    ELEM_MIN_ROWS = 16
 
 cdef int _num_threads = 1
 # Tunables (see _set_tuning); start at the compile-time defaults.
@@ -155,6 +163,7 @@ cdef Py_ssize_t _strip_bytes = STRIP_BYTES
 cdef Py_ssize_t _min_strip = MIN_STRIP
 cdef Py_ssize_t _stream_min_bytes = STREAM_MIN_BYTES
 cdef Py_ssize_t _col_block = COL_BLOCK
+cdef Py_ssize_t _max_strip_cols = MAX_STRIP_COLS
 cdef bint _fused_strips = True
 cdef bint _stream_pages = False
 cdef Py_ssize_t _page_bytes = PAGE_BYTES
@@ -169,7 +178,9 @@ cdef struct Grid:
     Py_ssize_t chunk_rows
     Py_ssize_t n_chunks
     Py_ssize_t n_tasks
-    Py_ssize_t page_rows     # rows per element-pass task: about one huge page of output
+    Py_ssize_t page_rows     # element-pass tasks: rows of each ...
+    Py_ssize_t page_cols     # ... and columns (a multiple of col_block)
+    Py_ssize_t n_col_splits
     Py_ssize_t n_page_tasks
     int n_threads
     bint stream          # copy the cache / write strip outputs with streaming stores
@@ -196,13 +207,16 @@ cdef inline Py_ssize_t _ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
 cdef Grid _make_grid(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize,
                      Py_ssize_t out_bytes) noexcept nogil:
     cdef Grid g
-    cdef Py_ssize_t strip, n_row_blocks, chunks
+    cdef Py_ssize_t strip, n_row_blocks, chunks, rows_tasks
     g.n_rows = n
     g.n_cols = d
     strip = _strip_bytes // (n * itemsize)
     if strip >= _min_strip or strip >= d:
         # strips: whole columns per task
-        g.col_block = d if d < _col_block else _col_block
+        g.col_block = d if d < _max_strip_cols else _max_strip_cols
+        if n * d * itemsize >= PARALLEL_MIN_BYTES and strip * MIN_STRIP_TASKS > d:
+            strip = _ceil_div(d, MIN_STRIP_TASKS)
+            strip = strip if strip > 128 else 128
         if strip < g.col_block:
             g.col_block = strip - strip % 16 if strip >= 32 else strip
         g.block_rows = n
@@ -226,16 +240,25 @@ cdef Grid _make_grid(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize,
     g.n_threads = 1
     if n * d * itemsize >= PARALLEL_MIN_BYTES and _num_threads > 1:
         g.n_threads = _num_threads if _num_threads < g.n_tasks else <int>g.n_tasks
-    # Element passes only write, so their rows may follow the thread count:
-    # about a page of output per task, but at least two tasks per thread.
+    # Element passes: tasks of about PAGE_BYTES of output in address order,
+    # but at least ELEM_MIN_ROWS rows, so that each column block's per-feature
+    # coefficients, read once per task, serve many rows; columns are split
+    # when that leaves too few tasks.  (These tasks only write, so their
+    # split may follow the thread count.)
     g.page_rows = _page_bytes // (d * (out_bytes // (n * d)))
-    if g.page_rows > _ceil_div(n, 2 * g.n_threads):
-        g.page_rows = _ceil_div(n, 2 * g.n_threads)
-    if g.page_rows < 1:
-        g.page_rows = 1
-    g.n_page_tasks = _ceil_div(n, g.page_rows)
-    g.stream = out_bytes >= _stream_min_bytes
-    g.stream_pages = g.stream and _stream_pages
+    if g.page_rows < ELEM_MIN_ROWS:
+        g.page_rows = ELEM_MIN_ROWS
+    if g.page_rows > n:
+        g.page_rows = n
+    rows_tasks = _ceil_div(n, g.page_rows)
+    g.n_col_splits = 1
+    if rows_tasks < 2 * g.n_threads:
+        g.n_col_splits = _ceil_div(2 * g.n_threads, rows_tasks)
+        if g.n_col_splits > g.n_col_blocks:
+            g.n_col_splits = g.n_col_blocks
+    g.page_cols = _ceil_div(g.n_col_blocks, g.n_col_splits) * g.col_block
+    g.n_col_splits = _ceil_div(d, g.page_cols)
+    g.n_page_tasks = rows_tasks * g.n_col_splits
     return g
 
 
@@ -384,10 +407,12 @@ cdef void _shift_of(const in_t* x, Py_ssize_t d, Py_ssize_t n, Py_ssize_t c0, Py
             shift[j] = v if v - v == 0.0 else 0.0
     else:
         for j in range(w):
-            v = 0.0
-            for i in range(rows):
-                v += a[i * d + j]
-            v = v / rows
+            shift[j] = a[j]
+        for i in range(1, rows):
+            for j in range(w):
+                shift[j] += a[i * d + j]
+        for j in range(w):
+            v = shift[j] / rows
             shift[j] = v if v - v == 0.0 else 0.0
 
 
@@ -467,31 +492,35 @@ cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t d,
         if copy_to != NULL and stream:
             for i in range(b0, b1):
                 bnfast_stream(copy_to + i * d + c0, x + i * d + c0, w * sizeof(in_t))
+        # Per feature: the block's mean and M2 (vectorized), marking with NaN
+        # the features whose sums are ill-conditioned or not finite; then the
+        # exact two-pass for those (a scan: they are rare); then the merge.
+        for j in range(w):
+            mb = s1[j] / nb
+            m2b = s2[j] - s1[j] * mb
+            s1[j] = mb
+            s2[j] = m2b if m2b * 8.0 >= s2[j] else NAN
+        for j in range(w):
+            if s2[j] != s2[j]:
+                _column_two_pass(x + c0 + j, d, b0, b1, shift[j], &s1[j], &s2[j])
         if na == 0.0:
-            n = nb
-            wa = 1.0
-            wb = 0.0
+            for j in range(w):
+                mean_acc[j] = s1[j]
+                m2_acc[j] = 0.0 if s2[j] < 0.0 else s2[j]
         else:
             n = na + nb
             wa = nb / n
             wb = na * nb / n
-        for j in range(w):
-            mb = s1[j] / nb
-            m2b = s2[j] - s1[j] * mb
-            if not m2b * 8.0 >= s2[j]:       # ill-conditioned, or not finite
-                _column_two_pass(x + c0 + j, d, b0, b1, shift[j], &mb, &m2b)
-            if m2b < 0.0:
-                m2b = 0.0
-            if na == 0.0:
-                mean_acc[j] = mb
-                m2_acc[j] = m2b
-            elif _finite(mb) and _finite(mean_acc[j]):
+            for j in range(w):
+                mb = s1[j]
+                m2b = 0.0 if s2[j] < 0.0 else s2[j]
                 delta = mb - mean_acc[j]
-                mean_acc[j] += delta * wa
-                m2_acc[j] += m2b + delta * delta * wb
-            else:
-                mean_acc[j] += mb
-                m2_acc[j] += m2b
+                if _finite(mb) and _finite(mean_acc[j]):
+                    mean_acc[j] += delta * wa
+                    m2_acc[j] += m2b + delta * delta * wb
+                else:
+                    mean_acc[j] += mb
+                    m2_acc[j] += m2b
         na += nb
         b0 = b1
 
@@ -534,32 +563,56 @@ cdef void _affine_rows(const in_t* x, out_t* y, bint stream, Py_ssize_t d,
     """y = (x - center) * scale + shift per feature, computed in float64.
 
     Subtracting first keeps full accuracy for large offsets and makes a
-    constant feature (x == center) give exactly shift."""
-    cdef Py_ssize_t i, j
-    cdef const in_t* xr
-    cdef out_t* yr
-    for i in range(r0, r1):
-        xr = x + i * d + c0
-        yr = staging if stream else y + i * d + c0
+    constant feature (x == center) give exactly shift.  Four rows share each
+    load of the coefficients, which otherwise cost three loads per element."""
+    cdef Py_ssize_t i = r0, j
+    cdef const in_t* a
+    cdef out_t* o
+    cdef double c, k, b
+    if not stream:
+        while i + 4 <= r1:
+            a = x + i * d + c0
+            o = y + i * d + c0
+            for j in range(w):
+                c = center[j]
+                k = scale[j]
+                b = shift[j]
+                o[j] = <out_t>((a[j] - c) * k + b)
+                o[d + j] = <out_t>((a[d + j] - c) * k + b)
+                o[2 * d + j] = <out_t>((a[2 * d + j] - c) * k + b)
+                o[3 * d + j] = <out_t>((a[3 * d + j] - c) * k + b)
+            i += 4
+    while i < r1:
+        a = x + i * d + c0
+        o = staging if stream else y + i * d + c0
         for j in range(w):
-            yr[j] = <out_t>((xr[j] - center[j]) * scale[j] + shift[j])
+            o[j] = <out_t>((a[j] - center[j]) * scale[j] + shift[j])
         if stream:
             bnfast_stream(y + i * d + c0, staging, w * sizeof(out_t))
+        i += 1
+
+
+cdef inline void _page_bounds(const Grid* g, Py_ssize_t t, Py_ssize_t* r0, Py_ssize_t* r1,
+                              Py_ssize_t* c0, Py_ssize_t* c1) noexcept nogil:
+    """Rows and columns of element-pass task t."""
+    cdef Py_ssize_t k = t // g.n_col_splits
+    r0[0] = k * g.page_rows
+    r1[0] = r0[0] + g.page_rows if r0[0] + g.page_rows < g.n_rows else g.n_rows
+    c0[0] = (t - k * g.n_col_splits) * g.page_cols
+    c1[0] = c0[0] + g.page_cols if c0[0] + g.page_cols < g.n_cols else g.n_cols
 
 
 cdef void _affine_pages(const Grid* g, Py_ssize_t t, const in_t* x, out_t* y,
                         const double* center, const double* scale, const double* shift,
                         out_t* staging) noexcept nogil:
-    """Element-pass task t of the row-major grid: rows of about one page of
-    output, column block by column block (coefficients stay in L1)."""
-    cdef Py_ssize_t r0 = t * g.page_rows, r1 = r0 + g.page_rows, c0, w
-    if r1 > g.n_rows:
-        r1 = g.n_rows
-    c0 = 0
-    while c0 < g.n_cols:
-        w = g.col_block if c0 + g.col_block <= g.n_cols else g.n_cols - c0
+    """Element-pass task t: its rows, column block by column block (each
+    block's coefficients stay in L1 for all the rows)."""
+    cdef Py_ssize_t r0, r1, c0, c1, w
+    _page_bounds(g, t, &r0, &r1, &c0, &c1)
+    while c0 < c1:
+        w = g.col_block if c0 + g.col_block <= c1 else c1 - c0
         _affine_rows(x, y, g.stream_pages, g.n_cols, r0, r1, c0, w, center + c0, scale + c0,
-                         shift + c0, staging)
+                     shift + c0, staging)
         c0 += g.col_block
 
 
@@ -604,33 +657,49 @@ cdef void _grad_input_rows(const in_t* x, const in_t* dy, out_t* dx, bint stream
     """dx = k * ((dy - mean_dy) - k_xc * (x - center)), per feature.
 
     The differences come first so that what cancels mathematically cancels
-    exactly (a batch of one gives dx == 0, as in the reference)."""
-    cdef Py_ssize_t i, j
-    cdef const in_t* xr
-    cdef const in_t* gr
-    cdef out_t* dr
-    for i in range(r0, r1):
-        xr = x + i * d + c0
-        gr = dy + i * d + c0
-        dr = staging if stream else dx + i * d + c0
+    exactly (a batch of one gives dx == 0, as in the reference).  Four rows
+    share each load of the four coefficients."""
+    cdef Py_ssize_t i = r0, j
+    cdef const in_t* a
+    cdef const in_t* g
+    cdef out_t* o
+    cdef double c, m, q, kk
+    if not stream:
+        while i + 4 <= r1:
+            a = x + i * d + c0
+            g = dy + i * d + c0
+            o = dx + i * d + c0
+            for j in range(w):
+                c = center[j]
+                m = mean_dy[j]
+                q = k_xc[j]
+                kk = k[j]
+                o[j] = <out_t>(kk * ((g[j] - m) - q * (a[j] - c)))
+                o[d + j] = <out_t>(kk * ((g[d + j] - m) - q * (a[d + j] - c)))
+                o[2 * d + j] = <out_t>(kk * ((g[2 * d + j] - m) - q * (a[2 * d + j] - c)))
+                o[3 * d + j] = <out_t>(kk * ((g[3 * d + j] - m) - q * (a[3 * d + j] - c)))
+            i += 4
+    while i < r1:
+        a = x + i * d + c0
+        g = dy + i * d + c0
+        o = staging if stream else dx + i * d + c0
         for j in range(w):
-            dr[j] = <out_t>(k[j] * ((gr[j] - mean_dy[j]) - k_xc[j] * (xr[j] - center[j])))
+            o[j] = <out_t>(k[j] * ((g[j] - mean_dy[j]) - k_xc[j] * (a[j] - center[j])))
         if stream:
             bnfast_stream(dx + i * d + c0, staging, w * sizeof(out_t))
+        i += 1
 
 
 cdef void _grad_input_pages(const Grid* g, Py_ssize_t t, const in_t* x, const in_t* dy,
                             out_t* dx, const double* center, const double* mean_dy,
                             const double* k_xc, const double* k, out_t* staging) noexcept nogil:
-    """_grad_input_rows over the rows of element-pass task t (see _affine_pages)."""
-    cdef Py_ssize_t r0 = t * g.page_rows, r1 = r0 + g.page_rows, c0, w
-    if r1 > g.n_rows:
-        r1 = g.n_rows
-    c0 = 0
-    while c0 < g.n_cols:
-        w = g.col_block if c0 + g.col_block <= g.n_cols else g.n_cols - c0
+    """_grad_input_rows over element-pass task t (see _affine_pages)."""
+    cdef Py_ssize_t r0, r1, c0, c1, w
+    _page_bounds(g, t, &r0, &r1, &c0, &c1)
+    while c0 < c1:
+        w = g.col_block if c0 + g.col_block <= c1 else c1 - c0
         _grad_input_rows(x, dy, dx, g.stream_pages, g.n_cols, r0, r1, c0, w, center + c0,
-                             mean_dy + c0, k_xc + c0, k + c0, staging)
+                         mean_dy + c0, k_xc + c0, k + c0, staging)
         c0 += g.col_block
 
 
@@ -766,46 +835,46 @@ cdef int _train_forward(const Grid* g, const in_t* x, in_t* cache, out_t* y,
     return 0
 
 
-cdef void _eval_coefficients(const Grid* g, Py_ssize_t t, const Vec* gamma, const Vec* beta,
-                             const Vec* rm, const Vec* rv, double eps, double* coef,
-                             double* mine) noexcept nogil:
-    """Column block t: coef rows center, scale = gamma / sqrt(rv + eps), shift."""
-    cdef Py_ssize_t c0 = t * g.col_block, d = g.n_cols, j
-    cdef Py_ssize_t w = g.col_block if c0 + g.col_block <= d else d - c0
-    _expand(rm, c0, w, coef + c0)
-    _expand(rv, c0, w, coef + d + c0)
-    _expand(gamma, c0, w, mine)
-    for j in range(w):
-        coef[d + c0 + j] = mine[j] / sqrt(coef[d + c0 + j] + eps)
-    _expand(beta, c0, w, coef + 2 * d + c0)
+cdef void _eval_task(const Grid* g, Py_ssize_t t, const in_t* x, out_t* y, const Vec* gamma,
+                     const Vec* beta, const Vec* rm, const Vec* rv, double eps,
+                     double* mine) noexcept nogil:
+    """Element-pass task t of the eval forward: per column block, the
+    coefficients center, scale = gamma / sqrt(rv + eps) and shift (computed
+    into L1 scratch, used for all the task's rows), then the rows.
+    mine: 4 rows."""
+    cdef Py_ssize_t r0, r1, c0, c1, w, j, cb = g.col_block
+    _page_bounds(g, t, &r0, &r1, &c0, &c1)
+    while c0 < c1:
+        w = cb if c0 + cb <= c1 else c1 - c0
+        _expand(rm, c0, w, mine)
+        _expand(rv, c0, w, mine + cb)
+        _expand(gamma, c0, w, mine + 2 * cb)
+        for j in range(w):
+            mine[cb + j] = mine[2 * cb + j] / sqrt(mine[cb + j] + eps)
+        _expand(beta, c0, w, mine + 2 * cb)
+        _affine_rows(x, y, g.stream_pages, g.n_cols, r0, r1, c0, w, mine, mine + cb,
+                     mine + 2 * cb, <out_t*>(mine + 3 * cb))
+        c0 += cb
 
 
 cdef int _eval_forward(const Grid* g, const in_t* x, out_t* y, const Vec* gamma,
                        const Vec* beta, const Vec* rm, const Vec* rv,
                        double eps) noexcept nogil:
     """y = gamma * (x - rm) / sqrt(rv + eps) + beta, one pass."""
-    cdef Py_ssize_t d = g.n_cols, t, cb = g.col_block
-    cdef double* scratch = _scratch_alloc(g, 2)
-    cdef double* coef = <double*>malloc(3 * d * sizeof(double))
+    cdef Py_ssize_t t, cb = g.col_block
+    cdef double* scratch = _scratch_alloc(g, 4)
     cdef double* mine = NULL
-    if scratch == NULL or coef == NULL:
-        free(scratch)
-        free(coef)
+    if scratch == NULL:
         return -1
     if g.n_threads == 1:
-        for t in range(g.n_col_blocks):
-            _eval_coefficients(g, t, gamma, beta, rm, rv, eps, coef, scratch)
         for t in range(g.n_page_tasks):
-            _affine_pages(g, t, x, y, coef, coef + d, coef + 2 * d, <out_t*>(scratch + cb))
+            _eval_task(g, t, x, y, gamma, beta, rm, rv, eps, scratch)
     else:
         with parallel(num_threads=g.n_threads):
-            mine = scratch + threadid() * 2 * cb
-            for t in prange(g.n_col_blocks, schedule="static"):
-                _eval_coefficients(g, t, gamma, beta, rm, rv, eps, coef, mine)
+            mine = scratch + threadid() * 4 * cb
             for t in prange(g.n_page_tasks, schedule="static"):
-                _affine_pages(g, t, x, y, coef, coef + d, coef + 2 * d, <out_t*>(mine + cb))
+                _eval_task(g, t, x, y, gamma, beta, rm, rv, eps, mine)
             bnfast_fence()
-    free(coef)
     free(scratch)
     return 0
 
@@ -1328,11 +1397,14 @@ def set_num_threads(int n):
 
 def _set_tuning(strip_bytes=STRIP_BYTES, min_strip=MIN_STRIP,
                 stream_min_bytes=STREAM_MIN_BYTES, col_block=COL_BLOCK, fused_strips=True,
-                page_bytes=PAGE_BYTES, stream_pages=False):
+                page_bytes=PAGE_BYTES, stream_pages=False, max_strip_cols=MAX_STRIP_COLS):
     """Work-partition knobs, for measuring the kernels (not a public API)."""
     global _strip_bytes, _min_strip, _stream_min_bytes, _col_block, _fused_strips, _page_bytes
-    global _stream_pages
+    global _stream_pages, _max_strip_cols
     _stream_pages = stream_pages
+    if not 16 <= max_strip_cols <= MAX_STRIP_COLS:
+        raise ValueError(f"max_strip_cols must be in 16..{MAX_STRIP_COLS}")
+    _max_strip_cols = max_strip_cols
     if not 16 <= col_block <= COL_BLOCK:
         raise ValueError(f"col_block must be in 16..{COL_BLOCK}")
     _strip_bytes, _min_strip, _stream_min_bytes, _col_block = (
