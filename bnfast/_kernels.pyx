@@ -1368,18 +1368,44 @@ def plain_batch(object x):
     return cnp.PyArray_SIZE(a) // n
 
 
-def plain_vector(object v, Py_ssize_t d, cnp.ndarray like not None, bint or_f64=False):
-    """Whether v is an aligned, native, contiguous 1-D ndarray of d elements
-    with like's dtype (or float64, if or_f64)."""
+cdef inline bint _plain_vector(object v, Py_ssize_t d, int typenum) noexcept:
     cdef cnp.ndarray a
-    cdef int t
     if type(v) is not cnp.ndarray:
         return False
     a = <cnp.ndarray>v
-    t = cnp.PyArray_TYPE(a)
-    if cnp.PyArray_NDIM(a) != 1 or cnp.PyArray_DIMS(a)[0] != d or not _plain(a):
-        return False
-    return t == cnp.PyArray_TYPE(like) or (or_f64 and t == cnp.NPY_DOUBLE)
+    return (cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_DIMS(a)[0] == d and _plain(a)
+            and cnp.PyArray_TYPE(a) == typenum)
+
+
+def plain_vector(object v, Py_ssize_t d, cnp.ndarray like not None):
+    """Whether v is an aligned, native, contiguous 1-D ndarray of d elements
+    with like's dtype."""
+    return _plain_vector(v, d, cnp.PyArray_TYPE(like))
+
+
+def plain_call(object x, object gamma, object beta, object rm, object rv):
+    """The layer's fast path in one call: 0 unless x is a plain batch (see
+    plain_batch) with D features, gamma and beta plain vectors of x's dtype,
+    and rm, rv both None or both plain vectors of one dtype (x's or float64).
+    Otherwise 2 * D + wide, where wide is 1 when x or the running statistics
+    are float64 (or None: they will be float64 zeros), which makes the eval
+    output and the updated running statistics float64."""
+    cdef Py_ssize_t d = plain_batch(x)
+    cdef int t
+    cdef bint wide
+    if d == 0:
+        return 0
+    t = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    if not (_plain_vector(gamma, d, t) and _plain_vector(beta, d, t)):
+        return 0
+    wide = t == cnp.NPY_DOUBLE
+    if rm is None and rv is None:
+        return 2 * d + 1
+    if _plain_vector(rm, d, t) and _plain_vector(rv, d, t):
+        return 2 * d + wide
+    if _plain_vector(rm, d, cnp.NPY_DOUBLE) and _plain_vector(rv, d, cnp.NPY_DOUBLE):
+        return 2 * d + 1
+    return 0
 
 
 # ---------------------------------------------------------------------------

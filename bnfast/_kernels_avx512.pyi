@@ -8,6 +8,7 @@ from ._kernels import eval_forward as eval_forward
 from ._kernels import get_num_threads as get_num_threads
 from ._kernels import openmp_enabled as openmp_enabled
 from ._kernels import plain_batch as plain_batch
+from ._kernels import plain_call as plain_call
 from ._kernels import plain_vector as plain_vector
 from ._kernels import set_num_threads as set_num_threads
 from ._kernels import train_backward as train_backward

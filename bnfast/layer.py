@@ -34,6 +34,7 @@ EvalCache = Tuple[np.ndarray, np.dtype, int, int, Tuple[int, ...], Any, Any, flo
 
 _plain_batch = _kernels.plain_batch
 _plain_vector = _kernels.plain_vector
+_plain_call = _kernels.plain_call
 _empty = np.empty
 
 
@@ -110,32 +111,28 @@ class BatchNormalization:
 
     def forward(self, x: Any, train_flg: bool = True) -> np.ndarray:
         """Normalize x (ndim >= 2); returns a new array of x's shape."""
-        d = _plain_batch(x)
-        if d:
-            gamma, beta = self.gamma, self.beta
-            rm, rv, eps = self.running_mean, self.running_var, self.eps
-            if (_plain_vector(gamma, d, x) and _plain_vector(beta, d, x)
-                    and type(eps) is float and 0.0 <= eps < math.inf
-                    and ((rm is None and rv is None)
-                         or (_plain_vector(rm, d, x, True) and _plain_vector(rv, d, x, True)))):
-                if train_flg:
-                    if type(self.momentum) is float:
-                        return self._train_plain(x, d, gamma, beta, rm, rv, eps)
-                else:
-                    return self._eval_plain(x, d, gamma, beta, rm, rv, eps)
+        gamma, beta = self.gamma, self.beta
+        rm, rv, eps = self.running_mean, self.running_var, self.eps
+        plain = _plain_call(x, gamma, beta, rm, rv)
+        if plain and type(eps) is float and 0.0 <= eps < math.inf:
+            d = plain >> 1
+            wide = F64 if plain & 1 else F32
+            if rm is None or rv is None:     # both None (plain_call checked)
+                rm = rv = np.zeros(d)
+            if not train_flg:
+                return self._eval_plain(x, d, gamma, beta, rm, rv, eps, wide)
+            if type(self.momentum) is float:
+                return self._train_plain(x, d, gamma, beta, rm, rv, eps, wide)
         return self._forward_general(x, train_flg)
 
     def _train_plain(self, x: np.ndarray, d: int, gamma: np.ndarray, beta: np.ndarray,
-                     rm: Optional[np.ndarray], rv: Optional[np.ndarray],
-                     eps: float) -> np.ndarray:
-        """Training forward, everything float32/float64 and laid out already."""
+                     rm: np.ndarray, rv: np.ndarray, eps: float, wide: np.dtype) -> np.ndarray:
+        """Training forward, everything float32/float64 and laid out already.
+        wide: the dtype of the new running statistics."""
         xdt = x.dtype
         n = x.shape[0]
-        if rm is None or rv is None:     # both None: the fast path checked
-            rm = rv = np.zeros(d)
-        # momentum * running + (1 - momentum) * mean(x): float32 only if both are
-        rm_new = _empty(d, F32 if rm.dtype == F32 and xdt == F32 else F64)
-        rv_new = _empty(d, F32 if rv.dtype == F32 and xdt == F32 else F64)
+        rm_new = _empty(d, wide)
+        rv_new = _empty(d, wide)
         y = _empty(x.shape, xdt)
         stats = _empty((3, d))
         buffer = self._buffer
@@ -155,22 +152,17 @@ class BatchNormalization:
         return y
 
     def _eval_plain(self, x: np.ndarray, d: int, gamma: np.ndarray, beta: np.ndarray,
-                    rm: Optional[np.ndarray], rv: Optional[np.ndarray],
-                    eps: float) -> np.ndarray:
-        """Eval-mode forward, everything float32/float64 and laid out already."""
-        created = rm is None or rv is None     # both None: the fast path checked
-        if rm is None or rv is None:
-            rm = rv = np.zeros(d)
-        xdt = x.dtype
-        # (x - rm) / sqrt(rv + eps): float32 only if x, rm and rv all are
-        out_dt = F32 if xdt == F32 and rm.dtype == F32 and rv.dtype == F32 else F64
-        y = _empty(x.shape, out_dt)
+                    rm: np.ndarray, rv: np.ndarray, eps: float, wide: np.dtype) -> np.ndarray:
+        """Eval-mode forward, everything float32/float64 and laid out already.
+        wide: the output dtype ((x - rm) / sqrt(rv + eps) is float32 only if
+        x, rm and rv all are)."""
+        y = _empty(x.shape, wide)
         n = x.shape[0]
         _kernels.eval_forward(x, y, n, d, gamma, beta, rm, rv, eps)
-        self._eval = (x, xdt, n, d, x.shape, rm, rv, eps)
+        self._eval = (x, x.dtype, n, d, x.shape, rm, rv, eps)
         self._last_train = False
         self.input_shape = x.shape
-        if created:
+        if self.running_mean is None:
             self.running_mean, self.running_var = rm, np.zeros(d)
         return y
 
