@@ -142,13 +142,7 @@ class BatchNormalization:
         _kernels.train_forward(x, buffer, y, n, d, gamma, beta, eps, stats[0], stats[1],
                                stats[2], rm, rm_new, rv, rv_new, momentum, 1 - momentum)
         self._buffer = buffer
-        self._train = (buffer, xdt, n, d, x.shape, stats, xdt, eps)
-        self._views = {}
-        self._last_train = True
-        self.input_shape = x.shape
-        self.batch_size = n
-        self.running_mean = rm_new
-        self.running_var = rv_new
+        self._commit_train((buffer, xdt, n, d, x.shape, stats, xdt, eps), rm_new, rv_new)
         return y
 
     def _eval_plain(self, x: np.ndarray, d: int, gamma: np.ndarray, beta: np.ndarray,
@@ -220,15 +214,19 @@ class BatchNormalization:
                                             stats[0], stats[1], dts.stat)
         if cache is not None:
             self._buffer = cache
-        self._train = (cache if cache is not None else xk, x.dtype, n, d, x.shape, stats,
-                       dts.stat, eps)
+        self._commit_train((cache if cache is not None else xk, x.dtype, n, d, x.shape, stats,
+                            dts.stat, eps), rm_new, rv_new)
+        return finish(result, target)
+
+    def _commit_train(self, cache: TrainCache, running_mean: Any, running_var: Any) -> None:
+        """The state a completed training forward leaves (all of it, at once)."""
+        self._train = cache
         self._views = {}
         self._last_train = True
-        self.input_shape = x.shape
-        self.batch_size = n
-        self.running_mean = rm_new
-        self.running_var = rv_new
-        return finish(result, target)
+        self.input_shape = cache[4]
+        self.batch_size = cache[2]
+        self.running_mean = running_mean
+        self.running_var = running_var
 
     def _forward_eval(self, x: np.ndarray, n: int, d: int, eps: float, gamma: Any, beta: Any,
                       running_mean: Any, running_var: Any) -> np.ndarray:

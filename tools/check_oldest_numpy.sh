@@ -12,20 +12,7 @@
 # python3); NUMPY_OLDEST (a pip requirement, overrides the derived one);
 # KEEP_WORK=1 keeps the temporary directory.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$PWD
-PYTHON=${PYTHON:-python3}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/bnfast-numpy.XXXXXX")
-cleanup() { if [ "${KEEP_WORK:-0}" = 1 ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi; }
-trap cleanup EXIT
-step() { printf '\n==> %s\n' "$*"; }
-new_venv() {
-    "$PYTHON" -m venv "$1"
-    "$1/bin/python" -m pip install --quiet --upgrade pip
-}
-if [ -z "${BNFAST_SEED_REFERENCE:-}" ] && [ -f "$ROOT/../shared/reference/reference_bn.py" ]; then
-    export BNFAST_SEED_REFERENCE="$ROOT/../shared/reference/reference_bn.py"
-fi
+source "$(dirname "$0")/common.sh" numpy
 
 # The oldest NumPy: `numpy>=X` from [project] dependencies -> `numpy~=X.0`.
 DECLARED=$("$PYTHON" - <<'EOF'
@@ -46,13 +33,7 @@ if [ -n "$WHEEL" ]; then
 else
     step "no wheelhouse/bnfast-*-$TAG-*.whl: building a wheel from a clean copy of the tree"
     mkdir "$WORK/src"
-    if git rev-parse --is-inside-work-tree > /dev/null 2>&1; then
-        git ls-files -z -co --exclude-standard | tar -cf - --null -T - | tar -xf - -C "$WORK/src"
-    else   # no git: everything but build products and environments
-        tar -cf - --exclude=./build --exclude=./dist --exclude=./wheelhouse --exclude='./.venv*' \
-            --exclude='*.so' --exclude='*.pyd' --exclude='bnfast/*.c' --exclude=__pycache__ . \
-            | tar -xf - -C "$WORK/src"
-    fi
+    clean_copy "$WORK/src"
     new_venv "$WORK/builder"
     "$WORK/builder/bin/python" -m pip wheel --quiet --no-deps -w "$WORK/wheel" "$WORK/src"
     WHEEL=$(ls "$WORK"/wheel/bnfast-*.whl)
@@ -69,7 +50,7 @@ check() {  # check NAME NUMPY_REQUIREMENT
     local name=$1 req=$2 venv="$WORK/venv-$1"
     step "$name NumPy: fresh venv with $req and the wheel"
     new_venv "$venv"
-    "$venv/bin/python" -m pip install --quiet "$req" "$WHEEL[test]"
+    pip_install "$venv" "$req" "$WHEEL[test]"
     (cd "$WORK/suite" && "$venv/bin/python" - <<'EOF'
 import pathlib, sysconfig
 import numpy, bnfast

@@ -15,11 +15,7 @@
 # Runs from a fresh clone, without root: needs gcc with libasan and libubsan,
 # python3 (with venv) and PyPI.  About 2 minutes on 2 cores.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$PWD
-PYTHON=${PYTHON:-python3}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/bnfast-sanitize.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
+source "$(dirname "$0")/common.sh" sanitize
 
 LIBASAN=$(gcc -print-file-name=libasan.so)
 if [ ! -e "$LIBASAN" ]; then
@@ -27,14 +23,11 @@ if [ ! -e "$LIBASAN" ]; then
     exit 1
 fi
 
-# Build from a copy of the tracked (or not ignored) files, not from the tree:
-# objects an earlier build left in build/ must not be reused.
-mkdir "$WORK/src"
-git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} cp --parents {} "$WORK/src/"
-"$PYTHON" -m venv "$WORK/venv"
-"$WORK/venv/bin/python" -m pip install --quiet --upgrade pip
-# --no-cache-dir: a wheel pip cached from an ordinary build must not be reused
-BNFAST_SANITIZE=1 "$WORK/venv/bin/python" -m pip install --quiet --no-cache-dir "$WORK/src[test]"
+# Build from a clean copy, not from the tree: objects an earlier build left
+# in build/ must not be reused.
+clean_copy "$WORK/src"
+new_venv "$WORK/venv"
+BNFAST_SANITIZE=1 pip_install "$WORK/venv" "$WORK/src[test]"
 
 cp -R tests "$WORK/tests"
 rm -rf "$WORK/tests/__pycache__"
@@ -47,7 +40,6 @@ print("sanitized build:", bnfast.__file__, flags)
 EOF
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:strict_string_checks=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
-export BNFAST_SEED_REFERENCE="${BNFAST_SEED_REFERENCE:-$ROOT/../shared/reference/reference_bn.py}"
 LD_PRELOAD="$LIBASAN" "$WORK/venv/bin/python" -m pytest -q -p no:cacheprovider tests \
     --deselect tests/test_memory.py::test_many_calls_do_not_grow_resident_memory \
     -k "not release_the_gil and not the_gil_measure"

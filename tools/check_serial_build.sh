@@ -10,32 +10,15 @@
 # 1.5 minutes on 2 cores.  Environment: PYTHON (default python3); KEEP_WORK=1
 # keeps the temporary directory.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$PWD
-PYTHON=${PYTHON:-python3}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/bnfast-serial.XXXXXX")
-cleanup() { if [ "${KEEP_WORK:-0}" = 1 ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi; }
-trap cleanup EXIT
-step() { printf '\n==> %s\n' "$*"; }
-if [ -z "${BNFAST_SEED_REFERENCE:-}" ] && [ -f "$ROOT/../shared/reference/reference_bn.py" ]; then
-    export BNFAST_SEED_REFERENCE="$ROOT/../shared/reference/reference_bn.py"
-fi
+source "$(dirname "$0")/common.sh" serial
 
 step "clean copy of the tree"
-mkdir "$WORK/src"
-if git rev-parse --is-inside-work-tree > /dev/null 2>&1; then
-    git ls-files -z -co --exclude-standard | tar -cf - --null -T - | tar -xf - -C "$WORK/src"
-else   # no git: everything but build products and environments
-    tar -cf - --exclude=./build --exclude=./dist --exclude=./wheelhouse --exclude='./.venv*' \
-        --exclude='*.so' --exclude='*.pyd' --exclude='bnfast/*.c' --exclude=__pycache__ . \
-        | tar -xf - -C "$WORK/src"
-fi
+clean_copy "$WORK/src"
 
 step "BNFAST_OPENMP=0 pip install .[test] into a fresh venv"
-"$PYTHON" -m venv "$WORK/venv"
-"$WORK/venv/bin/python" -m pip install --quiet --upgrade pip
+new_venv "$WORK/venv"
 start=$SECONDS
-BNFAST_OPENMP=0 "$WORK/venv/bin/python" -m pip install --quiet "$WORK/src[test]"
+BNFAST_OPENMP=0 pip_install "$WORK/venv" "$WORK/src[test]"
 echo "build + install took $((SECONDS - start)) s"
 
 step "no kernel module has OpenMP"

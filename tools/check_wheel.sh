@@ -21,20 +21,7 @@
 # the temporary directory; BNFAST_SEED_REFERENCE as for the test suite (by
 # default ../shared/reference/reference_bn.py beside the checkout, if there).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$PWD
-PYTHON=${PYTHON:-python3}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/bnfast-wheel.XXXXXX")
-cleanup() { if [ "${KEEP_WORK:-0}" = 1 ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi; }
-trap cleanup EXIT
-step() { printf '\n==> %s\n' "$*"; }
-new_venv() {
-    "$PYTHON" -m venv "$1"
-    "$1/bin/python" -m pip install --quiet --upgrade pip
-}
-if [ -z "${BNFAST_SEED_REFERENCE:-}" ] && [ -f "$ROOT/../shared/reference/reference_bn.py" ]; then
-    export BNFAST_SEED_REFERENCE="$ROOT/../shared/reference/reference_bn.py"
-fi
+source "$(dirname "$0")/common.sh" wheel
 
 # A copy of the tests outside the tree, plus a pytest plugin that fails the
 # run unless bnfast was imported from the venv's site-packages.
@@ -172,7 +159,7 @@ fi
 
 step "install the repaired wheel (+ test extra) into a fresh venv"
 new_venv "$WORK/venv-wheel"
-"$WORK/venv-wheel/bin/python" -m pip install --quiet "$ROOT/$REPAIRED[test]"
+pip_install "$WORK/venv-wheel" "$ROOT/$REPAIRED[test]"
 "$WORK/venv-wheel/bin/python" -m pip list 2>/dev/null | grep -iE "^(bnfast|numpy|pytest|pytest-benchmark|hypothesis) "
 make_suite "$WORK/src/tests" "$WORK/suite"
 (cd "$WORK/suite" && "$WORK/venv-wheel/bin/python" - "$ROOT" <<'EOF'
@@ -204,7 +191,7 @@ run_suite "$WORK/venv-wheel" "$WORK/suite" tests
 step "sdist: pip install $SDIST[test] into a fresh venv (build from the tarball alone)"
 new_venv "$WORK/venv-sdist"
 start=$SECONDS
-"$WORK/venv-sdist/bin/python" -m pip install --quiet "$ROOT/$SDIST[test]"
+pip_install "$WORK/venv-sdist" "$ROOT/$SDIST[test]"
 echo "build + install took $((SECONDS - start)) s"
 mkdir -p "$WORK/sdist-src"
 tar -xzf "$SDIST" -C "$WORK/sdist-src"
