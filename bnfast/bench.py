@@ -170,7 +170,8 @@ def _torch_call(case: Case, op: str) -> Callable[[], Any]:
             with torch.no_grad():
                 out = batch_norm(torch.from_numpy(x.reshape(n, -1)), running_mean, running_var,
                                  weight, bias, training=training, momentum=momentum, eps=EPS)
-            return out.numpy().reshape(x.shape)
+            result: np.ndarray = out.numpy().reshape(x.shape)
+            return result
         return forward
     # The same math as the reference's backward: the training-mode gradient
     # from the saved batch mean and 1/std of a forward on the same input.
