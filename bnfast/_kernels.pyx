@@ -137,6 +137,10 @@ cdef enum:
     # Strips of big batches are at most 1/MIN_STRIP_TASKS of the features, so
     # that several threads share the work.
     MIN_STRIP_TASKS = 8
+    # Strips at least this wide do statistics and output in one task (x read
+    # from memory once); narrower ones (tall batches) do better as two phases
+    # with address-ordered output: short row segments stream poorly.
+    FUSED_MIN_COLS = 1024
     # Narrower strips than this make row segments too short to stream well;
     # such batches are cut into row blocks instead.
     MIN_STRIP = 32
@@ -183,6 +187,7 @@ cdef struct Grid:
     Py_ssize_t n_col_splits
     Py_ssize_t n_page_tasks
     int n_threads
+    bint fused           # strips wide enough to do a whole operation per task
     bint stream          # copy the cache / write strip outputs with streaming stores
     bint stream_pages    # write row-major (page-ordered) outputs with streaming stores
 
@@ -784,7 +789,7 @@ cdef int _train_forward(const Grid* g, const in_t* x, in_t* cache, out_t* y,
     cdef double* scratch
     cdef double* part
     cdef double* mine = NULL
-    if g.n_chunks == 1 and _fused_strips:
+    if g.fused:
         scratch = _scratch_alloc(g, 4)
         if scratch == NULL:
             return -1
@@ -950,7 +955,7 @@ cdef int _train_backward(const Grid* g, const in_t* x, const in_t* dy, out_t* dx
     cdef double* part
     cdef double* totals
     cdef double* mine = NULL
-    if g.n_chunks == 1 and _fused_strips:
+    if g.fused:
         scratch = _scratch_alloc(g, 5)
         if scratch == NULL:
             return -1
