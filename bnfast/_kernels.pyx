@@ -8,23 +8,25 @@
 #
 # Layout of the work.  Every loop walks rows with one float64 accumulator per
 # feature, so memory is read in address order and never column by column.
-# The (N, D) array is cut into a grid that depends only on (N, D, itemsize),
-# never on the thread count, in one of two ways:
+# The statistics (one pass over shifted data, an exact two-pass fallback per
+# feature; see "Statistics" below) are cut into a grid that depends only on
+# (N, D, itemsize), never on the thread count, in one of two ways:
 #
 #   strips  when a full-height strip of >= MIN_STRIP features fits in L2
-#           (STRIP_BYTES): a task owns whole columns.  It reads its strip from
-#           memory once, computes the statistics (exact two-pass, the second
-#           pass from L2), and normalizes or back-propagates from L2.  Memory
-#           sees one read of x per forward, one of (x, dy) per backward.
+#           (STRIP_BYTES): a task owns whole columns.  Wide strips (short
+#           batches) do a whole operation per task: the statistics read the
+#           strip from memory once and the output, or the backward's second
+#           pass, comes from L2.
 #   blocks  otherwise (tall batches): a task is (row chunk, column block);
-#           inside a chunk, row blocks small enough for L2 (TILE_BYTES) get
-#           the exact two-pass and are merged in order (Chan's formula); the
-#           chunks are merged in chunk order afterwards.
+#           row blocks small enough for L2 (TILE_BYTES) are merged in order
+#           (Chan's formula) inside a chunk, and the chunks in chunk order.
 #
 # Threads take tasks in any order, but each task's arithmetic is fixed and
 # partial results are merged in a fixed order, so results are bitwise
-# identical for any number of threads.  Large outputs are written with
-# streaming (non-temporal) stores, which skip the read-for-ownership of each
+# identical for any number of threads.  Element passes (no reductions) write
+# their output in address order, about a huge page per task.  The cached copy
+# of x, and the output of wide strips, are written with streaming
+# (non-temporal) stores when large: they skip the read-for-ownership of each
 # destination line.
 
 from cython.parallel cimport prange, parallel, threadid
