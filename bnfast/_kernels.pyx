@@ -170,6 +170,7 @@ cdef Py_ssize_t _min_strip = MIN_STRIP
 cdef Py_ssize_t _stream_min_bytes = STREAM_MIN_BYTES
 cdef Py_ssize_t _col_block = COL_BLOCK
 cdef Py_ssize_t _max_strip_cols = MAX_STRIP_COLS
+cdef Py_ssize_t _fused_min_cols = FUSED_MIN_COLS
 cdef bint _fused_strips = True
 cdef bint _stream_pages = False
 cdef Py_ssize_t _page_bytes = PAGE_BYTES
@@ -1430,10 +1431,12 @@ def set_num_threads(int n):
 
 def _set_tuning(strip_bytes=STRIP_BYTES, min_strip=MIN_STRIP,
                 stream_min_bytes=STREAM_MIN_BYTES, col_block=COL_BLOCK, fused_strips=True,
-                page_bytes=PAGE_BYTES, stream_pages=False, max_strip_cols=MAX_STRIP_COLS):
+                page_bytes=PAGE_BYTES, stream_pages=False, max_strip_cols=MAX_STRIP_COLS,
+                fused_min_cols=FUSED_MIN_COLS):
     """Work-partition knobs, for measuring the kernels (not a public API)."""
     global _strip_bytes, _min_strip, _stream_min_bytes, _col_block, _fused_strips, _page_bytes
-    global _stream_pages, _max_strip_cols
+    global _stream_pages, _max_strip_cols, _fused_min_cols
+    _fused_min_cols = fused_min_cols
     _stream_pages = stream_pages
     if not 16 <= max_strip_cols <= MAX_STRIP_COLS:
         raise ValueError(f"max_strip_cols must be in 16..{MAX_STRIP_COLS}")
