@@ -16,7 +16,8 @@
 #           (STRIP_BYTES): a task owns whole columns.  Wide strips (short
 #           batches) do a whole operation per task: the statistics read the
 #           strip from memory once and the output, or the backward's second
-#           pass, comes from L2.
+#           pass, comes from L2.  Strips too narrow for that are used
+#           only for small batches (UNFUSED_STRIP_MAX_BYTES).
 #   blocks  otherwise (tall batches): a task is (row chunk, column block);
 #           row blocks small enough for L2 (TILE_BYTES) are merged in order
 #           (Chan's formula) inside a chunk, and the chunks in chunk order.
@@ -32,7 +33,7 @@
 from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport sqrt, NAN
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from cpython.pyport cimport PY_SSIZE_T_MAX
 
 cimport numpy as cnp
@@ -143,6 +144,10 @@ cdef enum:
     # from memory once); narrower ones (tall batches) do better as two phases
     # with address-ordered output: short row segments stream poorly.
     FUSED_MIN_COLS = 1024
+    # Strips too narrow to fuse are used only for batches smaller than this;
+    # larger ones are cut into row blocks (measured on 1024 x 4096 and
+    # 256 x 65536: row blocks 10-40 % faster; on 256 x 1024, strips ~10 %).
+    UNFUSED_STRIP_MAX_BYTES = 4194304
     # Narrower strips than this make row segments too short to stream well;
     # such batches are cut into row blocks instead.
     MIN_STRIP = 32
@@ -172,6 +177,7 @@ cdef Py_ssize_t _col_block = COL_BLOCK
 cdef Py_ssize_t _max_strip_cols = MAX_STRIP_COLS
 cdef Py_ssize_t _fused_min_cols = FUSED_MIN_COLS
 cdef bint _fused_strips = True
+cdef Py_ssize_t _unfused_strip_max_bytes = UNFUSED_STRIP_MAX_BYTES
 cdef bint _stream_pages = False
 cdef Py_ssize_t _page_bytes = PAGE_BYTES
 
@@ -216,10 +222,15 @@ cdef Grid _make_grid(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize,
                      Py_ssize_t out_bytes) noexcept nogil:
     cdef Grid g
     cdef Py_ssize_t strip, n_row_blocks, chunks, rows_tasks
+    cdef bint use_strips
+    # Every field is set below; zeroing first makes a field that a later
+    # change forgets read as 0/False instead of stack garbage.
+    memset(&g, 0, sizeof(g))
     g.n_rows = n
     g.n_cols = d
     strip = _strip_bytes // (n * itemsize)
-    if strip >= _min_strip or strip >= d:
+    use_strips = strip >= _min_strip or strip >= d
+    if use_strips:
         # strips: whole columns per task
         g.col_block = d if d < _max_strip_cols else _max_strip_cols
         if n * d * itemsize >= PARALLEL_MIN_BYTES and strip * MIN_STRIP_TASKS > d:
@@ -231,7 +242,13 @@ cdef Grid _make_grid(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize,
         g.chunk_rows = n
         g.n_chunks = 1
         g.n_col_blocks = _ceil_div(d, g.col_block)
-    else:
+        g.fused = (_fused_strips
+                   and (g.col_block >= _fused_min_cols or g.n_col_blocks == 1))
+        # Narrow full-height strips of a large batch run row by row at a
+        # large stride: worse for the caches than row blocks.
+        use_strips = g.fused or n * d * itemsize < _unfused_strip_max_bytes
+    if not use_strips:
+        g.fused = False
         # blocks: row chunks x column blocks
         g.col_block = d if d < _col_block else _col_block
         g.n_col_blocks = _ceil_div(d, g.col_block)
@@ -245,6 +262,8 @@ cdef Grid _make_grid(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize,
         g.chunk_rows = _ceil_div(n_row_blocks, chunks) * g.block_rows
         g.n_chunks = _ceil_div(n, g.chunk_rows)
     g.n_tasks = g.n_chunks * g.n_col_blocks
+    g.stream = out_bytes >= _stream_min_bytes
+    g.stream_pages = g.stream and _stream_pages
     g.n_threads = 1
     if n * d * itemsize >= PARALLEL_MIN_BYTES and _num_threads > 1:
         g.n_threads = _num_threads if _num_threads < g.n_tasks else <int>g.n_tasks
@@ -1432,10 +1451,12 @@ def set_num_threads(int n):
 def _set_tuning(strip_bytes=STRIP_BYTES, min_strip=MIN_STRIP,
                 stream_min_bytes=STREAM_MIN_BYTES, col_block=COL_BLOCK, fused_strips=True,
                 page_bytes=PAGE_BYTES, stream_pages=False, max_strip_cols=MAX_STRIP_COLS,
-                fused_min_cols=FUSED_MIN_COLS):
+                fused_min_cols=FUSED_MIN_COLS,
+                unfused_strip_max_bytes=UNFUSED_STRIP_MAX_BYTES):
     """Work-partition knobs, for measuring the kernels (not a public API)."""
     global _strip_bytes, _min_strip, _stream_min_bytes, _col_block, _fused_strips, _page_bytes
-    global _stream_pages, _max_strip_cols, _fused_min_cols
+    global _stream_pages, _max_strip_cols, _fused_min_cols, _unfused_strip_max_bytes
+    _unfused_strip_max_bytes = unfused_strip_max_bytes
     _fused_min_cols = fused_min_cols
     _stream_pages = stream_pages
     if not 16 <= max_strip_cols <= MAX_STRIP_COLS:
@@ -1447,6 +1468,12 @@ def _set_tuning(strip_bytes=STRIP_BYTES, min_strip=MIN_STRIP,
         strip_bytes, max(1, min_strip), stream_min_bytes, col_block)
     _fused_strips = fused_strips
     _page_bytes = max(1, page_bytes)
+
+
+def _grid_info(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize, Py_ssize_t out_itemsize):
+    """The work grid the kernels use for an (n, d) batch, as a dict (for tests)."""
+    _check_nd(n, d)
+    return _make_grid(n, d, itemsize, n * d * out_itemsize)
 
 
 def get_num_threads():

@@ -1,5 +1,6 @@
 """Type stub of bnfast._kernels_avx512: the kernels of _kernels.pyx compiled for
 avx512 CPUs (see _kernels.pyi).  Built on x86-64 with GCC/Clang only."""
+from ._kernels import _grid_info as _grid_info
 from ._kernels import _set_tuning as _set_tuning
 from ._kernels import build_flags as build_flags
 from ._kernels import cpu_level as cpu_level

@@ -93,6 +93,8 @@ KNOBS = [
     dict(col_block=16, page_bytes=64),          # many small tasks
     dict(stream_min_bytes=0),                   # streaming stores for every output
     dict(stream_min_bytes=0, stream_pages=True, fused_strips=False),
+    dict(fused_min_cols=16),                    # every strip does whole operations
+    dict(fused_min_cols=1 << 20, unfused_strip_max_bytes=1 << 40),  # two-phase strips
 ]
 
 
@@ -114,6 +116,29 @@ def test_every_work_partition_gives_the_same_numbers(rng, knobs, shape):
             for a, b, c in zip(got, first, baseline):
                 assert np.array_equal(a, b), "thread count changed the result"
                 assert_close(a, c, rtol=1e-12, scale=float(np.max(np.abs(c))) + 1.0)
+
+
+@pytest.mark.parametrize("itemsize", [4, 8])
+@pytest.mark.parametrize("shape", [(1, 1), (100, 100), (32, 128), (256, 1024), (1024, 4096),
+                                   (5000, 40), (32, 65536), (8, 150528), (256, 65536)])
+def test_grid_follows_its_rules(shape, itemsize):
+    """Every field of the work grid is set, by the documented rules (a field
+    left unset once read stack garbage and picked a partition at random)."""
+    n, d = shape
+    grid = kernels._grid_info(n, d, itemsize, itemsize)
+    assert grid == kernels._grid_info(n, d, itemsize, itemsize)
+    nbytes = n * d * itemsize
+    assert grid["stream"] == (nbytes >= 8 << 20)
+    assert grid["stream_pages"] is False
+    assert grid["n_tasks"] == grid["n_chunks"] * grid["n_col_blocks"]
+    assert grid["n_col_blocks"] * grid["col_block"] >= d > (grid["n_col_blocks"] - 1) * grid["col_block"]
+    assert grid["n_chunks"] * grid["chunk_rows"] >= n
+    if grid["fused"]:   # a fused task needs whole columns
+        assert grid["n_chunks"] == 1 and grid["chunk_rows"] == n
+        assert grid["col_block"] >= 1024 or grid["n_col_blocks"] == 1
+    elif nbytes >= 4 << 20:     # no two-phase strips: row blocks
+        assert grid["block_rows"] < n
+    assert 1 <= grid["n_threads"] <= max(1, bnfast.get_num_threads())
 
 
 def test_thread_settings():
