@@ -1085,6 +1085,115 @@ cdef int _eval_backward(const Grid* g, const in_t* x, const in_t* dy, out_t* dx,
 
 
 # ---------------------------------------------------------------------------
+# Split phases: the training passes with the cross-process reductions cut
+# out (bnfast.functional's split-phase functions, SyncBatchNormalization).
+# Each reuses the layer's tasks on the same grid, so one shard's statistics
+# are the ones the layer computes for that batch.
+
+cdef void _moments_shift_back(const Grid* g, Py_ssize_t t, const in_t* x, double* mean,
+                              double* mine) noexcept nogil:
+    """Column block t: mean relative to the shift -> mean."""
+    cdef Py_ssize_t c0 = t * g.col_block, j
+    cdef Py_ssize_t w = g.col_block if c0 + g.col_block <= g.n_cols else g.n_cols - c0
+    _shift_of(x, g.n_cols, g.n_rows, c0, w, mine)
+    for j in range(w):
+        mean[c0 + j] = mine[j] + mean[c0 + j]
+
+
+cdef int _moments(const Grid* g, const in_t* x, in_t* cache, double* mean,
+                  double* m2) noexcept nogil:
+    """Per-feature mean and M2 (sum of squared deviations); cache = x unless NULL."""
+    cdef Py_ssize_t d = g.n_cols, t, cb = g.col_block
+    cdef double* mine = NULL
+    cdef double* scratch = _scratch_alloc(g, 3)
+    cdef double* part = <double*>malloc(2 * g.n_chunks * d * sizeof(double))
+    if scratch == NULL or part == NULL:
+        free(scratch)
+        free(part)
+        return -1
+    if g.n_threads == 1:
+        for t in range(g.n_tasks):
+            _train_block_stats(g, t, x, cache, part, scratch)
+    else:
+        with parallel(num_threads=g.n_threads):
+            mine = scratch + threadid() * 3 * cb
+            for t in prange(g.n_tasks, schedule="dynamic"):
+                _train_block_stats(g, t, x, cache, part, mine)
+            bnfast_fence()
+    _merge_chunks(g, part, part + g.n_chunks * d, mean, m2)
+    for t in range(g.n_col_blocks):
+        _moments_shift_back(g, t, x, mean, scratch)
+    free(part)
+    free(scratch)
+    return 0
+
+
+cdef int _affine(const Grid* g, const in_t* x, out_t* y, const double* center,
+                 const double* scale, const double* shift) noexcept nogil:
+    """y = (x - center) * scale + shift per feature (float64 coefficients)."""
+    cdef Py_ssize_t t, cb = g.col_block
+    cdef double* mine = NULL
+    cdef double* scratch = _scratch_alloc(g, 1)
+    if scratch == NULL:
+        return -1
+    if g.n_threads == 1:
+        for t in range(g.n_page_tasks):
+            _affine_pages(g, t, x, y, center, scale, shift, <out_t*>scratch)
+    else:
+        with parallel(num_threads=g.n_threads):
+            mine = scratch + threadid() * cb
+            for t in prange(g.n_page_tasks, schedule="static"):
+                _affine_pages(g, t, x, y, center, scale, shift, <out_t*>mine)
+            bnfast_fence()
+    free(scratch)
+    return 0
+
+
+cdef int _grad_sums(const Grid* g, const in_t* x, const in_t* dy, const double* center,
+                    double* sum_dy, double* sum_dy_xc) noexcept nogil:
+    """Per-feature sum(dy) and sum(dy * (x - center)), chunks added in order."""
+    cdef Py_ssize_t d = g.n_cols, t, j
+    cdef double* part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
+    cdef double* totals
+    if part == NULL:
+        return -1
+    if g.n_threads == 1:
+        for t in range(g.n_tasks):
+            _backward_block_sums(g, t, x, dy, center, part)
+    else:
+        for t in prange(g.n_tasks, schedule="dynamic", num_threads=g.n_threads):
+            _backward_block_sums(g, t, x, dy, center, part)
+    totals = part + 2 * g.n_chunks * d
+    _sum_chunks(g, part, totals)
+    memcpy(sum_dy, totals, d * sizeof(double))
+    memcpy(sum_dy_xc, totals + d, d * sizeof(double))
+    free(part)
+    return 0
+
+
+cdef int _grad_input(const Grid* g, const in_t* x, const in_t* dy, out_t* dx,
+                     const double* center, const double* mean_dy, const double* k_xc,
+                     const double* k) noexcept nogil:
+    """dx = k * ((dy - mean_dy) - k_xc * (x - center)) per feature."""
+    cdef Py_ssize_t t, cb = g.col_block
+    cdef double* mine = NULL
+    cdef double* scratch = _scratch_alloc(g, 1)
+    if scratch == NULL:
+        return -1
+    if g.n_threads == 1:
+        for t in range(g.n_page_tasks):
+            _grad_input_pages(g, t, x, dy, dx, center, mean_dy, k_xc, k, <out_t*>scratch)
+    else:
+        with parallel(num_threads=g.n_threads):
+            mine = scratch + threadid() * cb
+            for t in prange(g.n_page_tasks, schedule="static"):
+                _grad_input_pages(g, t, x, dy, dx, center, mean_dy, k_xc, k, <out_t*>mine)
+            bnfast_fence()
+    free(scratch)
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # Thin typed entry points.  Arrays arrive validated and laid out by Python;
 # these checks only guard memory safety and cost a few nanoseconds each.
 
@@ -1365,6 +1474,133 @@ def eval_backward(cnp.ndarray x not None, cnp.ndarray dy not None, cnp.ndarray d
         else:
             status = _eval_backward[float, float](&grid, <const float*>px,
                                                   <const float*>pdy, <float*>pdx, &a, &dg, &db)
+    if status != 0:
+        raise MemoryError("bnfast: could not allocate kernel work space")
+
+
+# ---------------------------------------------------------------------------
+# Split-phase entry points.  Per-feature vectors are float64, d elements.
+
+cdef inline const double* _f64_in(cnp.ndarray a, Py_ssize_t d, str name) except NULL:
+    _require_f64(a, d, name, False)
+    return <const double*>cnp.PyArray_DATA(a)
+
+
+cdef inline double* _f64_out(cnp.ndarray a, Py_ssize_t d, str name) except NULL:
+    _require_f64(a, d, name, True)
+    return <double*>cnp.PyArray_DATA(a)
+
+
+def moments(cnp.ndarray x not None, cnp.ndarray cache, Py_ssize_t n, Py_ssize_t d,
+            cnp.ndarray mean not None, cnp.ndarray m2 not None):
+    """Per-feature float64 mean and M2 of the (n, d) view of x, as the
+    training forward computes them; cache (x's dtype) = x unless None."""
+    cdef int status
+    cdef void* pcache = NULL
+    _check_nd(n, d)
+    _require(x, n * d, "x", False)
+    cdef double* pmean = _f64_out(mean, d, "mean")
+    cdef double* pm2 = _f64_out(m2, d, "m2")
+    if cache is not None:
+        _require(cache, n * d, "cache", True)
+        if _is_f64(cache) != _is_f64(x):
+            raise TypeError("cache dtype must match x")
+        pcache = cnp.PyArray_DATA(cache)
+    cdef bint in64 = _is_f64(x)
+    cdef Grid grid = _grid_for(x, x, n, d)
+    cdef void* px = cnp.PyArray_DATA(x)
+    with nogil:
+        if in64:
+            status = _moments[double](&grid, <const double*>px, <double*>pcache, pmean, pm2)
+        else:
+            status = _moments[float](&grid, <const float*>px, <float*>pcache, pmean, pm2)
+    if status != 0:
+        raise MemoryError("bnfast: could not allocate kernel work space")
+
+
+def affine(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t n, Py_ssize_t d,
+           cnp.ndarray center not None, cnp.ndarray scale not None, cnp.ndarray shift not None):
+    """y = (x - center) * scale + shift on the (n, d) views."""
+    cdef int status
+    _check_nd(n, d)
+    _require(x, n * d, "x", False)
+    _require(y, n * d, "y", True)
+    cdef const double* pc = _f64_in(center, d, "center")
+    cdef const double* ps = _f64_in(scale, d, "scale")
+    cdef const double* pb = _f64_in(shift, d, "shift")
+    cdef bint in64 = _is_f64(x), out64 = _is_f64(y)
+    cdef Grid grid = _grid_for(x, y, n, d)
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* py = cnp.PyArray_DATA(y)
+    with nogil:
+        if in64 and out64:
+            status = _affine[double, double](&grid, <const double*>px, <double*>py, pc, ps, pb)
+        elif out64:
+            status = _affine[float, double](&grid, <const float*>px, <double*>py, pc, ps, pb)
+        elif in64:
+            status = _affine[double, float](&grid, <const double*>px, <float*>py, pc, ps, pb)
+        else:
+            status = _affine[float, float](&grid, <const float*>px, <float*>py, pc, ps, pb)
+    if status != 0:
+        raise MemoryError("bnfast: could not allocate kernel work space")
+
+
+def grad_sums(cnp.ndarray x not None, cnp.ndarray dy not None, Py_ssize_t n, Py_ssize_t d,
+              cnp.ndarray center not None, cnp.ndarray sum_dy not None,
+              cnp.ndarray sum_dy_xc not None):
+    """Per-feature sum(dy) and sum(dy * (x - center)) over the (n, d) views."""
+    cdef int status
+    _check_nd(n, d)
+    _require(x, n * d, "x", False)
+    _require(dy, n * d, "dout", False)
+    if _is_f64(x) != _is_f64(dy):
+        raise TypeError("x and dout must have the same dtype in the kernel")
+    cdef const double* pc = _f64_in(center, d, "center")
+    cdef double* ps = _f64_out(sum_dy, d, "sum_dy")
+    cdef double* psx = _f64_out(sum_dy_xc, d, "sum_dy_xc")
+    cdef bint in64 = _is_f64(x)
+    cdef Grid grid = _grid_for(x, x, n, d)
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* pdy = cnp.PyArray_DATA(dy)
+    with nogil:
+        if in64:
+            status = _grad_sums[double](&grid, <const double*>px, <const double*>pdy, pc,
+                                        ps, psx)
+        else:
+            status = _grad_sums[float](&grid, <const float*>px, <const float*>pdy, pc,
+                                       ps, psx)
+    if status != 0:
+        raise MemoryError("bnfast: could not allocate kernel work space")
+
+
+def grad_input(cnp.ndarray x not None, cnp.ndarray dy not None, cnp.ndarray dx not None,
+               Py_ssize_t n, Py_ssize_t d, cnp.ndarray center not None,
+               cnp.ndarray mean_dy not None, cnp.ndarray k_xc not None, cnp.ndarray k not None):
+    """dx = k * ((dy - mean_dy) - k_xc * (x - center)) on the (n, d) views."""
+    cdef int status
+    _check_backward(x, dy, dx, n, d)
+    cdef const double* pc = _f64_in(center, d, "center")
+    cdef const double* pm = _f64_in(mean_dy, d, "mean_dy")
+    cdef const double* pq = _f64_in(k_xc, d, "k_xc")
+    cdef const double* pk = _f64_in(k, d, "k")
+    cdef bint in64 = _is_f64(x), out64 = _is_f64(dx)
+    cdef Grid grid = _grid_for(x, dx, n, d)
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* pdy = cnp.PyArray_DATA(dy)
+    cdef void* pdx = cnp.PyArray_DATA(dx)
+    with nogil:
+        if in64 and out64:
+            status = _grad_input[double, double](&grid, <const double*>px, <const double*>pdy,
+                                                 <double*>pdx, pc, pm, pq, pk)
+        elif out64:
+            status = _grad_input[float, double](&grid, <const float*>px, <const float*>pdy,
+                                                <double*>pdx, pc, pm, pq, pk)
+        elif in64:
+            status = _grad_input[double, float](&grid, <const double*>px, <const double*>pdy,
+                                                <float*>pdx, pc, pm, pq, pk)
+        else:
+            status = _grad_input[float, float](&grid, <const float*>px, <const float*>pdy,
+                                               <float*>pdx, pc, pm, pq, pk)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 

@@ -2,11 +2,15 @@
 avx512 CPUs (see _kernels.pyi).  Built on x86-64 with GCC/Clang only."""
 from ._kernels import _grid_info as _grid_info
 from ._kernels import _set_tuning as _set_tuning
+from ._kernels import affine as affine
 from ._kernels import build_flags as build_flags
 from ._kernels import cpu_level as cpu_level
 from ._kernels import eval_backward as eval_backward
 from ._kernels import eval_forward as eval_forward
 from ._kernels import get_num_threads as get_num_threads
+from ._kernels import grad_input as grad_input
+from ._kernels import grad_sums as grad_sums
+from ._kernels import moments as moments
 from ._kernels import openmp_enabled as openmp_enabled
 from ._kernels import plain_batch as plain_batch
 from ._kernels import plain_call as plain_call

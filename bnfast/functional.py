@@ -1,6 +1,8 @@
 """Stateless batch normalization over flattened features, with out= buffers.
 
-For callers who keep their own state.  Every function takes a batch ``x`` of
+For callers who keep their own state, and for those who split a batch
+across processes: the split-phase functions at the end cut a training step
+where a cross-process reduction fits (see "Split phases" below).  Every function takes a batch ``x`` of
 ndim >= 2 and treats each sample as a flat vector of D = prod(x.shape[1:])
 features; per-feature operands (gamma, beta, running statistics) are numbers
 or arrays that broadcast to (D,).  Result dtypes follow the reference class's
@@ -12,6 +14,7 @@ the per-feature results (D values) are always fresh arrays.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
@@ -20,7 +23,9 @@ from . import _checks, _dtypes
 from ._native import kernels as _kernels
 from ._checks import F16, F32, F64
 
-__all__ = ["TrainResult", "forward_train", "forward_eval", "backward_train", "backward_eval"]
+__all__ = ["TrainResult", "forward_train", "forward_eval", "backward_train", "backward_eval",
+           "Moments", "GradSums", "batch_moments", "merge_moments", "normalize", "grad_sums",
+           "merge_grad_sums", "grad_input"]
 
 
 class TrainResult(NamedTuple):
@@ -199,3 +204,237 @@ def backward_eval(dout: Any, x: Any, gamma: Any, running_mean: Any, running_var:
                            _checks.kernel_vector(running_mean), _checks.kernel_vector(running_var),
                            eps, dgamma, dbeta)
     return (finish(result, target), *grads_as(dgamma, dbeta, dts))
+
+
+# --------------------------------------------------------------------------
+# Split phases.  A training step over a batch split into shards (one per
+# process) runs as
+#
+#   forward:   batch_moments(shard) -> exchange -> merge_moments(all, in order)
+#              -> normalize(shard, merged, gamma, beta)
+#   backward:  grad_sums(dout, shard, merged) -> exchange
+#              -> merge_grad_sums(all, in order) -> grad_input(dout, shard, ...)
+#
+# and gives what forward_train/backward_train give on the whole batch, to
+# rounding.  Merging in a fixed order makes every process's result bitwise
+# identical; bnfast.distributed.SyncBatchNormalization does this over MPI.
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Per-feature statistics of a batch (or shard), mergeable by merge_moments."""
+    count: int           #: rows
+    mean: np.ndarray     #: float64 (D,)
+    m2: np.ndarray       #: float64 (D,): sum of squared deviations from the mean
+
+    @property
+    def var(self) -> np.ndarray:
+        """The biased variance, m2 / count, as the reference computes it."""
+        result: np.ndarray = self.m2 / self.count
+        return result
+
+
+@dataclass(frozen=True)
+class GradSums:
+    """Per-feature sums of a batch (or shard)'s backward, mergeable by merge_grad_sums."""
+    count: int                   #: rows
+    sum_dout: np.ndarray         #: float64 (D,): sum of dout (dbeta)
+    sum_dout_xhat: np.ndarray    #: float64 (D,): sum of dout * xhat (dgamma)
+
+
+def _check_count(count: Any, what: str) -> int:
+    if isinstance(count, (bool, np.bool_)) or not isinstance(count, (int, np.integer)):
+        raise TypeError(f"{what}.count must be an integer, got {_checks.describe(count)}")
+    if count < 1:
+        raise ValueError(f"{what}.count must be >= 1, got {count}")
+    return int(count)
+
+
+def _check_vectors(what: str, count: Any, d: Optional[int],
+                   named: tuple[tuple[str, Any], ...]) -> tuple[int, list[np.ndarray]]:
+    """(count, the float64 vectors) of a Moments/GradSums, each of shape (d,)."""
+    count = _check_count(count, what)
+    arrays = []
+    for name, value in named:
+        arr = _checks.as_array(value, f"{what}.{name}")
+        _checks.check_real_dtype(arr.dtype, f"{what}.{name}")
+        if arr.ndim != 1 or (d is not None and arr.shape[0] != d):
+            expected = "(D,)" if d is None else f"({d},)"
+            raise ValueError(f"{what}.{name} has shape {arr.shape}; expected {expected}")
+        d = arr.shape[0]
+        arrays.append(np.ascontiguousarray(arr, dtype=F64))
+    return count, arrays
+
+
+def _moments_for(moments: Any, d: Optional[int], what: str = "moments") -> Moments:
+    if not isinstance(moments, Moments):
+        raise TypeError(f"{what} must be a bnfast.functional.Moments, got "
+                        f"{_checks.describe(moments)}")
+    count, (mean, m2) = _check_vectors(what, moments.count, d,
+                                       (("mean", moments.mean), ("m2", moments.m2)))
+    return Moments(count, mean, m2)
+
+
+def _grad_sums_for(sums: Any, d: Optional[int], what: str = "sums") -> GradSums:
+    if not isinstance(sums, GradSums):
+        raise TypeError(f"{what} must be a bnfast.functional.GradSums, got "
+                        f"{_checks.describe(sums)}")
+    count, (sum_dout, sum_dout_xhat) = _check_vectors(
+        what, sums.count, d, (("sum_dout", sums.sum_dout), ("sum_dout_xhat", sums.sum_dout_xhat)))
+    return GradSums(count, sum_dout, sum_dout_xhat)
+
+
+def _invstd(moments: Moments, eps: float) -> np.ndarray:
+    """1 / sqrt(var + eps), computed as the training kernels compute it."""
+    result: np.ndarray = 1.0 / np.sqrt(moments.m2 / moments.count + eps)
+    return result
+
+
+def shard_moments(xk: np.ndarray, n: int, d: int, cache: Optional[np.ndarray]) -> Moments:
+    """batch_moments of a validated kernel-ready (n, d) batch; cache = x unless None."""
+    mean = np.empty(d)
+    m2 = np.empty(d)
+    _kernels.moments(xk, cache, n, d, mean, m2)
+    return Moments(n, mean, m2)
+
+
+def batch_moments(x: Any) -> Moments:
+    """(count, mean, M2) per feature of x (ndim >= 2, flattened per sample), float64.
+
+    Computed as the training forward computes its statistics (one pass of
+    shifted sums with an exact fallback, float64 accumulation).
+    """
+    x, n, d = _checks.batch(x)
+    return shard_moments(_checks.for_kernel(x, _checks.kernel_dtype(x.dtype)), n, d, None)
+
+
+def merge_moments(parts: Any) -> Moments:
+    """Chan's merge of several Moments, in the order given.
+
+    The result is the statistics of the concatenated batches to rounding, the
+    same for any way of splitting the batch up to the last bits, and bitwise
+    the same wherever it is computed from the same parts in the same order.
+    A feature whose mean is not finite gets the count-weighted mean of the
+    parts (inf or NaN), as the reference's column sums do.
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("merge_moments needs at least one Moments")
+    first = _moments_for(parts[0], None, "parts[0]")
+    d = first.mean.shape[0]
+    count, mean, m2 = first.count, first.mean.copy(), first.m2.copy()
+    for index, part in enumerate(parts[1:], 1):
+        part = _moments_for(part, d, f"parts[{index}]")
+        total = count + part.count
+        delta = part.mean - mean
+        with np.errstate(invalid="ignore", over="ignore"):
+            merged_mean = mean + delta * (part.count / total)
+            merged_m2 = m2 + part.m2 + delta * delta * (count * part.count / total)
+            finite = np.isfinite(mean) & np.isfinite(part.mean)
+            if not finite.all():
+                weighted = (mean * count + part.mean * part.count) / total
+                merged_mean = np.where(finite, merged_mean, weighted)
+                merged_m2 = np.where(finite, merged_m2, m2 + part.m2)
+        count, mean, m2 = total, merged_mean, merged_m2
+    return Moments(count, mean, m2)
+
+
+def normalize(x: Any, moments: Any, gamma: Any, beta: Any, *, eps: float = 1e-6,
+              out: Optional[np.ndarray] = None) -> np.ndarray:
+    """gamma * (x - mean) / sqrt(var + eps) + beta with the given (merged)
+    statistics: the training forward's output for this shard.  dtype as
+    forward_train's output."""
+    x, n, d = _checks.batch(x)
+    moments = _moments_for(moments, d)
+    eps = _checks.check_eps(eps)
+    gamma = _checks.operand(gamma, "gamma", d, x.shape)
+    beta = _checks.operand(beta, "beta", d, x.shape)
+    dts = _dtypes.train(x.dtype, gamma, beta)
+    result, target = result_buffers(x.shape, dts.out, out, "out",
+                                    (x, gamma, beta, moments.mean, moments.m2))
+    scale, shift = affine_coefficients(moments, gamma, beta, eps, d)
+    _kernels.affine(_checks.for_kernel(x, _checks.kernel_dtype(x.dtype)), target, n, d,
+                    moments.mean, scale, shift)
+    return finish(result, target)
+
+
+def affine_coefficients(moments: Moments, gamma: Any, beta: Any, eps: float,
+                        d: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) of y = (x - mean) * scale + shift, float64 (D,)."""
+    scale = _invstd(moments, eps) * np.broadcast_to(np.asarray(gamma, dtype=F64), (d,))
+    shift = np.ascontiguousarray(np.broadcast_to(np.asarray(beta, dtype=F64), (d,)))
+    return scale, shift
+
+
+def grad_sums(dout: Any, x: Any, moments: Any, *, eps: float = 1e-6) -> GradSums:
+    """Per-feature sums of dout and dout * xhat over this shard, float64,
+    where xhat = (x - mean) / sqrt(var + eps) with the given (merged) statistics."""
+    x, n, d = _checks.batch(x)
+    dout = check_dout(dout, x.shape, n, d)
+    moments = _moments_for(moments, d)
+    eps = _checks.check_eps(eps)
+    xk, dk = same_kernel_dtype(x, dout)
+    return shard_grad_sums(xk, dk, n, d, moments, eps)
+
+
+def shard_grad_sums(xk: np.ndarray, dk: np.ndarray, n: int, d: int, moments: Moments,
+                    eps: float) -> GradSums:
+    """grad_sums of validated kernel-ready (n, d) arrays."""
+    sum_dout = np.empty(d)
+    sum_dout_xc = np.empty(d)
+    _kernels.grad_sums(xk, dk, n, d, moments.mean, sum_dout, sum_dout_xc)
+    return GradSums(n, sum_dout, sum_dout_xc * _invstd(moments, eps))
+
+
+def merge_grad_sums(parts: Any) -> GradSums:
+    """The sums of several GradSums, added in the order given."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("merge_grad_sums needs at least one GradSums")
+    first = _grad_sums_for(parts[0], None, "parts[0]")
+    d = first.sum_dout.shape[0]
+    count, sum_dout, sum_dout_xhat = first.count, first.sum_dout.copy(), first.sum_dout_xhat.copy()
+    for index, part in enumerate(parts[1:], 1):
+        part = _grad_sums_for(part, d, f"parts[{index}]")
+        count += part.count
+        sum_dout += part.sum_dout
+        sum_dout_xhat += part.sum_dout_xhat
+    return GradSums(count, sum_dout, sum_dout_xhat)
+
+
+def grad_input(dout: Any, x: Any, moments: Any, gamma: Any, sums: Any, *, eps: float = 1e-6,
+               out: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dx, dgamma, dbeta) of this shard from the merged statistics and sums.
+
+    dx = gamma / std * (dout - sum_dout / N - xhat * sum_dout_xhat / N) with N
+    the merged count; dgamma = sum_dout_xhat and dbeta = sum_dout (the whole
+    batch's, the same on every shard).  dtypes as backward_train's.
+    """
+    x, n, d = _checks.batch(x)
+    dout = check_dout(dout, x.shape, n, d)
+    moments = _moments_for(moments, d)
+    sums = _grad_sums_for(sums, d)
+    if sums.count != moments.count:
+        raise ValueError(f"sums.count is {sums.count} but moments.count is {moments.count}; "
+                         f"both must count the whole (merged) batch")
+    eps = _checks.check_eps(eps)
+    gamma = _checks.operand(gamma, "gamma", d, x.shape)
+    dts = _dtypes.grads(True, x.dtype, gamma, dout.dtype)
+    result, target = result_buffers(x.shape, dts.dx, out, "out",
+                                    (x, dout, gamma, moments.mean, moments.m2))
+    xk, dk = same_kernel_dtype(x, dout)
+    dgamma, dbeta = shard_grad_input(xk, dk, target, n, d, moments, gamma, sums, eps)
+    return (finish(result, target), *grads_as(dgamma, dbeta, dts))
+
+
+def shard_grad_input(xk: np.ndarray, dk: np.ndarray, target: np.ndarray, n: int, d: int,
+                     moments: Moments, gamma: Any, sums: GradSums,
+                     eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """dx into target from validated kernel-ready arrays; (dgamma, dbeta) as float64."""
+    invstd = _invstd(moments, eps)
+    count = float(sums.count)
+    k = np.broadcast_to(np.asarray(gamma, dtype=F64), (d,)) * invstd
+    k_xc = invstd * (sums.sum_dout_xhat / count)
+    mean_dout = sums.sum_dout / count
+    _kernels.grad_input(xk, dk, target, n, d, moments.mean, mean_dout, k_xc, k)
+    return sums.sum_dout_xhat.copy(), sums.sum_dout.copy()
