@@ -1,0 +1,278 @@
+"""``SyncBatchNormalization``: batch normalization over a batch split across processes.
+
+Each process (MPI rank) passes its own shard of the batch; the statistics are
+those of the whole (concatenated) batch, so every rank's output, gradients
+and running statistics are what one ``BatchNormalization`` computes on the
+whole batch, to rounding.  Built on the split-phase functions of
+bnfast.functional:
+
+  forward (training):  local (count, mean, M2) -> one allgather -> merge in
+                       rank order -> normalize the shard
+  backward (training): local sums of dout and dout * xhat -> one allgather
+                       -> add in rank order -> dx of the shard
+
+Merging in rank order (not with a reduction whose order depends on the MPI
+library or on message timing) gives every rank bitwise-identical statistics,
+dgamma and dbeta.  Each exchange also carries every rank's shapes, dtypes and
+settings (or the error its input raised), so a mismatch or a bad input on
+one rank raises on every rank instead of deadlocking a collective.
+
+mpi4py is imported only when a layer is made without ``comm``; any object
+with mpi4py's ``allgather`` and ``Get_size`` (a communicator) will do.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from . import _checks, _dtypes
+from ._checks import F64
+from ._native import kernels as _kernels
+from .functional import (GradSums, Moments, affine_coefficients, backward_eval, check_dout,
+                         finish, grads_as, merge_grad_sums, merge_moments, result_buffers,
+                         running_update, same_kernel_dtype, shard_grad_input, shard_grad_sums,
+                         shard_moments)
+from .layer import BatchNormalization
+
+__all__ = ["SyncBatchNormalization", "RankError"]
+
+
+class RankError(ValueError):
+    """Another rank's input was rejected, or the ranks' inputs do not match."""
+
+
+def _world() -> Any:
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ImportError("SyncBatchNormalization without comm= needs mpi4py and an MPI "
+                          "library: pip install \"bnfast[mpi]\"") from exc
+    return MPI.COMM_WORLD
+
+
+class _Shared(NamedTuple):
+    """What one rank sends in an exchange."""
+    op: str                   # which call: every rank must be making the same one
+    error: Optional[tuple[str, str]]   # (exception type, message) if this rank's input failed
+    meta: Optional[tuple[Any, ...]]    # what must agree across ranks
+    rows: int                 # this rank's rows
+    data: Optional[np.ndarray]         # float64 per-feature partials
+
+
+class SyncBatchNormalization(BatchNormalization):
+    """``BatchNormalization`` whose batch statistics span every rank of ``comm``.
+
+    Same constructor (plus ``comm``, default ``MPI.COMM_WORLD``), methods,
+    attributes, dtypes and errors as ``BatchNormalization``.  Per rank,
+    ``xc``, ``xn``, ``input_shape`` and ``batch_size`` describe this rank's
+    shard; ``std``, ``dgamma``, ``dbeta`` and the running statistics are the
+    whole batch's and identical on every rank; ``global_batch_size`` is the
+    whole batch's row count.  Every rank must make the same calls in the same
+    order (each training forward and every backward is a collective).
+
+    In eval mode the forward is local (running statistics are the same on
+    every rank) and the backward sums dgamma and dbeta over the ranks, so
+    that in both modes they are the whole batch's: do not reduce them again.
+    """
+
+    def __init__(self, gamma: Any, beta: Any, momentum: float = 0.9,
+                 running_mean: Any = None, running_var: Any = None, *,
+                 eps: float = 1e-6, comm: Any = None) -> None:
+        super().__init__(gamma, beta, momentum, running_mean, running_var, eps=eps)
+        if comm is None:
+            comm = _world()
+        for method in ("allgather", "Get_size"):
+            if not callable(getattr(comm, method, None)):
+                raise TypeError(f"comm must be an MPI communicator (mpi4py.MPI.Comm); got "
+                                f"{type(comm).__name__}, which has no {method}()")
+        self.comm = comm
+        self.global_batch_size: Optional[int] = None
+        self._global: Optional[Moments] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A communicator cannot be pickled; an unpickled layer gets COMM_WORLD.
+        state = self.__dict__.copy()
+        state["comm"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.comm is None:
+            self.comm = _world()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "SyncBatchNormalization":
+        import copy
+        clone = SyncBatchNormalization.__new__(SyncBatchNormalization)
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            clone.__dict__[key] = value if key == "comm" else copy.deepcopy(value, memo)
+        return clone
+
+    # -- the exchange
+
+    def _exchange(self, op: str, local: Callable[[], tuple[tuple[Any, ...], int, np.ndarray]]
+                  ) -> list[_Shared]:
+        """Run `local` (validation and this rank's partials), share the
+        outcome with every rank, and raise on every rank if any rank failed
+        or the ranks disagree.  Returns every rank's share, in rank order."""
+        own: Optional[BaseException] = None
+        try:
+            meta, count, data = local()
+            mine = _Shared(op, None, meta, count, data)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            own = exc
+            mine = _Shared(op, (type(exc).__name__, str(exc)), None, 0, None)
+        shares: list[_Shared] = self.comm.allgather(mine)
+        ops = {share.op for share in shares}
+        if len(ops) > 1:
+            calls = ", ".join(f"rank {r}: {s.op}" for r, s in enumerate(shares))
+            raise RuntimeError(f"the ranks made different calls ({calls}); every rank must "
+                               f"call forward/backward in the same order")
+        if own is not None:
+            raise own
+        failed = [(r, s.error) for r, s in enumerate(shares) if s.error is not None]
+        if failed:
+            rank, (kind, message) = failed[0]
+            raise RankError(f"{op} failed on rank {rank} ({kind}: {message}); every rank "
+                            f"raises so that none waits forever")
+        first = shares[0].meta
+        for rank, share in enumerate(shares[1:], 1):
+            if share.meta != first:
+                raise RankError(f"{op}: rank {rank} has {_describe_meta(share.meta)} but rank 0 "
+                                f"has {_describe_meta(first)}; all ranks must match")
+        return shares
+
+    # -- forward
+
+    def forward(self, x: Any, train_flg: bool = True) -> np.ndarray:
+        """Normalize this rank's shard x; training mode uses the whole batch's statistics."""
+        if not train_flg:
+            return super().forward(x, False)
+        prepared: dict[str, Any] = {}
+
+        def local() -> tuple[tuple[Any, ...], int, np.ndarray]:
+            prepared.update(self._prepare_train(x))
+            moments: Moments = prepared["moments"]
+            meta = ("train", prepared["x"].shape[1:], str(prepared["x"].dtype),
+                    prepared["eps"], float(self.momentum))
+            return meta, moments.count, np.concatenate([moments.mean, moments.m2])
+
+        shares = self._exchange("forward(train_flg=True)", local)
+        d = prepared["d"]
+        merged = merge_moments(Moments(s.rows, s.data[:d], s.data[d:])  # type: ignore[index]
+                               for s in shares)
+        return self._finish_train(prepared, merged)
+
+    def _prepare_train(self, x: Any) -> dict[str, Any]:
+        """Validation, dtypes and this shard's moments (and cached copy); no state changes."""
+        x, n, d = _checks.batch(x)
+        eps = _checks.check_eps(self.eps)
+        momentum = self.momentum
+        _checks.check_momentum(momentum)
+        gamma = _checks.operand(self.gamma, "gamma", d, x.shape)
+        beta = _checks.operand(self.beta, "beta", d, x.shape)
+        running_mean, running_var = self._running(d, x.shape)
+        dts = _dtypes.train(x.dtype, gamma, beta, momentum, running_mean, running_var)
+        kernel_dt = _checks.kernel_dtype(x.dtype)
+        xk = _checks.for_kernel(x, kernel_dt)
+        cache = None
+        if xk is x:     # the caller's array: keep a copy, made in the statistics pass
+            cache = self._buffer
+            if cache is None or cache.shape != (n, d) or cache.dtype != kernel_dt:
+                cache = np.empty((n, d), kernel_dt)
+        moments = shard_moments(xk, n, d, cache)
+        return dict(x=x, n=n, d=d, eps=eps, gamma=gamma, beta=beta, dts=dts, xk=xk,
+                    cache=cache, moments=moments, running=(running_mean, running_var))
+
+    def _finish_train(self, p: dict[str, Any], merged: Moments) -> np.ndarray:
+        x, n, d, eps, dts = p["x"], p["n"], p["d"], p["eps"], p["dts"]
+        var = merged.var
+        invstd = 1.0 / np.sqrt(var + eps)
+        result, target = result_buffers(x.shape, dts.out, None, "out", ())
+        scale, shift = affine_coefficients(merged, p["gamma"], p["beta"], eps, d)
+        _kernels.affine(p["xk"], target, n, d, merged.mean, scale, shift)
+        running_mean, running_var = p["running"]
+        rm_new, rv_new = running_update(self.momentum, running_mean, running_var, merged.mean,
+                                        var, dts.stat)
+        rm_new = rm_new.astype(dts.running_mean, copy=False)
+        rv_new = rv_new.astype(dts.running_var, copy=False)
+        stats = np.stack([merged.mean, var, invstd])
+        cache = p["cache"]
+        if cache is not None:
+            self._buffer = cache
+        self._commit_train((cache if cache is not None else p["xk"], x.dtype, n, d, x.shape,
+                            stats, dts.stat, eps), rm_new, rv_new)
+        self._global = merged
+        self.global_batch_size = merged.count
+        return finish(result, target)
+
+    # -- backward
+
+    def backward(self, dout: Any) -> np.ndarray:
+        """dx of this rank's shard; dgamma and dbeta of the whole batch."""
+        last_train = self._last_train
+        if last_train is None:
+            raise RuntimeError("backward() called before any forward(); call forward(x) first")
+        if last_train:
+            return self._backward_train(dout)
+        return self._backward_eval(dout)
+
+    def _backward_train(self, dout: Any) -> np.ndarray:
+        assert self._train is not None and self._global is not None
+        x, x_dtype, n, d, shape, _, _, eps = self._train
+        merged = self._global
+        prepared: dict[str, Any] = {}
+
+        def local() -> tuple[tuple[Any, ...], int, np.ndarray]:
+            checked = check_dout(dout, shape, n, d)
+            gamma = _checks.operand(self.gamma, "gamma", d, shape)
+            dts = _dtypes.grads(True, x_dtype, gamma, checked.dtype)
+            xk, dk = same_kernel_dtype(x, checked)
+            sums = shard_grad_sums(xk, dk, n, d, merged, eps)
+            prepared.update(xk=xk, dk=dk, gamma=gamma, dts=dts)
+            return ("backward", d), n, np.concatenate([sums.sum_dout, sums.sum_dout_xhat])
+
+        shares = self._exchange("backward (after a training forward)", local)
+        total = merge_grad_sums(GradSums(s.rows, s.data[:d], s.data[d:])  # type: ignore[index]
+                                for s in shares)
+        dts = prepared["dts"]
+        result, target = result_buffers(shape, dts.dx, None, "dx", ())
+        dgamma, dbeta = shard_grad_input(prepared["xk"], prepared["dk"], target, n, d, merged,
+                                         _checks.kernel_vector(prepared["gamma"]), total, eps)
+        self.dgamma, self.dbeta = grads_as(dgamma, dbeta, dts)
+        return finish(result, target)
+
+    def _backward_eval(self, dout: Any) -> np.ndarray:
+        assert self._eval is not None
+        x, _, n, d, shape, running_mean, running_var, eps = self._eval
+        prepared: dict[str, Any] = {}
+
+        def local() -> tuple[tuple[Any, ...], int, np.ndarray]:
+            dx, dgamma, dbeta = backward_eval(dout, x.reshape(shape), self.gamma, running_mean,
+                                              running_var, eps=eps)
+            prepared.update(dx=dx, dgamma_dtype=dgamma.dtype, dbeta_dtype=dbeta.dtype)
+            return (("backward", d), n,
+                    np.concatenate([dgamma.astype(F64), dbeta.astype(F64)]))
+
+        shares = self._exchange("backward (after an eval-mode forward)", local)
+        dgamma = np.zeros(d)
+        dbeta = np.zeros(d)
+        for share in shares:      # rank order
+            assert share.data is not None
+            dgamma += share.data[:d]
+            dbeta += share.data[d:]
+        self.dgamma = dgamma.astype(prepared["dgamma_dtype"], copy=False)
+        self.dbeta = dbeta.astype(prepared["dbeta_dtype"], copy=False)
+        result: np.ndarray = prepared["dx"]
+        return result
+
+
+def _describe_meta(meta: Optional[Sequence[Any]]) -> str:
+    if meta is None:
+        return "no input"
+    if meta[0] == "train":
+        _, sample_shape, dtype, eps, momentum = meta
+        return (f"samples of shape {tuple(sample_shape)} and dtype {dtype}, eps={eps}, "
+                f"momentum={momentum}")
+    return f"{meta[1]} features"
