@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -645,6 +646,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _rank_counts(text: str) -> tuple[int, ...]:
+    return tuple(dict.fromkeys(_positive_int(item.strip()) for item in text.split(",")))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bnfast-bench", description=__doc__,
@@ -675,6 +680,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action=argparse.BooleanOptionalAction, default=None,
         help="compare bnfast's and torch's results with the reference twin before timing, "
              "and stop if they differ (default: on with --quick, off otherwise)")
+    parser.add_argument(
+        "--sync-ranks", type=_rank_counts, metavar="K,K,...",
+        help="instead of the grid: time SyncBatchNormalization's training step on 1 process "
+             "and on K MPI ranks (e.g. 1,2,4), compute and communication apart (needs "
+             "bnfast[mpi])")
     parser.add_argument("--json", type=Path, metavar="PATH",
                         help="write every measurement and the machine's description here")
     parser.add_argument("--plot", type=Path, metavar="PATH",
@@ -714,6 +724,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error(f"--plot needs matplotlib, which is not installed: {BENCH_EXTRA}")
+    if args.sync_ranks is not None:
+        return _sync_main(args)
     shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
     check_results = args.quick if args.check is None else args.check
 
@@ -766,6 +778,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as exc:
         print(f"bnfast-bench: error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _sync_main(args: argparse.Namespace) -> int:
+    """--sync-ranks: SyncBatchNormalization's communication cost (bnfast._sync_bench)."""
+    from bnfast import _sync_bench
+    try:
+        rows = _sync_bench.run_all(args.sync_ranks, args.repeats)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        print(f"bnfast-bench: error: {exc}", file=sys.stderr)
+        return 1
+    print(_sync_bench.format_rows(rows, os.cpu_count() or 1))
+    if args.json is not None:
+        try:
+            with open(args.json, "w", encoding="utf-8") as out:
+                json.dump({"sync_steps": rows}, out, indent=1)
+        except OSError as exc:
+            print(f"bnfast-bench: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"bnfast-bench: wrote {args.json}", file=sys.stderr)
     return 0
 
 

@@ -83,6 +83,7 @@ def test_parse_shapes():
     (["--repeats", "-1"], "--repeats: expected a whole number >= 1"),
     (["--json", "/no/such/directory/r.json"], "does not exist"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--sync-ranks", "1,0"], "--sync-ranks: expected a whole number >= 1, got '0'"),
 ])
 def test_bad_arguments_exit_2_with_a_message(capsys, args, message):
     status, out, err = run(args, capsys)
@@ -228,3 +229,27 @@ def test_runs_as_a_module():
                          capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
     assert ran.returncode == 2
     assert "bnfast-bench: error: argument --ops: unknown operation 'nonsense'" in ran.stderr
+
+
+def test_sync_ranks_without_mpi4py_says_how_to_get_it(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    status, out, err = run(["--sync-ranks", "1,2"], capsys)
+    assert status == 1 and out == ""
+    assert 'needs mpi4py and an MPI library: pip install "bnfast[mpi]"' in err
+
+
+def test_sync_table_and_timed_communicator():
+    from bnfast import _sync_bench
+    from threadcomm import run_ranks
+    rows = [{"shape": [256, 1024], "dtype": "float64", "ranks": 0, "step_s": 1e-3,
+             "communication_s": 0.0, "rows_per_rank": [256]},
+            {"shape": [256, 1024], "dtype": "float64", "ranks": 3, "step_s": 2e-3,
+             "communication_s": 5e-4, "rows_per_rank": [86, 85, 85]}]
+    table = _sync_bench.format_rows(rows, 2).splitlines()
+    assert table[-1].split() == ["256x1024", "3", "85-86", "2.00", "ms", "1.50", "ms",
+                                 "500.0", "µs", "25%"]
+    timed = run_ranks(2, lambda comm: _sync_bench.TimedComm(comm))
+    gathered = run_ranks(2, lambda comm: (lambda t: (t.allgather(comm.rank), t.seconds))(
+        _sync_bench.TimedComm(comm)))
+    assert all(g[0] == [0, 1] and g[1] > 0 for g in gathered)
+    assert timed[0].Get_size() == 2
