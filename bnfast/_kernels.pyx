@@ -363,6 +363,7 @@ cdef struct TrainArgs:
     OutVec rv_new
     double momentum
     double one_minus_momentum
+    double var_correction          # running var gets var * this: 1, or n / (n - 1) (unbiased)
 
 
 cdef void _finish_stats(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
@@ -393,7 +394,7 @@ cdef void _finish_stats(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssiz
         _store(&a.rm_new, c0, w, tmp)
         _expand(a.rv_old, c0, w, tmp)
         for j in range(w):
-            tmp[j] = a.momentum * tmp[j] + a.one_minus_momentum * var[j]
+            tmp[j] = a.momentum * tmp[j] + a.one_minus_momentum * (var[j] * a.var_correction)
         _store(&a.rv_new, c0, w, tmp)
 
 
@@ -1193,6 +1194,8 @@ cdef int _grad_input(const Grid* g, const in_t* x, const in_t* dy, out_t* dx,
     return 0
 
 
+include "_planes.pxi"
+
 # ---------------------------------------------------------------------------
 # Thin typed entry points.  Arrays arrive validated and laid out by Python;
 # these checks only guard memory safety and cost a few nanoseconds each.
@@ -1259,62 +1262,84 @@ cdef Grid _grid_for(cnp.ndarray x, cnp.ndarray out, Py_ssize_t n, Py_ssize_t d) 
     return _make_grid(n, d, cnp.PyArray_ITEMSIZE(x), n * d * cnp.PyArray_ITEMSIZE(out))
 
 
+cdef void* _cache_ptr(object cache, Py_ssize_t size, bint in64) except? NULL:
+    """The data of an optional copy-of-x buffer (NULL for None)."""
+    if cache is None:
+        return NULL
+    _require(<cnp.ndarray?>cache, size, "cache", True)
+    if _is_f64(<cnp.ndarray?>cache) != in64:
+        raise TypeError("cache dtype must match x")
+    return cnp.PyArray_DATA(<cnp.ndarray?>cache)
+
+
+cdef int _train_args(TrainArgs* a, Vec* vecs, Py_ssize_t d, cnp.ndarray gamma, cnp.ndarray beta,
+                     double eps, cnp.ndarray mean, cnp.ndarray var, object invstd,
+                     object rm_old, object rm_new, object rv_old, object rv_new,
+                     double momentum, double one_minus_momentum,
+                     double var_correction) except -1:
+    """Checks the training forward's per-feature operands (d features) and
+    fills a; vecs: 4 Vec that a points into (gamma, beta, old running stats)."""
+    if gamma is None or beta is None or mean is None or var is None:
+        raise TypeError("gamma, beta, mean and var are required")
+    vecs[0] = _vec(gamma, d, "gamma")
+    vecs[1] = _vec(beta, d, "beta")
+    _require_f64(mean, d, "mean", True)
+    _require_f64(var, d, "var", True)
+    a.invstd = NULL
+    if invstd is not None:
+        _require_f64(<cnp.ndarray?>invstd, d, "invstd", True)
+        a.invstd = <double*>cnp.PyArray_DATA(<cnp.ndarray?>invstd)
+    a.rm_new = _outvec(rm_new, d, "rm_new")
+    a.rv_new = _outvec(rv_new, d, "rv_new")
+    if (a.rm_new.data == NULL) != (a.rv_new.data == NULL):
+        raise ValueError("give both rm_new and rv_new, or neither")
+    vecs[2] = vecs[3] = vecs[0]
+    if rm_new is not None:
+        if rm_old is None or rv_old is None:
+            raise TypeError("rm_old and rv_old are required with rm_new")
+        vecs[2] = _vec(<cnp.ndarray?>rm_old, d, "rm_old")
+        vecs[3] = _vec(<cnp.ndarray?>rv_old, d, "rv_old")
+    a.gamma = &vecs[0]
+    a.beta = &vecs[1]
+    a.eps = eps
+    a.mean = <double*>cnp.PyArray_DATA(mean)
+    a.var = <double*>cnp.PyArray_DATA(var)
+    a.rm_old = &vecs[2]
+    a.rv_old = &vecs[3]
+    a.momentum = momentum
+    a.one_minus_momentum = one_minus_momentum
+    a.var_correction = var_correction
+    return 0
+
+
 def train_forward(cnp.ndarray x not None, cnp.ndarray cache, cnp.ndarray y not None,
                   Py_ssize_t n, Py_ssize_t d, cnp.ndarray gamma not None,
                   cnp.ndarray beta not None, double eps,
                   cnp.ndarray mean not None, cnp.ndarray var not None, cnp.ndarray invstd,
                   cnp.ndarray rm_old, cnp.ndarray rm_new, cnp.ndarray rv_old, cnp.ndarray rv_new,
-                  double momentum, double one_minus_momentum):
+                  double momentum, double one_minus_momentum, double var_correction=1.0):
     """Training forward on the (n, d) view of x.
 
     Writes y (n*d elements); the float64 batch mean, biased var and (unless
     None) invstd, d elements each; cache (a copy of x, x's dtype) unless None;
     and the running statistics rm_new / rv_new (float32/float64, d elements)
-    from rm_old / rv_old unless rm_new is None.  gamma, beta, rm_old, rv_old:
-    float32/float64 with d or 1 elements.
+    from rm_old / rv_old unless rm_new is None (the variance enters them times
+    var_correction).  gamma, beta, rm_old, rv_old: float32/float64 with d or 1
+    elements.
     """
     cdef TrainArgs a
-    cdef Vec g, b, rmo, rvo
+    cdef Vec vecs[4]
     cdef bint in64, out64
     cdef int status
-    cdef void* pcache = NULL
+    cdef void* pcache
     _check_nd(n, d)
     _require(x, n * d, "x", False)
     _require(y, n * d, "y", True)
     in64 = _is_f64(x)
     out64 = _is_f64(y)
-    g = _vec(gamma, d, "gamma")
-    b = _vec(beta, d, "beta")
-    _require_f64(mean, d, "mean", True)
-    _require_f64(var, d, "var", True)
-    a.invstd = NULL
-    if invstd is not None:
-        _require_f64(invstd, d, "invstd", True)
-        a.invstd = <double*>cnp.PyArray_DATA(invstd)
-    if cache is not None:
-        _require(cache, n * d, "cache", True)
-        if _is_f64(cache) != in64:
-            raise TypeError("cache dtype must match x")
-        pcache = cnp.PyArray_DATA(cache)
-    a.rm_new = _outvec(rm_new, d, "rm_new")
-    a.rv_new = _outvec(rv_new, d, "rv_new")
-    if (a.rm_new.data == NULL) != (a.rv_new.data == NULL):
-        raise ValueError("give both rm_new and rv_new, or neither")
-    rmo = rvo = g
-    if rm_new is not None:
-        if rm_old is None or rv_old is None:
-            raise TypeError("rm_old and rv_old are required with rm_new")
-        rmo = _vec(rm_old, d, "rm_old")
-        rvo = _vec(rv_old, d, "rv_old")
-    a.gamma = &g
-    a.beta = &b
-    a.eps = eps
-    a.mean = <double*>cnp.PyArray_DATA(mean)
-    a.var = <double*>cnp.PyArray_DATA(var)
-    a.rm_old = &rmo
-    a.rv_old = &rvo
-    a.momentum = momentum
-    a.one_minus_momentum = one_minus_momentum
+    pcache = _cache_ptr(cache, n * d, in64)
+    _train_args(&a, vecs, d, gamma, beta, eps, mean, var, invstd, rm_old, rm_new, rv_old,
+                rv_new, momentum, one_minus_momentum, var_correction)
     cdef Grid grid = _grid_for(x, y, n, d)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* py = cnp.PyArray_DATA(y)
@@ -1496,17 +1521,12 @@ def moments(cnp.ndarray x not None, cnp.ndarray cache, Py_ssize_t n, Py_ssize_t 
     """Per-feature float64 mean and M2 of the (n, d) view of x, as the
     training forward computes them; cache (x's dtype) = x unless None."""
     cdef int status
-    cdef void* pcache = NULL
     _check_nd(n, d)
     _require(x, n * d, "x", False)
     cdef double* pmean = _f64_out(mean, d, "mean")
     cdef double* pm2 = _f64_out(m2, d, "m2")
-    if cache is not None:
-        _require(cache, n * d, "cache", True)
-        if _is_f64(cache) != _is_f64(x):
-            raise TypeError("cache dtype must match x")
-        pcache = cnp.PyArray_DATA(cache)
     cdef bint in64 = _is_f64(x)
+    cdef void* pcache = _cache_ptr(cache, n * d, in64)
     cdef Grid grid = _grid_for(x, x, n, d)
     cdef void* px = cnp.PyArray_DATA(x)
     with nogil:
@@ -1601,6 +1621,170 @@ def grad_input(cnp.ndarray x not None, cnp.ndarray dy not None, cnp.ndarray dx n
         else:
             status = _grad_input[float, float](&grid, <const float*>px, <const float*>pdy,
                                                <float*>pdx, pc, pm, pq, pk)
+    if status != 0:
+        raise MemoryError("bnfast: could not allocate kernel work space")
+
+
+# ---------------------------------------------------------------------------
+# Per-channel entry points for NCHW-contiguous batches: (n, c, s) views, s =
+# prod(spatial); per-channel vectors have c (or 1) elements.
+
+cdef int _check_planes(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s) except -1:
+    _check_nd(n, c)
+    if s < 1:
+        raise ValueError(f"kernel needs s >= 1, got s={s}")
+    if n * c > PY_SSIZE_T_MAX // s:
+        raise ValueError(f"kernel sizes overflow: n={n} * c={c} * s={s}")
+    return 0
+
+
+def planes_train_forward(cnp.ndarray x not None, cnp.ndarray cache, cnp.ndarray y not None,
+                         Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, cnp.ndarray gamma not None,
+                         cnp.ndarray beta not None, double eps,
+                         cnp.ndarray mean not None, cnp.ndarray var not None,
+                         cnp.ndarray invstd, cnp.ndarray rm_old, cnp.ndarray rm_new,
+                         cnp.ndarray rv_old, cnp.ndarray rv_new,
+                         double momentum, double one_minus_momentum, double var_correction=1.0):
+    """Per-channel training forward of the (n, c, s) view of x; as
+    train_forward, with per-channel (c-element) statistics."""
+    cdef TrainArgs a
+    cdef Vec vecs[4]
+    cdef int status
+    _check_planes(n, c, s)
+    _require(x, n * c * s, "x", False)
+    _require(y, n * c * s, "y", True)
+    cdef bint in64 = _is_f64(x), out64 = _is_f64(y)
+    cdef void* pcache = _cache_ptr(cache, n * c * s, in64)
+    _train_args(&a, vecs, c, gamma, beta, eps, mean, var, invstd, rm_old, rm_new, rv_old,
+                rv_new, momentum, one_minus_momentum, var_correction)
+    cdef Planes p = _make_planes(n, c, s, cnp.PyArray_ITEMSIZE(x))
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* py = cnp.PyArray_DATA(y)
+    with nogil:
+        if in64 and out64:
+            status = _planes_train_forward[double, double](&p, <const double*>px,
+                                                           <double*>pcache, <double*>py, &a)
+        elif out64:
+            status = _planes_train_forward[float, double](&p, <const float*>px,
+                                                          <float*>pcache, <double*>py, &a)
+        elif in64:
+            status = _planes_train_forward[double, float](&p, <const double*>px,
+                                                          <double*>pcache, <float*>py, &a)
+        else:
+            status = _planes_train_forward[float, float](&p, <const float*>px,
+                                                         <float*>pcache, <float*>py, &a)
+    if status != 0:
+        raise MemoryError("bnfast: could not allocate kernel work space")
+
+
+def planes_eval_forward(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t n,
+                        Py_ssize_t c, Py_ssize_t s, cnp.ndarray gamma not None,
+                        cnp.ndarray beta not None, cnp.ndarray rm not None,
+                        cnp.ndarray rv not None, double eps):
+    """Per-channel eval forward of the (n, c, s) view of x."""
+    cdef int status
+    _check_planes(n, c, s)
+    _require(x, n * c * s, "x", False)
+    _require(y, n * c * s, "y", True)
+    cdef bint in64 = _is_f64(x), out64 = _is_f64(y)
+    cdef Vec g = _vec(gamma, c, "gamma"), b = _vec(beta, c, "beta")
+    cdef Vec m = _vec(rm, c, "running_mean"), v = _vec(rv, c, "running_var")
+    cdef Planes p = _make_planes(n, c, s, cnp.PyArray_ITEMSIZE(x))
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* py = cnp.PyArray_DATA(y)
+    with nogil:
+        if in64 and out64:
+            status = _planes_eval_forward[double, double](&p, <const double*>px, <double*>py,
+                                                          &g, &b, &m, &v, eps)
+        elif out64:
+            status = _planes_eval_forward[float, double](&p, <const float*>px, <double*>py,
+                                                         &g, &b, &m, &v, eps)
+        elif in64:
+            status = _planes_eval_forward[double, float](&p, <const double*>px, <float*>py,
+                                                         &g, &b, &m, &v, eps)
+        else:
+            status = _planes_eval_forward[float, float](&p, <const float*>px, <float*>py,
+                                                        &g, &b, &m, &v, eps)
+    if status != 0:
+        raise MemoryError("bnfast: could not allocate kernel work space")
+
+
+def planes_train_backward(cnp.ndarray x not None, cnp.ndarray dy not None,
+                          cnp.ndarray dx not None, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s,
+                          cnp.ndarray mean not None, cnp.ndarray invstd not None,
+                          cnp.ndarray gamma not None, cnp.ndarray dgamma not None,
+                          cnp.ndarray dbeta not None):
+    """Backward of the per-channel training forward on the (n, c, s) views."""
+    cdef GradArgs a
+    cdef int status
+    _check_planes(n, c, s)
+    _check_backward(x, dy, dx, n * c, s)
+    _require_f64(mean, c, "mean", False)
+    _require_f64(invstd, c, "invstd", False)
+    cdef OutVec dg = _outvec(dgamma, c, "dgamma"), db = _outvec(dbeta, c, "dbeta")
+    cdef Vec g = _vec(gamma, c, "gamma")
+    cdef bint in64 = _is_f64(x), out64 = _is_f64(dx)
+    cdef Planes p = _make_planes(n, c, s, cnp.PyArray_ITEMSIZE(x))
+    a.mean = <const double*>cnp.PyArray_DATA(mean)
+    a.invstd = <const double*>cnp.PyArray_DATA(invstd)
+    a.gamma = &g
+    a.dgamma = &dg
+    a.dbeta = &db
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* pdy = cnp.PyArray_DATA(dy)
+    cdef void* pdx = cnp.PyArray_DATA(dx)
+    with nogil:
+        if in64 and out64:
+            status = _planes_train_backward[double, double](
+                &p, <const double*>px, <const double*>pdy, <double*>pdx, &a)
+        elif out64:
+            status = _planes_train_backward[float, double](
+                &p, <const float*>px, <const float*>pdy, <double*>pdx, &a)
+        elif in64:
+            status = _planes_train_backward[double, float](
+                &p, <const double*>px, <const double*>pdy, <float*>pdx, &a)
+        else:
+            status = _planes_train_backward[float, float](
+                &p, <const float*>px, <const float*>pdy, <float*>pdx, &a)
+    if status != 0:
+        raise MemoryError("bnfast: could not allocate kernel work space")
+
+
+def planes_eval_backward(cnp.ndarray x not None, cnp.ndarray dy not None,
+                         cnp.ndarray dx not None, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s,
+                         cnp.ndarray gamma not None, cnp.ndarray rm not None,
+                         cnp.ndarray rv not None, double eps, cnp.ndarray dgamma not None,
+                         cnp.ndarray dbeta not None):
+    """Backward of the per-channel eval forward (running statistics constant)."""
+    cdef EvalArgs a
+    cdef int status
+    _check_planes(n, c, s)
+    _check_backward(x, dy, dx, n * c, s)
+    cdef OutVec dg = _outvec(dgamma, c, "dgamma"), db = _outvec(dbeta, c, "dbeta")
+    cdef Vec g = _vec(gamma, c, "gamma")
+    cdef Vec m = _vec(rm, c, "running_mean"), v = _vec(rv, c, "running_var")
+    a.gamma = &g
+    a.rm = &m
+    a.rv = &v
+    a.eps = eps
+    cdef bint in64 = _is_f64(x), out64 = _is_f64(dx)
+    cdef Planes p = _make_planes(n, c, s, cnp.PyArray_ITEMSIZE(x))
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* pdy = cnp.PyArray_DATA(dy)
+    cdef void* pdx = cnp.PyArray_DATA(dx)
+    with nogil:
+        if in64 and out64:
+            status = _planes_eval_backward[double, double](
+                &p, <const double*>px, <const double*>pdy, <double*>pdx, &a, &dg, &db)
+        elif out64:
+            status = _planes_eval_backward[float, double](
+                &p, <const float*>px, <const float*>pdy, <double*>pdx, &a, &dg, &db)
+        elif in64:
+            status = _planes_eval_backward[double, float](
+                &p, <const double*>px, <const double*>pdy, <float*>pdx, &a, &dg, &db)
+        else:
+            status = _planes_eval_backward[float, float](
+                &p, <const float*>px, <const float*>pdy, <float*>pdx, &a, &dg, &db)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 

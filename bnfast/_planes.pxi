@@ -1,0 +1,391 @@
+# Per-channel (spatial) batch normalization of NCHW-contiguous batches,
+# included by _kernels.pyx.  The batch is (N, C, S): N samples, C channels,
+# S = prod(spatial) contiguous elements per (sample, channel) "plane".  Each
+# channel's statistics run over its N planes.  (A channels-last batch is the
+# flat (N*S, C) case and runs on the flat kernels.)
+#
+# Reductions are cut into tasks (sample chunk, channel) by a partition that
+# depends only on (N, C, S, itemsize); every task sums x - K (K: a per-channel
+# shift, the mean of the channel's first elements) and its square into LANES
+# independent partial sums, so the loop vectorizes and the rounding does not
+# depend on how the vector unit is used; chunks are added in chunk order.  As
+# in the flat statistics, a channel whose sums are ill-conditioned or not
+# finite is redone by the exact two-pass.  Element passes walk planes in
+# address order.
+
+cdef enum:
+    # Partial sums per channel and task: several vector registers' worth.
+    LANES = 16
+    HALF_LANES = 8
+    # A reduction task covers about this much of one channel.
+    PLANE_TASK_BYTES = 262144
+
+
+cdef struct Planes:
+    Py_ssize_t n, c, s
+    Py_ssize_t chunk_n         # samples per reduction task
+    Py_ssize_t n_chunks
+    Py_ssize_t n_tasks         # n_chunks * c reduction tasks
+    Py_ssize_t per_task        # planes per element-pass task
+    Py_ssize_t n_elem_tasks
+    int n_threads
+
+
+cdef Planes _make_planes(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s,
+                         Py_ssize_t itemsize) noexcept nogil:
+    cdef Planes p
+    cdef Py_ssize_t planes = n * c, wanted
+    memset(&p, 0, sizeof(p))
+    p.n, p.c, p.s = n, c, s
+    p.chunk_n = PLANE_TASK_BYTES // (s * itemsize)
+    if p.chunk_n < 1:
+        p.chunk_n = 1
+    if p.chunk_n > n:
+        p.chunk_n = n
+    p.n_chunks = _ceil_div(n, p.chunk_n)
+    p.n_tasks = p.n_chunks * c
+    p.n_threads = 1
+    if planes * s * itemsize >= PARALLEL_MIN_BYTES and _num_threads > 1:
+        p.n_threads = _num_threads if _num_threads < p.n_tasks else <int>p.n_tasks
+    # Element passes (no reductions, so their split may follow the thread
+    # count): about PAGE_BYTES of planes per task, at least two tasks a thread.
+    p.per_task = _page_bytes // (s * itemsize)
+    if p.per_task < 1:
+        p.per_task = 1
+    wanted = _ceil_div(planes, 2 * p.n_threads)
+    if p.per_task > wanted:
+        p.per_task = wanted
+    p.n_elem_tasks = _ceil_div(planes, p.per_task)
+    return p
+
+
+cdef void _channel_shift(const Planes* p, const in_t* x, double* shift) noexcept nogil:
+    """Per channel: the mean of its first (up to 8) elements, 0 if not finite."""
+    cdef Py_ssize_t ch, i, m = p.s if p.s < 8 else 8
+    cdef const in_t* a
+    cdef double v
+    for ch in range(p.c):
+        a = x + ch * p.s
+        v = 0.0
+        for i in range(m):
+            v += a[i]
+        v = v / m
+        shift[ch] = v if v - v == 0.0 else 0.0
+
+
+cdef inline void _lanes_total(const double* lanes, double tail, double* total) noexcept nogil:
+    """total = tail + the LANES partial sums, added in a fixed pairwise order."""
+    cdef double half[HALF_LANES]
+    cdef Py_ssize_t j, width = HALF_LANES
+    for j in range(width):
+        half[j] = lanes[j] + lanes[j + width]
+    while width > 1:
+        width //= 2
+        for j in range(width):
+            half[j] = half[j] + half[j + width]
+    total[0] = half[0] + tail
+
+
+cdef void _plane_moments_task(const Planes* p, Py_ssize_t t, const in_t* x, in_t* cache,
+                              const double* shift, double* part) noexcept nogil:
+    """Task t = (chunk k, channel ch): sums of x - K and (x - K)^2 over the
+    chunk's planes of the channel (copied to cache unless NULL)."""
+    cdef Py_ssize_t k = t // p.c, ch = t - (t // p.c) * p.c, i, j, l
+    cdef Py_ssize_t n0 = k * p.chunk_n, n1 = n0 + p.chunk_n
+    cdef double a1[LANES]
+    cdef double a2[LANES]
+    cdef double t1 = 0.0, t2 = 0.0, e, kk = shift[ch]
+    cdef const in_t* src
+    if n1 > p.n:
+        n1 = p.n
+    for l in range(LANES):
+        a1[l] = 0.0
+        a2[l] = 0.0
+    for i in range(n0, n1):
+        src = x + (i * p.c + ch) * p.s
+        if cache != NULL:
+            memcpy(cache + (i * p.c + ch) * p.s, src, p.s * sizeof(in_t))
+        j = 0
+        while j + LANES <= p.s:
+            for l in range(LANES):
+                e = src[j + l] - kk
+                a1[l] += e
+                a2[l] += e * e
+            j += LANES
+        while j < p.s:
+            e = src[j] - kk
+            t1 += e
+            t2 += e * e
+            j += 1
+    _lanes_total(a1, t1, &part[k * p.c + ch])
+    _lanes_total(a2, t2, &part[(p.n_chunks + k) * p.c + ch])
+
+
+cdef void _channel_two_pass(const Planes* p, const in_t* x, Py_ssize_t ch, double k,
+                            double* mean, double* m2) noexcept nogil:
+    """Corrected two-pass over one channel, mean relative to k: the fallback
+    for ill-conditioned and non-finite sums (see _column_two_pass)."""
+    cdef Py_ssize_t i, j
+    cdef double count = <double>(p.n * p.s), s = 0.0, m0, e, sd = 0.0, sd2 = 0.0, q
+    cdef const in_t* a
+    for i in range(p.n):
+        a = x + (i * p.c + ch) * p.s
+        for j in range(p.s):
+            s += a[j] - k
+    s = s / count
+    m0 = k + s
+    for i in range(p.n):
+        a = x + (i * p.c + ch) * p.s
+        for j in range(p.s):
+            e = a[j] - m0
+            sd += e
+            sd2 += e * e
+    if _finite(s):
+        q = sd / count
+        mean[0] = (m0 - k) + q
+        m2[0] = sd2 - sd * q
+    else:
+        mean[0] = s
+        m2[0] = sd2
+
+
+cdef int _planes_moments(const Planes* p, const in_t* x, in_t* cache, double* shift,
+                         double* mean, double* m2) noexcept nogil:
+    """Per channel: shift, mean relative to it and M2 (cache = x unless NULL)."""
+    cdef Py_ssize_t t, k, ch, c = p.c
+    cdef double s1, s2, count = <double>(p.n * p.s), mb
+    cdef double* part = <double*>malloc(2 * p.n_chunks * c * sizeof(double))
+    if part == NULL:
+        return -1
+    _channel_shift(p, x, shift)
+    if p.n_threads == 1:
+        for t in range(p.n_tasks):
+            _plane_moments_task(p, t, x, cache, shift, part)
+    else:
+        for t in prange(p.n_tasks, schedule="dynamic", num_threads=p.n_threads):
+            _plane_moments_task(p, t, x, cache, shift, part)
+    for ch in range(c):
+        s1 = part[ch]
+        s2 = part[p.n_chunks * c + ch]
+        for k in range(1, p.n_chunks):
+            s1 = s1 + part[k * c + ch]
+            s2 = s2 + part[(p.n_chunks + k) * c + ch]
+        mb = s1 / count
+        m2[ch] = s2 - s1 * mb
+        mean[ch] = mb
+        if not m2[ch] * 8.0 >= s2:      # ill-conditioned, or NaN
+            _channel_two_pass(p, x, ch, shift[ch], &mean[ch], &m2[ch])
+        if m2[ch] < 0.0:
+            m2[ch] = 0.0
+    free(part)
+    return 0
+
+
+cdef void _plane_affine_task(const Planes* p, Py_ssize_t t, const in_t* x, out_t* y,
+                             const double* center, const double* scale,
+                             const double* shift) noexcept nogil:
+    """y = (x - center) * scale + shift over task t's planes (address order)."""
+    cdef Py_ssize_t q, j, q0 = t * p.per_task, q1 = t * p.per_task + p.per_task
+    cdef Py_ssize_t ch
+    cdef double m, k, b
+    cdef const in_t* src
+    cdef out_t* dst
+    if q1 > p.n * p.c:
+        q1 = p.n * p.c
+    for q in range(q0, q1):
+        ch = q % p.c
+        m = center[ch]
+        k = scale[ch]
+        b = shift[ch]
+        src = x + q * p.s
+        dst = y + q * p.s
+        for j in range(p.s):
+            dst[j] = <out_t>((src[j] - m) * k + b)
+
+
+cdef void _planes_affine(const Planes* p, const in_t* x, out_t* y, const double* center,
+                         const double* scale, const double* shift) noexcept nogil:
+    cdef Py_ssize_t t
+    if p.n_threads == 1:
+        for t in range(p.n_elem_tasks):
+            _plane_affine_task(p, t, x, y, center, scale, shift)
+    else:
+        for t in prange(p.n_elem_tasks, schedule="static", num_threads=p.n_threads):
+            _plane_affine_task(p, t, x, y, center, scale, shift)
+
+
+cdef int _planes_train_forward(const Planes* p, const in_t* x, in_t* cache, out_t* y,
+                               const TrainArgs* a) noexcept nogil:
+    """Per-channel training forward: statistics (and cache = x), then y."""
+    cdef Py_ssize_t c = p.c
+    cdef double* work = <double*>malloc(4 * c * sizeof(double))
+    if work == NULL:
+        return -1
+    # work rows: shift (then the affine shift), scale, temp, spare
+    if _planes_moments(p, x, cache, work, a.mean, a.var) != 0:
+        free(work)
+        return -1
+    _finish_stats(a, p.n * p.s, 0, c, work, work + c, work, work + 2 * c)
+    _planes_affine(p, x, y, a.mean, work + c, work)
+    free(work)
+    return 0
+
+
+cdef int _planes_eval_forward(const Planes* p, const in_t* x, out_t* y, const Vec* gamma,
+                              const Vec* beta, const Vec* rm, const Vec* rv,
+                              double eps) noexcept nogil:
+    """y = gamma * (x - rm) / sqrt(rv + eps) + beta per channel, one pass."""
+    cdef Py_ssize_t c = p.c, j
+    cdef double* work = <double*>malloc(4 * c * sizeof(double))
+    if work == NULL:
+        return -1
+    _expand(rm, 0, c, work)
+    _expand(rv, 0, c, work + c)
+    _expand(gamma, 0, c, work + 2 * c)
+    for j in range(c):
+        work[c + j] = work[2 * c + j] / sqrt(work[c + j] + eps)
+    _expand(beta, 0, c, work + 2 * c)
+    _planes_affine(p, x, y, work, work + c, work + 2 * c)
+    free(work)
+    return 0
+
+
+cdef void _plane_grad_sums_task(const Planes* p, Py_ssize_t t, const in_t* x, const in_t* dy,
+                                const double* center, double* part) noexcept nogil:
+    """Task t = (chunk, channel): sums of dy and dy * (x - center)."""
+    cdef Py_ssize_t k = t // p.c, ch = t - (t // p.c) * p.c, i, j, l, off
+    cdef Py_ssize_t n0 = k * p.chunk_n, n1 = n0 + p.chunk_n
+    cdef double a1[LANES]
+    cdef double a2[LANES]
+    cdef double t1 = 0.0, t2 = 0.0, g, m = center[ch]
+    if n1 > p.n:
+        n1 = p.n
+    for l in range(LANES):
+        a1[l] = 0.0
+        a2[l] = 0.0
+    for i in range(n0, n1):
+        off = (i * p.c + ch) * p.s
+        j = 0
+        while j + LANES <= p.s:
+            for l in range(LANES):
+                g = dy[off + j + l]
+                a1[l] += g
+                a2[l] += g * (x[off + j + l] - m)
+            j += LANES
+        while j < p.s:
+            g = dy[off + j]
+            t1 += g
+            t2 += g * (x[off + j] - m)
+            j += 1
+    _lanes_total(a1, t1, &part[k * p.c + ch])
+    _lanes_total(a2, t2, &part[(p.n_chunks + k) * p.c + ch])
+
+
+cdef int _planes_grad_sums(const Planes* p, const in_t* x, const in_t* dy, const double* center,
+                           double* sum_dy, double* sum_dy_xc) noexcept nogil:
+    """Per channel: sum(dy) and sum(dy * (x - center)), chunks in order."""
+    cdef Py_ssize_t t, k, ch, c = p.c
+    cdef double* part = <double*>malloc(2 * p.n_chunks * c * sizeof(double))
+    if part == NULL:
+        return -1
+    if p.n_threads == 1:
+        for t in range(p.n_tasks):
+            _plane_grad_sums_task(p, t, x, dy, center, part)
+    else:
+        for t in prange(p.n_tasks, schedule="dynamic", num_threads=p.n_threads):
+            _plane_grad_sums_task(p, t, x, dy, center, part)
+    for ch in range(c):
+        sum_dy[ch] = part[ch]
+        sum_dy_xc[ch] = part[p.n_chunks * c + ch]
+        for k in range(1, p.n_chunks):
+            sum_dy[ch] = sum_dy[ch] + part[k * c + ch]
+            sum_dy_xc[ch] = sum_dy_xc[ch] + part[(p.n_chunks + k) * c + ch]
+    free(part)
+    return 0
+
+
+cdef void _plane_grad_input_task(const Planes* p, Py_ssize_t t, const in_t* x, const in_t* dy,
+                                 out_t* dx, const double* center, const double* mean_dy,
+                                 const double* k_xc, const double* k) noexcept nogil:
+    """dx = k * ((dy - mean_dy) - k_xc * (x - center)) over task t's planes."""
+    cdef Py_ssize_t q, j, ch, off, q0 = t * p.per_task, q1 = t * p.per_task + p.per_task
+    cdef double c0, m, qq, kk
+    if q1 > p.n * p.c:
+        q1 = p.n * p.c
+    for q in range(q0, q1):
+        ch = q % p.c
+        c0 = center[ch]
+        m = mean_dy[ch]
+        qq = k_xc[ch]
+        kk = k[ch]
+        off = q * p.s
+        for j in range(p.s):
+            dx[off + j] = <out_t>(kk * ((dy[off + j] - m) - qq * (x[off + j] - c0)))
+
+
+cdef void _plane_scale_task(const Planes* p, Py_ssize_t t, const in_t* dy, out_t* dx,
+                            const double* k) noexcept nogil:
+    """dx = dy * k (per channel) over task t's planes."""
+    cdef Py_ssize_t q, j, off, q0 = t * p.per_task, q1 = t * p.per_task + p.per_task
+    cdef double kk
+    if q1 > p.n * p.c:
+        q1 = p.n * p.c
+    for q in range(q0, q1):
+        kk = k[q % p.c]
+        off = q * p.s
+        for j in range(p.s):
+            dx[off + j] = <out_t>(dy[off + j] * kk)
+
+
+cdef int _planes_train_backward(const Planes* p, const in_t* x, const in_t* dy, out_t* dx,
+                                const GradArgs* a) noexcept nogil:
+    """Backward of the per-channel training forward: sums, then dx."""
+    cdef Py_ssize_t c = p.c, t
+    cdef double* work = <double*>malloc(4 * c * sizeof(double))
+    if work == NULL:
+        return -1
+    # work rows: sum_dy (then mean dy), sum_dy_xc, k_xc, k
+    if _planes_grad_sums(p, x, dy, a.mean, work, work + c) != 0:
+        free(work)
+        return -1
+    _backward_coefficients(p.n * p.s, 0, c, a.invstd, a.gamma, work, work + c, work + 2 * c,
+                           work + 3 * c, a.dgamma, a.dbeta)
+    if p.n_threads == 1:
+        for t in range(p.n_elem_tasks):
+            _plane_grad_input_task(p, t, x, dy, dx, a.mean, work, work + 2 * c, work + 3 * c)
+    else:
+        for t in prange(p.n_elem_tasks, schedule="static", num_threads=p.n_threads):
+            _plane_grad_input_task(p, t, x, dy, dx, a.mean, work, work + 2 * c, work + 3 * c)
+    free(work)
+    return 0
+
+
+cdef int _planes_eval_backward(const Planes* p, const in_t* x, const in_t* dy, out_t* dx,
+                               const EvalArgs* a, OutVec* dgamma, OutVec* dbeta) noexcept nogil:
+    """Gradient of the per-channel eval-mode function (statistics constant)."""
+    cdef Py_ssize_t c = p.c, t, j
+    cdef double* work = <double*>malloc(4 * c * sizeof(double))
+    if work == NULL:
+        return -1
+    # work rows: running mean, invstd (then dx scale), sum_dy, sum_dy_xc
+    _expand(a.rm, 0, c, work)
+    _expand(a.rv, 0, c, work + c)
+    if _planes_grad_sums(p, x, dy, work, work + 2 * c, work + 3 * c) != 0:
+        free(work)
+        return -1
+    for j in range(c):
+        work[c + j] = 1.0 / sqrt(work[c + j] + a.eps)
+        work[3 * c + j] = work[3 * c + j] * work[c + j]       # dgamma
+    _store(dbeta, 0, c, work + 2 * c)
+    _store(dgamma, 0, c, work + 3 * c)
+    _expand(a.gamma, 0, c, work + 2 * c)
+    for j in range(c):
+        work[c + j] = work[2 * c + j] * work[c + j]
+    if p.n_threads == 1:
+        for t in range(p.n_elem_tasks):
+            _plane_scale_task(p, t, dy, dx, work + c)
+    else:
+        for t in prange(p.n_elem_tasks, schedule="static", num_threads=p.n_threads):
+            _plane_scale_task(p, t, dy, dx, work + c)
+    free(work)
+    return 0
