@@ -81,22 +81,23 @@ def check_momentum(momentum: Any) -> None:
         raise TypeError(f"momentum must be a real number, got {describe(momentum)}")
 
 
-def operand(value: Any, what: str, d: int, x_shape: tuple[int, ...]) -> Any:
-    """A per-feature operand as NumPy arithmetic sees it.
+def operand(value: Any, what: str, d: int, x_shape: tuple[int, ...],
+            per_channel: bool = False) -> Any:
+    """A per-feature (or, per_channel, per-channel) operand as NumPy arithmetic sees it.
 
     Python scalars stay Python scalars (NumPy treats them as weak in dtype
     promotion); everything else becomes an array that must broadcast to (D,).
     """
+    unit, rule = ("channels", "shape[1]") if per_channel else ("features", "prod(shape[1:])")
     if type(value) in (float, int, bool):
         return value
     if value is None:
-        raise TypeError(f"{what} is None; it must be a number or an array of {d} features")
+        raise TypeError(f"{what} is None; it must be a number or an array of {d} {unit}")
     arr = as_array(value, what)
     check_real_dtype(arr.dtype, what)
     if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] not in (1, d)):
         raise ValueError(f"{what} has shape {arr.shape}, which does not broadcast to the "
-                         f"{d} features of x (x has shape {x_shape}, features = "
-                         f"prod(shape[1:]))")
+                         f"{d} {unit} of x (x has shape {x_shape}, {unit} = {rule})")
     return arr
 
 

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from . import _checks, _dtypes
+from . import _channels, _checks, _dtypes
 from ._native import kernels as _kernels
 from ._checks import F16, F32, F64
 
@@ -95,13 +95,20 @@ def check_dout(dout: Any, shape: tuple[int, ...], n: int, d: int) -> np.ndarray:
 
 def forward_train(x: Any, gamma: Any, beta: Any, *, eps: float = 1e-6,
                   running_mean: Any = None, running_var: Any = None, momentum: float = 0.9,
-                  out: Optional[np.ndarray] = None) -> TrainResult:
+                  out: Optional[np.ndarray] = None, per_channel: bool = False,
+                  running_var_unbiased: bool = False) -> TrainResult:
     """Normalize x with its own batch statistics, then scale and shift.
 
     Returns the output, the float64 batch mean and biased variance, and, if
     running statistics are given, their update
-    ``momentum * running + (1 - momentum) * batch`` as new arrays.
+    ``momentum * running + (1 - momentum) * batch`` as new arrays (with the
+    unbiased batch variance in running_var if running_var_unbiased).
+    per_channel: statistics per channel of (N, C, *spatial) input, over N and
+    all spatial positions; mean and var then have shape (C,).
     """
+    if per_channel:
+        return _channel_forward_train(x, gamma, beta, eps, running_mean, running_var, momentum,
+                                      out, running_var_unbiased)
     x, n, d = _checks.batch(x)
     eps = _checks.check_eps(eps)
     gamma = _checks.operand(gamma, "gamma", d, x.shape)
@@ -113,6 +120,7 @@ def forward_train(x: Any, gamma: Any, beta: Any, *, eps: float = 1e-6,
             raise ValueError("give both running_mean and running_var, or neither")
         running_mean = _checks.operand(running_mean, "running_mean", d, x.shape)
         running_var = _checks.operand(running_var, "running_var", d, x.shape)
+    correction = _channels.var_correction(running_var_unbiased, n, "feature")
     dts = _dtypes.train(x.dtype, gamma, beta, momentum, running_mean, running_var)
     result, target = result_buffers(x.shape, dts.out, out, "out",
                                     (x, gamma, beta, running_mean, running_var))
@@ -127,15 +135,20 @@ def forward_train(x: Any, gamma: Any, beta: Any, *, eps: float = 1e-6,
     _kernels.train_forward(xk, None, target, n, d, _checks.kernel_vector(gamma),
                            _checks.kernel_vector(beta), eps, mean, var, None,
                            rm_old, rm_new, rv_old, rv_new,
-                           float(momentum), float(1 - momentum))
+                           float(momentum), float(1 - momentum), correction)
     if updating and not in_kernel:
-        rm_new, rv_new = running_update(momentum, running_mean, running_var, mean, var, dts.stat)
+        rm_new, rv_new = running_update(momentum, running_mean, running_var, mean,
+                                        var * correction, dts.stat)
     return TrainResult(finish(result, target), mean, var, rm_new, rv_new)
 
 
 def forward_eval(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: Any, *,
-                 eps: float = 1e-6, out: Optional[np.ndarray] = None) -> np.ndarray:
-    """gamma * (x - running_mean) / sqrt(running_var + eps) + beta."""
+                 eps: float = 1e-6, out: Optional[np.ndarray] = None,
+                 per_channel: bool = False) -> np.ndarray:
+    """gamma * (x - running_mean) / sqrt(running_var + eps) + beta (per
+    feature, or per channel of (N, C, *spatial) input)."""
+    if per_channel:
+        return _channel_forward_eval(x, gamma, beta, running_mean, running_var, eps, out)
     x, n, d = _checks.batch(x)
     eps = _checks.check_eps(eps)
     gamma = _checks.operand(gamma, "gamma", d, x.shape)
@@ -152,26 +165,35 @@ def forward_eval(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
     return finish(result, target)
 
 
-def backward_train(dout: Any, x: Any, mean: Any, var: Any, gamma: Any, *, eps: float = 1e-6,
-                   out: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gradients (dx, dgamma, dbeta) of the training forward.
-
-    ``mean`` and ``var`` are the batch statistics that forward_train returned
-    for this x (any real dtype; used in float64), ``dout`` the gradient of
-    its output.
-    """
-    x, n, d = _checks.batch(x)
-    dout = check_dout(dout, x.shape, n, d)
-    eps = _checks.check_eps(eps)
-    gamma = _checks.operand(gamma, "gamma", d, x.shape)
+def _batch_stats(mean: Any, var: Any, d: int, shape: tuple[int, ...],
+                 unit: str) -> list[np.ndarray]:
     stats = []
     for value, what in ((mean, "mean"), (var, "var")):
         arr = _checks.as_array(value, what)
         _checks.check_real_dtype(arr.dtype, what)
         if arr.shape != (d,):
             raise ValueError(f"{what} has shape {arr.shape}; expected ({d},), one value per "
-                             f"feature of x (shape {x.shape})")
+                             f"{unit} of x (shape {shape})")
         stats.append(arr)
+    return stats
+
+
+def backward_train(dout: Any, x: Any, mean: Any, var: Any, gamma: Any, *, eps: float = 1e-6,
+                   out: Optional[np.ndarray] = None,
+                   per_channel: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients (dx, dgamma, dbeta) of the training forward.
+
+    ``mean`` and ``var`` are the batch statistics that forward_train returned
+    for this x (any real dtype; used in float64), ``dout`` the gradient of
+    its output.
+    """
+    if per_channel:
+        return _channel_backward_train(dout, x, mean, var, gamma, eps, out)
+    x, n, d = _checks.batch(x)
+    dout = check_dout(dout, x.shape, n, d)
+    eps = _checks.check_eps(eps)
+    gamma = _checks.operand(gamma, "gamma", d, x.shape)
+    stats = _batch_stats(mean, var, d, x.shape, "feature")
     dts = _dtypes.grads(True, x.dtype, gamma, dout.dtype)
     result, target = result_buffers(x.shape, dts.dx, out, "out", (x, dout, gamma, *stats))
     mean = np.ascontiguousarray(stats[0], dtype=F64)
@@ -184,11 +206,13 @@ def backward_train(dout: Any, x: Any, mean: Any, var: Any, gamma: Any, *, eps: f
 
 
 def backward_eval(dout: Any, x: Any, gamma: Any, running_mean: Any, running_var: Any, *,
-                  eps: float = 1e-6,
-                  out: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  eps: float = 1e-6, out: Optional[np.ndarray] = None,
+                  per_channel: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients (dx, dgamma, dbeta) of forward_eval, statistics held constant:
     dx = dout * gamma / sqrt(running_var + eps), dgamma = sum(dout * xn),
     dbeta = sum(dout)."""
+    if per_channel:
+        return _channel_backward_eval(dout, x, gamma, running_mean, running_var, eps, out)
     x, n, d = _checks.batch(x)
     dout = check_dout(dout, x.shape, n, d)
     eps = _checks.check_eps(eps)
@@ -204,6 +228,103 @@ def backward_eval(dout: Any, x: Any, gamma: Any, running_mean: Any, running_var:
                            _checks.kernel_vector(running_mean), _checks.kernel_vector(running_var),
                            eps, dgamma, dbeta)
     return (finish(result, target), *grads_as(dgamma, dbeta, dts))
+
+
+# --------------------------------------------------------------------------
+# Per-channel forms (per_channel=True): x is (N, C, *spatial), statistics and
+# parameters are per channel; NCHW and channels-last input run without a copy
+# and results keep x's layout (see _channels).
+
+
+def _channel_operands(gamma: Any, beta: Any, c: int,
+                      shape: tuple[int, ...]) -> tuple[Any, Any]:
+    return (_checks.operand(gamma, "gamma", c, shape, per_channel=True),
+            _checks.operand(beta, "beta", c, shape, per_channel=True))
+
+
+def _channel_forward_train(x: Any, gamma: Any, beta: Any, eps: float, running_mean: Any,
+                           running_var: Any, momentum: float, out: Optional[np.ndarray],
+                           unbiased: bool) -> TrainResult:
+    x, n, c, s = _channels.batch(x)
+    eps = _checks.check_eps(eps)
+    gamma, beta = _channel_operands(gamma, beta, c, x.shape)
+    _checks.check_momentum(momentum)
+    updating = running_mean is not None or running_var is not None
+    if updating:
+        running_mean, running_var = _channels.running_pair(running_mean, running_var, c, x.shape)
+    correction = _channels.var_correction(unbiased, n * s, "channel")
+    dts = _dtypes.train(x.dtype, gamma, beta, momentum, running_mean, running_var)
+    b = _channels.for_kernel(x, n, c, s)
+    result, target = _channels.result_buffers(b, dts.out, out, "out",
+                                              (x, gamma, beta, running_mean, running_var))
+    stats = np.empty((3, c))
+    in_kernel = updating and dts.running_mean in (F32, F64) and dts.running_var in (F32, F64)
+    rm_new = np.empty(c, dts.running_mean) if in_kernel else None
+    rv_new = np.empty(c, dts.running_var) if in_kernel else None
+    _channels.train_forward(
+        b, None, target, _checks.kernel_vector(gamma), _checks.kernel_vector(beta), eps, stats,
+        _checks.kernel_vector(running_mean) if in_kernel else None, rm_new,
+        _checks.kernel_vector(running_var) if in_kernel else None, rv_new, float(momentum),
+        correction)
+    if updating and not in_kernel:
+        rm_new, rv_new = running_update(momentum, running_mean, running_var, stats[0],
+                                        stats[1] * correction, dts.stat)
+    return TrainResult(_channels.finish(b, result, target), stats[0], stats[1], rm_new, rv_new)
+
+
+def _channel_forward_eval(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: Any,
+                          eps: float, out: Optional[np.ndarray]) -> np.ndarray:
+    x, n, c, s = _channels.batch(x)
+    eps = _checks.check_eps(eps)
+    gamma, beta = _channel_operands(gamma, beta, c, x.shape)
+    running_mean, running_var = _channel_operands(running_mean, running_var, c, x.shape)
+    dts = _dtypes.evaluate(x.dtype, gamma, beta, running_mean, running_var)
+    b = _channels.for_kernel(x, n, c, s)
+    result, target = _channels.result_buffers(b, dts.out, out, "out",
+                                              (x, gamma, beta, running_mean, running_var))
+    _channels.eval_forward(b, target, _checks.kernel_vector(gamma), _checks.kernel_vector(beta),
+                           _checks.kernel_vector(running_mean),
+                           _checks.kernel_vector(running_var), eps)
+    return _channels.finish(b, result, target)
+
+
+def _channel_backward_train(dout: Any, x: Any, mean: Any, var: Any, gamma: Any, eps: float,
+                            out: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray,
+                                                                np.ndarray]:
+    x, n, c, s = _channels.batch(x)
+    dout = _channels.check_dout(dout, x.shape)
+    eps = _checks.check_eps(eps)
+    gamma = _checks.operand(gamma, "gamma", c, x.shape, per_channel=True)
+    stats = _batch_stats(mean, var, c, x.shape, "channel")
+    dts = _dtypes.grads(True, x.dtype, gamma, dout.dtype)
+    b, dk = _channels.same_dtype(_channels.for_kernel(x, n, c, s), dout)
+    result, target = _channels.result_buffers(b, dts.dx, out, "out", (x, dout, gamma, *stats))
+    mean = np.ascontiguousarray(stats[0], dtype=F64)
+    invstd = 1.0 / np.sqrt(np.asarray(stats[1], dtype=F64) + eps)
+    dgamma, dbeta = grad_buffers(c, dts)
+    _channels.train_backward(b, dk, target, mean, invstd, _checks.kernel_vector(gamma),
+                             dgamma, dbeta)
+    return (_channels.finish(b, result, target), *grads_as(dgamma, dbeta, dts))
+
+
+def _channel_backward_eval(dout: Any, x: Any, gamma: Any, running_mean: Any, running_var: Any,
+                           eps: float, out: Optional[np.ndarray]) -> tuple[np.ndarray,
+                                                                           np.ndarray,
+                                                                           np.ndarray]:
+    x, n, c, s = _channels.batch(x)
+    dout = _channels.check_dout(dout, x.shape)
+    eps = _checks.check_eps(eps)
+    gamma = _checks.operand(gamma, "gamma", c, x.shape, per_channel=True)
+    running_mean, running_var = _channel_operands(running_mean, running_var, c, x.shape)
+    dts = _dtypes.grads(False, x.dtype, gamma, dout.dtype, running_mean, running_var)
+    b, dk = _channels.same_dtype(_channels.for_kernel(x, n, c, s), dout)
+    result, target = _channels.result_buffers(b, dts.dx, out, "out",
+                                              (x, dout, gamma, running_mean, running_var))
+    dgamma, dbeta = grad_buffers(c, dts)
+    _channels.eval_backward(b, dk, target, _checks.kernel_vector(gamma),
+                            _checks.kernel_vector(running_mean),
+                            _checks.kernel_vector(running_var), eps, dgamma, dbeta)
+    return (_channels.finish(b, result, target), *grads_as(dgamma, dbeta, dts))
 
 
 # --------------------------------------------------------------------------

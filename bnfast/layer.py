@@ -16,7 +16,7 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _checks, _dtypes
+from . import _channels, _checks, _dtypes
 from ._checks import F32, F64
 from ._native import kernels as _kernels
 from .functional import (check_dout, finish, grad_buffers, grads_as, result_buffers,
@@ -24,13 +24,14 @@ from .functional import (check_dout, finish, grad_buffers, grads_as, result_buff
 
 __all__ = ["BatchNormalization"]
 
-# What the last training forward leaves: (x as the kernels read it, the
-# caller's dtype, N, D, input shape, float64 rows mean/var/invstd, the
-# reference's statistics dtype, eps).
-TrainCache = Tuple[np.ndarray, np.dtype, int, int, Tuple[int, ...], np.ndarray, np.dtype, float]
+# What the last training forward leaves: (x as the kernels read it -- a
+# per-channel Batch in per_channel mode --, the caller's dtype, N, D (or C),
+# input shape, float64 rows mean/var/invstd, the reference's statistics
+# dtype, eps).
+TrainCache = Tuple[Any, np.dtype, int, int, Tuple[int, ...], np.ndarray, np.dtype, float]
 # What the last eval-mode forward leaves: (x as the kernels read it, the
-# caller's dtype, N, D, input shape, running mean, running var, eps).
-EvalCache = Tuple[np.ndarray, np.dtype, int, int, Tuple[int, ...], Any, Any, float]
+# caller's dtype, N, D (or C), input shape, running mean, running var, eps).
+EvalCache = Tuple[Any, np.dtype, int, int, Tuple[int, ...], Any, Any, float]
 
 _plain_batch = _kernels.plain_batch
 _plain_vector = _kernels.plain_vector
@@ -48,11 +49,24 @@ class BatchNormalization:
     Input of any ndim >= 2 is treated per sample as a flat feature vector.
     ``backward`` after an eval-mode forward returns the gradient of the
     eval-mode function (the one documented difference from the book's class).
+
+    ``per_channel=True``: x is (N, C, *spatial) and the statistics, gamma,
+    beta and running statistics are per channel, over N and every spatial
+    position (as PyTorch's BatchNorm2d); NCHW and channels-last input run
+    without a copy and outputs keep x's layout.  ``running_var_unbiased=True``
+    updates running_var with the unbiased batch variance (as PyTorch does).
     """
 
     def __init__(self, gamma: Any, beta: Any, momentum: float = 0.9,
                  running_mean: Any = None, running_var: Any = None, *,
-                 eps: float = 1e-6) -> None:
+                 eps: float = 1e-6, per_channel: bool = False,
+                 running_var_unbiased: bool = False) -> None:
+        for flag, name in ((per_channel, "per_channel"),
+                           (running_var_unbiased, "running_var_unbiased")):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {_checks.describe(flag)}")
+        self.per_channel = bool(per_channel)
+        self.running_var_unbiased = bool(running_var_unbiased)
         _checks.check_momentum(momentum)
         self.gamma = gamma
         self.beta = beta
@@ -84,6 +98,11 @@ class BatchNormalization:
             x, _, n, d, _, stats, stat_dtype, eps = self._train
             if name == "std":
                 found = np.sqrt(stats[1] + eps).astype(stat_dtype)
+            elif isinstance(x, _channels.Batch):
+                centered = _channels.centered(x, stats[0])
+                if name == "xn":
+                    _channels.scale_channels(centered, stats[2])
+                found = centered.astype(stat_dtype, copy=False)
             else:
                 centered = x.reshape(n, d) - stats[0]
                 if name == "xn":
@@ -94,7 +113,7 @@ class BatchNormalization:
 
     @property
     def xc(self) -> Optional[np.ndarray]:
-        """x - batch mean, shape (N, D), from the last training forward."""
+        """x - batch mean, shape (N, D) (x's shape per channel), from the last training forward."""
         return self._view("xc")
 
     @property
@@ -111,9 +130,11 @@ class BatchNormalization:
 
     def forward(self, x: Any, train_flg: bool = True) -> np.ndarray:
         """Normalize x (ndim >= 2); returns a new array of x's shape."""
+        if self.per_channel:
+            return self._forward_channels(x, train_flg)
         gamma, beta = self.gamma, self.beta
         rm, rv, eps = self.running_mean, self.running_var, self.eps
-        plain = _plain_call(x, gamma, beta, rm, rv)
+        plain = not self.running_var_unbiased and _plain_call(x, gamma, beta, rm, rv)
         if plain and type(eps) is float and 0.0 <= eps < math.inf:
             d = plain >> 1
             wide = F64 if plain & 1 else F32
@@ -183,6 +204,7 @@ class BatchNormalization:
                        running_mean: Any, running_var: Any) -> np.ndarray:
         momentum = self.momentum
         _checks.check_momentum(momentum)
+        correction = _channels.var_correction(self.running_var_unbiased, n, "feature")
         dts = _dtypes.train(x.dtype, gamma, beta, momentum, running_mean, running_var)
         kernel_dt = _checks.kernel_dtype(x.dtype)
         xk = _checks.for_kernel(x, kernel_dt)
@@ -208,10 +230,10 @@ class BatchNormalization:
         _kernels.train_forward(xk, cache, target, n, d, _checks.kernel_vector(gamma),
                                _checks.kernel_vector(beta), eps, stats[0], stats[1], stats[2],
                                rm_old, rm_new, rv_old, rv_new,
-                               float(momentum), float(1 - momentum))
+                               float(momentum), float(1 - momentum), correction)
         if not in_kernel:
             rm_new, rv_new = running_update(momentum, running_mean, running_var,
-                                            stats[0], stats[1], dts.stat)
+                                            stats[0], stats[1] * correction, dts.stat)
         if cache is not None:
             self._buffer = cache
         self._commit_train((cache if cache is not None else xk, x.dtype, n, d, x.shape, stats,
@@ -254,6 +276,8 @@ class BatchNormalization:
             raise RuntimeError("backward() called before any forward(); call forward(x) first")
         cache = self._train if last_train else self._eval
         assert cache is not None, "set by the forward that set _last_train"
+        if self.per_channel:
+            return self._backward_channels(dout, last_train, cache)
         if last_train:
             x, x_dtype, n, d, shape, stats, _, _ = cache
             gamma = self.gamma
@@ -292,3 +316,80 @@ class BatchNormalization:
                                    _checks.kernel_vector(running_var), eps, dgamma, dbeta)
         self.dgamma, self.dbeta = grads_as(dgamma, dbeta, dts)
         return finish(result, target)
+
+    # -- per-channel mode (per_channel=True): x is (N, C, *spatial)
+
+    def _forward_channels(self, x: Any, train_flg: bool) -> np.ndarray:
+        x, n, c, s = _channels.batch(x)
+        eps = _checks.check_eps(self.eps)
+        gamma = _checks.operand(self.gamma, "gamma", c, x.shape, per_channel=True)
+        beta = _checks.operand(self.beta, "beta", c, x.shape, per_channel=True)
+        running_mean, running_var = _channels.running_pair(self.running_mean, self.running_var,
+                                                           c, x.shape)
+        if not train_flg:
+            out_dt = _dtypes.evaluate(x.dtype, gamma, beta, running_mean, running_var).out
+            b = _channels.for_kernel(x, n, c, s)
+            result, target = _channels.result_buffers(b, out_dt, None, "out", ())
+            _channels.eval_forward(b, target, _checks.kernel_vector(gamma),
+                                   _checks.kernel_vector(beta),
+                                   _checks.kernel_vector(running_mean),
+                                   _checks.kernel_vector(running_var), eps)
+            self._eval = (b, x.dtype, n, c, x.shape, running_mean, running_var, eps)
+            self._last_train = False
+            self.input_shape = x.shape
+            if self.running_mean is None:
+                self.running_mean, self.running_var = running_mean, running_var
+            return _channels.finish(b, result, target)
+        momentum = self.momentum
+        _checks.check_momentum(momentum)
+        correction = _channels.var_correction(self.running_var_unbiased, n * s, "channel")
+        dts = _dtypes.train(x.dtype, gamma, beta, momentum, running_mean, running_var)
+        b = _channels.for_kernel(x, n, c, s)
+        cache = None
+        if np.may_share_memory(b.array, x):
+            # The caller's memory: copy it into our buffer in the statistics pass.
+            cache = self._buffer
+            if cache is None or cache.shape != b.array.shape or cache.dtype != b.array.dtype:
+                cache = np.empty(b.array.shape, b.array.dtype)
+        result, target = _channels.result_buffers(b, dts.out, None, "out", ())
+        stats = np.empty((3, c))
+        in_kernel = dts.running_mean in (F32, F64) and dts.running_var in (F32, F64)
+        rm_new = np.empty(c, dts.running_mean) if in_kernel else None
+        rv_new = np.empty(c, dts.running_var) if in_kernel else None
+        _channels.train_forward(
+            b, cache, target, _checks.kernel_vector(gamma), _checks.kernel_vector(beta), eps,
+            stats, _checks.kernel_vector(running_mean) if in_kernel else None, rm_new,
+            _checks.kernel_vector(running_var) if in_kernel else None, rv_new, float(momentum),
+            correction)
+        if not in_kernel:
+            rm_new, rv_new = running_update(momentum, running_mean, running_var, stats[0],
+                                            stats[1] * correction, dts.stat)
+        if cache is not None:
+            self._buffer = cache
+            b = _channels.Batch(cache, b.layout, b.shape, n, c, s)
+        self._commit_train((b, x.dtype, n, c, x.shape, stats, dts.stat, eps), rm_new, rv_new)
+        return _channels.finish(b, result, target)
+
+    def _backward_channels(self, dout: Any, last_train: bool,
+                           cache: Union[TrainCache, EvalCache]) -> np.ndarray:
+        b, x_dtype, _, c, shape = cache[:5]
+        dout = _channels.check_dout(dout, shape)
+        gamma = _checks.operand(self.gamma, "gamma", c, shape, per_channel=True)
+        if last_train:
+            stats = cache[5]
+            dts = _dtypes.grads(True, x_dtype, gamma, dout.dtype)
+        else:
+            running_mean, running_var, eps = cache[5], cache[6], cache[7]
+            dts = _dtypes.grads(False, x_dtype, gamma, dout.dtype, running_mean, running_var)
+        b, dk = _channels.same_dtype(b, dout)
+        result, target = _channels.result_buffers(b, dts.dx, None, "dx", ())
+        dgamma, dbeta = grad_buffers(c, dts)
+        if last_train:
+            _channels.train_backward(b, dk, target, stats[0], stats[2],
+                                     _checks.kernel_vector(gamma), dgamma, dbeta)
+        else:
+            _channels.eval_backward(b, dk, target, _checks.kernel_vector(gamma),
+                                    _checks.kernel_vector(running_mean),
+                                    _checks.kernel_vector(running_var), eps, dgamma, dbeta)
+        self.dgamma, self.dbeta = grads_as(dgamma, dbeta, dts)
+        return _channels.finish(b, result, target)

@@ -12,6 +12,12 @@ class only where bnfast's contract does:
 * ``backward`` after an eval-mode ``forward`` differentiates the eval-mode
   function, with the running statistics held constant.  The book's class
   silently reuses the last training batch's cache there.
+
+and in two options the book's class does not have: ``per_channel=True``
+(statistics per channel over the batch and every spatial position of
+(N, C, *spatial) input, as PyTorch's BatchNorm2d; ``xc`` and ``xn`` then
+have x's shape) and ``running_var_unbiased=True`` (the running variance is
+updated with the unbiased batch variance, as PyTorch does).
 """
 from __future__ import annotations
 
@@ -23,10 +29,13 @@ __all__ = ["BatchNormalization"]
 
 
 class BatchNormalization:
-    """Pure-NumPy batch normalization over flattened features."""
+    """Pure-NumPy batch normalization over flattened features (or per channel)."""
 
     def __init__(self, gamma: Any, beta: Any, momentum: float = 0.9,
-                 running_mean: Any = None, running_var: Any = None, *, eps: float = 1e-6) -> None:
+                 running_mean: Any = None, running_var: Any = None, *, eps: float = 1e-6,
+                 per_channel: bool = False, running_var_unbiased: bool = False) -> None:
+        self.per_channel = per_channel
+        self.running_var_unbiased = running_var_unbiased
         self.gamma = gamma
         self.beta = beta
         self.momentum = momentum
@@ -35,6 +44,7 @@ class BatchNormalization:
         self.running_mean = running_mean
         self.running_var = running_var
         self.batch_size: int | None = None
+        self._count = 0                  # values per feature in the last training batch
         self.xc: Any = None
         self.xn: Any = None
         self.std: Any = None
@@ -45,10 +55,25 @@ class BatchNormalization:
         self._eval_xn: Any = None
         self._eval_std: Any = None
 
+    def _rows(self, a: np.ndarray) -> np.ndarray:
+        """The (values, features) view the statistics run down: (N, D) flat,
+        (N * S, C) per channel."""
+        if self.per_channel:
+            return np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
+        return a.reshape(a.shape[0], -1)
+
+    def _unrows(self, rows: np.ndarray) -> np.ndarray:
+        """Inverse of _rows, to the input's shape."""
+        assert self.input_shape is not None
+        shape = self.input_shape
+        if self.per_channel:
+            return np.moveaxis(rows.reshape((shape[0], *shape[2:], shape[1])), -1, 1)
+        return rows.reshape(shape)
+
     def forward(self, x: Any, train_flg: bool = True) -> np.ndarray:
         x = np.asarray(x)
         self.input_shape = x.shape
-        rows = x.reshape(x.shape[0], -1)
+        rows = self._rows(x)
         if self.running_mean is None:
             features = rows.shape[1]
             self.running_mean = np.zeros(features)
@@ -59,7 +84,7 @@ class BatchNormalization:
             normalized = self._normalize_running(rows)
         self._last_train = bool(train_flg)
         out: np.ndarray = self.gamma * normalized + self.beta
-        return out.reshape(self.input_shape)
+        return self._unrows(out)
 
     def _normalize_batch(self, rows: np.ndarray) -> np.ndarray:
         mean = rows.mean(axis=0)
@@ -67,11 +92,15 @@ class BatchNormalization:
         var = np.mean(centered ** 2, axis=0)
         std = np.sqrt(var + self.eps)
         normalized = centered / std
-        self.batch_size = rows.shape[0]
-        self.xc = centered
-        self.xn = normalized
+        assert self.input_shape is not None
+        self.batch_size = self.input_shape[0]
+        self._count = rows.shape[0]
+        self.xc = self._unrows(centered) if self.per_channel else centered
+        self.xn = self._unrows(normalized) if self.per_channel else normalized
         self.std = std
         keep = self.momentum
+        if self.running_var_unbiased:
+            var = var * (self._count / (self._count - 1))
         self.running_mean = keep * self.running_mean + (1 - keep) * mean
         self.running_var = keep * self.running_var + (1 - keep) * var
         result: np.ndarray = normalized
@@ -90,23 +119,24 @@ class BatchNormalization:
         if self._last_train is None:
             raise RuntimeError("backward() called before any forward()")
         dout = np.asarray(dout)
-        rows = dout.reshape(dout.shape[0], -1)
+        rows = self._rows(dout.reshape(self.input_shape))
         if self._last_train:
             grad = self._backward_batch(rows)
         else:
             grad = self._backward_running(rows)
-        return grad.reshape(self.input_shape)
+        return self._unrows(grad)
 
     def _backward_batch(self, dout: np.ndarray) -> np.ndarray:
-        n = self.batch_size
-        assert n is not None, "set by the training forward"
+        n = self._count
+        xc = self._rows(self.xc) if self.per_channel else self.xc
+        xn = self._rows(self.xn) if self.per_channel else self.xn
         self.dbeta = dout.sum(axis=0)
-        self.dgamma = np.sum(self.xn * dout, axis=0)
+        self.dgamma = np.sum(xn * dout, axis=0)
         dnormalized = self.gamma * dout
         dcentered = dnormalized / self.std
-        dstd = -np.sum((dnormalized * self.xc) / (self.std * self.std), axis=0)
+        dstd = -np.sum((dnormalized * xc) / (self.std * self.std), axis=0)
         dvar = 0.5 * dstd / self.std
-        dcentered += (2.0 / n) * self.xc * dvar
+        dcentered += (2.0 / n) * xc * dvar
         dmean = np.sum(dcentered, axis=0)
         dx: np.ndarray = dcentered - dmean / n
         return dx
