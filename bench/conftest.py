@@ -20,19 +20,19 @@ from bnfast import bench
 
 
 @functools.lru_cache(maxsize=1)
-def _case(shape: tuple[int, ...], dtype: str) -> bench.Case:
-    return bench.make_case(shape, dtype)
+def _case(shape: tuple[int, ...], dtype: str, layout: str) -> bench.Case:
+    return bench.make_case(shape, dtype, layout)
 
 
 @functools.lru_cache(maxsize=1)
 def _expected(cell: bench.Cell) -> Any:
-    return bench.expected_result(_case(cell.shape, cell.dtype), cell.op)
+    return bench.expected_result(_case(cell.shape, cell.dtype, cell.layout), cell.op)
 
 
 @pytest.fixture
 def case(cell: bench.Cell) -> bench.Case:
     """The seeded data of the test's cell (shared by its peers: read-only)."""
-    return _case(cell.shape, cell.dtype)
+    return _case(cell.shape, cell.dtype, cell.layout)
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """bnfast and its peers on the benchmark grid, one benchmark per (cell, peer).
 
-Each test's group is its cell, e.g. "256x1024-float64-train", so that
+The cells are bnfast-bench's two grids: per-feature (the default) and
+per-channel (--per-channel; NCHW and channels-last).  Each test's group is its
+cell, e.g. "256x1024-float64-train" or "32x64x56x56-cl-float32-eval", so that
 ``pytest bench --benchmark-group-by=group`` lists bnfast, reference, torch and
 floor side by side.  Every bnfast and torch result is checked against the
 reference twin before it is timed (the reference is the oracle, and the floor
@@ -20,8 +22,9 @@ from bnfast._timing import calls_per_repeat
 pytest.importorskip("pytest_benchmark")
 
 ROUNDS = bench.DEFAULT_REPEATS
-PARAMS = [(cell, peer) for cell in bench.grid(bench.SHAPES, bench.DTYPES, bench.OPS)
-          for peer in bench.PEERS]
+CELLS = (bench.grid(bench.SHAPES, bench.DTYPES, bench.OPS)
+         + bench.grid(bench.CHANNEL_SHAPES, bench.DTYPES, bench.OPS, bench.CHANNEL_LAYOUTS))
+PARAMS = [(cell, peer) for cell in CELLS for peer in bench.PEERS]
 
 
 @pytest.mark.parametrize(("cell", "peer"), PARAMS,
@@ -34,7 +37,8 @@ def test_peer(benchmark: Any, cell: bench.Cell, peer: str, case: bench.Case,
     if peer in bench.CHECKED_PEERS:
         bench.check(peer, call(), expected, case, cell.op)
     benchmark.group = cell.label
-    benchmark.extra_info.update(peer=peer, shape=list(cell.shape), dtype=cell.dtype, op=cell.op)
+    benchmark.extra_info.update(peer=peer, shape=list(cell.shape), layout=cell.layout,
+                                dtype=cell.dtype, op=cell.op)
     # Tiny cells loop enough calls per round (~3 ms) that timer resolution
     # does not matter; with --benchmark-disable the call just runs once.
     iterations = 1 if benchmark.disabled else calls_per_repeat(call)

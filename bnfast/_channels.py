@@ -45,6 +45,16 @@ class Batch:
         return self.n * self.s
 
 
+def channels_to_last(a: np.ndarray) -> np.ndarray:
+    """(N, C, *spatial) -> the (N, *spatial, C) view (np.moveaxis, without its overhead)."""
+    return a.transpose((0, *range(2, a.ndim), 1))
+
+
+def channels_to_second(a: np.ndarray) -> np.ndarray:
+    """(N, *spatial, C) -> the (N, C, *spatial) view."""
+    return a.transpose((0, a.ndim - 1, *range(1, a.ndim - 1)))
+
+
 def batch(x: Any, what: str = "x") -> tuple[np.ndarray, int, int, int]:
     """x as an array of ndim >= 2 (N, C, *spatial) with a real dtype; (x, N, C, S)."""
     arr, n, _ = _checks.batch(x, what)
@@ -53,7 +63,7 @@ def batch(x: Any, what: str = "x") -> tuple[np.ndarray, int, int, int]:
 
 def _is_channels_last(arr: np.ndarray) -> bool:
     """Memory ordered (N, *spatial, C), and not also NCHW-contiguous."""
-    return arr.ndim > 2 and np.moveaxis(arr, 1, -1).flags.c_contiguous
+    return arr.ndim > 2 and channels_to_last(arr).flags.c_contiguous
 
 
 def for_kernel(arr: np.ndarray, n: int, c: int, s: int) -> Batch:
@@ -63,7 +73,7 @@ def for_kernel(arr: np.ndarray, n: int, c: int, s: int) -> Batch:
         if arr.flags.c_contiguous:
             return Batch(arr, PLANES, arr.shape, n, c, s)
         if _is_channels_last(arr):
-            return Batch(np.moveaxis(arr, 1, -1), ROWS, arr.shape, n, c, s)
+            return Batch(channels_to_last(arr), ROWS, arr.shape, n, c, s)
     return Batch(np.array(arr, dtype=dt, order="C", copy=True), PLANES, arr.shape, n, c, s)
 
 
@@ -71,7 +81,7 @@ def like(b: Batch, arr: np.ndarray) -> np.ndarray:
     """arr (of b's shape) in b's layout and kernel dtype: what the kernels read
     beside b (dout beside x)."""
     dt = b.array.dtype
-    view = arr if b.layout == PLANES else np.moveaxis(arr, 1, -1)
+    view = arr if b.layout == PLANES else channels_to_last(arr)
     if view.dtype == dt and view.flags.c_contiguous and view.flags.aligned:
         return view
     return np.array(view, dtype=dt, order="C", copy=True)
@@ -81,12 +91,12 @@ def empty(b: Batch, dt: np.dtype) -> np.ndarray:
     """A new (N, C, *spatial) array of dt in b's layout."""
     if b.layout == PLANES:
         return np.empty(b.shape, dt)
-    return np.moveaxis(np.empty((b.n, *b.shape[2:], b.c), dt), -1, 1)
+    return channels_to_second(np.empty((b.n, *b.shape[2:], b.c), dt))
 
 
 def kernel_view(b: Batch, arr: np.ndarray) -> np.ndarray:
     """The view of an (N, C, *spatial) array in b's layout that the kernels write."""
-    return arr if b.layout == PLANES else np.moveaxis(arr, 1, -1)
+    return arr if b.layout == PLANES else channels_to_last(arr)
 
 
 def check_out(b: Batch, out: Any, dt: np.dtype, what: str, inputs: tuple[Any, ...]) -> np.ndarray:
@@ -114,10 +124,11 @@ def result_buffers(b: Batch, dt: np.dtype, out: Any, what: str,
 
 
 def finish(b: Batch, result: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Copy a float32 target into a float16 result (same layout)."""
-    view = kernel_view(b, result)
-    if target is not view:
-        np.copyto(view, target, casting="unsafe")
+    """Copy a float32 target into a float16 result (same layout).  (Otherwise
+    target is a view of result: kernel_view makes a new view object each
+    time, so compare dtypes, not identities.)"""
+    if target.dtype != result.dtype:
+        np.copyto(kernel_view(b, result), target, casting="unsafe")
     return result
 
 
@@ -221,7 +232,7 @@ def centered(b: Batch, mean: np.ndarray) -> np.ndarray:
         rows: np.ndarray = b.array.reshape(b.n, b.c, b.s) - mean[:, None]
         return rows.reshape(b.shape)
     moved: np.ndarray = b.array - mean
-    return np.moveaxis(moved, -1, 1)
+    return channels_to_second(moved)
 
 
 def scale_channels(a: np.ndarray, factor: np.ndarray) -> np.ndarray:

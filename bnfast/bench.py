@@ -58,6 +58,13 @@ SHAPES: tuple[tuple[int, ...], ...] = (
     (100, 100), (32, 128), (256, 1024), (1024, 4096), (32, 64, 32, 32), (8, 3, 224, 224),
     (256, 65536))
 QUICK_SHAPES: tuple[tuple[int, ...], ...] = ((100, 100), (32, 128), (256, 1024), (32, 64, 32, 32))
+#: --per-channel: image batches (N, C, *spatial), statistics per channel.
+CHANNEL_SHAPES: tuple[tuple[int, ...], ...] = (
+    (32, 64, 56, 56), (8, 256, 14, 14), (64, 3, 64, 64), (16, 32, 8, 8, 8), (256, 16, 4, 4))
+QUICK_CHANNEL_SHAPES: tuple[tuple[int, ...], ...] = ((8, 256, 14, 14), (64, 3, 64, 64))
+#: Memory layouts: "flat" is the default grid (per-feature statistics);
+#: per-channel cells are NCHW-contiguous or channels-last ("cl").
+CHANNEL_LAYOUTS = ("nchw", "cl")
 DTYPES = ("float64", "float32")
 OPS = ("train", "eval", "backward")
 PEERS = ("bnfast", "reference", "torch", "floor")
@@ -85,21 +92,29 @@ def format_shape(shape: Sequence[int]) -> str:
 
 @dataclass(frozen=True)
 class Cell:
-    """One row of the results: a shape, a dtype and an operation."""
+    """One row of the results: a shape (and layout), a dtype and an operation."""
     shape: tuple[int, ...]
     dtype: str
     op: str
+    layout: str = "flat"    # "flat" (per feature), or per channel: "nchw" or "cl"
+
+    @property
+    def shape_label(self) -> str:
+        """'256x1024' (flat), '32x64x56x56 nchw', '32x64x56x56 cl'."""
+        suffix = "" if self.layout == "flat" else f" {self.layout}"
+        return format_shape(self.shape) + suffix
 
     @property
     def label(self) -> str:
         """'256x1024-float64-train': the pytest-benchmark group and JSON key."""
-        return f"{format_shape(self.shape)}-{self.dtype}-{self.op}"
+        return f"{self.shape_label.replace(' ', '-')}-{self.dtype}-{self.op}"
 
 
 def grid(shapes: Iterable[tuple[int, ...]], dtypes: Iterable[str],
-         ops: Iterable[str]) -> list[Cell]:
-    """Cells in run order: each (shape, dtype)'s data serves all its operations."""
-    return [Cell(tuple(shape), dtype, op) for shape in shapes for dtype in dtypes for op in ops]
+         ops: Iterable[str], layouts: Iterable[str] = ("flat",)) -> list[Cell]:
+    """Cells in run order: each (shape, layout, dtype)'s data serves all its operations."""
+    return [Cell(tuple(shape), dtype, op, layout) for shape in shapes for layout in layouts
+            for dtype in dtypes for op in ops]
 
 
 @dataclass(frozen=True)
@@ -115,19 +130,32 @@ class Case:
     beta: np.ndarray
     running_mean: np.ndarray
     running_var: np.ndarray
+    layout: str = "flat"
+
+    @property
+    def per_channel(self) -> bool:
+        return self.layout != "flat"
 
 
-def make_case(shape: Sequence[int], dtype: str) -> Case:
-    """Random data for `shape` in `dtype`, the same in every run and process."""
+def _in_layout(a: np.ndarray, layout: str) -> np.ndarray:
+    """a (N, C, *spatial) with channels-last memory for layout "cl"."""
+    if layout != "cl":
+        return a
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
+
+
+def make_case(shape: Sequence[int], dtype: str, layout: str = "flat") -> Case:
+    """Random data for `shape` in `dtype` (and layout), the same in every run and process."""
     dt = np.dtype(dtype)
     rng = np.random.default_rng([SEED, dt.itemsize, *shape])
-    d = math.prod(shape[1:])
+    d = shape[1] if layout != "flat" else math.prod(shape[1:])
     x = rng.standard_normal(tuple(shape), dtype=dt)
     x *= 2.0    # features that are neither centred nor unit-scaled
     x += 0.5
     return Case(
-        x=x,
-        dout=rng.standard_normal(tuple(shape), dtype=dt),
+        layout=layout,
+        x=_in_layout(x, layout),
+        dout=_in_layout(rng.standard_normal(tuple(shape), dtype=dt), layout),
         gamma=1.0 + 0.5 * rng.standard_normal(d, dtype=dt),
         beta=rng.standard_normal(d, dtype=dt),
         running_mean=0.1 * rng.standard_normal(d, dtype=dt),
@@ -137,8 +165,9 @@ def make_case(shape: Sequence[int], dtype: str) -> Case:
 
 def _layer_call(layer_class: type, case: Case, op: str) -> Callable[[], Any]:
     """bnfast's layer or the reference twin, which share one API."""
+    options = {"per_channel": True} if case.per_channel else {}
     layer = layer_class(case.gamma, case.beta, MOMENTUM, running_mean=case.running_mean,
-                        running_var=case.running_var, eps=EPS)
+                        running_var=case.running_var, eps=EPS, **options)
     x = case.x
     if op == "train":
         return lambda: layer.forward(x, True)
@@ -158,6 +187,11 @@ def _torch_call(case: Case, op: str) -> Callable[[], Any]:
 
     x, dout = case.x, case.dout
     n = x.shape[0]
+    # Flat mode: the (N, D) view, one feature per column.  Per channel: the
+    # (N, C, *spatial) tensor itself; from_numpy keeps the strides, so a
+    # channels-last array is a torch.channels_last(_3d) tensor.
+    batch = (lambda a: torch.from_numpy(a)) if case.per_channel else \
+        (lambda a: torch.from_numpy(a.reshape(n, -1)))
     weight = torch.from_numpy(case.gamma)
     bias = torch.from_numpy(case.beta)
     running_mean = torch.from_numpy(case.running_mean.copy())
@@ -169,14 +203,14 @@ def _torch_call(case: Case, op: str) -> Callable[[], Any]:
 
         def forward() -> np.ndarray:
             with torch.no_grad():
-                out = batch_norm(torch.from_numpy(x.reshape(n, -1)), running_mean, running_var,
+                out = batch_norm(batch(x), running_mean, running_var,
                                  weight, bias, training=training, momentum=momentum, eps=EPS)
             result: np.ndarray = out.numpy().reshape(x.shape)
             return result
         return forward
     # The same math as the reference's backward: the training-mode gradient
     # from the saved batch mean and 1/std of a forward on the same input.
-    x_rows = torch.from_numpy(x.reshape(n, -1))
+    x_rows = batch(x)
     _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
         x_rows, weight, bias, running_mean, running_var, True, momentum, EPS)
     native_backward = torch.ops.aten.native_batch_norm_backward
@@ -184,7 +218,7 @@ def _torch_call(case: Case, op: str) -> Callable[[], Any]:
     def backward() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with torch.no_grad():
             dx, dgamma, dbeta = native_backward(
-                torch.from_numpy(dout.reshape(n, -1)), x_rows, weight, running_mean,
+                batch(dout), x_rows, weight, running_mean,
                 running_var, save_mean, save_invstd, True, EPS, [True, True, True])
         return dx.numpy().reshape(x.shape), dgamma.numpy(), dbeta.numpy()
     return backward
@@ -217,13 +251,15 @@ def _floor_call(case: Case, op: str) -> Callable[[], Any]:
     of per-piece medians would be the median of nothing actually run.
     """
     x, dout = case.x, case.dout
+    # order="K": the copy keeps a channels-last array's memory order, as the
+    # peers' outputs do (a C-order copy would be a transpose).
     if op == "train":     # the output, plus the statistics pass over x
-        return lambda: (x.copy(), _read(x))
+        return lambda: (x.copy(order="K"), _read(x))
     if op == "eval":      # the output, computed from x in one pass
-        return x.copy
+        return lambda: x.copy(order="K")
     # dx, plus a statistics pass over x and dout (dgamma, dbeta need both)
     # and a second pass over x for dx.
-    return lambda: (dout.copy(), _read(x), _read(x), _read(dout))
+    return lambda: (dout.copy(order="K"), _read(x), _read(x), _read(dout))
 
 
 def make_call(peer: str, case: Case, op: str) -> Callable[[], Any]:
@@ -275,11 +311,16 @@ def _dx_scale(case: Case) -> float:
     of two is nearly zero), so its rounding error is relative to them, not
     to dx itself.
     """
-    n = case.x.shape[0]
-    rows = case.x.reshape(n, -1).astype(np.float64)
+    if case.per_channel:
+        c = case.x.shape[1]
+        rows = np.moveaxis(case.x, 1, -1).reshape(-1, c).astype(np.float64)
+        dout = np.moveaxis(case.dout, 1, -1).reshape(-1, c)
+    else:
+        rows = case.x.reshape(case.x.shape[0], -1).astype(np.float64)
+        dout = case.dout.reshape(case.x.shape[0], -1)
     std = np.sqrt(rows.var(axis=0) + EPS)
     gain = np.abs(case.gamma.astype(np.float64)) / std
-    return float(np.max(np.abs(case.dout.reshape(n, -1)) * gain))
+    return float(np.max(np.abs(dout) * gain))
 
 
 def _compare(what: str, actual: np.ndarray, expected: np.ndarray, rtol: float,
@@ -359,13 +400,13 @@ def measure(cells: Sequence[Cell], peers: Sequence[str], repeats: int, check_res
     """
     results = []
     started = time.perf_counter()
-    case_of: tuple[tuple[int, ...], str] | None = None
+    case_of: tuple[tuple[int, ...], str, str] | None = None
     case: Optional[Case] = None
     for index, cell in enumerate(cells, 1):
-        if (cell.shape, cell.dtype) != case_of:
+        if (cell.shape, cell.dtype, cell.layout) != case_of:
             case = None     # free the last case's arrays before making the next
-            case = make_case(cell.shape, cell.dtype)
-            case_of = (cell.shape, cell.dtype)
+            case = make_case(cell.shape, cell.dtype, cell.layout)
+            case_of = (cell.shape, cell.dtype, cell.layout)
         assert case is not None
         calls = {peer: make_call(peer, case, cell.op) for peer in peers}
         if check_results:
@@ -378,7 +419,7 @@ def measure(cells: Sequence[Cell], peers: Sequence[str], repeats: int, check_res
         del calls
         results.append(result)
         if progress is not None:
-            print(f"[{index:{len(str(len(cells)))}}/{len(cells)}] {format_shape(cell.shape)} "
+            print(f"[{index:{len(str(len(cells)))}}/{len(cells)}] {cell.shape_label} "
                   f"{cell.dtype} {cell.op}: bnfast {format_time(result.time('bnfast'))}, "
                   f"reference {format_time(result.time('reference'))} "
                   f"({time.perf_counter() - started:.0f} s)", file=progress, flush=True)
@@ -472,7 +513,7 @@ def format_table(results: Sequence[CellResult], machine: dict[str, Any], torch_n
     if len(ops) > 1:
         groups.append(("geomean all", list(results)))
     first = max([len(name) for name, _ in groups]
-                + [len(format_shape(r.cell.shape)) for r in results] + [len("shape")])
+                + [len(r.cell.shape_label) for r in results] + [len("shape")])
     # (heading, width) of each column; text columns are left-aligned.
     columns = [("shape", first), ("dtype", 7), ("op", 8)] + [(peer, 9) for peer in PEERS] \
         + [("vs ref", 7), ("vs torch", 8), ("x floor", 7)]
@@ -487,7 +528,12 @@ def format_table(results: Sequence[CellResult], machine: dict[str, Any], torch_n
         widths = [w for _, w in columns[first_column:end_column]]
         return sum(widths) + 2 * (len(widths) - 1)
 
+    per_channel = any(r.cell.layout != "flat" for r in results)
+    mode = ("per-channel statistics (over N and every spatial position); nchw = NCHW-"
+            "contiguous, cl = channels-last" if per_channel else
+            "per-feature statistics (each sample flattened, as the book's class)")
     lines = [
+        mode,
         f"bnfast {machine['bnfast']} ({machine['build_info']['isa']}, "
         f"{_count(threads['bnfast'], 'thread')}) | numpy {machine['numpy']} | {torch_part}",
         f"{machine['cpu']}, {_count(machine['cores'], 'core')} | median of "
@@ -498,7 +544,7 @@ def format_table(results: Sequence[CellResult], machine: dict[str, Any], torch_n
         row([name for name, _ in columns]),
     ]
     for r in results:
-        lines.append(row([format_shape(r.cell.shape), r.cell.dtype, r.cell.op]
+        lines.append(row([r.cell.shape_label, r.cell.dtype, r.cell.op]
                          + [format_time(r.time(peer)) for peer in PEERS]
                          + [_ratio(r.speedup("reference")), _ratio(r.speedup("torch")),
                             _ratio(r.floor_multiple)]))
@@ -521,7 +567,9 @@ def report(results: Sequence[CellResult], machine: dict[str, Any], torch_note: s
         cells.append({
             "label": r.cell.label,
             "shape": list(r.cell.shape),
-            "features": math.prod(r.cell.shape[1:]),
+            "layout": r.cell.layout,
+            "features": (r.cell.shape[1] if r.cell.layout != "flat"
+                         else math.prod(r.cell.shape[1:])),
             "dtype": r.cell.dtype,
             "op": r.cell.op,
             "checked": r.checked,
@@ -577,7 +625,7 @@ def plot(results: Sequence[CellResult], path: Path, machine: dict[str, Any]) -> 
         ax.set_yscale("log")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.grid(axis="y", which="both", alpha=0.3)
-        ax.set_xticks(positions, [f"{format_shape(r.cell.shape)}\n{r.cell.op}" for r in rows],
+        ax.set_xticks(positions, [f"{r.cell.shape_label}\n{r.cell.op}" for r in rows],
                       fontsize=7)
         ax.set_xlim(-0.6, len(rows) - 0.4)
         ax.set_ylabel("peer time / bnfast time")
@@ -659,6 +707,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a representative subset (shapes " + ", ".join(map(format_shape, QUICK_SHAPES))
              + "; both dtypes, all operations) in under a minute; turns --check on")
     parser.add_argument(
+        "--per-channel", action="store_true",
+        help="per-channel (spatial) batch normalization instead: statistics per channel of "
+             "(N, C, *spatial) batches, each shape in NCHW and channels-last layout; default "
+             "shapes " + ", ".join(map(format_shape, CHANNEL_SHAPES)) + " (--quick: "
+             + ", ".join(map(format_shape, QUICK_CHANNEL_SHAPES)) + ")")
+    parser.add_argument(
         "--shapes", type=parse_shapes, metavar="SHAPES",
         help="comma-separated shapes, e.g. 100x100,32x64x32x32 (default: the full grid "
              + ", ".join(map(format_shape, SHAPES)) + ", or the --quick subset)")
@@ -726,7 +780,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--plot needs matplotlib, which is not installed: {BENCH_EXTRA}")
     if args.sync_ranks is not None:
         return _sync_main(args)
-    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
+    if args.per_channel:
+        shapes = args.shapes or (QUICK_CHANNEL_SHAPES if args.quick else CHANNEL_SHAPES)
+        layouts: tuple[str, ...] = CHANNEL_LAYOUTS
+    else:
+        shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
+        layouts = ("flat",)
     check_results = args.quick if args.check is None else args.check
 
     torch, torch_note = load_torch()
@@ -742,7 +801,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"bnfast-bench: note: load average {load:.2f} at the start: other processes "
               "use (or used within the last minute) the CPU, and timings, multi-threaded "
               "ones most, suffer while they do", file=sys.stderr)
-    cells = grid(shapes, args.dtypes, args.ops)
+    cells = grid(shapes, args.dtypes, args.ops, layouts)
     print(f"bnfast-bench: {_count(len(cells), 'cell')} x {_count(len(peers), 'peer')} "
           f"({', '.join(peers)}), {_count(args.repeats, 'repeat')} each", file=sys.stderr)
     started = time.perf_counter()
@@ -765,6 +824,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = {"quick": args.quick, "repeats": args.repeats, "check": check_results,
                 "target_repeat_s": TARGET_REPEAT_S, "shapes": [list(s) for s in shapes],
                 "dtypes": list(args.dtypes), "ops": list(args.ops), "peers": peers,
+                "per_channel": args.per_channel, "layouts": list(layouts),
                 "seed": SEED, "eps": EPS, "momentum": MOMENTUM,
                 "statistic": "median of repeats of per-call time"}
     try:

@@ -253,3 +253,18 @@ def test_sync_table_and_timed_communicator():
         _sync_bench.TimedComm(comm)))
     assert all(g[0] == [0, 1] and g[1] > 0 for g in gathered)
     assert timed[0].Get_size() == 2
+
+
+def test_per_channel_grid_runs_both_layouts_and_checks(capsys, tmp_path, no_torch):
+    path = tmp_path / "channels.json"
+    status, out, err = run(["--per-channel", "--shapes", "4x3x2x2", "--repeats", "2", "--check",
+                            "--json", str(path)], capsys)
+    assert status == 0, err
+    assert out.startswith("per-channel statistics")
+    assert "4x3x2x2 nchw" in out and "4x3x2x2 cl" in out
+    data = json.loads(path.read_text())
+    assert {c["layout"] for c in data["cells"]} == {"nchw", "cl"}
+    assert {c["features"] for c in data["cells"]} == {3}
+    assert data["settings"]["per_channel"] is True
+    case = bench.make_case((4, 3, 2, 2), "float32", "cl")
+    assert np.moveaxis(case.x, 1, -1).flags.c_contiguous and case.gamma.shape == (3,)
