@@ -190,8 +190,8 @@ def _torch_call(case: Case, op: str) -> Callable[[], Any]:
     # Flat mode: the (N, D) view, one feature per column.  Per channel: the
     # (N, C, *spatial) tensor itself; from_numpy keeps the strides, so a
     # channels-last array is a torch.channels_last(_3d) tensor.
-    batch = (lambda a: torch.from_numpy(a)) if case.per_channel else \
-        (lambda a: torch.from_numpy(a.reshape(n, -1)))
+    def batch(a: np.ndarray) -> Any:
+        return torch.from_numpy(a if case.per_channel else a.reshape(n, -1))
     weight = torch.from_numpy(case.gamma)
     bias = torch.from_numpy(case.beta)
     running_mean = torch.from_numpy(case.running_mean.copy())
