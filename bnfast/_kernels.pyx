@@ -167,6 +167,8 @@ cdef enum:
     PAGE_BYTES = 2097152
     # ... but at least this many rows per element-pass task.
     ELEM_MIN_ROWS = 16
+    # ... and small enough that each thread gets this many row tasks.
+    ELEM_TASKS_PER_THREAD = 4
 
 cdef int _num_threads = 1
 # Tunables (see _set_tuning); start at the compile-time defaults.
@@ -177,6 +179,7 @@ cdef Py_ssize_t _col_block = COL_BLOCK
 cdef Py_ssize_t _max_strip_cols = MAX_STRIP_COLS
 cdef Py_ssize_t _fused_min_cols = FUSED_MIN_COLS
 cdef bint _fused_strips = True
+cdef Py_ssize_t _elem_tasks_per_thread = ELEM_TASKS_PER_THREAD
 cdef Py_ssize_t _unfused_strip_max_bytes = UNFUSED_STRIP_MAX_BYTES
 cdef bint _stream_pages = False
 cdef Py_ssize_t _page_bytes = PAGE_BYTES
@@ -273,6 +276,11 @@ cdef Grid _make_grid(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize,
     # when that leaves too few tasks.  (These tasks only write, so their
     # split may follow the thread count.)
     g.page_rows = _page_bytes // (d * (out_bytes // (n * d)))
+    if _elem_tasks_per_thread > 0 and g.n_threads > 1:
+        # several row tasks a thread balance better than column splits
+        rows_tasks = _ceil_div(n, _elem_tasks_per_thread * g.n_threads)
+        if g.page_rows > rows_tasks:
+            g.page_rows = rows_tasks
     if g.page_rows < ELEM_MIN_ROWS:
         g.page_rows = ELEM_MIN_ROWS
     if g.page_rows > n:
@@ -1872,11 +1880,14 @@ def _set_tuning(strip_bytes=STRIP_BYTES, min_strip=MIN_STRIP,
                 stream_min_bytes=STREAM_MIN_BYTES, col_block=COL_BLOCK, fused_strips=True,
                 page_bytes=PAGE_BYTES, stream_pages=False, max_strip_cols=MAX_STRIP_COLS,
                 fused_min_cols=FUSED_MIN_COLS,
-                unfused_strip_max_bytes=UNFUSED_STRIP_MAX_BYTES):
+                unfused_strip_max_bytes=UNFUSED_STRIP_MAX_BYTES,
+                elem_tasks_per_thread=ELEM_TASKS_PER_THREAD):
     """Work-partition knobs, for measuring the kernels (not a public API)."""
     global _strip_bytes, _min_strip, _stream_min_bytes, _col_block, _fused_strips, _page_bytes
     global _stream_pages, _max_strip_cols, _fused_min_cols, _unfused_strip_max_bytes
+    global _elem_tasks_per_thread
     _unfused_strip_max_bytes = unfused_strip_max_bytes
+    _elem_tasks_per_thread = elem_tasks_per_thread
     _fused_min_cols = fused_min_cols
     _stream_pages = stream_pages
     if not 16 <= max_strip_cols <= MAX_STRIP_COLS:

@@ -13,8 +13,90 @@
 # finite is redone by the exact two-pass.  Element passes walk planes in
 # address order.
 
+cdef extern from *:
+    """
+    /* Sums over a plane into 16 lane partials (lane = index mod 16), the
+       hot loops of the per-channel reductions.  Written with GCC/Clang
+       vector types: left to itself GCC vectorized the lane loop's *outer*
+       loop and reduced each lane with scalar adds.  Other compilers get
+       the same per-lane arithmetic as plain loops.  Each processes the first
+       n - n % 16 values and returns how many. */
+    #include <stddef.h>
+    #include <string.h>
+    #if defined(__GNUC__) || defined(__clang__)
+    typedef double bnfast_v8d __attribute__((vector_size(64)));
+    typedef float bnfast_v8f __attribute__((vector_size(32)));
+    static inline bnfast_v8d bnfast_ld_d(const double* p) {
+        bnfast_v8d v; memcpy(&v, p, sizeof v); return v; }
+    static inline bnfast_v8d bnfast_ld_f(const float* p) {
+        bnfast_v8f v; memcpy(&v, p, sizeof v); return __builtin_convertvector(v, bnfast_v8d); }
+    #define BNFAST_LANE_SUMS(SUFFIX, T)                                                   \
+    static ptrdiff_t bnfast_sq_sums_##SUFFIX(const T* x, ptrdiff_t n, double k,           \
+                                             double* a1, double* a2) {                    \
+        bnfast_v8d s1a = bnfast_ld_d(a1), s1b = bnfast_ld_d(a1 + 8);                      \
+        bnfast_v8d s2a = bnfast_ld_d(a2), s2b = bnfast_ld_d(a2 + 8);                      \
+        bnfast_v8d kk = {k, k, k, k, k, k, k, k};                                         \
+        ptrdiff_t i = 0;                                                                  \
+        for (; i + 16 <= n; i += 16) {                                                    \
+            bnfast_v8d ea = bnfast_ld_##SUFFIX(x + i) - kk;                               \
+            bnfast_v8d eb = bnfast_ld_##SUFFIX(x + i + 8) - kk;                           \
+            s1a += ea; s1b += eb; s2a += ea * ea; s2b += eb * eb;                         \
+        }                                                                                 \
+        memcpy(a1, &s1a, 64); memcpy(a1 + 8, &s1b, 64);                                   \
+        memcpy(a2, &s2a, 64); memcpy(a2 + 8, &s2b, 64);                                   \
+        return i;                                                                         \
+    }                                                                                     \
+    static ptrdiff_t bnfast_dot_sums_##SUFFIX(const T* x, const T* g, ptrdiff_t n,        \
+                                              double m, double* a1, double* a2) {         \
+        bnfast_v8d s1a = bnfast_ld_d(a1), s1b = bnfast_ld_d(a1 + 8);                      \
+        bnfast_v8d s2a = bnfast_ld_d(a2), s2b = bnfast_ld_d(a2 + 8);                      \
+        bnfast_v8d mm = {m, m, m, m, m, m, m, m};                                         \
+        ptrdiff_t i = 0;                                                                  \
+        for (; i + 16 <= n; i += 16) {                                                    \
+            bnfast_v8d ga = bnfast_ld_##SUFFIX(g + i), gb = bnfast_ld_##SUFFIX(g + i + 8); \
+            s1a += ga; s1b += gb;                                                         \
+            s2a += ga * (bnfast_ld_##SUFFIX(x + i) - mm);                                 \
+            s2b += gb * (bnfast_ld_##SUFFIX(x + i + 8) - mm);                             \
+        }                                                                                 \
+        memcpy(a1, &s1a, 64); memcpy(a1 + 8, &s1b, 64);                                   \
+        memcpy(a2, &s2a, 64); memcpy(a2 + 8, &s2b, 64);                                   \
+        return i;                                                                         \
+    }
+    #else
+    #define BNFAST_LANE_SUMS(SUFFIX, T)                                                   \
+    static ptrdiff_t bnfast_sq_sums_##SUFFIX(const T* x, ptrdiff_t n, double k,           \
+                                             double* a1, double* a2) {                    \
+        ptrdiff_t i = 0; int l;                                                           \
+        for (; i + 16 <= n; i += 16)                                                      \
+            for (l = 0; l < 16; l++) {                                                    \
+                double e = (double)x[i + l] - k; a1[l] += e; a2[l] += e * e; }            \
+        return i;                                                                         \
+    }                                                                                     \
+    static ptrdiff_t bnfast_dot_sums_##SUFFIX(const T* x, const T* g, ptrdiff_t n,        \
+                                              double m, double* a1, double* a2) {         \
+        ptrdiff_t i = 0; int l;                                                           \
+        for (; i + 16 <= n; i += 16)                                                      \
+            for (l = 0; l < 16; l++) {                                                    \
+                double gv = (double)g[i + l];                                             \
+                a1[l] += gv; a2[l] += gv * ((double)x[i + l] - m); }                      \
+        return i;                                                                         \
+    }
+    #endif
+    BNFAST_LANE_SUMS(d, double)
+    BNFAST_LANE_SUMS(f, float)
+    """
+    Py_ssize_t bnfast_sq_sums_d(const double* x, Py_ssize_t n, double k,
+                                double* a1, double* a2) noexcept nogil
+    Py_ssize_t bnfast_sq_sums_f(const float* x, Py_ssize_t n, double k,
+                                double* a1, double* a2) noexcept nogil
+    Py_ssize_t bnfast_dot_sums_d(const double* x, const double* g, Py_ssize_t n, double m,
+                                 double* a1, double* a2) noexcept nogil
+    Py_ssize_t bnfast_dot_sums_f(const float* x, const float* g, Py_ssize_t n, double m,
+                                 double* a1, double* a2) noexcept nogil
+
+
 cdef enum:
-    # Partial sums per channel and task: several vector registers' worth.
+    # Partial sums per channel and task (bnfast_*_sums work in 16 lanes).
     LANES = 16
     HALF_LANES = 8
     # A reduction task covers about this much of one channel.
@@ -86,10 +168,10 @@ cdef inline void _lanes_total(const double* lanes, double tail, double* total) n
     total[0] = half[0] + tail
 
 
-cdef void _plane_moments_task(const Planes* p, Py_ssize_t t, const in_t* x, in_t* cache,
+cdef void _plane_moments_task(const Planes* p, Py_ssize_t t, const in_t* x,
                               const double* shift, double* part) noexcept nogil:
     """Task t = (chunk k, channel ch): sums of x - K and (x - K)^2 over the
-    chunk's planes of the channel (copied to cache unless NULL)."""
+    chunk's planes of the channel."""
     cdef Py_ssize_t k = t // p.c, ch = t - (t // p.c) * p.c, i, j, l
     cdef Py_ssize_t n0 = k * p.chunk_n, n1 = n0 + p.chunk_n
     cdef double a1[LANES]
@@ -103,15 +185,10 @@ cdef void _plane_moments_task(const Planes* p, Py_ssize_t t, const in_t* x, in_t
         a2[l] = 0.0
     for i in range(n0, n1):
         src = x + (i * p.c + ch) * p.s
-        if cache != NULL:
-            memcpy(cache + (i * p.c + ch) * p.s, src, p.s * sizeof(in_t))
-        j = 0
-        while j + LANES <= p.s:
-            for l in range(LANES):
-                e = src[j + l] - kk
-                a1[l] += e
-                a2[l] += e * e
-            j += LANES
+        if in_t is double:
+            j = bnfast_sq_sums_d(src, p.s, kk, a1, a2)
+        else:
+            j = bnfast_sq_sums_f(src, p.s, kk, a1, a2)
         while j < p.s:
             e = src[j] - kk
             t1 += e
@@ -149,9 +226,9 @@ cdef void _channel_two_pass(const Planes* p, const in_t* x, Py_ssize_t ch, doubl
         m2[0] = sd2
 
 
-cdef int _planes_moments(const Planes* p, const in_t* x, in_t* cache, double* shift,
-                         double* mean, double* m2) noexcept nogil:
-    """Per channel: shift, mean relative to it and M2 (cache = x unless NULL)."""
+cdef int _planes_moments(const Planes* p, const in_t* x, double* shift, double* mean,
+                         double* m2) noexcept nogil:
+    """Per channel: shift, mean relative to it and M2."""
     cdef Py_ssize_t t, k, ch, c = p.c
     cdef double s1, s2, count = <double>(p.n * p.s), mb
     cdef double* part = <double*>malloc(2 * p.n_chunks * c * sizeof(double))
@@ -160,10 +237,10 @@ cdef int _planes_moments(const Planes* p, const in_t* x, in_t* cache, double* sh
     _channel_shift(p, x, shift)
     if p.n_threads == 1:
         for t in range(p.n_tasks):
-            _plane_moments_task(p, t, x, cache, shift, part)
+            _plane_moments_task(p, t, x, shift, part)
     else:
         for t in prange(p.n_tasks, schedule="dynamic", num_threads=p.n_threads):
-            _plane_moments_task(p, t, x, cache, shift, part)
+            _plane_moments_task(p, t, x, shift, part)
     for ch in range(c):
         s1 = part[ch]
         s2 = part[p.n_chunks * c + ch]
@@ -181,10 +258,12 @@ cdef int _planes_moments(const Planes* p, const in_t* x, in_t* cache, double* sh
     return 0
 
 
-cdef void _plane_affine_task(const Planes* p, Py_ssize_t t, const in_t* x, out_t* y,
-                             const double* center, const double* scale,
+cdef void _plane_affine_task(const Planes* p, Py_ssize_t t, const in_t* x, in_t* cache,
+                             out_t* y, const double* center, const double* scale,
                              const double* shift) noexcept nogil:
-    """y = (x - center) * scale + shift over task t's planes (address order)."""
+    """y = (x - center) * scale + shift over task t's planes (address order),
+    and cache = x unless NULL: here, not in the statistics tasks, whose planes
+    interleave across threads and would share cache lines at their ends."""
     cdef Py_ssize_t q, j, q0 = t * p.per_task, q1 = t * p.per_task + p.per_task
     cdef Py_ssize_t ch
     cdef double m, k, b
@@ -199,19 +278,22 @@ cdef void _plane_affine_task(const Planes* p, Py_ssize_t t, const in_t* x, out_t
         b = shift[ch]
         src = x + q * p.s
         dst = y + q * p.s
+        if cache != NULL:
+            memcpy(cache + q * p.s, src, p.s * sizeof(in_t))
         for j in range(p.s):
             dst[j] = <out_t>((src[j] - m) * k + b)
 
 
-cdef void _planes_affine(const Planes* p, const in_t* x, out_t* y, const double* center,
-                         const double* scale, const double* shift) noexcept nogil:
+cdef void _planes_affine(const Planes* p, const in_t* x, in_t* cache, out_t* y,
+                         const double* center, const double* scale,
+                         const double* shift) noexcept nogil:
     cdef Py_ssize_t t
     if p.n_threads == 1:
         for t in range(p.n_elem_tasks):
-            _plane_affine_task(p, t, x, y, center, scale, shift)
+            _plane_affine_task(p, t, x, cache, y, center, scale, shift)
     else:
         for t in prange(p.n_elem_tasks, schedule="static", num_threads=p.n_threads):
-            _plane_affine_task(p, t, x, y, center, scale, shift)
+            _plane_affine_task(p, t, x, cache, y, center, scale, shift)
 
 
 cdef int _planes_train_forward(const Planes* p, const in_t* x, in_t* cache, out_t* y,
@@ -222,11 +304,11 @@ cdef int _planes_train_forward(const Planes* p, const in_t* x, in_t* cache, out_
     if work == NULL:
         return -1
     # work rows: shift (then the affine shift), scale, temp, spare
-    if _planes_moments(p, x, cache, work, a.mean, a.var) != 0:
+    if _planes_moments(p, x, work, a.mean, a.var) != 0:
         free(work)
         return -1
     _finish_stats(a, p.n * p.s, 0, c, work, work + c, work, work + 2 * c)
-    _planes_affine(p, x, y, a.mean, work + c, work)
+    _planes_affine(p, x, cache, y, a.mean, work + c, work)
     free(work)
     return 0
 
@@ -245,7 +327,7 @@ cdef int _planes_eval_forward(const Planes* p, const in_t* x, out_t* y, const Ve
     for j in range(c):
         work[c + j] = work[2 * c + j] / sqrt(work[c + j] + eps)
     _expand(beta, 0, c, work + 2 * c)
-    _planes_affine(p, x, y, work, work + c, work + 2 * c)
+    _planes_affine(p, x, <in_t*>NULL, y, work, work + c, work + 2 * c)
     free(work)
     return 0
 
@@ -265,13 +347,10 @@ cdef void _plane_grad_sums_task(const Planes* p, Py_ssize_t t, const in_t* x, co
         a2[l] = 0.0
     for i in range(n0, n1):
         off = (i * p.c + ch) * p.s
-        j = 0
-        while j + LANES <= p.s:
-            for l in range(LANES):
-                g = dy[off + j + l]
-                a1[l] += g
-                a2[l] += g * (x[off + j + l] - m)
-            j += LANES
+        if in_t is double:
+            j = bnfast_dot_sums_d(x + off, dy + off, p.s, m, a1, a2)
+        else:
+            j = bnfast_dot_sums_f(x + off, dy + off, p.s, m, a1, a2)
         while j < p.s:
             g = dy[off + j]
             t1 += g
