@@ -1838,10 +1838,12 @@ def plain_vector(object v, Py_ssize_t d, cnp.ndarray like not None):
     return _plain_vector(v, d, cnp.PyArray_TYPE(like))
 
 
-def plain_call(object x, object gamma, object beta, object rm, object rv):
+def plain_call(object x, object gamma, object beta, object rm, object rv,
+               bint per_channel=False):
     """The layer's fast path in one call: 0 unless x is a plain batch (see
-    plain_batch) with D features, gamma and beta plain vectors of x's dtype,
-    and rm, rv both None or both plain vectors of one dtype (x's or float64).
+    plain_batch) with D features (per_channel: C = x.shape[1] channels),
+    gamma and beta plain vectors of x's dtype with D (C) elements, and rm, rv
+    both None or both plain vectors of one dtype (x's or float64).
     Otherwise 2 * D + wide, where wide is 1 when x or the running statistics
     are float64 (or None: they will be float64 zeros), which makes the eval
     output and the updated running statistics float64."""
@@ -1850,6 +1852,8 @@ def plain_call(object x, object gamma, object beta, object rm, object rv):
     cdef bint wide
     if d == 0:
         return 0
+    if per_channel:
+        d = cnp.PyArray_DIMS(<cnp.ndarray>x)[1]
     t = cnp.PyArray_TYPE(<cnp.ndarray>x)
     if not (_plain_vector(gamma, d, t) and _plain_vector(beta, d, t)):
         return 0

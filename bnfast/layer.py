@@ -131,7 +131,7 @@ class BatchNormalization:
     def forward(self, x: Any, train_flg: bool = True) -> np.ndarray:
         """Normalize x (ndim >= 2); returns a new array of x's shape."""
         if self.per_channel:
-            return self._forward_channels(x, train_flg)
+            return self._forward_channels_plain(x, train_flg)
         gamma, beta = self.gamma, self.beta
         rm, rv, eps = self.running_mean, self.running_var, self.eps
         plain = not self.running_var_unbiased and _plain_call(x, gamma, beta, rm, rv)
@@ -319,6 +319,54 @@ class BatchNormalization:
 
     # -- per-channel mode (per_channel=True): x is (N, C, *spatial)
 
+    def _forward_channels_plain(self, x: Any, train_flg: bool) -> np.ndarray:
+        """The fast path for NCHW-contiguous float32/float64 batches with
+        parameters of their dtype (as forward's); everything else, and every
+        error, goes through _forward_channels."""
+        gamma, beta = self.gamma, self.beta
+        rm, rv, eps = self.running_mean, self.running_var, self.eps
+        plain = _plain_call(x, gamma, beta, rm, rv, True)
+        if not (plain and type(eps) is float and 0.0 <= eps < math.inf
+                and type(self.momentum) is float):
+            return self._forward_channels(x, train_flg)
+        c = plain >> 1
+        wide = F64 if plain & 1 else F32
+        n = x.shape[0]
+        s = x.size // (n * c)
+        correction = 1.0
+        if self.running_var_unbiased:
+            if n * s < 2:
+                return self._forward_channels(x, train_flg)     # raises
+            correction = n * s / (n * s - 1)
+        if rm is None or rv is None:
+            rm = rv = np.zeros(c)
+        batch = _channels.Batch(x, _channels.PLANES, x.shape, n, c, s)
+        if not train_flg:
+            y = _empty(x.shape, wide)
+            _kernels.planes_eval_forward(x, y, n, c, s, gamma, beta, rm, rv, eps)
+            self._eval = (batch, x.dtype, n, c, x.shape, rm, rv, eps)
+            self._last_train = False
+            self.input_shape = x.shape
+            if self.running_mean is None:
+                self.running_mean, self.running_var = rm, np.zeros(c)
+            return y
+        xdt = x.dtype
+        y = _empty(x.shape, xdt)
+        stats = _empty((3, c))
+        rm_new = _empty(c, wide)
+        rv_new = _empty(c, wide)
+        buffer = self._buffer
+        if buffer is None or buffer.shape != x.shape or buffer.dtype != xdt:
+            buffer = _empty(x.shape, xdt)
+        momentum = self.momentum
+        _kernels.planes_train_forward(x, buffer, y, n, c, s, gamma, beta, eps, stats[0],
+                                      stats[1], stats[2], rm, rm_new, rv, rv_new, momentum,
+                                      1 - momentum, correction)
+        self._buffer = buffer
+        self._commit_train((_channels.Batch(buffer, _channels.PLANES, x.shape, n, c, s), xdt,
+                            n, c, x.shape, stats, xdt, eps), rm_new, rv_new)
+        return y
+
     def _forward_channels(self, x: Any, train_flg: bool) -> np.ndarray:
         x, n, c, s = _channels.batch(x)
         eps = _checks.check_eps(self.eps)
@@ -373,6 +421,19 @@ class BatchNormalization:
     def _backward_channels(self, dout: Any, last_train: bool,
                            cache: Union[TrainCache, EvalCache]) -> np.ndarray:
         b, x_dtype, _, c, shape = cache[:5]
+        gamma = self.gamma
+        if (last_train and b.layout == _channels.PLANES and _plain_batch(dout)
+                and dout.shape == shape and dout.dtype == x_dtype == b.array.dtype
+                and _plain_vector(gamma, c, b.array)):
+            stats = cache[5]
+            dx = _empty(shape, x_dtype)
+            dgamma = _empty(c, x_dtype)
+            dbeta = _empty(c, x_dtype)
+            _kernels.planes_train_backward(b.array, dout, dx, b.n, c, b.s, stats[0], stats[2],
+                                           gamma, dgamma, dbeta)
+            self.dgamma = dgamma
+            self.dbeta = dbeta
+            return dx
         dout = _channels.check_dout(dout, shape)
         gamma = _checks.operand(self.gamma, "gamma", c, shape, per_channel=True)
         if last_train:
