@@ -526,8 +526,11 @@ cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t d,
                 s2[j] += e0 * e0
             i += 1
         if copy_to != NULL and stream:
-            for i in range(b0, b1):
-                bnfast_stream(copy_to + i * d + c0, x + i * d + c0, w * sizeof(in_t))
+            if w == d:      # whole rows: one contiguous run (no per-row call for narrow rows)
+                bnfast_stream(copy_to + b0 * d, x + b0 * d, (b1 - b0) * d * sizeof(in_t))
+            else:
+                for i in range(b0, b1):
+                    bnfast_stream(copy_to + i * d + c0, x + i * d + c0, w * sizeof(in_t))
         # Per feature: the block's mean and M2 (vectorized), marking with NaN
         # the features whose sums are ill-conditioned or not finite; then the
         # exact two-pass for those (a scan: they are rare); then the merge.

@@ -74,6 +74,8 @@ class SyncBatchNormalization(BatchNormalization):
     In eval mode the forward is local (running statistics are the same on
     every rank) and the backward sums dgamma and dbeta over the ranks, so
     that in both modes they are the whole batch's: do not reduce them again.
+    Statistics are per feature (the layer's default mode); per-channel
+    synchronization is not implemented.
     """
 
     def __init__(self, gamma: Any, beta: Any, momentum: float = 0.9,
@@ -120,7 +122,7 @@ class SyncBatchNormalization(BatchNormalization):
         try:
             meta, count, data = local()
             mine = _Shared(op, None, meta, count, data)
-        except (TypeError, ValueError, RuntimeError) as exc:
+        except Exception as exc:    # any failure: the other ranks must hear of it
             own = exc
             mine = _Shared(op, (type(exc).__name__, str(exc)), None, 0, None)
         shares: list[_Shared] = self.comm.allgather(mine)
