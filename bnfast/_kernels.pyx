@@ -1841,33 +1841,75 @@ def plain_vector(object v, Py_ssize_t d, cnp.ndarray like not None):
     return _plain_vector(v, d, cnp.PyArray_TYPE(like))
 
 
+def plain_channels(object x):
+    """2 * C + channels_last if x is an aligned, native float32/float64
+    ndarray (N, C, *spatial) of ndim >= 2 with N, C and S >= 1 that is
+    NCHW-contiguous (channels_last = 0) or whose memory is ordered
+    (N, *spatial, C) (channels_last = 1); otherwise 0."""
+    cdef cnp.ndarray a
+    cdef int nd, k, t
+    cdef Py_ssize_t expected, c
+    if type(x) is not cnp.ndarray:
+        return 0
+    a = <cnp.ndarray>x
+    nd = cnp.PyArray_NDIM(a)
+    t = cnp.PyArray_TYPE(a)
+    if (nd < 2 or (t != cnp.NPY_DOUBLE and t != cnp.NPY_FLOAT) or not cnp.PyArray_ISALIGNED(a)
+            or not cnp.PyArray_ISNOTSWAPPED(a) or cnp.PyArray_SIZE(a) == 0):
+        return 0
+    c = cnp.PyArray_DIMS(a)[1]
+    if cnp.PyArray_IS_C_CONTIGUOUS(a):
+        return 2 * c
+    if nd == 2:
+        return 0
+    expected = cnp.PyArray_ITEMSIZE(a)
+    if cnp.PyArray_STRIDES(a)[1] != expected and c > 1:
+        return 0
+    expected *= c
+    for k in range(nd - 1, 1, -1):
+        if cnp.PyArray_STRIDES(a)[k] != expected and cnp.PyArray_DIMS(a)[k] > 1:
+            return 0
+        expected *= cnp.PyArray_DIMS(a)[k]
+    if cnp.PyArray_STRIDES(a)[0] != expected and cnp.PyArray_DIMS(a)[0] > 1:
+        return 0
+    return 2 * c + 1
+
+
 def plain_call(object x, object gamma, object beta, object rm, object rv,
                bint per_channel=False):
     """The layer's fast path in one call: 0 unless x is a plain batch (see
-    plain_batch) with D features (per_channel: C = x.shape[1] channels),
-    gamma and beta plain vectors of x's dtype with D (C) elements, and rm, rv
-    both None or both plain vectors of one dtype (x's or float64).
-    Otherwise 2 * D + wide, where wide is 1 when x or the running statistics
-    are float64 (or None: they will be float64 zeros), which makes the eval
-    output and the updated running statistics float64."""
-    cdef Py_ssize_t d = plain_batch(x)
+    plain_batch) with D features, gamma and beta plain vectors of x's dtype
+    with D elements, and rm, rv both None or both plain vectors of one dtype
+    (x's or float64).  Otherwise 2 * D + wide, where wide is 1 when x or the
+    running statistics are float64 (or None: they will be float64 zeros),
+    which makes the eval output and the updated running statistics float64.
+    per_channel: x may also be channels-last (see plain_channels), vectors
+    have C elements, and the result is 4 * C + 2 * channels_last + wide."""
+    cdef Py_ssize_t d, code = 0
     cdef int t
     cdef bint wide
+    if per_channel:
+        code = plain_channels(x)
+        d = code >> 1
+    else:
+        d = plain_batch(x)
     if d == 0:
         return 0
-    if per_channel:
-        d = cnp.PyArray_DIMS(<cnp.ndarray>x)[1]
     t = cnp.PyArray_TYPE(<cnp.ndarray>x)
     if not (_plain_vector(gamma, d, t) and _plain_vector(beta, d, t)):
         return 0
     wide = t == cnp.NPY_DOUBLE
     if rm is None and rv is None:
-        return 2 * d + 1
-    if _plain_vector(rm, d, t) and _plain_vector(rv, d, t):
-        return 2 * d + wide
-    if _plain_vector(rm, d, cnp.NPY_DOUBLE) and _plain_vector(rv, d, cnp.NPY_DOUBLE):
-        return 2 * d + 1
-    return 0
+        wide = True
+    elif _plain_vector(rm, d, t) and _plain_vector(rv, d, t):
+        pass
+    elif _plain_vector(rm, d, cnp.NPY_DOUBLE) and _plain_vector(rv, d, cnp.NPY_DOUBLE):
+        wide = True
+    else:
+        return 0
+    if per_channel:
+        return 2 * code + wide
+    return 2 * d + wide
 
 
 # ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from ._kernels import moments as moments
 from ._kernels import openmp_enabled as openmp_enabled
 from ._kernels import plain_batch as plain_batch
 from ._kernels import plain_call as plain_call
+from ._kernels import plain_channels as plain_channels
 from ._kernels import plain_vector as plain_vector
 from ._kernels import planes_eval_backward as planes_eval_backward
 from ._kernels import planes_eval_forward as planes_eval_forward

@@ -36,6 +36,7 @@ EvalCache = Tuple[Any, np.dtype, int, int, Tuple[int, ...], Any, Any, float]
 _plain_batch = _kernels.plain_batch
 _plain_vector = _kernels.plain_vector
 _plain_call = _kernels.plain_call
+_plain_channels = _kernels.plain_channels
 _empty = np.empty
 
 
@@ -320,16 +321,16 @@ class BatchNormalization:
     # -- per-channel mode (per_channel=True): x is (N, C, *spatial)
 
     def _forward_channels_plain(self, x: Any, train_flg: bool) -> np.ndarray:
-        """The fast path for NCHW-contiguous float32/float64 batches with
-        parameters of their dtype (as forward's); everything else, and every
-        error, goes through _forward_channels."""
+        """The fast path for NCHW-contiguous and channels-last float32/float64
+        batches with parameters of their dtype (as forward's); everything
+        else, and every error, goes through _forward_channels."""
         gamma, beta = self.gamma, self.beta
         rm, rv, eps = self.running_mean, self.running_var, self.eps
         plain = _plain_call(x, gamma, beta, rm, rv, True)
         if not (plain and type(eps) is float and 0.0 <= eps < math.inf
                 and type(self.momentum) is float):
             return self._forward_channels(x, train_flg)
-        c = plain >> 1
+        c = plain >> 2
         wide = F64 if plain & 1 else F32
         n = x.shape[0]
         s = x.size // (n * c)
@@ -340,10 +341,13 @@ class BatchNormalization:
             correction = n * s / (n * s - 1)
         if rm is None or rv is None:
             rm = rv = np.zeros(c)
-        batch = _channels.Batch(x, _channels.PLANES, x.shape, n, c, s)
+        layout = _channels.ROWS if plain & 2 else _channels.PLANES
+        xk = _channels.channels_to_last(x) if plain & 2 else x
+        batch = _channels.Batch(xk, layout, x.shape, n, c, s)
         if not train_flg:
-            y = _empty(x.shape, wide)
-            _kernels.planes_eval_forward(x, y, n, c, s, gamma, beta, rm, rv, eps)
+            y = _channels.empty(batch, wide)
+            _channels.eval_forward(batch, _channels.kernel_view(batch, y), gamma, beta, rm, rv,
+                                   eps)
             self._eval = (batch, x.dtype, n, c, x.shape, rm, rv, eps)
             self._last_train = False
             self.input_shape = x.shape
@@ -351,20 +355,18 @@ class BatchNormalization:
                 self.running_mean, self.running_var = rm, np.zeros(c)
             return y
         xdt = x.dtype
-        y = _empty(x.shape, xdt)
+        y = _channels.empty(batch, xdt)
         stats = _empty((3, c))
         rm_new = _empty(c, wide)
         rv_new = _empty(c, wide)
         buffer = self._buffer
-        if buffer is None or buffer.shape != x.shape or buffer.dtype != xdt:
-            buffer = _empty(x.shape, xdt)
-        momentum = self.momentum
-        _kernels.planes_train_forward(x, buffer, y, n, c, s, gamma, beta, eps, stats[0],
-                                      stats[1], stats[2], rm, rm_new, rv, rv_new, momentum,
-                                      1 - momentum, correction)
+        if buffer is None or buffer.shape != xk.shape or buffer.dtype != xdt:
+            buffer = _empty(xk.shape, xdt)
+        _channels.train_forward(batch, buffer, _channels.kernel_view(batch, y), gamma, beta, eps,
+                                stats, rm, rm_new, rv, rv_new, self.momentum, correction)
         self._buffer = buffer
-        self._commit_train((_channels.Batch(buffer, _channels.PLANES, x.shape, n, c, s), xdt,
-                            n, c, x.shape, stats, xdt, eps), rm_new, rv_new)
+        self._commit_train((_channels.Batch(buffer, layout, x.shape, n, c, s), xdt, n, c,
+                            x.shape, stats, xdt, eps), rm_new, rv_new)
         return y
 
     def _forward_channels(self, x: Any, train_flg: bool) -> np.ndarray:
@@ -422,15 +424,16 @@ class BatchNormalization:
                            cache: Union[TrainCache, EvalCache]) -> np.ndarray:
         b, x_dtype, _, c, shape = cache[:5]
         gamma = self.gamma
-        if (last_train and b.layout == _channels.PLANES and _plain_batch(dout)
+        if (last_train and _plain_channels(dout) == 2 * c + (b.layout == _channels.ROWS)
                 and dout.shape == shape and dout.dtype == x_dtype == b.array.dtype
                 and _plain_vector(gamma, c, b.array)):
             stats = cache[5]
-            dx = _empty(shape, x_dtype)
+            dx = _channels.empty(b, x_dtype)
             dgamma = _empty(c, x_dtype)
             dbeta = _empty(c, x_dtype)
-            _kernels.planes_train_backward(b.array, dout, dx, b.n, c, b.s, stats[0], stats[2],
-                                           gamma, dgamma, dbeta)
+            dk = _channels.channels_to_last(dout) if b.layout == _channels.ROWS else dout
+            _channels.train_backward(b, dk, _channels.kernel_view(b, dx), stats[0], stats[2],
+                                     gamma, dgamma, dbeta)
             self.dgamma = dgamma
             self.dbeta = dbeta
             return dx
