@@ -62,7 +62,7 @@ def batch(x: Any, what: str = "x") -> tuple[np.ndarray, int, int, int]:
 
 
 def _is_channels_last(arr: np.ndarray) -> bool:
-    """Memory ordered (N, *spatial, C), and not also NCHW-contiguous."""
+    """Memory ordered (N, *spatial, C)."""
     return arr.ndim > 2 and channels_to_last(arr).flags.c_contiguous
 
 
@@ -70,11 +70,15 @@ def for_kernel(arr: np.ndarray, n: int, c: int, s: int) -> Batch:
     """arr (checked by `batch`) laid out for the kernels; a copy only if needed."""
     dt = _checks.kernel_dtype(arr.dtype)
     if arr.dtype == dt and arr.flags.aligned:
-        if arr.flags.c_contiguous:
+        if arr.flags.c_contiguous and s > 1:
             return Batch(arr, PLANES, arr.shape, n, c, s)
-        if _is_channels_last(arr):
+        if _is_channels_last(arr) or (arr.flags.c_contiguous and s == 1):
+            # (with one value per plane, NCHW memory is (N, C) rows too)
             return Batch(channels_to_last(arr), ROWS, arr.shape, n, c, s)
-    return Batch(np.array(arr, dtype=dt, order="C", copy=True), PLANES, arr.shape, n, c, s)
+    copy = np.array(arr, dtype=dt, order="C", copy=True)
+    if s == 1:
+        return Batch(channels_to_last(copy), ROWS, arr.shape, n, c, s)
+    return Batch(copy, PLANES, arr.shape, n, c, s)
 
 
 def like(b: Batch, arr: np.ndarray) -> np.ndarray:

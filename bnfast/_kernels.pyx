@@ -1845,7 +1845,8 @@ def plain_channels(object x):
     """2 * C + channels_last if x is an aligned, native float32/float64
     ndarray (N, C, *spatial) of ndim >= 2 with N, C and S >= 1 that is
     NCHW-contiguous (channels_last = 0) or whose memory is ordered
-    (N, *spatial, C) (channels_last = 1); otherwise 0."""
+    (N, *spatial, C) (channels_last = 1; also for C-contiguous x with S = 1,
+    which is both); otherwise 0."""
     cdef cnp.ndarray a
     cdef int nd, k, t
     cdef Py_ssize_t expected, c
@@ -1859,7 +1860,9 @@ def plain_channels(object x):
         return 0
     c = cnp.PyArray_DIMS(a)[1]
     if cnp.PyArray_IS_C_CONTIGUOUS(a):
-        return 2 * c
+        # one value per plane (no spatial extent): the memory is (N, C) rows,
+        # which the channels-last (flat) kernels handle far better
+        return 2 * c + (cnp.PyArray_SIZE(a) == cnp.PyArray_DIMS(a)[0] * c)
     if nd == 2:
         return 0
     expected = cnp.PyArray_ITEMSIZE(a)

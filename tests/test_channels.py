@@ -287,7 +287,9 @@ def test_plain_channels_recognizes_the_two_layouts():
     x = np.zeros((4, 3, 5, 6))
     assert kernels.plain_channels(x) == 2 * 3
     assert kernels.plain_channels(channels_last(x)) == 2 * 3 + 1
-    assert kernels.plain_channels(np.zeros((4, 3))) == 2 * 3
+    # one value per plane: NCHW is (N, C) rows too, run as channels-last
+    assert kernels.plain_channels(np.zeros((4, 3))) == 2 * 3 + 1
+    assert kernels.plain_channels(np.zeros((4, 3, 1, 1))) == 2 * 3 + 1
     assert kernels.plain_channels(np.zeros((4, 3, 5, 6), np.float32)[:, :, ::2]) == 0
     assert kernels.plain_channels(np.asfortranarray(x)) == 0
     assert kernels.plain_channels(x.astype(np.int64)) == 0
