@@ -10,6 +10,7 @@ run without copying, and results keep the layout of the input:
           ``x.transpose(0, 3, 1, 2)`` of an NHWC array is): the flat kernels on
           the (N * S, C) view, where a channel is a column
 
+With one value per plane (S = 1) the two coincide and the rows kernels run.
 Any other layout, dtype or alignment is copied to NCHW first.  The stateless
 per-channel forms of bnfast.functional and the layer's per_channel mode are
 built on the functions here.
@@ -85,7 +86,7 @@ def like(b: Batch, arr: np.ndarray) -> np.ndarray:
     """arr (of b's shape) in b's layout and kernel dtype: what the kernels read
     beside b (dout beside x)."""
     dt = b.array.dtype
-    view = arr if b.layout == PLANES else channels_to_last(arr)
+    view = kernel_view(b, arr)
     if view.dtype == dt and view.flags.c_contiguous and view.flags.aligned:
         return view
     return np.array(view, dtype=dt, order="C", copy=True)
@@ -227,7 +228,6 @@ def running_pair(running_mean: Any, running_var: Any, c: int,
         raise ValueError("running_mean and running_var must both be set or both None")
     return (_checks.operand(running_mean, "running_mean", c, shape, per_channel=True),
             _checks.operand(running_var, "running_var", c, shape, per_channel=True))
-
 
 
 def centered(b: Batch, mean: np.ndarray) -> np.ndarray:

@@ -1,14 +1,16 @@
-"""Stateless batch normalization over flattened features, with out= buffers.
+"""Stateless batch normalization, with out= buffers.
 
-For callers who keep their own state, and for those who split a batch
-across processes: the split-phase functions at the end cut a training step
-where a cross-process reduction fits (see "Split phases" below).  Every function takes a batch ``x`` of
-ndim >= 2 and treats each sample as a flat vector of D = prod(x.shape[1:])
-features; per-feature operands (gamma, beta, running statistics) are numbers
-or arrays that broadcast to (D,).  Result dtypes follow the reference class's
-NumPy arithmetic (see README, "The contract").  ``out=`` takes a C-contiguous
-array of x's shape and exactly the result dtype, not overlapping any input;
-the per-feature results (D values) are always fresh arrays.
+For callers who keep their own state, and for those who split a batch across
+processes: the split-phase functions at the end cut a training step where a
+cross-process reduction fits (see "Split phases" below).  Every function
+takes a batch ``x`` of ndim >= 2 and treats each sample as a flat vector of
+D = prod(x.shape[1:]) features, or with per_channel=True normalizes each of
+the C = x.shape[1] channels over the batch and all spatial positions;
+per-feature (per-channel) operands are numbers or arrays that broadcast to
+(D,) ((C,)).  Result dtypes follow the reference class's NumPy arithmetic
+(see README, "The contract").  ``out=`` takes an array of x's shape and
+exactly the result dtype, C-contiguous (per channel: laid out like x), not
+overlapping any input; the per-feature results are always fresh arrays.
 
 ``BatchNormalization`` (bnfast.layer) is built on the same internals.
 """

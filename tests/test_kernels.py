@@ -131,7 +131,8 @@ def test_grid_follows_its_rules(shape, itemsize):
     assert grid["stream"] == (nbytes >= 8 << 20)
     assert grid["stream_pages"] is False
     assert grid["n_tasks"] == grid["n_chunks"] * grid["n_col_blocks"]
-    assert grid["n_col_blocks"] * grid["col_block"] >= d > (grid["n_col_blocks"] - 1) * grid["col_block"]
+    blocks, width = grid["n_col_blocks"], grid["col_block"]
+    assert blocks * width >= d > (blocks - 1) * width
     assert grid["n_chunks"] * grid["chunk_rows"] >= n
     if grid["fused"]:   # a fused task needs whole columns
         assert grid["n_chunks"] == 1 and grid["chunk_rows"] == n

@@ -10,7 +10,8 @@ import pytest
 
 import bnfast
 from bnfast.reference import BatchNormalization as Twin
-from conftest import assert_close, dx_scale, tolerance, layouts, make_params, pair, seed_reference_path
+from conftest import (assert_close, dx_scale, layouts, make_params, pair, seed_reference_path,
+                      tolerance)
 
 SHAPES = [(1, 5), (7, 1), (2, 3), (13, 17), (64, 33), (3, 4, 5), (2, 3, 4, 5), (2, 3, 2, 2, 2)]
 ATTRS = ("input_shape", "batch_size", "xc", "xn", "std", "dgamma", "dbeta",
@@ -125,7 +126,8 @@ def test_gamma_beta_are_held_by_reference(rng):
     np.testing.assert_allclose(second, 2.0 * first + 1.0, rtol=1e-12, atol=1e-12)
     gamma[3] += 1e-3      # numerical-gradient code perturbing one element
     third = layer.forward(x)
-    assert np.array_equal(third[:, :3], second[:, :3]) and not np.allclose(third[:, 3], second[:, 3])
+    assert np.array_equal(third[:, :3], second[:, :3])
+    assert not np.allclose(third[:, 3], second[:, 3])
     layer.gamma = np.full(d, 5.0)   # rebinding
     np.testing.assert_allclose(layer.forward(x), 5.0 * first + 1.0, rtol=1e-12, atol=1e-12)
 
