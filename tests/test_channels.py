@@ -139,11 +139,12 @@ def test_constant_channel_gives_exactly_beta_and_offsets_cost_nothing(rng, layou
     np.testing.assert_allclose(layer.running_var, 0.1 * exact_var, rtol=1e-10, atol=1e-300)
 
 
-def test_results_are_bitwise_identical_for_any_thread_count(rng):
+@pytest.mark.parametrize("shape", [(32, 8, 24, 24), (6, 40, 5, 7)])
+def test_results_are_bitwise_identical_for_any_thread_count(rng, shape):
     if not bnfast.build_info()["openmp"]:
         pytest.skip("serial build (no OpenMP): one thread only")
-    gamma, beta = params(rng, 8)
-    base = rng.standard_normal((32, 8, 24, 24)) * 2 + 1
+    gamma, beta = params(rng, shape[1])
+    base = rng.standard_normal(shape) * 2 + 1
     for x in (base, channels_last(base)):
         dout = rng.standard_normal(x.shape)
         with threads(1):
@@ -297,3 +298,4 @@ def test_plain_channels_recognizes_the_two_layouts():
     assert kernels.plain_channels([[1.0, 2.0]]) == 0
     swapped = x.astype(x.dtype.newbyteorder())
     assert kernels.plain_channels(swapped) == 0
+
