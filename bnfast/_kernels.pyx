@@ -1096,11 +1096,15 @@ cdef int _eval_backward(const Grid* g, const in_t* x, const in_t* dy, out_t* dx,
     return 0
 
 
+include "_planes.pxi"
+
+
 # ---------------------------------------------------------------------------
 # Split phases: the training passes with the cross-process reductions cut
 # out (bnfast.functional's split-phase functions, SyncBatchNormalization).
 # Each reuses the layer's tasks on the same grid, so one shard's statistics
-# are the ones the layer computes for that batch.
+# are the ones the layer computes for that batch; with a Planes (p not NULL)
+# they run per channel on an NCHW batch instead.
 
 cdef void _moments_shift_back(const Grid* g, Py_ssize_t t, const in_t* x, double* mean,
                               double* mine) noexcept nogil:
@@ -1112,12 +1116,25 @@ cdef void _moments_shift_back(const Grid* g, Py_ssize_t t, const in_t* x, double
         mean[c0 + j] = mine[j] + mean[c0 + j]
 
 
-cdef int _moments(const Grid* g, const in_t* x, in_t* cache, double* mean,
+cdef int _moments(const Grid* g, const Planes* p, const in_t* x, in_t* cache, double* mean,
                   double* m2) noexcept nogil:
-    """Per-feature mean and M2 (sum of squared deviations); cache = x unless NULL."""
+    """Per-feature (per-channel) mean and M2 (sum of squared deviations);
+    cache = x unless NULL."""
     cdef Py_ssize_t d = g.n_cols, t, cb = g.col_block
     cdef double* mine = NULL
-    cdef double* scratch = _scratch_alloc(g, 3)
+    cdef double* scratch
+    if p != NULL:
+        scratch = <double*>malloc(p.c * sizeof(double))
+        if scratch == NULL or _planes_moments(p, x, scratch, mean, m2) != 0:
+            free(scratch)
+            return -1
+        for t in range(p.c):
+            mean[t] = scratch[t] + mean[t]
+        free(scratch)
+        if cache != NULL:
+            memcpy(cache, x, p.n * p.c * p.s * sizeof(in_t))
+        return 0
+    scratch = _scratch_alloc(g, 3)
     cdef double* part = <double*>malloc(2 * g.n_chunks * d * sizeof(double))
     if scratch == NULL or part == NULL:
         free(scratch)
@@ -1140,12 +1157,17 @@ cdef int _moments(const Grid* g, const in_t* x, in_t* cache, double* mean,
     return 0
 
 
-cdef int _affine(const Grid* g, const in_t* x, out_t* y, const double* center,
+cdef int _affine(const Grid* g, const Planes* p, const in_t* x, out_t* y, const double* center,
                  const double* scale, const double* shift) noexcept nogil:
-    """y = (x - center) * scale + shift per feature (float64 coefficients)."""
+    """y = (x - center) * scale + shift per feature or channel (float64
+    coefficients)."""
     cdef Py_ssize_t t, cb = g.col_block
     cdef double* mine = NULL
-    cdef double* scratch = _scratch_alloc(g, 1)
+    cdef double* scratch
+    if p != NULL:
+        _planes_affine(p, x, <in_t*>NULL, y, center, scale, shift)
+        return 0
+    scratch = _scratch_alloc(g, 1)
     if scratch == NULL:
         return -1
     if g.n_threads == 1:
@@ -1161,12 +1183,16 @@ cdef int _affine(const Grid* g, const in_t* x, out_t* y, const double* center,
     return 0
 
 
-cdef int _grad_sums(const Grid* g, const in_t* x, const in_t* dy, const double* center,
-                    double* sum_dy, double* sum_dy_xc) noexcept nogil:
-    """Per-feature sum(dy) and sum(dy * (x - center)), chunks added in order."""
+cdef int _grad_sums(const Grid* g, const Planes* p, const in_t* x, const in_t* dy,
+                    const double* center, double* sum_dy, double* sum_dy_xc) noexcept nogil:
+    """Per-feature (per-channel) sum(dy) and sum(dy * (x - center)), chunks
+    added in order."""
     cdef Py_ssize_t d = g.n_cols, t, j
-    cdef double* part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
+    cdef double* part
     cdef double* totals
+    if p != NULL:
+        return _planes_grad_sums(p, x, dy, center, sum_dy, sum_dy_xc)
+    part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
     if part == NULL:
         return -1
     if g.n_threads == 1:
@@ -1183,13 +1209,17 @@ cdef int _grad_sums(const Grid* g, const in_t* x, const in_t* dy, const double* 
     return 0
 
 
-cdef int _grad_input(const Grid* g, const in_t* x, const in_t* dy, out_t* dx,
+cdef int _grad_input(const Grid* g, const Planes* p, const in_t* x, const in_t* dy, out_t* dx,
                      const double* center, const double* mean_dy, const double* k_xc,
                      const double* k) noexcept nogil:
-    """dx = k * ((dy - mean_dy) - k_xc * (x - center)) per feature."""
+    """dx = k * ((dy - mean_dy) - k_xc * (x - center)) per feature or channel."""
     cdef Py_ssize_t t, cb = g.col_block
     cdef double* mine = NULL
-    cdef double* scratch = _scratch_alloc(g, 1)
+    cdef double* scratch
+    if p != NULL:
+        _planes_grad_input(p, x, dy, dx, center, mean_dy, k_xc, k)
+        return 0
+    scratch = _scratch_alloc(g, 1)
     if scratch == NULL:
         return -1
     if g.n_threads == 1:
@@ -1204,8 +1234,6 @@ cdef int _grad_input(const Grid* g, const in_t* x, const in_t* dy, out_t* dx,
     free(scratch)
     return 0
 
-
-include "_planes.pxi"
 
 # ---------------------------------------------------------------------------
 # Thin typed entry points.  Arrays arrive validated and laid out by Python;
@@ -1527,78 +1555,111 @@ cdef inline double* _f64_out(cnp.ndarray a, Py_ssize_t d, str name) except NULL:
     return <double*>cnp.PyArray_DATA(a)
 
 
+cdef Py_ssize_t _split_size(Py_ssize_t n, Py_ssize_t d, Py_ssize_t s) except -1:
+    """Elements of a split-phase batch: (n, d) rows, or (n, d, s) planes if s > 0."""
+    if s < 0:
+        raise ValueError(f"kernel needs s >= 0, got s={s}")
+    if s == 0:
+        _check_nd(n, d)
+        return n * d
+    _check_planes(n, d, s)
+    return n * d * s
+
+
+cdef Planes* _split_planes(Planes* planes, Py_ssize_t n, Py_ssize_t d, Py_ssize_t s,
+                           cnp.ndarray x) noexcept:
+    """planes set up for (n, d, s) if s > 0 (returned), else NULL (rows)."""
+    if s == 0:
+        return NULL
+    planes[0] = _make_planes(n, d, s, cnp.PyArray_ITEMSIZE(x))
+    return planes
+
+
 def moments(cnp.ndarray x not None, cnp.ndarray cache, Py_ssize_t n, Py_ssize_t d,
-            cnp.ndarray mean not None, cnp.ndarray m2 not None):
+            cnp.ndarray mean not None, cnp.ndarray m2 not None, Py_ssize_t s=0):
     """Per-feature float64 mean and M2 of the (n, d) view of x, as the
-    training forward computes them; cache (x's dtype) = x unless None."""
+    training forward computes them (s > 0: per channel of the (n, d, s)
+    NCHW view); cache (x's dtype) = x unless None."""
     cdef int status
-    _check_nd(n, d)
-    _require(x, n * d, "x", False)
+    cdef Py_ssize_t size = _split_size(n, d, s)
+    cdef Planes planes
+    _require(x, size, "x", False)
     cdef double* pmean = _f64_out(mean, d, "mean")
     cdef double* pm2 = _f64_out(m2, d, "m2")
     cdef bint in64 = _is_f64(x)
-    cdef void* pcache = _cache_ptr(cache, n * d, in64)
-    cdef Grid grid = _grid_for(x, x, n, d)
+    cdef void* pcache = _cache_ptr(cache, size, in64)
+    cdef Grid grid = _grid_for(x, x, n, d) if s == 0 else _make_grid(1, 1, 8, 8)
+    cdef Planes* pp = _split_planes(&planes, n, d, s, x)
     cdef void* px = cnp.PyArray_DATA(x)
     with nogil:
         if in64:
-            status = _moments[double](&grid, <const double*>px, <double*>pcache, pmean, pm2)
+            status = _moments[double](&grid, pp, <const double*>px, <double*>pcache, pmean, pm2)
         else:
-            status = _moments[float](&grid, <const float*>px, <float*>pcache, pmean, pm2)
+            status = _moments[float](&grid, pp, <const float*>px, <float*>pcache, pmean, pm2)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 
 
 def affine(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t n, Py_ssize_t d,
-           cnp.ndarray center not None, cnp.ndarray scale not None, cnp.ndarray shift not None):
-    """y = (x - center) * scale + shift on the (n, d) views."""
+           cnp.ndarray center not None, cnp.ndarray scale not None, cnp.ndarray shift not None,
+           Py_ssize_t s=0):
+    """y = (x - center) * scale + shift on the (n, d) views (s > 0: per
+    channel of the (n, d, s) views)."""
     cdef int status
-    _check_nd(n, d)
-    _require(x, n * d, "x", False)
-    _require(y, n * d, "y", True)
+    cdef Py_ssize_t size = _split_size(n, d, s)
+    cdef Planes planes
+    _require(x, size, "x", False)
+    _require(y, size, "y", True)
     cdef const double* pc = _f64_in(center, d, "center")
     cdef const double* ps = _f64_in(scale, d, "scale")
     cdef const double* pb = _f64_in(shift, d, "shift")
     cdef bint in64 = _is_f64(x), out64 = _is_f64(y)
-    cdef Grid grid = _grid_for(x, y, n, d)
+    cdef Grid grid = _grid_for(x, y, n, d) if s == 0 else _make_grid(1, 1, 8, 8)
+    cdef Planes* pp = _split_planes(&planes, n, d, s, x)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* py = cnp.PyArray_DATA(y)
     with nogil:
         if in64 and out64:
-            status = _affine[double, double](&grid, <const double*>px, <double*>py, pc, ps, pb)
+            status = _affine[double, double](&grid, pp, <const double*>px, <double*>py, pc, ps,
+                                             pb)
         elif out64:
-            status = _affine[float, double](&grid, <const float*>px, <double*>py, pc, ps, pb)
+            status = _affine[float, double](&grid, pp, <const float*>px, <double*>py, pc, ps,
+                                            pb)
         elif in64:
-            status = _affine[double, float](&grid, <const double*>px, <float*>py, pc, ps, pb)
+            status = _affine[double, float](&grid, pp, <const double*>px, <float*>py, pc, ps,
+                                            pb)
         else:
-            status = _affine[float, float](&grid, <const float*>px, <float*>py, pc, ps, pb)
+            status = _affine[float, float](&grid, pp, <const float*>px, <float*>py, pc, ps, pb)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 
 
 def grad_sums(cnp.ndarray x not None, cnp.ndarray dy not None, Py_ssize_t n, Py_ssize_t d,
               cnp.ndarray center not None, cnp.ndarray sum_dy not None,
-              cnp.ndarray sum_dy_xc not None):
-    """Per-feature sum(dy) and sum(dy * (x - center)) over the (n, d) views."""
+              cnp.ndarray sum_dy_xc not None, Py_ssize_t s=0):
+    """Per-feature sum(dy) and sum(dy * (x - center)) over the (n, d) views
+    (s > 0: per channel of the (n, d, s) views)."""
     cdef int status
-    _check_nd(n, d)
-    _require(x, n * d, "x", False)
-    _require(dy, n * d, "dout", False)
+    cdef Py_ssize_t size = _split_size(n, d, s)
+    cdef Planes planes
+    _require(x, size, "x", False)
+    _require(dy, size, "dout", False)
     if _is_f64(x) != _is_f64(dy):
         raise TypeError("x and dout must have the same dtype in the kernel")
     cdef const double* pc = _f64_in(center, d, "center")
     cdef double* ps = _f64_out(sum_dy, d, "sum_dy")
     cdef double* psx = _f64_out(sum_dy_xc, d, "sum_dy_xc")
     cdef bint in64 = _is_f64(x)
-    cdef Grid grid = _grid_for(x, x, n, d)
+    cdef Grid grid = _grid_for(x, x, n, d) if s == 0 else _make_grid(1, 1, 8, 8)
+    cdef Planes* pp = _split_planes(&planes, n, d, s, x)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* pdy = cnp.PyArray_DATA(dy)
     with nogil:
         if in64:
-            status = _grad_sums[double](&grid, <const double*>px, <const double*>pdy, pc,
+            status = _grad_sums[double](&grid, pp, <const double*>px, <const double*>pdy, pc,
                                         ps, psx)
         else:
-            status = _grad_sums[float](&grid, <const float*>px, <const float*>pdy, pc,
+            status = _grad_sums[float](&grid, pp, <const float*>px, <const float*>pdy, pc,
                                        ps, psx)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
@@ -1606,31 +1667,36 @@ def grad_sums(cnp.ndarray x not None, cnp.ndarray dy not None, Py_ssize_t n, Py_
 
 def grad_input(cnp.ndarray x not None, cnp.ndarray dy not None, cnp.ndarray dx not None,
                Py_ssize_t n, Py_ssize_t d, cnp.ndarray center not None,
-               cnp.ndarray mean_dy not None, cnp.ndarray k_xc not None, cnp.ndarray k not None):
-    """dx = k * ((dy - mean_dy) - k_xc * (x - center)) on the (n, d) views."""
+               cnp.ndarray mean_dy not None, cnp.ndarray k_xc not None, cnp.ndarray k not None,
+               Py_ssize_t s=0):
+    """dx = k * ((dy - mean_dy) - k_xc * (x - center)) on the (n, d) views
+    (s > 0: per channel of the (n, d, s) views)."""
     cdef int status
-    _check_backward(x, dy, dx, n, d)
+    cdef Py_ssize_t size = _split_size(n, d, s)
+    cdef Planes planes
+    _check_backward(x, dy, dx, size // d, d)
     cdef const double* pc = _f64_in(center, d, "center")
     cdef const double* pm = _f64_in(mean_dy, d, "mean_dy")
     cdef const double* pq = _f64_in(k_xc, d, "k_xc")
     cdef const double* pk = _f64_in(k, d, "k")
     cdef bint in64 = _is_f64(x), out64 = _is_f64(dx)
-    cdef Grid grid = _grid_for(x, dx, n, d)
+    cdef Grid grid = _grid_for(x, dx, n, d) if s == 0 else _make_grid(1, 1, 8, 8)
+    cdef Planes* pp = _split_planes(&planes, n, d, s, x)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* pdy = cnp.PyArray_DATA(dy)
     cdef void* pdx = cnp.PyArray_DATA(dx)
     with nogil:
         if in64 and out64:
-            status = _grad_input[double, double](&grid, <const double*>px, <const double*>pdy,
-                                                 <double*>pdx, pc, pm, pq, pk)
+            status = _grad_input[double, double](&grid, pp, <const double*>px,
+                                                 <const double*>pdy, <double*>pdx, pc, pm, pq, pk)
         elif out64:
-            status = _grad_input[float, double](&grid, <const float*>px, <const float*>pdy,
+            status = _grad_input[float, double](&grid, pp, <const float*>px, <const float*>pdy,
                                                 <double*>pdx, pc, pm, pq, pk)
         elif in64:
-            status = _grad_input[double, float](&grid, <const double*>px, <const double*>pdy,
-                                                <float*>pdx, pc, pm, pq, pk)
+            status = _grad_input[double, float](&grid, pp, <const double*>px,
+                                                <const double*>pdy, <float*>pdx, pc, pm, pq, pk)
         else:
-            status = _grad_input[float, float](&grid, <const float*>px, <const float*>pdy,
+            status = _grad_input[float, float](&grid, pp, <const float*>px, <const float*>pdy,
                                                <float*>pdx, pc, pm, pq, pk)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")

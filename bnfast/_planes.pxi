@@ -419,7 +419,7 @@ cdef void _plane_scale_task(const Planes* p, Py_ssize_t t, const in_t* dy, out_t
 cdef int _planes_train_backward(const Planes* p, const in_t* x, const in_t* dy, out_t* dx,
                                 const GradArgs* a) noexcept nogil:
     """Backward of the per-channel training forward: sums, then dx."""
-    cdef Py_ssize_t c = p.c, t
+    cdef Py_ssize_t c = p.c
     cdef double* work = <double*>malloc(4 * c * sizeof(double))
     if work == NULL:
         return -1
@@ -429,14 +429,22 @@ cdef int _planes_train_backward(const Planes* p, const in_t* x, const in_t* dy, 
         return -1
     _backward_coefficients(p.n * p.s, 0, c, a.invstd, a.gamma, work, work + c, work + 2 * c,
                            work + 3 * c, a.dgamma, a.dbeta)
-    if p.n_threads == 1:
-        for t in range(p.n_elem_tasks):
-            _plane_grad_input_task(p, t, x, dy, dx, a.mean, work, work + 2 * c, work + 3 * c)
-    else:
-        for t in prange(p.n_elem_tasks, schedule="static", num_threads=p.n_threads):
-            _plane_grad_input_task(p, t, x, dy, dx, a.mean, work, work + 2 * c, work + 3 * c)
+    _planes_grad_input(p, x, dy, dx, a.mean, work, work + 2 * c, work + 3 * c)
     free(work)
     return 0
+
+
+cdef void _planes_grad_input(const Planes* p, const in_t* x, const in_t* dy, out_t* dx,
+                             const double* center, const double* mean_dy, const double* k_xc,
+                             const double* k) noexcept nogil:
+    """dx = k * ((dy - mean_dy) - k_xc * (x - center)) per channel, all planes."""
+    cdef Py_ssize_t t
+    if p.n_threads == 1:
+        for t in range(p.n_elem_tasks):
+            _plane_grad_input_task(p, t, x, dy, dx, center, mean_dy, k_xc, k)
+    else:
+        for t in prange(p.n_elem_tasks, schedule="static", num_threads=p.n_threads):
+            _plane_grad_input_task(p, t, x, dy, dx, center, mean_dy, k_xc, k)
 
 
 cdef int _planes_eval_backward(const Planes* p, const in_t* x, const in_t* dy, out_t* dx,

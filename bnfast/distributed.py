@@ -26,13 +26,12 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from . import _checks, _dtypes
+from . import _channels, _checks, _dtypes
 from ._checks import F64
-from ._native import kernels as _kernels
-from .functional import (GradSums, Moments, affine_coefficients, backward_eval, check_dout,
-                         finish, grads_as, merge_grad_sums, merge_moments, result_buffers,
-                         running_update, same_kernel_dtype, shard_grad_input, shard_grad_sums,
-                         shard_moments)
+from .functional import (GradSums, Moments, Shard, backward_eval, finish, grads_as,
+                         merge_grad_sums, merge_moments, result_buffers, running_update,
+                         shard_dout, shard_grad_input, shard_grad_sums, shard_moments,
+                         shard_normalize, split_shard)
 from .layer import BatchNormalization
 
 __all__ = ["SyncBatchNormalization", "RankError"]
@@ -74,14 +73,17 @@ class SyncBatchNormalization(BatchNormalization):
     In eval mode the forward is local (running statistics are the same on
     every rank) and the backward sums dgamma and dbeta over the ranks, so
     that in both modes they are the whole batch's: do not reduce them again.
-    Statistics are per feature (the layer's default mode); per-channel
-    synchronization is not implemented.
+    ``per_channel`` and ``running_var_unbiased`` work as in
+    BatchNormalization (each rank's shard is (N_r, C, *spatial); the
+    statistics are per channel over every rank's samples and positions).
     """
 
     def __init__(self, gamma: Any, beta: Any, momentum: float = 0.9,
                  running_mean: Any = None, running_var: Any = None, *,
-                 eps: float = 1e-6, comm: Any = None) -> None:
-        super().__init__(gamma, beta, momentum, running_mean, running_var, eps=eps)
+                 eps: float = 1e-6, comm: Any = None, per_channel: bool = False,
+                 running_var_unbiased: bool = False) -> None:
+        super().__init__(gamma, beta, momentum, running_mean, running_var, eps=eps,
+                         per_channel=per_channel, running_var_unbiased=running_var_unbiased)
         if comm is None:
             comm = _world()
         for method in ("allgather", "Get_size"):
@@ -91,6 +93,7 @@ class SyncBatchNormalization(BatchNormalization):
         self.comm = comm
         self.global_batch_size: Optional[int] = None
         self._global: Optional[Moments] = None
+        self._shard: Optional[Shard] = None
 
     def __getstate__(self) -> dict[str, Any]:
         # A communicator cannot be pickled; an unpickled layer gets COMM_WORLD.
@@ -157,57 +160,64 @@ class SyncBatchNormalization(BatchNormalization):
             prepared.update(self._prepare_train(x))
             moments: Moments = prepared["moments"]
             meta = ("train", prepared["x"].shape[1:], str(prepared["x"].dtype),
-                    prepared["eps"], float(self.momentum))
+                    prepared["eps"], float(self.momentum), self.per_channel)
             return meta, moments.count, np.concatenate([moments.mean, moments.m2])
 
         shares = self._exchange("forward(train_flg=True)", local)
-        d = prepared["d"]
+        d = prepared["shard"].d
         merged = merge_moments(Moments(s.rows, s.data[:d], s.data[d:])  # type: ignore[index]
                                for s in shares)
         return self._finish_train(prepared, merged)
 
     def _prepare_train(self, x: Any) -> dict[str, Any]:
         """Validation, dtypes and this shard's moments (and cached copy); no state changes."""
-        x, n, d = _checks.batch(x)
+        x, sh = split_shard(x, self.per_channel)
         eps = _checks.check_eps(self.eps)
         momentum = self.momentum
         _checks.check_momentum(momentum)
-        gamma = _checks.operand(self.gamma, "gamma", d, x.shape)
-        beta = _checks.operand(self.beta, "beta", d, x.shape)
-        running_mean, running_var = self._running(d, x.shape)
-        dts = _dtypes.train(x.dtype, gamma, beta, momentum, running_mean, running_var)
-        kernel_dt = _checks.kernel_dtype(x.dtype)
-        xk = _checks.for_kernel(x, kernel_dt)
+        per_channel = self.per_channel
+        gamma = _checks.operand(self.gamma, "gamma", sh.d, x.shape, per_channel=per_channel)
+        beta = _checks.operand(self.beta, "beta", sh.d, x.shape, per_channel=per_channel)
+        if per_channel:
+            running = _channels.running_pair(self.running_mean, self.running_var, sh.d, x.shape)
+        else:
+            running = self._running(sh.d, x.shape)
+        dts = _dtypes.train(x.dtype, gamma, beta, momentum, *running)
         cache = None
-        if xk is x:     # the caller's array: keep a copy, made in the statistics pass
+        if np.may_share_memory(sh.array, x):
+            # the caller's memory: keep a copy, made in the statistics pass
             cache = self._buffer
-            if cache is None or cache.shape != (n, d) or cache.dtype != kernel_dt:
-                cache = np.empty((n, d), kernel_dt)
-        moments = shard_moments(xk, n, d, cache)
-        return dict(x=x, n=n, d=d, eps=eps, gamma=gamma, beta=beta, dts=dts, xk=xk,
-                    cache=cache, moments=moments, running=(running_mean, running_var))
+            if cache is None or cache.shape != sh.array.shape or cache.dtype != sh.array.dtype:
+                cache = np.empty(sh.array.shape, sh.array.dtype)
+        moments = shard_moments(sh, cache)
+        return dict(x=x, shard=sh, eps=eps, gamma=gamma, beta=beta, dts=dts, cache=cache,
+                    moments=moments, running=running)
 
     def _finish_train(self, p: dict[str, Any], merged: Moments) -> np.ndarray:
-        x, n, d, eps, dts = p["x"], p["n"], p["d"], p["eps"], p["dts"]
+        x, sh, eps, dts = p["x"], p["shard"], p["eps"], p["dts"]
+        correction = _channels.var_correction(self.running_var_unbiased, merged.count,
+                                              "channel" if self.per_channel else "feature")
         var = merged.var
         invstd = 1.0 / np.sqrt(var + eps)
-        result, target = result_buffers(x.shape, dts.out, None, "out", ())
-        scale, shift = affine_coefficients(merged, p["gamma"], p["beta"], eps, d)
-        _kernels.affine(p["xk"], target, n, d, merged.mean, scale, shift)
+        result, target = _shard_result(sh, dts.out)
+        shard_normalize(sh, target, merged, p["gamma"], p["beta"], eps)
         running_mean, running_var = p["running"]
         rm_new, rv_new = running_update(self.momentum, running_mean, running_var, merged.mean,
-                                        var, dts.stat)
+                                        var * correction, dts.stat)
         rm_new = rm_new.astype(dts.running_mean, copy=False)
         rv_new = rv_new.astype(dts.running_var, copy=False)
         stats = np.stack([merged.mean, var, invstd])
         cache = p["cache"]
         if cache is not None:
             self._buffer = cache
-        self._commit_train((cache if cache is not None else p["xk"], x.dtype, n, d, x.shape,
-                            stats, dts.stat, eps), rm_new, rv_new)
+            sh = _with_array(sh, cache)
+        kept: Any = sh.array if sh.channels is None else sh.channels
+        self._commit_train((kept, x.dtype, x.shape[0], sh.d, x.shape, stats, dts.stat, eps),
+                           rm_new, rv_new)
+        self._shard = sh
         self._global = merged
-        self.global_batch_size = merged.count
-        return finish(result, target)
+        self.global_batch_size = merged.count // (sh.count // x.shape[0])   # samples
+        return _shard_finish(sh, result, target)
 
     # -- backward
 
@@ -221,38 +231,43 @@ class SyncBatchNormalization(BatchNormalization):
         return self._backward_eval(dout)
 
     def _backward_train(self, dout: Any) -> np.ndarray:
-        assert self._train is not None and self._global is not None
-        x, x_dtype, n, d, shape, _, _, eps = self._train
-        merged = self._global
+        assert self._train is not None and self._global is not None and self._shard is not None
+        x_dtype, eps = self._train[1], self._train[7]
+        sh, merged = self._shard, self._global
+        d = sh.d
         prepared: dict[str, Any] = {}
 
         def local() -> tuple[tuple[Any, ...], int, np.ndarray]:
-            checked = check_dout(dout, shape, n, d)
-            gamma = _checks.operand(self.gamma, "gamma", d, shape)
+            checked = _checks.as_array(dout, "dout")
+            shard, dk = shard_dout(sh, checked)
+            gamma = _checks.operand(self.gamma, "gamma", d, sh.shape,
+                                    per_channel=self.per_channel)
             dts = _dtypes.grads(True, x_dtype, gamma, checked.dtype)
-            xk, dk = same_kernel_dtype(x, checked)
-            sums = shard_grad_sums(xk, dk, n, d, merged, eps)
-            prepared.update(xk=xk, dk=dk, gamma=gamma, dts=dts)
-            return ("backward", d), n, np.concatenate([sums.sum_dout, sums.sum_dout_xhat])
+            sums = shard_grad_sums(shard, dk, merged, eps)
+            prepared.update(shard=shard, dk=dk, gamma=gamma, dts=dts)
+            return ("backward", d), sums.count, np.concatenate([sums.sum_dout,
+                                                                sums.sum_dout_xhat])
 
         shares = self._exchange("backward (after a training forward)", local)
         total = merge_grad_sums(GradSums(s.rows, s.data[:d], s.data[d:])  # type: ignore[index]
                                 for s in shares)
-        dts = prepared["dts"]
-        result, target = result_buffers(shape, dts.dx, None, "dx", ())
-        dgamma, dbeta = shard_grad_input(prepared["xk"], prepared["dk"], target, n, d, merged,
+        dts, shard = prepared["dts"], prepared["shard"]
+        result, target = _shard_result(shard, dts.dx)
+        dgamma, dbeta = shard_grad_input(shard, prepared["dk"], target, merged,
                                          _checks.kernel_vector(prepared["gamma"]), total, eps)
         self.dgamma, self.dbeta = grads_as(dgamma, dbeta, dts)
-        return finish(result, target)
+        return _shard_finish(shard, result, target)
 
     def _backward_eval(self, dout: Any) -> np.ndarray:
         assert self._eval is not None
         x, _, n, d, shape, running_mean, running_var, eps = self._eval
+        if isinstance(x, _channels.Batch):      # per channel: x's own layout
+            x = x.array if x.layout == _channels.PLANES else _channels.channels_to_second(x.array)
         prepared: dict[str, Any] = {}
 
         def local() -> tuple[tuple[Any, ...], int, np.ndarray]:
             dx, dgamma, dbeta = backward_eval(dout, x.reshape(shape), self.gamma, running_mean,
-                                              running_var, eps=eps)
+                                              running_var, eps=eps, per_channel=self.per_channel)
             prepared.update(dx=dx, dgamma_dtype=dgamma.dtype, dbeta_dtype=dbeta.dtype)
             return (("backward", d), n,
                     np.concatenate([dgamma.astype(F64), dbeta.astype(F64)]))
@@ -270,11 +285,33 @@ class SyncBatchNormalization(BatchNormalization):
         return result
 
 
+def _with_array(sh: Shard, array: np.ndarray) -> Shard:
+    """sh reading `array` (same layout and dims) instead."""
+    channels = None
+    if sh.channels is not None:
+        b = sh.channels
+        channels = _channels.Batch(array, b.layout, b.shape, b.n, b.c, b.s)
+    return Shard(array, sh.n, sh.d, sh.s, sh.count, sh.shape, channels)
+
+
+def _shard_result(sh: Shard, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(result, kernel target) of a new x-shaped output in the shard's layout."""
+    if sh.channels is None:
+        return result_buffers(sh.shape, dt, None, "out", ())
+    return _channels.result_buffers(sh.channels, dt, None, "out", ())
+
+
+def _shard_finish(sh: Shard, result: np.ndarray, target: np.ndarray) -> np.ndarray:
+    if sh.channels is None:
+        return finish(result, target)
+    return _channels.finish(sh.channels, result, target)
+
+
 def _describe_meta(meta: Optional[Sequence[Any]]) -> str:
     if meta is None:
         return "no input"
     if meta[0] == "train":
-        _, sample_shape, dtype, eps, momentum = meta
+        _, sample_shape, dtype, eps, momentum, per_channel = meta
         return (f"samples of shape {tuple(sample_shape)} and dtype {dtype}, eps={eps}, "
-                f"momentum={momentum}")
-    return f"{meta[1]} features"
+                f"momentum={momentum}, per_channel={per_channel}")
+    return f"{meta[1]} features or channels"

@@ -413,22 +413,79 @@ def _invstd(moments: Moments, eps: float) -> np.ndarray:
     return result
 
 
-def shard_moments(xk: np.ndarray, n: int, d: int, cache: Optional[np.ndarray]) -> Moments:
-    """batch_moments of a validated kernel-ready (n, d) batch; cache = x unless None."""
-    mean = np.empty(d)
-    m2 = np.empty(d)
-    _kernels.moments(xk, cache, n, d, mean, m2)
-    return Moments(n, mean, m2)
+@dataclass(frozen=True)
+class Shard:
+    """A batch (or shard) as the split-phase kernels read it."""
+    array: np.ndarray                  #: kernel-ready x
+    n: int                             #: kernel dims: (n, d) rows if s == 0,
+    d: int                             #: ... (n, d, s) NCHW planes if s > 0
+    s: int
+    count: int                         #: values per feature (channel)
+    shape: tuple[int, ...]             #: the caller's x.shape
+    channels: Optional[_channels.Batch]   #: per-channel layout, None per feature
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        return self.n, self.d, self.s
 
 
-def batch_moments(x: Any) -> Moments:
-    """(count, mean, M2) per feature of x (ndim >= 2, flattened per sample), float64.
+def split_shard(x: Any, per_channel: bool) -> tuple[np.ndarray, Shard]:
+    """x checked (ndim >= 2, real dtype, not empty) and laid out for the kernels."""
+    if per_channel:
+        x, n, c, s = _channels.batch(x)
+        b = _channels.for_kernel(x, n, c, s)
+        if b.layout == _channels.PLANES:
+            return x, Shard(b.array, n, c, s, n * s, x.shape, b)
+        return x, Shard(b.array, b.rows, c, 0, b.rows, x.shape, b)
+    x, n, d = _checks.batch(x)
+    return x, Shard(_checks.for_kernel(x, _checks.kernel_dtype(x.dtype)), n, d, 0, n, x.shape,
+                    None)
+
+
+def _shard_operand(value: Any, what: str, sh: Shard) -> Any:
+    return _checks.operand(value, what, sh.d, sh.shape, per_channel=sh.channels is not None)
+
+
+def _shard_result(sh: Shard, dt: np.dtype, out: Any,
+                  inputs: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray]:
+    if sh.channels is None:
+        return result_buffers(sh.shape, dt, out, "out", inputs)
+    return _channels.result_buffers(sh.channels, dt, out, "out", inputs)
+
+
+def _shard_finish(sh: Shard, result: np.ndarray, target: np.ndarray) -> np.ndarray:
+    if sh.channels is None:
+        return finish(result, target)
+    return _channels.finish(sh.channels, result, target)
+
+
+def shard_dout(sh: Shard, dout: Any) -> tuple[Shard, np.ndarray]:
+    """dout checked against the shard, and both in one kernel dtype and layout."""
+    if sh.channels is None:
+        dout = check_dout(dout, sh.shape, sh.n, sh.d)
+        xk, dk = same_kernel_dtype(sh.array, dout)
+        return Shard(xk, sh.n, sh.d, 0, sh.count, sh.shape, None), dk
+    dout = _channels.check_dout(dout, sh.shape)
+    b, dk = _channels.same_dtype(sh.channels, dout)
+    return Shard(b.array, sh.n, sh.d, sh.s, sh.count, sh.shape, b), dk
+
+
+def shard_moments(sh: Shard, cache: Optional[np.ndarray] = None) -> Moments:
+    """batch_moments of a shard; cache = the shard's array unless None."""
+    mean = np.empty(sh.d)
+    m2 = np.empty(sh.d)
+    _kernels.moments(sh.array, cache, sh.n, sh.d, mean, m2, sh.s)
+    return Moments(sh.count, mean, m2)
+
+
+def batch_moments(x: Any, *, per_channel: bool = False) -> Moments:
+    """(count, mean, M2) per feature of x (ndim >= 2, flattened per sample), or
+    per channel of (N, C, *spatial) x with per_channel; float64.
 
     Computed as the training forward computes its statistics (one pass of
     shifted sums with an exact fallback, float64 accumulation).
     """
-    x, n, d = _checks.batch(x)
-    return shard_moments(_checks.for_kernel(x, _checks.kernel_dtype(x.dtype)), n, d, None)
+    return shard_moments(split_shard(x, per_channel)[1])
 
 
 def merge_moments(parts: Any) -> Moments:
@@ -463,50 +520,47 @@ def merge_moments(parts: Any) -> Moments:
 
 
 def normalize(x: Any, moments: Any, gamma: Any, beta: Any, *, eps: float = 1e-6,
-              out: Optional[np.ndarray] = None) -> np.ndarray:
+              out: Optional[np.ndarray] = None, per_channel: bool = False) -> np.ndarray:
     """gamma * (x - mean) / sqrt(var + eps) + beta with the given (merged)
     statistics: the training forward's output for this shard.  dtype as
     forward_train's output."""
-    x, n, d = _checks.batch(x)
-    moments = _moments_for(moments, d)
+    x, sh = split_shard(x, per_channel)
+    moments = _moments_for(moments, sh.d)
     eps = _checks.check_eps(eps)
-    gamma = _checks.operand(gamma, "gamma", d, x.shape)
-    beta = _checks.operand(beta, "beta", d, x.shape)
+    gamma = _shard_operand(gamma, "gamma", sh)
+    beta = _shard_operand(beta, "beta", sh)
     dts = _dtypes.train(x.dtype, gamma, beta)
-    result, target = result_buffers(x.shape, dts.out, out, "out",
-                                    (x, gamma, beta, moments.mean, moments.m2))
-    scale, shift = affine_coefficients(moments, gamma, beta, eps, d)
-    _kernels.affine(_checks.for_kernel(x, _checks.kernel_dtype(x.dtype)), target, n, d,
-                    moments.mean, scale, shift)
-    return finish(result, target)
+    result, target = _shard_result(sh, dts.out, out, (x, gamma, beta, moments.mean, moments.m2))
+    shard_normalize(sh, target, moments, gamma, beta, eps)
+    return _shard_finish(sh, result, target)
 
 
-def affine_coefficients(moments: Moments, gamma: Any, beta: Any, eps: float,
-                        d: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, shift) of y = (x - mean) * scale + shift, float64 (D,)."""
-    scale = _invstd(moments, eps) * np.broadcast_to(np.asarray(gamma, dtype=F64), (d,))
-    shift = np.ascontiguousarray(np.broadcast_to(np.asarray(beta, dtype=F64), (d,)))
-    return scale, shift
+def shard_normalize(sh: Shard, target: np.ndarray, moments: Moments, gamma: Any, beta: Any,
+                    eps: float) -> None:
+    """normalize's output for a shard, into the kernels' target view."""
+    scale = _invstd(moments, eps) * np.broadcast_to(np.asarray(gamma, dtype=F64), (sh.d,))
+    shift = np.ascontiguousarray(np.broadcast_to(np.asarray(beta, dtype=F64), (sh.d,)))
+    _kernels.affine(sh.array, target, sh.n, sh.d, moments.mean, scale, shift, sh.s)
 
 
-def grad_sums(dout: Any, x: Any, moments: Any, *, eps: float = 1e-6) -> GradSums:
-    """Per-feature sums of dout and dout * xhat over this shard, float64,
-    where xhat = (x - mean) / sqrt(var + eps) with the given (merged) statistics."""
-    x, n, d = _checks.batch(x)
-    dout = check_dout(dout, x.shape, n, d)
-    moments = _moments_for(moments, d)
+def grad_sums(dout: Any, x: Any, moments: Any, *, eps: float = 1e-6,
+              per_channel: bool = False) -> GradSums:
+    """Per-feature (per-channel) sums of dout and dout * xhat over this shard,
+    float64, where xhat = (x - mean) / sqrt(var + eps) with the given (merged)
+    statistics."""
+    x, sh = split_shard(x, per_channel)
+    sh, dk = shard_dout(sh, dout)
+    moments = _moments_for(moments, sh.d)
     eps = _checks.check_eps(eps)
-    xk, dk = same_kernel_dtype(x, dout)
-    return shard_grad_sums(xk, dk, n, d, moments, eps)
+    return shard_grad_sums(sh, dk, moments, eps)
 
 
-def shard_grad_sums(xk: np.ndarray, dk: np.ndarray, n: int, d: int, moments: Moments,
-                    eps: float) -> GradSums:
-    """grad_sums of validated kernel-ready (n, d) arrays."""
-    sum_dout = np.empty(d)
-    sum_dout_xc = np.empty(d)
-    _kernels.grad_sums(xk, dk, n, d, moments.mean, sum_dout, sum_dout_xc)
-    return GradSums(n, sum_dout, sum_dout_xc * _invstd(moments, eps))
+def shard_grad_sums(sh: Shard, dk: np.ndarray, moments: Moments, eps: float) -> GradSums:
+    """grad_sums of a shard and its kernel-ready dout."""
+    sum_dout = np.empty(sh.d)
+    sum_dout_xc = np.empty(sh.d)
+    _kernels.grad_sums(sh.array, dk, sh.n, sh.d, moments.mean, sum_dout, sum_dout_xc, sh.s)
+    return GradSums(sh.count, sum_dout, sum_dout_xc * _invstd(moments, eps))
 
 
 def merge_grad_sums(parts: Any) -> GradSums:
@@ -526,38 +580,38 @@ def merge_grad_sums(parts: Any) -> GradSums:
 
 
 def grad_input(dout: Any, x: Any, moments: Any, gamma: Any, sums: Any, *, eps: float = 1e-6,
-               out: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               out: Optional[np.ndarray] = None,
+               per_channel: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(dx, dgamma, dbeta) of this shard from the merged statistics and sums.
 
     dx = gamma / std * (dout - sum_dout / N - xhat * sum_dout_xhat / N) with N
     the merged count; dgamma = sum_dout_xhat and dbeta = sum_dout (the whole
     batch's, the same on every shard).  dtypes as backward_train's.
     """
-    x, n, d = _checks.batch(x)
-    dout = check_dout(dout, x.shape, n, d)
-    moments = _moments_for(moments, d)
-    sums = _grad_sums_for(sums, d)
+    x, sh = split_shard(x, per_channel)
+    dout = _checks.as_array(dout, "dout")
+    sh, dk = shard_dout(sh, dout)
+    moments = _moments_for(moments, sh.d)
+    sums = _grad_sums_for(sums, sh.d)
     if sums.count != moments.count:
         raise ValueError(f"sums.count is {sums.count} but moments.count is {moments.count}; "
                          f"both must count the whole (merged) batch")
     eps = _checks.check_eps(eps)
-    gamma = _checks.operand(gamma, "gamma", d, x.shape)
+    gamma = _shard_operand(gamma, "gamma", sh)
     dts = _dtypes.grads(True, x.dtype, gamma, dout.dtype)
-    result, target = result_buffers(x.shape, dts.dx, out, "out",
-                                    (x, dout, gamma, moments.mean, moments.m2))
-    xk, dk = same_kernel_dtype(x, dout)
-    dgamma, dbeta = shard_grad_input(xk, dk, target, n, d, moments, gamma, sums, eps)
-    return (finish(result, target), *grads_as(dgamma, dbeta, dts))
+    result, target = _shard_result(sh, dts.dx, out, (x, dout, gamma, moments.mean, moments.m2))
+    dgamma, dbeta = shard_grad_input(sh, dk, target, moments, gamma, sums, eps)
+    return (_shard_finish(sh, result, target), *grads_as(dgamma, dbeta, dts))
 
 
-def shard_grad_input(xk: np.ndarray, dk: np.ndarray, target: np.ndarray, n: int, d: int,
-                     moments: Moments, gamma: Any, sums: GradSums,
-                     eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """dx into target from validated kernel-ready arrays; (dgamma, dbeta) as float64."""
+def shard_grad_input(sh: Shard, dk: np.ndarray, target: np.ndarray, moments: Moments,
+                     gamma: Any, sums: GradSums, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """dx of a shard into target; (dgamma, dbeta) as float64."""
     invstd = _invstd(moments, eps)
     count = float(sums.count)
-    k = np.broadcast_to(np.asarray(gamma, dtype=F64), (d,)) * invstd
+    k = np.broadcast_to(np.asarray(gamma, dtype=F64), (sh.d,)) * invstd
     k_xc = invstd * (sums.sum_dout_xhat / count)
     mean_dout = sums.sum_dout / count
-    _kernels.grad_input(xk, dk, target, n, d, moments.mean, mean_dout, k_xc, k)
+    _kernels.grad_input(sh.array, dk, target, sh.n, sh.d, moments.mean, mean_dout, k_xc, k,
+                        sh.s)
     return sums.sum_dout_xhat.copy(), sums.sum_dout.copy()

@@ -165,3 +165,42 @@ def test_construction_and_copies():
 def test_importing_bnfast_does_not_import_mpi4py():
     code = "import sys, bnfast, bnfast.distributed; sys.exit('mpi4py' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def channels_last(x):
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_per_channel_ranks_get_the_whole_batch_result(rng, layout, dtype):
+    shape = (9, 3, 4, 5)
+    gamma, beta = make_params(rng, 3, dtype)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+    if layout == "channels_last":
+        x, dout = channels_last(x), channels_last(dout)
+    kwargs = dict(running_mean=np.zeros(3, dtype), running_var=np.ones(3, dtype),
+                  per_channel=True, running_var_unbiased=True)
+    single = bnfast.BatchNormalization(gamma, beta, **copy.deepcopy(kwargs))
+    expected = {"out": single.forward(x), "dx": single.backward(dout)}
+    expected.update(dgamma=single.dgamma, dbeta=single.dbeta, xn=single.xn, std=single.std,
+                    running_mean=single.running_mean, running_var=single.running_var)
+    cuts = [0, 1, 5, 9]
+    states = run_ranks(3, lambda comm: sync_round(comm, x, dout, gamma, beta, cuts,
+                                                  **copy.deepcopy(kwargs)))
+    for state in states:
+        assert isinstance(state, dict), state
+    rtol = 1e-12 if dtype == np.float64 else 2e-6
+    for key in ("out", "dx", "xn"):
+        got = np.concatenate([s[key] for s in states])
+        scale = (float(np.max(np.abs(dout)) * np.max(np.abs(gamma)) / np.min(single.std))
+                 if key == "dx" else None)
+        assert_close(got, expected[key], rtol=rtol, scale=scale, what=key)
+        if layout == "channels_last":
+            assert all(np.moveaxis(s[key], 1, -1).flags.c_contiguous for s in states), key
+    for key in ("dgamma", "dbeta", "std", "running_mean", "running_var"):
+        for state in states:
+            assert_close(state[key], expected[key], rtol=rtol, what=key)
+            assert np.array_equal(state[key], states[0][key]), key
+    assert {s["global_batch_size"] for s in states} == {9}

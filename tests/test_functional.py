@@ -223,3 +223,29 @@ def test_split_phase_out_buffers_and_dtypes(rng):
     dx = np.empty_like(x)
     got, dgamma, dbeta = F.grad_input(x, x, moments, gamma, sums, out=dx)
     assert got is dx and dx.dtype == dgamma.dtype == dbeta.dtype == np.float32
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_per_channel_split_phases_equal_the_per_channel_layer(rng, layout):
+    x = rng.standard_normal((11, 4, 3, 5)) * 2 + 5
+    dout = rng.standard_normal(x.shape)
+    if layout == "channels_last":
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    gamma, beta = make_params(rng, 4)
+    layer = bnfast.BatchNormalization(gamma, beta, per_channel=True)
+    expected_out = layer.forward(x)
+    expected_dx = layer.backward(dout)
+    shards = [slice(0, 1), slice(1, 6), slice(6, 11)]
+    moments = F.merge_moments([F.batch_moments(x[s], per_channel=True) for s in shards])
+    assert moments.count == 11 * 15 and moments.mean.shape == (4,)
+    out = np.concatenate([F.normalize(x[s], moments, gamma, beta, per_channel=True)
+                          for s in shards])
+    sums = F.merge_grad_sums([F.grad_sums(dout[s], x[s], moments, per_channel=True)
+                              for s in shards])
+    grads = [F.grad_input(dout[s], x[s], moments, gamma, sums, per_channel=True)
+             for s in shards]
+    assert_close(out, expected_out, rtol=1e-12)
+    assert_close(np.concatenate([g[0] for g in grads]), expected_dx, rtol=1e-12,
+                 scale=float(np.max(np.abs(dout)) * np.max(np.abs(gamma)) / np.min(layer.std)))
+    assert_close(grads[1][1], layer.dgamma, rtol=1e-12)
+    assert_close(grads[2][2], layer.dbeta, rtol=1e-12)

@@ -93,3 +93,27 @@ def test_a_bad_shard_raises_on_every_rank():
     # and the layer still works afterwards on every rank
     out = layer.forward(x)
     assert out.shape == x.shape and layer.global_batch_size == 8 * SIZE
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_per_channel_ranks_reproduce_the_single_process_layer(layout):
+    rng = np.random.default_rng(11)
+    shape = (13, 4, 3, 5)
+    x = rng.standard_normal(shape) * 2 + 5
+    dout = rng.standard_normal(shape)
+    if layout == "channels_last":
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    gamma, beta = 1 + 0.3 * rng.standard_normal(4), rng.standard_normal(4)
+    options = dict(per_channel=True, running_var_unbiased=True)
+    single = bnfast.BatchNormalization(gamma.copy(), beta.copy(), **options)
+    layer = SyncBatchNormalization(gamma.copy(), beta.copy(), **options)
+    cuts = uneven_cuts(shape[0])
+    mine = slice(cuts[RANK], cuts[RANK + 1])
+    expected, expected_dx = single.forward(x), single.backward(dout)
+    out, dx = layer.forward(x[mine]), layer.backward(dout[mine])
+    assert_close(out, expected[mine], 1e-12)
+    scale = float(np.max(np.abs(dout)) * np.max(np.abs(gamma)) / np.min(single.std))
+    assert_close(dx, expected_dx[mine], 1e-12, scale=scale)
+    for name in ("dgamma", "dbeta", "running_mean", "running_var"):
+        assert_close(getattr(layer, name), getattr(single, name), 1e-12)
+        same_on_every_rank(getattr(layer, name))
