@@ -1132,7 +1132,7 @@ cdef int _moments(const Grid* g, const Planes* p, const in_t* x, in_t* cache, do
             mean[t] = scratch[t] + mean[t]
         free(scratch)
         if cache != NULL:
-            memcpy(cache, x, p.n * p.c * p.s * sizeof(in_t))
+            _planes_copy(p, x, cache)
         return 0
     scratch = _scratch_alloc(g, 3)
     cdef double* part = <double*>malloc(2 * g.n_chunks * d * sizeof(double))
@@ -1566,11 +1566,14 @@ cdef Py_ssize_t _split_size(Py_ssize_t n, Py_ssize_t d, Py_ssize_t s) except -1:
     return n * d * s
 
 
-cdef Planes* _split_planes(Planes* planes, Py_ssize_t n, Py_ssize_t d, Py_ssize_t s,
-                           cnp.ndarray x) noexcept:
-    """planes set up for (n, d, s) if s > 0 (returned), else NULL (rows)."""
+cdef Planes* _split_layout(Grid* grid, Planes* planes, Py_ssize_t n, Py_ssize_t d,
+                           Py_ssize_t s, cnp.ndarray x, cnp.ndarray out) noexcept:
+    """The work partition of a split-phase call: the rows grid for (n, d) if
+    s == 0 (returns NULL), else planes for (n, d, s) (returned; grid unused)."""
     if s == 0:
+        grid[0] = _grid_for(x, out, n, d)
         return NULL
+    memset(grid, 0, sizeof(Grid))
     planes[0] = _make_planes(n, d, s, cnp.PyArray_ITEMSIZE(x))
     return planes
 
@@ -1588,8 +1591,8 @@ def moments(cnp.ndarray x not None, cnp.ndarray cache, Py_ssize_t n, Py_ssize_t 
     cdef double* pm2 = _f64_out(m2, d, "m2")
     cdef bint in64 = _is_f64(x)
     cdef void* pcache = _cache_ptr(cache, size, in64)
-    cdef Grid grid = _grid_for(x, x, n, d) if s == 0 else _make_grid(1, 1, 8, 8)
-    cdef Planes* pp = _split_planes(&planes, n, d, s, x)
+    cdef Grid grid
+    cdef Planes* pp = _split_layout(&grid, &planes, n, d, s, x, x)
     cdef void* px = cnp.PyArray_DATA(x)
     with nogil:
         if in64:
@@ -1614,8 +1617,8 @@ def affine(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t n, Py_ssiz
     cdef const double* ps = _f64_in(scale, d, "scale")
     cdef const double* pb = _f64_in(shift, d, "shift")
     cdef bint in64 = _is_f64(x), out64 = _is_f64(y)
-    cdef Grid grid = _grid_for(x, y, n, d) if s == 0 else _make_grid(1, 1, 8, 8)
-    cdef Planes* pp = _split_planes(&planes, n, d, s, x)
+    cdef Grid grid
+    cdef Planes* pp = _split_layout(&grid, &planes, n, d, s, x, y)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* py = cnp.PyArray_DATA(y)
     with nogil:
@@ -1650,8 +1653,8 @@ def grad_sums(cnp.ndarray x not None, cnp.ndarray dy not None, Py_ssize_t n, Py_
     cdef double* ps = _f64_out(sum_dy, d, "sum_dy")
     cdef double* psx = _f64_out(sum_dy_xc, d, "sum_dy_xc")
     cdef bint in64 = _is_f64(x)
-    cdef Grid grid = _grid_for(x, x, n, d) if s == 0 else _make_grid(1, 1, 8, 8)
-    cdef Planes* pp = _split_planes(&planes, n, d, s, x)
+    cdef Grid grid
+    cdef Planes* pp = _split_layout(&grid, &planes, n, d, s, x, x)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* pdy = cnp.PyArray_DATA(dy)
     with nogil:
@@ -1680,8 +1683,8 @@ def grad_input(cnp.ndarray x not None, cnp.ndarray dy not None, cnp.ndarray dx n
     cdef const double* pq = _f64_in(k_xc, d, "k_xc")
     cdef const double* pk = _f64_in(k, d, "k")
     cdef bint in64 = _is_f64(x), out64 = _is_f64(dx)
-    cdef Grid grid = _grid_for(x, dx, n, d) if s == 0 else _make_grid(1, 1, 8, 8)
-    cdef Planes* pp = _split_planes(&planes, n, d, s, x)
+    cdef Grid grid
+    cdef Planes* pp = _split_layout(&grid, &planes, n, d, s, x, dx)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* pdy = cnp.PyArray_DATA(dy)
     cdef void* pdx = cnp.PyArray_DATA(dx)

@@ -284,6 +284,18 @@ cdef void _plane_affine_task(const Planes* p, Py_ssize_t t, const in_t* x, in_t*
             dst[j] = <out_t>((src[j] - m) * k + b)
 
 
+cdef void _planes_copy(const Planes* p, const in_t* x, in_t* cache) noexcept nogil:
+    """cache = x, element-pass tasks in parallel (contiguous ranges of planes)."""
+    cdef Py_ssize_t t, q0, q1, planes = p.n * p.c
+    if p.n_threads == 1:
+        memcpy(cache, x, planes * p.s * sizeof(in_t))
+        return
+    for t in prange(p.n_elem_tasks, schedule="static", num_threads=p.n_threads):
+        q0 = t * p.per_task
+        q1 = q0 + p.per_task if q0 + p.per_task < planes else planes
+        memcpy(cache + q0 * p.s, x + q0 * p.s, (q1 - q0) * p.s * sizeof(in_t))
+
+
 cdef void _planes_affine(const Planes* p, const in_t* x, in_t* cache, out_t* y,
                          const double* center, const double* scale,
                          const double* shift) noexcept nogil:

@@ -28,10 +28,10 @@ import numpy as np
 
 from . import _channels, _checks, _dtypes
 from ._checks import F64
-from .functional import (GradSums, Moments, Shard, backward_eval, finish, grads_as,
-                         merge_grad_sums, merge_moments, result_buffers, running_update,
-                         shard_dout, shard_grad_input, shard_grad_sums, shard_moments,
-                         shard_normalize, split_shard)
+from .functional import (GradSums, Moments, Shard, backward_eval, grads_as, merge_grad_sums,
+                         merge_moments, running_update, shard_dout, shard_finish,
+                         shard_grad_input, shard_grad_sums, shard_moments, shard_normalize,
+                         shard_result, split_shard)
 from .layer import BatchNormalization
 
 __all__ = ["SyncBatchNormalization", "RankError"]
@@ -199,7 +199,7 @@ class SyncBatchNormalization(BatchNormalization):
                                               "channel" if self.per_channel else "feature")
         var = merged.var
         invstd = 1.0 / np.sqrt(var + eps)
-        result, target = _shard_result(sh, dts.out)
+        result, target = shard_result(sh, dts.out)
         shard_normalize(sh, target, merged, p["gamma"], p["beta"], eps)
         running_mean, running_var = p["running"]
         rm_new, rv_new = running_update(self.momentum, running_mean, running_var, merged.mean,
@@ -217,7 +217,7 @@ class SyncBatchNormalization(BatchNormalization):
         self._shard = sh
         self._global = merged
         self.global_batch_size = merged.count // (sh.count // x.shape[0])   # samples
-        return _shard_finish(sh, result, target)
+        return shard_finish(sh, result, target)
 
     # -- backward
 
@@ -252,11 +252,11 @@ class SyncBatchNormalization(BatchNormalization):
         total = merge_grad_sums(GradSums(s.rows, s.data[:d], s.data[d:])  # type: ignore[index]
                                 for s in shares)
         dts, shard = prepared["dts"], prepared["shard"]
-        result, target = _shard_result(shard, dts.dx)
+        result, target = shard_result(shard, dts.dx)
         dgamma, dbeta = shard_grad_input(shard, prepared["dk"], target, merged,
                                          _checks.kernel_vector(prepared["gamma"]), total, eps)
         self.dgamma, self.dbeta = grads_as(dgamma, dbeta, dts)
-        return _shard_finish(shard, result, target)
+        return shard_finish(shard, result, target)
 
     def _backward_eval(self, dout: Any) -> np.ndarray:
         assert self._eval is not None
@@ -292,19 +292,6 @@ def _with_array(sh: Shard, array: np.ndarray) -> Shard:
         b = sh.channels
         channels = _channels.Batch(array, b.layout, b.shape, b.n, b.c, b.s)
     return Shard(array, sh.n, sh.d, sh.s, sh.count, sh.shape, channels)
-
-
-def _shard_result(sh: Shard, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(result, kernel target) of a new x-shaped output in the shard's layout."""
-    if sh.channels is None:
-        return result_buffers(sh.shape, dt, None, "out", ())
-    return _channels.result_buffers(sh.channels, dt, None, "out", ())
-
-
-def _shard_finish(sh: Shard, result: np.ndarray, target: np.ndarray) -> np.ndarray:
-    if sh.channels is None:
-        return finish(result, target)
-    return _channels.finish(sh.channels, result, target)
 
 
 def _describe_meta(meta: Optional[Sequence[Any]]) -> str:

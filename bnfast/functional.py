@@ -446,14 +446,15 @@ def _shard_operand(value: Any, what: str, sh: Shard) -> Any:
     return _checks.operand(value, what, sh.d, sh.shape, per_channel=sh.channels is not None)
 
 
-def _shard_result(sh: Shard, dt: np.dtype, out: Any,
-                  inputs: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray]:
+def shard_result(sh: Shard, dt: np.dtype, out: Any = None,
+                 inputs: tuple[Any, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(result in the shard's layout, the kernels' target view)."""
     if sh.channels is None:
         return result_buffers(sh.shape, dt, out, "out", inputs)
     return _channels.result_buffers(sh.channels, dt, out, "out", inputs)
 
 
-def _shard_finish(sh: Shard, result: np.ndarray, target: np.ndarray) -> np.ndarray:
+def shard_finish(sh: Shard, result: np.ndarray, target: np.ndarray) -> np.ndarray:
     if sh.channels is None:
         return finish(result, target)
     return _channels.finish(sh.channels, result, target)
@@ -530,9 +531,9 @@ def normalize(x: Any, moments: Any, gamma: Any, beta: Any, *, eps: float = 1e-6,
     gamma = _shard_operand(gamma, "gamma", sh)
     beta = _shard_operand(beta, "beta", sh)
     dts = _dtypes.train(x.dtype, gamma, beta)
-    result, target = _shard_result(sh, dts.out, out, (x, gamma, beta, moments.mean, moments.m2))
+    result, target = shard_result(sh, dts.out, out, (x, gamma, beta, moments.mean, moments.m2))
     shard_normalize(sh, target, moments, gamma, beta, eps)
-    return _shard_finish(sh, result, target)
+    return shard_finish(sh, result, target)
 
 
 def shard_normalize(sh: Shard, target: np.ndarray, moments: Moments, gamma: Any, beta: Any,
@@ -599,9 +600,9 @@ def grad_input(dout: Any, x: Any, moments: Any, gamma: Any, sums: Any, *, eps: f
     eps = _checks.check_eps(eps)
     gamma = _shard_operand(gamma, "gamma", sh)
     dts = _dtypes.grads(True, x.dtype, gamma, dout.dtype)
-    result, target = _shard_result(sh, dts.dx, out, (x, dout, gamma, moments.mean, moments.m2))
+    result, target = shard_result(sh, dts.dx, out, (x, dout, gamma, moments.mean, moments.m2))
     dgamma, dbeta = shard_grad_input(sh, dk, target, moments, gamma, sums, eps)
-    return (_shard_finish(sh, result, target), *grads_as(dgamma, dbeta, dts))
+    return (shard_finish(sh, result, target), *grads_as(dgamma, dbeta, dts))
 
 
 def shard_grad_input(sh: Shard, dk: np.ndarray, target: np.ndarray, moments: Moments,

@@ -175,11 +175,7 @@ class BatchNormalization:
         y = _empty(x.shape, wide)
         n = x.shape[0]
         _kernels.eval_forward(x, y, n, d, gamma, beta, rm, rv, eps)
-        self._eval = (x, x.dtype, n, d, x.shape, rm, rv, eps)
-        self._last_train = False
-        self.input_shape = x.shape
-        if self.running_mean is None:
-            self.running_mean, self.running_var = rm, np.zeros(d)
+        self._commit_eval((x, x.dtype, n, d, x.shape, rm, rv, eps), rm, np.zeros(d))
         return y
 
     def _running(self, d: int, shape: tuple[int, ...]) -> tuple[Any, Any]:
@@ -251,6 +247,15 @@ class BatchNormalization:
         self.running_mean = running_mean
         self.running_var = running_var
 
+    def _commit_eval(self, cache: EvalCache, running_mean: Any, running_var: Any) -> None:
+        """The state a completed eval-mode forward leaves; running statistics
+        that were unset become the ones it used (given as separate arrays)."""
+        self._eval = cache
+        self._last_train = False
+        self.input_shape = cache[4]
+        if self.running_mean is None:
+            self.running_mean, self.running_var = running_mean, running_var
+
     def _forward_eval(self, x: np.ndarray, n: int, d: int, eps: float, gamma: Any, beta: Any,
                       running_mean: Any, running_var: Any) -> np.ndarray:
         dts = _dtypes.evaluate(x.dtype, gamma, beta, running_mean, running_var)
@@ -259,12 +264,8 @@ class BatchNormalization:
         _kernels.eval_forward(xk, target, n, d, _checks.kernel_vector(gamma),
                               _checks.kernel_vector(beta), _checks.kernel_vector(running_mean),
                               _checks.kernel_vector(running_var), eps)
-        self._eval = (xk, x.dtype, n, d, x.shape, running_mean, running_var, eps)
-        self._last_train = False
-        self.input_shape = x.shape
-        if self.running_mean is None:
-            self.running_mean = running_mean
-            self.running_var = running_var
+        self._commit_eval((xk, x.dtype, n, d, x.shape, running_mean, running_var, eps),
+                          running_mean, running_var)
         return finish(result, target)
 
     # -- backward
@@ -348,11 +349,7 @@ class BatchNormalization:
             y = _channels.empty(batch, wide)
             _channels.eval_forward(batch, _channels.kernel_view(batch, y), gamma, beta, rm, rv,
                                    eps)
-            self._eval = (batch, x.dtype, n, c, x.shape, rm, rv, eps)
-            self._last_train = False
-            self.input_shape = x.shape
-            if self.running_mean is None:
-                self.running_mean, self.running_var = rm, np.zeros(c)
+            self._commit_eval((batch, x.dtype, n, c, x.shape, rm, rv, eps), rm, np.zeros(c))
             return y
         xdt = x.dtype
         y = _channels.empty(batch, xdt)
@@ -384,11 +381,8 @@ class BatchNormalization:
                                    _checks.kernel_vector(beta),
                                    _checks.kernel_vector(running_mean),
                                    _checks.kernel_vector(running_var), eps)
-            self._eval = (b, x.dtype, n, c, x.shape, running_mean, running_var, eps)
-            self._last_train = False
-            self.input_shape = x.shape
-            if self.running_mean is None:
-                self.running_mean, self.running_var = running_mean, running_var
+            self._commit_eval((b, x.dtype, n, c, x.shape, running_mean, running_var, eps),
+                              running_mean, running_var)
             return _channels.finish(b, result, target)
         momentum = self.momentum
         _checks.check_momentum(momentum)

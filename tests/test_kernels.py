@@ -181,3 +181,21 @@ def test_entry_points_refuse_unsafe_arguments():
                               None, None, None, None, 0.9, 0.1)
     with pytest.raises(TypeError, match="same dtype"):
         kernels.train_backward(x, x.astype(np.float32), y, 4, 3, mean, var, v, v.copy(), v.copy())
+
+
+@pytest.mark.parametrize("s", [0, 7])
+def test_split_moments_copy_the_batch_and_match_numpy(rng, s):
+    """moments(..., cache) on rows (s = 0) and on NCHW planes (s > 0), large
+    enough for several threads: the cache is an exact copy, the statistics
+    are NumPy's to rounding."""
+    shape = (64, 40, s) if s else (400, 300)
+    x = rng.standard_normal(shape) * 2 + 3
+    n, d = shape[0], shape[1]
+    mean, m2, cache = np.empty(d), np.empty(d), np.empty_like(x)
+    for count in THREADS:
+        with threads(count):
+            kernels.moments(x, cache, n, d, mean, m2, s)
+        assert np.array_equal(cache, x)
+        axes = (0, 2) if s else (0,)
+        np.testing.assert_allclose(mean, x.mean(axis=axes), rtol=1e-13)
+        np.testing.assert_allclose(m2, x.var(axis=axes) * (x.size // d), rtol=1e-12)
