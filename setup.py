@@ -18,7 +18,6 @@ import os
 import platform
 import sys
 import tempfile
-import textwrap
 
 import numpy
 from Cython.Build import cythonize
@@ -124,25 +123,27 @@ class BuildKernels(build_ext):
                             "-fno-sanitize-recover=undefined"]
             link_args += ["-fsanitize=address,undefined"]
 
+        omp_compile, omp_link = [], []
         if _env_flag("BNFAST_OPENMP", True):
             omp_compile, omp_link = OPENMP_FLAGS.get(kind, OPENMP_FLAGS["unix"])
-            if _compiles_with(self.compiler, omp_compile, omp_link):
-                compile_args += omp_compile
-                link_args += omp_link
-            else:
+            if not _compiles_with(self.compiler, omp_compile, omp_link):
+                omp_compile, omp_link = [], []
                 print("bnfast: OpenMP not available for this compiler; building serial kernels",
                       file=sys.stderr)
         keep = []
         for ext in self.extensions:
-            isa = ext.name.rpartition("_")[2] if ext.name != "bnfast._kernels" else None
-            ext_compile = compile_args + (ISA_VARIANTS[isa] if isa else [])
-            if isa and not _compiles_with(self.compiler, ext_compile, link_args, PLAIN_PROBE):
+            kernels = ext.name.startswith("bnfast._kernels")    # only they use OpenMP
+            isa = ext.name.rpartition("_")[2] if ext.name.startswith("bnfast._kernels_") else None
+            ext_compile = compile_args + (omp_compile if kernels else [])
+            ext_compile += ISA_VARIANTS[isa] if isa else []
+            ext_link = link_args + (omp_link if kernels else [])
+            if isa and not _compiles_with(self.compiler, ext_compile, ext_link, PLAIN_PROBE):
                 print(f"bnfast: the compiler does not take {isa} flags; skipping that variant",
                       file=sys.stderr)
                 continue
-            described = "compile: %s; link: %s" % (" ".join(ext_compile), " ".join(link_args) or "-")
+            described = "compile: %s; link: %s" % (" ".join(ext_compile), " ".join(ext_link) or "-")
             ext.extra_compile_args = ext_compile
-            ext.extra_link_args = link_args
+            ext.extra_link_args = ext_link
             ext.define_macros = list(ext.define_macros or []) + [
                 ("BNFAST_BUILD_FLAGS", '"%s"' % described)]
             keep.append(ext)
@@ -167,7 +168,7 @@ def _extension(name):
     )
 
 
-extensions = [_extension("bnfast._kernels")]
+extensions = [_extension("bnfast._kernels"), _extension("bnfast._outputs")]
 if _wants_variants():
     extensions += [_extension("bnfast._kernels_" + isa) for isa in ISA_VARIANTS]
 

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _outputs
 from ._checks import F16, F32, F64
 from ._native import kernels as _kernels
 
@@ -95,8 +95,8 @@ def like(b: Batch, arr: np.ndarray) -> np.ndarray:
 def empty(b: Batch, dt: np.dtype) -> np.ndarray:
     """A new (N, C, *spatial) array of dt in b's layout."""
     if b.layout == PLANES:
-        return np.empty(b.shape, dt)
-    return channels_to_second(np.empty((b.n, *b.shape[2:], b.c), dt))
+        return _outputs.empty(b.shape, dt)
+    return channels_to_second(_outputs.empty((b.n, *b.shape[2:], b.c), dt))
 
 
 def kernel_view(b: Batch, arr: np.ndarray) -> np.ndarray:

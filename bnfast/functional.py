@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from . import _channels, _checks, _dtypes
+from . import _channels, _checks, _dtypes, _outputs
 from ._native import kernels as _kernels
 from ._checks import F16, F32, F64
 
@@ -43,7 +43,7 @@ def result_buffers(shape: tuple[int, ...], dt: np.dtype, out: Any, what: str,
                    inputs: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(result, kernel target).  float16 results are computed in a float32 buffer."""
     if out is None:
-        result = np.empty(shape, dt)
+        result = _outputs.empty(shape, dt)
     else:
         result = _checks.check_out(out, shape, dt, what, inputs)
     return result, (np.empty(shape, F32) if dt == F16 else result)

@@ -16,7 +16,7 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _channels, _checks, _dtypes
+from . import _channels, _checks, _dtypes, _outputs
 from ._checks import F32, F64
 from ._native import kernels as _kernels
 from .functional import (check_dout, finish, grad_buffers, grads_as, result_buffers,
@@ -38,6 +38,7 @@ _plain_vector = _kernels.plain_vector
 _plain_call = _kernels.plain_call
 _plain_channels = _kernels.plain_channels
 _empty = np.empty
+_new_output = _outputs.empty     # batch-sized results: large ones reuse freed memory
 
 
 class BatchNormalization:
@@ -155,7 +156,7 @@ class BatchNormalization:
         n = x.shape[0]
         rm_new = _empty(d, wide)
         rv_new = _empty(d, wide)
-        y = _empty(x.shape, xdt)
+        y = _new_output(x.shape, xdt)
         stats = _empty((3, d))
         buffer = self._buffer
         if buffer is None or buffer.shape != (n, d) or buffer.dtype != xdt:
@@ -172,7 +173,7 @@ class BatchNormalization:
         """Eval-mode forward, everything float32/float64 and laid out already.
         wide: the output dtype ((x - rm) / sqrt(rv + eps) is float32 only if
         x, rm and rv all are)."""
-        y = _empty(x.shape, wide)
+        y = _new_output(x.shape, wide)
         n = x.shape[0]
         _kernels.eval_forward(x, y, n, d, gamma, beta, rm, rv, eps)
         self._commit_eval((x, x.dtype, n, d, x.shape, rm, rv, eps), rm, np.zeros(d))
@@ -286,7 +287,7 @@ class BatchNormalization:
             if (_plain_batch(dout) == d and dout.dtype == x_dtype and x.dtype == x_dtype
                     and (dout.shape == shape or dout.shape == (n, d))
                     and _plain_vector(gamma, d, x)):
-                dx = _empty(shape, x_dtype)
+                dx = _new_output(shape, x_dtype)
                 dgamma = _empty(d, x_dtype)
                 dbeta = _empty(d, x_dtype)
                 _kernels.train_backward(x, dout, dx, n, d, stats[0], stats[2], gamma,

@@ -111,18 +111,18 @@ tree = [line.strip() for line in open(tree_list) if line.strip()]
 problems = []
 need_sdist = ["setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in",
               "bnfast/_kernels.pyx", "bnfast/_kernels_avx2.pyx", "bnfast/_kernels_avx512.pyx",
-              "bnfast/_kernels.pyi", "bnfast/py.typed", "tests/conftest.py"] + tree
+              "bnfast/_outputs.pyx", "bnfast/_kernels.pyi", "bnfast/_outputs.pyi", "bnfast/py.typed", "tests/conftest.py"] + tree
 problems += [f"sdist lacks {n}" for n in need_sdist if n not in sdist]
 problems += [f"sdist holds a build product {n}" for n in sorted(sdist)
              if fnmatch.fnmatch(n, "*.c") or fnmatch.fnmatch(n, "*.so")
              or "__pycache__" in n]
-need_wheel = ["bnfast/py.typed", "bnfast/_kernels.pyi"]
+need_wheel = ["bnfast/py.typed", "bnfast/_kernels.pyi", "bnfast/_outputs.pyi"]
 need_wheel += [n for n in tree if n.startswith("bnfast/") and n.endswith((".py", ".pyi"))]
 problems += [f"wheel lacks {n}" for n in need_wheel if n not in wheel]
 def ext(name):
     return any(fnmatch.fnmatch(n, f"bnfast/{name}.*.so") or fnmatch.fnmatch(n, f"bnfast/{name}.*.pyd")
                for n in wheel)
-variants = ["_kernels"]
+variants = ["_kernels", "_outputs"]
 if (platform.machine().lower() in ("x86_64", "amd64") and os.name != "nt"
         and os.environ.get("BNFAST_VARIANTS", "1").strip().lower() not in ("0", "false", "no", "off")):
     variants += ["_kernels_avx2", "_kernels_avx512"]
