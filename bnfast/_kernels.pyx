@@ -158,7 +158,9 @@ cdef enum:
     # Below this many bytes of input one thread beats waking a team.
     PARALLEL_MIN_BYTES = 262144
     # Outputs this big are written with streaming stores: they cannot stay
-    # in the cache for the caller anyway.
+    # in the cache for the caller anyway.  Where the last-level cache's size
+    # is known, outputs whose training forward (x, the cached copy and y)
+    # fits in it are not streamed (see _default_stream_min_bytes).
     STREAM_MIN_BYTES = 8388608
     # Element passes give each task about this much output, written in
     # address order: a fresh output's pages (2 MiB when transparent huge
@@ -174,7 +176,7 @@ cdef int _num_threads = 1
 # Tunables (see _set_tuning); start at the compile-time defaults.
 cdef Py_ssize_t _strip_bytes = STRIP_BYTES
 cdef Py_ssize_t _min_strip = MIN_STRIP
-cdef Py_ssize_t _stream_min_bytes = STREAM_MIN_BYTES
+cdef Py_ssize_t _stream_min_bytes = STREAM_MIN_BYTES   # set at import, below
 cdef Py_ssize_t _col_block = COL_BLOCK
 cdef Py_ssize_t _max_strip_cols = MAX_STRIP_COLS
 cdef Py_ssize_t _fused_min_cols = FUSED_MIN_COLS
@@ -1997,8 +1999,34 @@ def set_num_threads(int n):
     _num_threads = n
 
 
+def _last_level_cache_bytes(path="/sys/devices/system/cpu/cpu0/cache/index3/size"):
+    """The L3 cache's size as Linux reports it ("32768K"), or 0 where unknown.
+    (glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) can be ten times too large in a VM.)"""
+    try:
+        with open(path) as handle:
+            text = handle.read().strip().upper()
+    except OSError:
+        return 0
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    digits = text.rstrip("KMG")
+    return int(digits) * scale if digits.isdigit() else 0
+
+
+def _default_stream_min_bytes(l3_bytes):
+    """Stream outputs whose training forward's three arrays (x, the cached
+    copy, y) overflow the last-level cache: smaller ones, written normally,
+    stay cached for the caller (measured with a 32 MiB L3: 32 x 65536
+    float32, 8 MiB, trains 15 % faster unstreamed; 16 MiB arrays 15-40 %
+    slower)."""
+    return STREAM_MIN_BYTES if l3_bytes <= 0 else max(STREAM_MIN_BYTES, l3_bytes // 3 + 1)
+
+
+DEFAULT_STREAM_MIN_BYTES = _default_stream_min_bytes(_last_level_cache_bytes())
+_stream_min_bytes = DEFAULT_STREAM_MIN_BYTES
+
+
 def _set_tuning(strip_bytes=STRIP_BYTES, min_strip=MIN_STRIP,
-                stream_min_bytes=STREAM_MIN_BYTES, col_block=COL_BLOCK, fused_strips=True,
+                stream_min_bytes=DEFAULT_STREAM_MIN_BYTES, col_block=COL_BLOCK, fused_strips=True,
                 page_bytes=PAGE_BYTES, stream_pages=False, max_strip_cols=MAX_STRIP_COLS,
                 fused_min_cols=FUSED_MIN_COLS,
                 unfused_strip_max_bytes=UNFUSED_STRIP_MAX_BYTES,

@@ -118,6 +118,23 @@ def test_every_work_partition_gives_the_same_numbers(rng, knobs, shape):
                 assert_close(a, c, rtol=1e-12, scale=float(np.max(np.abs(c))) + 1.0)
 
 
+@pytest.mark.parametrize("text, expected", [("32768K\n", 32 << 20), ("96M", 96 << 20),
+                                            ("1G", 1 << 30), ("512", 512), ("", 0),
+                                            ("lots", 0), ("K", 0)])
+def test_the_last_level_cache_size_is_read_from_sysfs(tmp_path, text, expected):
+    path = tmp_path / "size"
+    path.write_text(text)
+    assert kernels._last_level_cache_bytes(str(path)) == expected
+    assert kernels._last_level_cache_bytes(str(tmp_path / "missing")) == 0
+
+
+def test_outputs_are_streamed_only_when_a_training_forward_overflows_the_cache():
+    assert kernels._default_stream_min_bytes(0) == 8 << 20          # unknown cache
+    assert kernels._default_stream_min_bytes(4 << 20) == 8 << 20    # never below 8 MiB
+    threshold = kernels._default_stream_min_bytes(32 << 20)
+    assert 3 * (threshold - 1) <= 32 << 20 < 3 * threshold
+
+
 @pytest.mark.parametrize("itemsize", [4, 8])
 @pytest.mark.parametrize("shape", [(1, 1), (100, 100), (32, 128), (256, 1024), (1024, 4096),
                                    (5000, 40), (32, 65536), (8, 150528), (256, 65536)])
@@ -128,7 +145,7 @@ def test_grid_follows_its_rules(shape, itemsize):
     grid = kernels._grid_info(n, d, itemsize, itemsize)
     assert grid == kernels._grid_info(n, d, itemsize, itemsize)
     nbytes = n * d * itemsize
-    assert grid["stream"] == (nbytes >= 8 << 20)
+    assert grid["stream"] == (nbytes >= kernels.DEFAULT_STREAM_MIN_BYTES)
     assert grid["stream_pages"] is False
     assert grid["n_tasks"] == grid["n_chunks"] * grid["n_col_blocks"]
     blocks, width = grid["n_col_blocks"], grid["col_block"]
