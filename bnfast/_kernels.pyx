@@ -376,6 +376,92 @@ cdef struct TrainArgs:
     double var_correction          # running var gets var * this: 1, or n / (n - 1) (unbiased)
 
 
+ctypedef fused param_t:
+    float
+    double
+
+ctypedef fused stat_t:
+    float
+    double
+
+
+cdef void _finish_direct(const TrainArgs* a, double nd, Py_ssize_t c0, Py_ssize_t w,
+                         const double* k, double* scale, double* shift, double* tmp,
+                         const param_t* gamma, const param_t* beta, const param_t* rm_old,
+                         const param_t* rv_old, stat_t* rm_new, stat_t* rv_new) noexcept nogil:
+    """_finish_stats for contiguous parameters of one dtype: one loop, so
+    each per-feature value is loaded and stored once (short batches spend
+    as long here as on their elements).  rm_new NULL: no running update."""
+    cdef Py_ssize_t j
+    cdef double* mean = a.mean + c0
+    cdef double* var = a.var + c0
+    cdef double* invstd = a.invstd + c0 if a.invstd != NULL else tmp
+    cdef double m, v, r, eps = a.eps, mom = a.momentum, rest = a.one_minus_momentum
+    cdef double corr = a.var_correction
+    gamma += c0
+    beta += c0
+    if rm_new == NULL:
+        for j in range(w):
+            v = var[j] / nd
+            r = 1.0 / sqrt(v + eps)
+            mean[j] = k[j] + mean[j]
+            var[j] = v
+            invstd[j] = r
+            scale[j] = r * gamma[j]
+            shift[j] = beta[j]
+        return
+    rm_old += c0
+    rv_old += c0
+    rm_new += c0
+    rv_new += c0
+    for j in range(w):
+        m = k[j] + mean[j]
+        v = var[j] / nd
+        r = 1.0 / sqrt(v + eps)
+        mean[j] = m
+        var[j] = v
+        invstd[j] = r
+        scale[j] = r * gamma[j]
+        shift[j] = beta[j]
+        rm_new[j] = <stat_t>(mom * rm_old[j] + rest * m)
+        rv_new[j] = <stat_t>(mom * rv_old[j] + rest * (v * corr))
+
+
+cdef bint _finish_fast(const TrainArgs* a, double nd, Py_ssize_t c0, Py_ssize_t w,
+                       const double* k, double* scale, double* shift,
+                       double* tmp) noexcept nogil:
+    """_finish_direct where the operands allow it (the layer's usual case);
+    False where _finish_stats must take the general route."""
+    cdef bint f64 = a.gamma.is_f64
+    cdef bint update = a.rm_new.data != NULL
+    if (a.gamma.stride == 0 or a.beta.stride == 0 or a.beta.is_f64 != f64
+            or a.rm_old.stride == 0 or a.rv_old.stride == 0
+            or a.rm_old.is_f64 != f64 or a.rv_old.is_f64 != f64
+            or a.rm_new.is_f64 != a.rv_new.is_f64):
+        return False
+    if f64 and (not update or a.rm_new.is_f64):
+        _finish_direct(a, nd, c0, w, k, scale, shift, tmp, <const double*>a.gamma.data,
+                       <const double*>a.beta.data, <const double*>a.rm_old.data,
+                       <const double*>a.rv_old.data, <double*>a.rm_new.data,
+                       <double*>a.rv_new.data)
+    elif f64:
+        _finish_direct(a, nd, c0, w, k, scale, shift, tmp, <const double*>a.gamma.data,
+                       <const double*>a.beta.data, <const double*>a.rm_old.data,
+                       <const double*>a.rv_old.data, <float*>a.rm_new.data,
+                       <float*>a.rv_new.data)
+    elif not update or a.rm_new.is_f64:
+        _finish_direct(a, nd, c0, w, k, scale, shift, tmp, <const float*>a.gamma.data,
+                       <const float*>a.beta.data, <const float*>a.rm_old.data,
+                       <const float*>a.rv_old.data, <double*>a.rm_new.data,
+                       <double*>a.rv_new.data)
+    else:
+        _finish_direct(a, nd, c0, w, k, scale, shift, tmp, <const float*>a.gamma.data,
+                       <const float*>a.beta.data, <const float*>a.rm_old.data,
+                       <const float*>a.rv_old.data, <float*>a.rm_new.data,
+                       <float*>a.rv_new.data)
+    return True
+
+
 cdef void _finish_stats(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
                         const double* k, double* scale, double* shift,
                         double* tmp) noexcept nogil:
@@ -383,6 +469,8 @@ cdef void _finish_stats(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssiz
     columns c0..c0+w: mean, var, invstd, the affine coefficients (scale,
     shift) and the running statistics.  shift may alias k."""
     cdef Py_ssize_t j
+    if _finish_fast(a, <double>n, c0, w, k, scale, shift, tmp):
+        return
     cdef double* mean = a.mean + c0
     cdef double* var = a.var + c0
     cdef double nd = <double>n
@@ -486,8 +574,9 @@ cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t d,
     scratch each."""
     # Rows are taken four at a time so each accumulator is loaded and stored
     # once per four rows; the (fixed) pairing also shortens rounding chains.
-    cdef Py_ssize_t b0 = r0, b1, i, j, r
+    cdef Py_ssize_t b0 = r0, b1, i, j, r, n_bad
     cdef double nb, na = 0.0, n, wa, wb, e0, e1, e2, e3, k, mb, m2b, delta
+    cdef bint bad
     cdef const in_t* a
     cdef in_t* c
     cdef bint copy_here = copy_to != NULL and not stream
@@ -536,14 +625,18 @@ cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t d,
         # Per feature: the block's mean and M2 (vectorized), marking with NaN
         # the features whose sums are ill-conditioned or not finite; then the
         # exact two-pass for those (a scan: they are rare); then the merge.
+        n_bad = 0
         for j in range(w):
             mb = s1[j] / nb
             m2b = s2[j] - s1[j] * mb
             s1[j] = mb
-            s2[j] = m2b if m2b * 8.0 >= s2[j] else NAN
-        for j in range(w):
-            if s2[j] != s2[j]:
-                _column_two_pass(x + c0 + j, d, b0, b1, shift[j], &s1[j], &s2[j])
+            bad = not (m2b * 8.0 >= s2[j])
+            n_bad += bad
+            s2[j] = NAN if bad else m2b
+        if n_bad:
+            for j in range(w):
+                if s2[j] != s2[j]:
+                    _column_two_pass(x + c0 + j, d, b0, b1, shift[j], &s1[j], &s2[j])
         if na == 0.0:
             for j in range(w):
                 mean_acc[j] = s1[j]

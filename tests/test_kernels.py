@@ -118,6 +118,42 @@ def test_every_work_partition_gives_the_same_numbers(rng, knobs, shape):
                 assert_close(a, c, rtol=1e-12, scale=float(np.max(np.abs(c))) + 1.0)
 
 
+def _train_outputs(x, gamma, beta, rm_old, rv_old, stat_dtype, shape=None):
+    """Everything train_forward writes, for one set of per-feature operands."""
+    n, d = x.shape
+    y, mean, var, invstd = np.empty_like(x), np.empty(d), np.empty(d), np.empty(d)
+    rm_new, rv_new = np.empty(d, stat_dtype), np.empty(d, stat_dtype)
+    kernels.train_forward(x, None, y, n, d, gamma, beta, 1e-5, mean, var, invstd,
+                          rm_old, rm_new, rv_old, rv_new, 0.9, 0.1, n / (n - 1))
+    return y, mean, var, invstd, rm_new, rv_new
+
+
+@pytest.mark.parametrize("shape", [(8, 3000), (300, 70), (2000, 1500)])
+@pytest.mark.parametrize("param_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stat_dtype", [np.float32, np.float64])
+def test_the_one_loop_set_up_equals_the_general_one_bitwise(rng, shape, param_dtype,
+                                                           stat_dtype):
+    """Contiguous parameters of one dtype take a one-loop per-feature set-up;
+    the same values in other forms (a broadcast gamma, beta of another
+    dtype) take the general one.  Both must give the same bits."""
+    n, d = shape
+    x = rng.standard_normal(shape) * 3 + 1
+    g = np.float64(param_dtype(1.25))
+    gamma = np.full(d, g, param_dtype)
+    beta = rng.standard_normal(d).astype(param_dtype)
+    rm_old = rng.standard_normal(d).astype(param_dtype)
+    rv_old = rng.random(d).astype(param_dtype)
+    fast = _train_outputs(x, gamma, beta, rm_old, rv_old, stat_dtype)
+    other = np.float64 if param_dtype == np.float32 else np.float32
+    for gamma2, beta2 in ((np.array([g], param_dtype), beta),      # broadcast gamma
+                          (gamma.astype(np.float64), beta.astype(np.float64))
+                          if other == np.float64 else (gamma, beta)):
+        general = _train_outputs(x, gamma2, beta2, rm_old.astype(np.float64),
+                                 rv_old.astype(np.float64), stat_dtype)
+        for a, b in zip(fast, general):
+            assert np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("text, expected", [("32768K\n", 32 << 20), ("96M", 96 << 20),
                                             ("1G", 1 << 30), ("512", 512), ("", 0),
                                             ("lots", 0), ("K", 0)])
