@@ -387,11 +387,12 @@ ctypedef fused stat_t:
 
 cdef void _finish_direct(const TrainArgs* a, double nd, Py_ssize_t c0, Py_ssize_t w,
                          const double* k, double* scale, double* shift, double* tmp,
-                         const param_t* gamma, const param_t* beta, const param_t* rm_old,
-                         const param_t* rv_old, stat_t* rm_new, stat_t* rv_new) noexcept nogil:
-    """_finish_stats for contiguous parameters of one dtype: one loop, so
-    each per-feature value is loaded and stored once (short batches spend
-    as long here as on their elements).  rm_new NULL: no running update."""
+                         const param_t* gamma, const param_t* beta, const stat_t* rm_old,
+                         const stat_t* rv_old, stat_t* rm_new, stat_t* rv_new) noexcept nogil:
+    """_finish_stats for contiguous gamma and beta of one dtype and running
+    statistics (old and new) of one dtype: one loop, so each per-feature
+    value is loaded and stored once (short batches spend as long here as on
+    their elements).  rm_new NULL: no running update."""
     cdef Py_ssize_t j
     cdef double* mean = a.mean + c0
     cdef double* var = a.var + c0
@@ -427,32 +428,37 @@ cdef void _finish_direct(const TrainArgs* a, double nd, Py_ssize_t c0, Py_ssize_
         rv_new[j] = <stat_t>(mom * rv_old[j] + rest * (v * corr))
 
 
+cdef inline bint _contiguous_pair(const Vec* u, const Vec* v) noexcept nogil:
+    """Both hold one value per feature, in one dtype."""
+    return u.stride != 0 and v.stride != 0 and u.is_f64 == v.is_f64
+
+
 cdef bint _finish_fast(const TrainArgs* a, double nd, Py_ssize_t c0, Py_ssize_t w,
                        const double* k, double* scale, double* shift,
                        double* tmp) noexcept nogil:
-    """_finish_direct where the operands allow it (the layer's usual case);
+    """_finish_direct where the operands allow it (the layer's usual cases);
     False where _finish_stats must take the general route."""
-    cdef bint f64 = a.gamma.is_f64
     cdef bint update = a.rm_new.data != NULL
-    if (a.gamma.stride == 0 or a.beta.stride == 0 or a.beta.is_f64 != f64
-            or a.rm_old.stride == 0 or a.rv_old.stride == 0
-            or a.rm_old.is_f64 != f64 or a.rv_old.is_f64 != f64
-            or a.rm_new.is_f64 != a.rv_new.is_f64):
+    cdef bint stat64 = a.rm_new.is_f64
+    if not _contiguous_pair(a.gamma, a.beta):
         return False
-    if f64 and (not update or a.rm_new.is_f64):
+    if update and not (_contiguous_pair(a.rm_old, a.rv_old) and a.rm_old.is_f64 == stat64
+                       and a.rv_new.is_f64 == stat64):
+        return False
+    if a.gamma.is_f64 and stat64:
         _finish_direct(a, nd, c0, w, k, scale, shift, tmp, <const double*>a.gamma.data,
                        <const double*>a.beta.data, <const double*>a.rm_old.data,
                        <const double*>a.rv_old.data, <double*>a.rm_new.data,
                        <double*>a.rv_new.data)
-    elif f64:
+    elif a.gamma.is_f64:
         _finish_direct(a, nd, c0, w, k, scale, shift, tmp, <const double*>a.gamma.data,
-                       <const double*>a.beta.data, <const double*>a.rm_old.data,
-                       <const double*>a.rv_old.data, <float*>a.rm_new.data,
+                       <const double*>a.beta.data, <const float*>a.rm_old.data,
+                       <const float*>a.rv_old.data, <float*>a.rm_new.data,
                        <float*>a.rv_new.data)
-    elif not update or a.rm_new.is_f64:
+    elif stat64:
         _finish_direct(a, nd, c0, w, k, scale, shift, tmp, <const float*>a.gamma.data,
-                       <const float*>a.beta.data, <const float*>a.rm_old.data,
-                       <const float*>a.rv_old.data, <double*>a.rm_new.data,
+                       <const float*>a.beta.data, <const double*>a.rm_old.data,
+                       <const double*>a.rv_old.data, <double*>a.rm_new.data,
                        <double*>a.rv_new.data)
     else:
         _finish_direct(a, nd, c0, w, k, scale, shift, tmp, <const float*>a.gamma.data,
@@ -460,6 +466,49 @@ cdef bint _finish_fast(const TrainArgs* a, double nd, Py_ssize_t c0, Py_ssize_t 
                        <const float*>a.rv_old.data, <float*>a.rm_new.data,
                        <float*>a.rv_new.data)
     return True
+
+
+cdef void _eval_direct(const param_t* gamma, const param_t* beta, const stat_t* rm,
+                       const stat_t* rv, double eps, Py_ssize_t w, double* center,
+                       double* scale, double* shift) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(w):
+        center[j] = rm[j]
+        scale[j] = <double>gamma[j] / sqrt(<double>rv[j] + eps)
+        shift[j] = beta[j]
+
+
+cdef void _eval_coefficients(const Vec* gamma, const Vec* beta, const Vec* rm, const Vec* rv,
+                             double eps, Py_ssize_t c0, Py_ssize_t w, double* center,
+                             double* scale, double* shift) noexcept nogil:
+    """Eval-mode coefficients of columns c0..c0+w, as float64: center = rm,
+    scale = gamma / sqrt(rv + eps), shift = beta.  One loop where gamma and
+    beta, and rm and rv, are contiguous pairs of one dtype."""
+    cdef Py_ssize_t j
+    if _contiguous_pair(gamma, beta) and _contiguous_pair(rm, rv):
+        if gamma.is_f64 and rm.is_f64:
+            _eval_direct(<const double*>gamma.data + c0, <const double*>beta.data + c0,
+                         <const double*>rm.data + c0, <const double*>rv.data + c0, eps, w,
+                         center, scale, shift)
+        elif gamma.is_f64:
+            _eval_direct(<const double*>gamma.data + c0, <const double*>beta.data + c0,
+                         <const float*>rm.data + c0, <const float*>rv.data + c0, eps, w,
+                         center, scale, shift)
+        elif rm.is_f64:
+            _eval_direct(<const float*>gamma.data + c0, <const float*>beta.data + c0,
+                         <const double*>rm.data + c0, <const double*>rv.data + c0, eps, w,
+                         center, scale, shift)
+        else:
+            _eval_direct(<const float*>gamma.data + c0, <const float*>beta.data + c0,
+                         <const float*>rm.data + c0, <const float*>rv.data + c0, eps, w,
+                         center, scale, shift)
+        return
+    _expand(rm, c0, w, center)
+    _expand(rv, c0, w, scale)
+    _expand(gamma, c0, w, shift)
+    for j in range(w):
+        scale[j] = shift[j] / sqrt(scale[j] + eps)
+    _expand(beta, c0, w, shift)
 
 
 cdef void _finish_stats(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
@@ -976,16 +1025,11 @@ cdef void _eval_task(const Grid* g, Py_ssize_t t, const in_t* x, out_t* y, const
     coefficients center, scale = gamma / sqrt(rv + eps) and shift (computed
     into L1 scratch, used for all the task's rows), then the rows.
     mine: 4 rows."""
-    cdef Py_ssize_t r0, r1, c0, c1, w, j, cb = g.col_block
+    cdef Py_ssize_t r0, r1, c0, c1, w, cb = g.col_block
     _page_bounds(g, t, &r0, &r1, &c0, &c1)
     while c0 < c1:
         w = cb if c0 + cb <= c1 else c1 - c0
-        _expand(rm, c0, w, mine)
-        _expand(rv, c0, w, mine + cb)
-        _expand(gamma, c0, w, mine + 2 * cb)
-        for j in range(w):
-            mine[cb + j] = mine[2 * cb + j] / sqrt(mine[cb + j] + eps)
-        _expand(beta, c0, w, mine + 2 * cb)
+        _eval_coefficients(gamma, beta, rm, rv, eps, c0, w, mine, mine + cb, mine + 2 * cb)
         _affine_rows(x, y, g.stream_pages, g.n_cols, r0, r1, c0, w, mine, mine + cb,
                      mine + 2 * cb, <out_t*>(mine + 3 * cb))
         c0 += cb

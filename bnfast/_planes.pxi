@@ -329,16 +329,11 @@ cdef int _planes_eval_forward(const Planes* p, const in_t* x, out_t* y, const Ve
                               const Vec* beta, const Vec* rm, const Vec* rv,
                               double eps) noexcept nogil:
     """y = gamma * (x - rm) / sqrt(rv + eps) + beta per channel, one pass."""
-    cdef Py_ssize_t c = p.c, j
+    cdef Py_ssize_t c = p.c
     cdef double* work = <double*>malloc(4 * c * sizeof(double))
     if work == NULL:
         return -1
-    _expand(rm, 0, c, work)
-    _expand(rv, 0, c, work + c)
-    _expand(gamma, 0, c, work + 2 * c)
-    for j in range(c):
-        work[c + j] = work[2 * c + j] / sqrt(work[c + j] + eps)
-    _expand(beta, 0, c, work + 2 * c)
+    _eval_coefficients(gamma, beta, rm, rv, eps, 0, c, work, work + c, work + 2 * c)
     _planes_affine(p, x, <in_t*>NULL, y, work, work + c, work + 2 * c)
     free(work)
     return 0

@@ -154,6 +154,32 @@ def test_the_one_loop_set_up_equals_the_general_one_bitwise(rng, shape, param_dt
             assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("shape", [(8, 3000), (2000, 1500)])
+@pytest.mark.parametrize("param_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stat_dtype", [np.float32, np.float64])
+def test_the_one_loop_eval_set_up_equals_the_general_one_bitwise(rng, shape, param_dtype,
+                                                                stat_dtype):
+    """As above, for the eval forward's coefficients (flat and per channel)."""
+    n, d = shape
+    x = rng.standard_normal(shape) * 3 + 1
+    g = param_dtype(0.75)
+    beta = rng.standard_normal(d).astype(param_dtype)
+    rm = rng.standard_normal(d).astype(stat_dtype)
+    rv = rng.random(d).astype(stat_dtype)
+    fast, general = np.empty_like(x), np.empty_like(x)
+    kernels.eval_forward(x, fast, n, d, np.full(d, g, param_dtype), beta, rm, rv, 1e-5)
+    kernels.eval_forward(x, general, n, d, np.array([g]), beta, rm, rv, 1e-5)
+    assert np.array_equal(fast, general)
+    c = d // 3
+    planes = x.reshape(n, c, 3)                          # NCHW planes of 3 positions
+    stats = dict(running_mean=rm[:c], running_var=rv[:c])
+    layer_fast = bnfast.BatchNormalization(np.full(c, g, param_dtype), beta[:c],
+                                           per_channel=True, **stats)
+    layer_general = bnfast.BatchNormalization(np.array([g]), beta[:c], per_channel=True,
+                                              **stats)
+    assert np.array_equal(layer_fast.forward(planes, False), layer_general.forward(planes, False))
+
+
 @pytest.mark.parametrize("text, expected", [("32768K\n", 32 << 20), ("96M", 96 << 20),
                                             ("1G", 1 << 30), ("512", 512), ("", 0),
                                             ("lots", 0), ("K", 0)])
