@@ -1057,6 +1057,23 @@ cdef int _eval_forward(const Grid* g, const in_t* x, out_t* y, const Vec* gamma,
     return 0
 
 
+cdef void _backward_direct(double nd, Py_ssize_t w, const double* invstd, const param_t* gamma,
+                           double* sum_dy, const double* sum_dy_xc, double* k_xc, double* k,
+                           param_t* dgamma, param_t* dbeta) noexcept nogil:
+    """_backward_coefficients in one loop, for contiguous gamma, dgamma and
+    dbeta of one dtype (the layer's case)."""
+    cdef Py_ssize_t j
+    cdef double r, sdx
+    for j in range(w):
+        r = invstd[j]
+        sdx = sum_dy_xc[j]
+        dbeta[j] = <param_t>sum_dy[j]
+        dgamma[j] = <param_t>(sdx * r)
+        k[j] = gamma[j] * r
+        k_xc[j] = r * r * (sdx / nd)
+        sum_dy[j] = sum_dy[j] / nd
+
+
 cdef void _backward_coefficients(Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w, const double* invstd,
                                  const Vec* gamma, double* sum_dy, double* sum_dy_xc,
                                  double* k_xc, double* k, OutVec* dgamma,
@@ -1065,6 +1082,14 @@ cdef void _backward_coefficients(Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w, cons
     sum_dy into mean(dy).  invstd points at column c0."""
     cdef Py_ssize_t j
     cdef double nd = <double>n
+    if gamma.stride != 0 and dgamma.is_f64 == dbeta.is_f64 and gamma.is_f64 == dgamma.is_f64:
+        if gamma.is_f64:
+            _backward_direct(nd, w, invstd, <const double*>gamma.data + c0, sum_dy, sum_dy_xc,
+                             k_xc, k, <double*>dgamma.data + c0, <double*>dbeta.data + c0)
+        else:
+            _backward_direct(nd, w, invstd, <const float*>gamma.data + c0, sum_dy, sum_dy_xc,
+                             k_xc, k, <float*>dgamma.data + c0, <float*>dbeta.data + c0)
+        return
     _store(dbeta, c0, w, sum_dy)
     for j in range(w):
         k_xc[j] = sum_dy_xc[j] * invstd[j]          # dgamma, for now

@@ -180,6 +180,24 @@ def test_the_one_loop_eval_set_up_equals_the_general_one_bitwise(rng, shape, par
     assert np.array_equal(layer_fast.forward(planes, False), layer_general.forward(planes, False))
 
 
+@pytest.mark.parametrize("shape", [(8, 3000), (2000, 1500)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_one_loop_backward_set_up_equals_the_general_one_bitwise(rng, shape, dtype):
+    """As above, for the backward's dgamma, dbeta and coefficients."""
+    n, d = shape
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    mean, invstd = x.mean(axis=0, dtype=np.float64), 1 / x.std(axis=0, dtype=np.float64)
+    g = dtype(1.5)
+    results = []
+    for gamma in (np.full(d, g, dtype), np.array([g])):
+        dx, dgamma, dbeta = np.empty_like(x), np.empty(d, dtype), np.empty(d, dtype)
+        kernels.train_backward(x, dy, dx, n, d, mean, invstd, gamma, dgamma, dbeta)
+        results.append((dx, dgamma, dbeta))
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("text, expected", [("32768K\n", 32 << 20), ("96M", 96 << 20),
                                             ("1G", 1 << 30), ("512", 512), ("", 0),
                                             ("lots", 0), ("K", 0)])
