@@ -92,6 +92,7 @@ KNOBS = [
     dict(min_strip=1, strip_bytes=1 << 30),     # always strips
     dict(col_block=16, page_bytes=64),          # many small tasks
     dict(stream_min_bytes=0),                   # streaming stores for every output
+    dict(cache_stream_min_bytes=0),             # ... and for every cached copy of x
     dict(stream_min_bytes=0, stream_pages=True, fused_strips=False),
     dict(fused_min_cols=16),                    # every strip does whole operations
     dict(fused_min_cols=1 << 20, unfused_strip_max_bytes=1 << 40),  # two-phase strips
@@ -226,6 +227,7 @@ def test_grid_follows_its_rules(shape, itemsize):
     assert grid == kernels._grid_info(n, d, itemsize, itemsize)
     nbytes = n * d * itemsize
     assert grid["stream"] == (nbytes >= kernels.DEFAULT_STREAM_MIN_BYTES)
+    assert grid["stream_cache"] == (nbytes >= 4 << 20)
     assert grid["stream_pages"] is False
     assert grid["n_tasks"] == grid["n_chunks"] * grid["n_col_blocks"]
     blocks, width = grid["n_col_blocks"], grid["col_block"]
