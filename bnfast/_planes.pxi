@@ -111,6 +111,7 @@ cdef struct Planes:
     Py_ssize_t per_task        # planes per element-pass task
     Py_ssize_t n_elem_tasks
     int n_threads
+    bint stream_cache          # copy x to the cache with streaming stores
 
 
 cdef Planes _make_planes(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s,
@@ -126,6 +127,7 @@ cdef Planes _make_planes(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s,
         p.chunk_n = n
     p.n_chunks = _ceil_div(n, p.chunk_n)
     p.n_tasks = p.n_chunks * c
+    p.stream_cache = planes * s * itemsize >= _cache_stream_min_bytes
     p.n_threads = 1
     if planes * s * itemsize >= PARALLEL_MIN_BYTES and _num_threads > 1:
         p.n_threads = _num_threads if _num_threads < p.n_tasks else <int>p.n_tasks
@@ -258,6 +260,15 @@ cdef int _planes_moments(const Planes* p, const in_t* x, double* shift, double* 
     return 0
 
 
+cdef inline void _copy_run(const Planes* p, in_t* dst, const in_t* src,
+                           Py_ssize_t count) noexcept nogil:
+    """dst = src, count elements: streamed where the cache copy is large."""
+    if p.stream_cache:
+        bnfast_stream(dst, src, count * sizeof(in_t))
+    else:
+        memcpy(dst, src, count * sizeof(in_t))
+
+
 cdef void _plane_affine_task(const Planes* p, Py_ssize_t t, const in_t* x, in_t* cache,
                              out_t* y, const double* center, const double* scale,
                              const double* shift) noexcept nogil:
@@ -279,7 +290,7 @@ cdef void _plane_affine_task(const Planes* p, Py_ssize_t t, const in_t* x, in_t*
         src = x + q * p.s
         dst = y + q * p.s
         if cache != NULL:
-            memcpy(cache + q * p.s, src, p.s * sizeof(in_t))
+            _copy_run(p, cache + q * p.s, src, p.s)
         for j in range(p.s):
             dst[j] = <out_t>((src[j] - m) * k + b)
 
@@ -288,12 +299,14 @@ cdef void _planes_copy(const Planes* p, const in_t* x, in_t* cache) noexcept nog
     """cache = x, element-pass tasks in parallel (contiguous ranges of planes)."""
     cdef Py_ssize_t t, q0, q1, planes = p.n * p.c
     if p.n_threads == 1:
-        memcpy(cache, x, planes * p.s * sizeof(in_t))
+        _copy_run(p, cache, x, planes * p.s)
         return
-    for t in prange(p.n_elem_tasks, schedule="static", num_threads=p.n_threads):
-        q0 = t * p.per_task
-        q1 = q0 + p.per_task if q0 + p.per_task < planes else planes
-        memcpy(cache + q0 * p.s, x + q0 * p.s, (q1 - q0) * p.s * sizeof(in_t))
+    with parallel(num_threads=p.n_threads):
+        for t in prange(p.n_elem_tasks, schedule="static"):
+            q0 = t * p.per_task
+            q1 = q0 + p.per_task if q0 + p.per_task < planes else planes
+            _copy_run(p, cache + q0 * p.s, x + q0 * p.s, (q1 - q0) * p.s)
+        bnfast_fence()
 
 
 cdef void _planes_affine(const Planes* p, const in_t* x, in_t* cache, out_t* y,
@@ -304,8 +317,10 @@ cdef void _planes_affine(const Planes* p, const in_t* x, in_t* cache, out_t* y,
         for t in range(p.n_elem_tasks):
             _plane_affine_task(p, t, x, cache, y, center, scale, shift)
     else:
-        for t in prange(p.n_elem_tasks, schedule="static", num_threads=p.n_threads):
-            _plane_affine_task(p, t, x, cache, y, center, scale, shift)
+        with parallel(num_threads=p.n_threads):
+            for t in prange(p.n_elem_tasks, schedule="static"):
+                _plane_affine_task(p, t, x, cache, y, center, scale, shift)
+            bnfast_fence()
 
 
 cdef int _planes_train_forward(const Planes* p, const in_t* x, in_t* cache, out_t* y,

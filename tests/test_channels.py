@@ -12,7 +12,7 @@ import bnfast
 from bnfast import functional as F
 from bnfast.reference import BatchNormalization as Twin
 from conftest import assert_close, layouts
-from test_kernels import threads
+from test_kernels import threads, tuning
 from test_layer import numerical_gradients
 
 SHAPES = [(6, 3), (5, 4, 7), (4, 3, 5, 6), (3, 2, 3, 4, 2)]
@@ -156,6 +156,23 @@ def test_results_are_bitwise_identical_for_any_thread_count(rng, shape):
                                  dout)
             for key in expected:
                 assert np.array_equal(got[key], expected[key]), (n, key)
+
+
+def test_streaming_the_cached_copy_changes_no_result(rng):
+    """Large per-channel batches copy x to the cache with streaming stores
+    (in both the planes and the channels-last kernels); forcing them for a
+    small batch gives the same bits as plain copies."""
+    gamma, beta = params(rng, 8)
+    base = rng.standard_normal((32, 8, 24, 24)) * 2 + 1
+    for x in (base, channels_last(base)):
+        dout = rng.standard_normal(x.shape)
+        with tuning(cache_stream_min_bytes=1 << 40):
+            expected = full_round(bnfast.BatchNormalization(gamma, beta, per_channel=True), x,
+                                  dout)
+        with tuning(cache_stream_min_bytes=0):
+            got = full_round(bnfast.BatchNormalization(gamma, beta, per_channel=True), x, dout)
+        for key in expected:
+            assert np.array_equal(got[key], expected[key]), key
 
 
 def test_errors_name_channels_and_change_nothing(rng):
