@@ -16,8 +16,8 @@
 #           (STRIP_BYTES): a task owns whole columns.  Wide strips (short
 #           batches) do a whole operation per task: the statistics read the
 #           strip from memory once and the output, or the backward's second
-#           pass, comes from L2.  Strips too narrow for that are used
-#           only for small batches (UNFUSED_STRIP_MAX_BYTES).
+#           pass, comes from L2.  Batches whose strips would be too
+#           narrow for that get row blocks (UNFUSED_STRIP_MAX_BYTES).
 #   blocks  otherwise (tall batches): a task is (row chunk, column block);
 #           row blocks small enough for L2 (TILE_BYTES) are merged in order
 #           (Chan's formula) inside a chunk, and the chunks in chunk order.
@@ -144,10 +144,12 @@ cdef enum:
     # from memory once); narrower ones (tall batches) do better as two phases
     # with address-ordered output: short row segments stream poorly.
     FUSED_MIN_COLS = 1024
-    # Strips too narrow to fuse are used only for batches smaller than this;
-    # larger ones are cut into row blocks (measured on 1024 x 4096 and
-    # 256 x 65536: row blocks 10-40 % faster; on 256 x 1024, strips ~10 %).
-    UNFUSED_STRIP_MAX_BYTES = 4194304
+    # Strips too narrow to fuse could still do the statistics in two phases,
+    # for batches smaller than this; row blocks do better at every size
+    # measured (256 x 1024 to 256 x 65536, 1568 x 256, 512 x 512: training
+    # forward 3-40 % faster, eval 10-20 %, backward within +-10 %), so none
+    # do: such batches get row blocks.  (A knob, for measuring.)
+    UNFUSED_STRIP_MAX_BYTES = 0
     # Narrower strips than this make row segments too short to stream well;
     # such batches are cut into row blocks instead.
     MIN_STRIP = 32
@@ -992,7 +994,8 @@ cdef int _train_forward(const Grid* g, const in_t* x, in_t* cache, out_t* y,
                 bnfast_fence()
         free(scratch)
         return 0
-    # Row blocks (or unfused strips): statistics, merge, coefficients, output.
+    # Row blocks (or two-phase strips, when tuned so): statistics, merge,
+    # coefficients, output.
     scratch = _scratch_alloc(g, 3)
     part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
     if scratch == NULL or part == NULL:

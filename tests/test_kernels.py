@@ -236,8 +236,8 @@ def test_grid_follows_its_rules(shape, itemsize):
     if grid["fused"]:   # a fused task needs whole columns
         assert grid["n_chunks"] == 1 and grid["chunk_rows"] == n
         assert grid["col_block"] >= 1024 or grid["n_col_blocks"] == 1
-    elif nbytes >= 4 << 20:     # no two-phase strips: row blocks
-        assert grid["block_rows"] < n
+    else:                       # no two-phase strips: row blocks
+        assert grid["col_block"] == min(d, 1024)
     assert 1 <= grid["n_threads"] <= max(1, bnfast.get_num_threads())
 
 
