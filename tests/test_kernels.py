@@ -218,7 +218,8 @@ def test_outputs_are_streamed_only_when_a_training_forward_overflows_the_cache()
 
 @pytest.mark.parametrize("itemsize", [4, 8])
 @pytest.mark.parametrize("shape", [(1, 1), (100, 100), (32, 128), (256, 1024), (1024, 4096),
-                                   (5000, 40), (32, 65536), (8, 150528), (256, 65536)])
+                                   (5000, 40), (32, 65536), (8, 150528), (256, 65536),
+                                   (100352, 64)])
 def test_grid_follows_its_rules(shape, itemsize):
     """Every field of the work grid is set, by the documented rules (a field
     left unset once read stack garbage and picked a partition at random)."""
@@ -228,7 +229,7 @@ def test_grid_follows_its_rules(shape, itemsize):
     nbytes = n * d * itemsize
     assert grid["stream"] == (nbytes >= kernels.DEFAULT_STREAM_MIN_BYTES)
     assert grid["stream_cache"] == (nbytes >= 4 << 20)
-    assert grid["stream_pages"] is False
+    assert grid["stream_pages"] == (grid["stream"] and d <= 256)
     assert grid["n_tasks"] == grid["n_chunks"] * grid["n_col_blocks"]
     blocks, width = grid["n_col_blocks"], grid["col_block"]
     assert blocks * width >= d > (blocks - 1) * width
