@@ -25,10 +25,12 @@
 # Threads take tasks in any order, but each task's arithmetic is fixed and
 # partial results are merged in a fixed order, so results are bitwise
 # identical for any number of threads.  Element passes (no reductions) write
-# their output in address order, about a huge page per task.  The cached copy
-# of x, and the output of wide strips, are written with streaming
-# (non-temporal) stores when large: they skip the read-for-ownership of each
-# destination line.
+# their output in address order, about a huge page per task.  Streaming
+# (non-temporal) stores skip the read-for-ownership of each destination line
+# and keep the data out of the cache; they write the cached copy of x from
+# CACHE_STREAM_MIN_BYTES up, and outputs too large to stay cached (see
+# _default_stream_min_bytes) from wide strips and from element passes over
+# short rows (STREAM_PAGES_MAX_COLS).
 
 from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport sqrt, NAN
