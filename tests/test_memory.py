@@ -279,12 +279,20 @@ def test_kernels_release_the_gil(operation):
         work = {"train forward": lambda: layer.forward(x),
                 "eval forward": lambda: layer.forward(x, False),
                 "train backward": lambda: layer.backward(dout)}[operation]
-        inside = _probes_inside_c_calls(work)
+        # A burst of load can keep the probing thread off the CPU for a whole
+        # run (more likely now that a call lasts ~2 ms); a kernel that held
+        # the GIL would give no probe in any run, so up to three runs are made.
+        # On an idle machine a window holds hundreds of tiny calls, and a
+        # call that holds the GIL none (or, its window misjudged, one).
+        for _ in range(3):
+            inside = _probes_inside_c_calls(work)
+            if len(inside) >= 2 and max(inside) >= 2:
+                break
     finally:
         bnfast.set_num_threads(threads)
     if len(inside) < 2:     # one window is too little evidence either way
         pytest.skip("machine too busy: the worker thread was off the CPU for most of each call")
-    assert max(inside) > 0, f"no tiny call ran inside a {operation} kernel: {inside}"
+    assert max(inside) >= 2, f"no two tiny calls ran inside a {operation} kernel: {inside}"
 
 
 @pytest.mark.skipif(not _gil_enabled(), reason="no GIL in this interpreter")
