@@ -732,9 +732,16 @@ cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t d,
 cdef void _merge_chunks(const Grid* g, const double* part_mean, const double* part_m2,
                         double* mean, double* m2) noexcept nogil:
     """Chan's merge of the per-chunk (mean, M2), always in chunk order."""
+    _merge_chunk_columns(g, part_mean, part_m2, mean, m2, 0, g.n_cols)
+
+
+cdef void _merge_chunk_columns(const Grid* g, const double* part_mean, const double* part_m2,
+                               double* mean, double* m2, Py_ssize_t c0,
+                               Py_ssize_t c1) noexcept nogil:
+    """_merge_chunks of columns c0..c1 (column ranges merge independently)."""
     cdef Py_ssize_t k, j, d = g.n_cols
     cdef double na, nb, n, wa, wb, delta, mb
-    for j in range(d):
+    for j in range(c0, c1):
         mean[j] = part_mean[j]
         m2[j] = part_m2[j]
     na = <double>g.chunk_rows
@@ -745,7 +752,7 @@ cdef void _merge_chunks(const Grid* g, const double* part_mean, const double* pa
         n = na + nb
         wa = nb / n
         wb = na * nb / n
-        for j in range(d):
+        for j in range(c0, c1):
             mb = part_mean[k * d + j]
             if _finite(mb) and _finite(mean[j]):
                 delta = mb - mean[j]
@@ -971,13 +978,15 @@ cdef void _train_block_stats(const Grid* g, Py_ssize_t t, const in_t* x, in_t* c
 
 
 cdef void _train_coefficients(const Grid* g, Py_ssize_t t, const in_t* x, const TrainArgs* a,
-                              double* coef, double* mine) noexcept nogil:
-    """Column block t: mean, var, invstd, running statistics, scale and shift.
-    mine: 2 rows."""
+                              double* part, double* mine) noexcept nogil:
+    """Column block t: its per-chunk statistics merged, then mean, var,
+    invstd, running statistics, and scale and shift into part's rows 0 and 1
+    (whose partials of these columns the merge has consumed).  mine: 2 rows."""
     cdef Py_ssize_t c0 = t * g.col_block, d = g.n_cols
     cdef Py_ssize_t w = g.col_block if c0 + g.col_block <= d else d - c0
+    _merge_chunk_columns(g, part, part + g.n_chunks * d, a.mean, a.var, c0, c0 + w)
     _shift_of(x, d, g.n_rows, c0, w, mine)
-    _finish_stats(a, g.n_rows, c0, w, mine, coef + c0, coef + d + c0, mine + g.col_block)
+    _finish_stats(a, g.n_rows, c0, w, mine, part + c0, part + d + c0, mine + g.col_block)
 
 
 cdef int _train_forward(const Grid* g, const in_t* x, in_t* cache, out_t* y,
@@ -1003,26 +1012,20 @@ cdef int _train_forward(const Grid* g, const in_t* x, in_t* cache, out_t* y,
                 bnfast_fence()
         free(scratch)
         return 0
-    # Row blocks (or two-phase strips, when tuned so): statistics, merge,
-    # coefficients, output.
+    # Row blocks (or two-phase strips, when tuned so): statistics; the merge
+    # and coefficients per column block; output.  One thread team for all
+    # three phases (each prange ends in a barrier): waking a team costs
+    # microseconds, a real share of a mid-size call.
     scratch = _scratch_alloc(g, 3)
     part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
     if scratch == NULL or part == NULL:
         free(scratch)
         free(part)
         return -1
+    # after the coefficients, part's first two rows hold scale and shift
     if g.n_threads == 1:
         for t in range(g.n_tasks):
             _train_block_stats(g, t, x, cache, part, scratch)
-    else:
-        with parallel(num_threads=g.n_threads):
-            mine = scratch + threadid() * 3 * cb
-            for t in prange(g.n_tasks, schedule="dynamic"):
-                _train_block_stats(g, t, x, cache, part, mine)
-            bnfast_fence()
-    _merge_chunks(g, part, part + g.n_chunks * d, a.mean, a.var)
-    # part's first two rows now hold scale and shift
-    if g.n_threads == 1:
         for t in range(g.n_col_blocks):
             _train_coefficients(g, t, x, a, part, scratch)
         for t in range(g.n_page_tasks):
@@ -1030,6 +1033,8 @@ cdef int _train_forward(const Grid* g, const in_t* x, in_t* cache, out_t* y,
     else:
         with parallel(num_threads=g.n_threads):
             mine = scratch + threadid() * 3 * cb
+            for t in prange(g.n_tasks, schedule="dynamic"):
+                _train_block_stats(g, t, x, cache, part, mine)
             for t in prange(g.n_col_blocks, schedule="static"):
                 _train_coefficients(g, t, x, a, part, mine)
             for t in prange(g.n_page_tasks, schedule="static"):
@@ -1157,14 +1162,32 @@ cdef void _backward_block_sums(const Grid* g, Py_ssize_t t, const in_t* x, const
 
 cdef void _sum_chunks(const Grid* g, const double* part, double* totals) noexcept nogil:
     """totals rows 0, 1: the two per-chunk sums of part, added in chunk order."""
+    _sum_chunk_columns(g, part, totals, 0, g.n_cols)
+
+
+cdef void _sum_chunk_columns(const Grid* g, const double* part, double* totals,
+                             Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """_sum_chunks of columns c0..c1."""
     cdef Py_ssize_t d = g.n_cols, k, j
-    for j in range(d):
+    for j in range(c0, c1):
         totals[j] = part[j]
         totals[d + j] = part[g.n_chunks * d + j]
     for k in range(1, g.n_chunks):
-        for j in range(d):
+        for j in range(c0, c1):
             totals[j] += part[k * d + j]
             totals[d + j] += part[(g.n_chunks + k) * d + j]
+
+
+cdef void _backward_block_coefficients(const Grid* g, Py_ssize_t t, const GradArgs* a,
+                                       double* part, double* totals) noexcept nogil:
+    """Column block t of the row-block backward: its per-chunk sums added,
+    then dgamma, dbeta and the coefficients (k_xc, k into part's rows 0 and
+    1, whose partials of these columns are consumed by then)."""
+    cdef Py_ssize_t d = g.n_cols, c0 = t * g.col_block
+    cdef Py_ssize_t w = g.col_block if c0 + g.col_block <= d else d - c0
+    _sum_chunk_columns(g, part, totals, c0, c0 + w)
+    _backward_coefficients(g.n_rows, c0, w, a.invstd + c0, a.gamma, totals + c0,
+                           totals + d + c0, part + c0, part + d + c0, a.dgamma, a.dbeta)
 
 
 cdef int _train_backward(const Grid* g, const in_t* x, const in_t* dy, out_t* dx,
@@ -1203,18 +1226,18 @@ cdef int _train_backward(const Grid* g, const in_t* x, const in_t* dy, out_t* dx
     if g.n_threads == 1:
         for t in range(g.n_tasks):
             _backward_block_sums(g, t, x, dy, a.mean, part)
-    else:
-        for t in prange(g.n_tasks, schedule="dynamic", num_threads=g.n_threads):
-            _backward_block_sums(g, t, x, dy, a.mean, part)
-    _sum_chunks(g, part, totals)
-    _backward_coefficients(g.n_rows, 0, d, a.invstd, a.gamma, totals, totals + d,
-                           part, part + d, a.dgamma, a.dbeta)
-    if g.n_threads == 1:
+        for t in range(g.n_col_blocks):
+            _backward_block_coefficients(g, t, a, part, totals)
         for t in range(g.n_page_tasks):
             _grad_input_pages(g, t, x, dy, dx, a.mean, totals, part, part + d, <out_t*>scratch)
     else:
+        # one thread team for the three phases, as in the training forward
         with parallel(num_threads=g.n_threads):
             mine = scratch + threadid() * cb
+            for t in prange(g.n_tasks, schedule="dynamic"):
+                _backward_block_sums(g, t, x, dy, a.mean, part)
+            for t in prange(g.n_col_blocks, schedule="static"):
+                _backward_block_coefficients(g, t, a, part, totals)
             for t in prange(g.n_page_tasks, schedule="static"):
                 _grad_input_pages(g, t, x, dy, dx, a.mean, totals, part, part + d,
                                   <out_t*>mine)
@@ -2191,8 +2214,10 @@ def _last_level_cache_bytes(path="/sys/devices/system/cpu/cpu0/cache/index3/size
             text = handle.read().strip().upper()
     except OSError:
         return 0
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-    digits = text.rstrip("KMG")
+    digits, scale = text, 1
+    for unit, size in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
+        if text.endswith(unit):
+            digits, scale = text[:len(text) - 1], size
     return int(digits) * scale if digits.isdigit() else 0
 
 
