@@ -13,7 +13,7 @@ from bnfast import functional as F
 from bnfast.reference import BatchNormalization as Twin
 from conftest import assert_close, layouts
 from test_kernels import threads, tuning
-from test_layer import numerical_gradients
+from test_layer import assert_backward_matches_central_differences
 
 SHAPES = [(6, 3), (5, 4, 7), (4, 3, 5, 6), (3, 2, 3, 4, 2)]
 
@@ -95,15 +95,7 @@ def test_backward_matches_central_differences(rng, shape, train):
                                          beta0.copy() if b is None else b, momentum=1.0,
                                          running_mean=np.full(c, 0.3),
                                          running_var=np.full(c, 2.0), per_channel=True)
-    num_dx, num_dgamma, num_dbeta = numerical_gradients(factory, x, dout, train)
-    layer = factory(None, None)
-    if not train:
-        layer.forward(x)
-    layer.forward(x, train)
-    dx = layer.backward(dout)
-    np.testing.assert_allclose(dx, num_dx, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(num_dx).max()))
-    np.testing.assert_allclose(layer.dgamma, num_dgamma, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(layer.dbeta, num_dbeta, rtol=1e-5, atol=1e-6)
+    assert_backward_matches_central_differences(factory, x, dout, train)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

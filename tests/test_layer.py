@@ -316,6 +316,21 @@ def numerical_gradients(layer_factory, x, dout, train, h=1e-6):
     return grads
 
 
+def assert_backward_matches_central_differences(layer_factory, x, dout, train):
+    """backward's dx, dgamma and dbeta of a layer from layer_factory(None,
+    None) equal the central differences of sum(forward(x) * dout)."""
+    num_dx, num_dgamma, num_dbeta = numerical_gradients(layer_factory, x, dout, train)
+    layer = layer_factory(None, None)
+    if not train:
+        layer.forward(x)
+    layer.forward(x, train)
+    dx = layer.backward(dout)
+    scale = max(1.0, float(np.abs(num_dx).max()))
+    np.testing.assert_allclose(dx, num_dx, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(layer.dgamma, num_dgamma, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.dbeta, num_dbeta, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(1, 3), (2, 3), (5, 4), (3, 2, 2)])
 @pytest.mark.parametrize("train", [True, False])
 def test_backward_matches_central_differences(rng, shape, train):
@@ -329,16 +344,7 @@ def test_backward_matches_central_differences(rng, shape, train):
                                          beta0.copy() if b is None else b, momentum=1.0,
                                          running_mean=np.full(d, 0.3), running_var=np.full(d, 2.0))
 
-    num_dx, num_dgamma, num_dbeta = numerical_gradients(factory, x, dout, train)
-    layer = factory(None, None)
-    if not train:
-        layer.forward(x)
-    layer.forward(x, train)
-    dx = layer.backward(dout)
-    scale = max(1.0, float(np.abs(num_dx).max()))
-    np.testing.assert_allclose(dx, num_dx, rtol=1e-5, atol=1e-6 * scale)
-    np.testing.assert_allclose(layer.dgamma, num_dgamma, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(layer.dbeta, num_dbeta, rtol=1e-5, atol=1e-6)
+    assert_backward_matches_central_differences(factory, x, dout, train)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
