@@ -188,6 +188,14 @@ cdef enum:
     ELEM_MIN_ROWS = 16
     # ... and small enough that each thread gets this many row tasks.
     ELEM_TASKS_PER_THREAD = 4
+    # Whole rows shorter than this (channels-last batches with few channels,
+    # narrow flat batches) are taken m at a time as one row of m * d lanes,
+    # the per-feature values repeated m times (see _fold_rows): loops over
+    # 3 or 16 features run as loops over >= FOLD_LANES lanes.
+    FOLD_MAX_COLS = 64
+    FOLD_LANES = 128
+    # Folded rows are at most this long (stack arrays of doubles).
+    FOLD_MAX_LANES = 256
 
 cdef int _num_threads = 1
 # Tunables (see _set_tuning); start at the compile-time defaults.
@@ -204,6 +212,7 @@ cdef Py_ssize_t _unfused_strip_max_bytes = UNFUSED_STRIP_MAX_BYTES
 cdef bint _stream_pages = False          # force streaming page outputs (a knob)
 cdef Py_ssize_t _stream_pages_max_cols = STREAM_PAGES_MAX_COLS
 cdef Py_ssize_t _page_bytes = PAGE_BYTES
+cdef Py_ssize_t _fold_max_cols = FOLD_MAX_COLS
 
 
 cdef struct Grid:
@@ -586,6 +595,49 @@ cdef inline bint _finite(double v) noexcept nogil:
     return v - v == 0.0
 
 
+# ---------------------------------------------------------------------------
+# Folding short rows.  A loop over a row of 3 or 16 features is mostly loop
+# overhead; m consecutive whole rows (contiguous, since they are whole) are
+# one folded row of m * d lanes whose feature is lane % d, so the loops run
+# over the folded row with each per-feature value repeated m times, and the
+# lane sums are added back per feature in lane order.  m depends only on d.
+
+cdef Py_ssize_t _fold_rows(Py_ssize_t d, Py_ssize_t w) noexcept nogil:
+    """Rows per folded row for a pass over columns 0..w of rows of d
+    features: 1 (no folding) unless the rows are whole and short; else the
+    fewest rows making >= FOLD_LANES lanes, a multiple of 16 lanes (whole
+    vectors) where that stays within FOLD_MAX_LANES."""
+    cdef Py_ssize_t a = d, b = 16, r, m0
+    if w != d or d >= _fold_max_cols or d >= FOLD_LANES:
+        return 1
+    while b != 0:           # a = gcd(d, 16)
+        r = a % b
+        a = b
+        b = r
+    m0 = 16 // a
+    if m0 * d <= FOLD_MAX_LANES:
+        return m0 * _ceil_div(FOLD_LANES, m0 * d)
+    return _ceil_div(FOLD_LANES, d)
+
+
+cdef void _repeat(const double* v, Py_ssize_t d, Py_ssize_t m, double* lanes) noexcept nogil:
+    """lanes = v repeated m times (a folded row's per-lane values)."""
+    cdef Py_ssize_t r
+    for r in range(m):
+        memcpy(lanes + r * d, v, d * sizeof(double))
+
+
+cdef void _add_lanes(const double* lanes, Py_ssize_t d, Py_ssize_t m, double* acc) noexcept nogil:
+    """acc[f] += the sum of a folded row's lanes of feature f, in lane order."""
+    cdef Py_ssize_t f, r
+    cdef double t
+    for f in range(d):
+        t = lanes[f]
+        for r in range(1, m):
+            t += lanes[r * d + f]
+        acc[f] += t
+
+
 cdef void _shift_of(const in_t* x, Py_ssize_t d, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
                     double* shift) noexcept nogil:
     """Per-feature shift of columns c0..c0+w: the mean of the batch's first
@@ -635,6 +687,61 @@ cdef void _column_two_pass(const in_t* x, Py_ssize_t d, Py_ssize_t b0, Py_ssize_
         m2[0] = sd2
 
 
+cdef inline void _sq_sums4(const in_t* a, Py_ssize_t d, Py_ssize_t w, const double* shift,
+                           acc_t s1, acc_t s2) noexcept nogil:
+    """s1, s2 += the sums of x - shift and its square over four rows at a
+    (row stride d, w columns).  Four rows a loop: each accumulator is loaded
+    and stored once per four rows; the fixed pairing shortens rounding chains."""
+    cdef Py_ssize_t j
+    cdef double k, e0, e1, e2, e3
+    for j in range(w):
+        k = shift[j]
+        e0 = a[j] - k
+        e1 = a[d + j] - k
+        e2 = a[2 * d + j] - k
+        e3 = a[3 * d + j] - k
+        s1[j] += (e0 + e1) + (e2 + e3)
+        s2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+
+
+cdef inline void _sq_sums1(const in_t* a, Py_ssize_t w, const double* shift, acc_t s1,
+                           acc_t s2) noexcept nogil:
+    """_sq_sums4 for one row."""
+    cdef Py_ssize_t j
+    cdef double e0
+    for j in range(w):
+        e0 = a[j] - shift[j]
+        s1[j] += e0
+        s2[j] += e0 * e0
+
+
+cdef Py_ssize_t _sq_sums_folded(const in_t* x, in_t* copy_to, Py_ssize_t d, Py_ssize_t m,
+                                Py_ssize_t b0, Py_ssize_t b1, const double* shift_lanes,
+                                double* s1, double* s2) noexcept nogil:
+    """s1, s2 += the shifted sums of the whole groups of m rows in b0..b1
+    (folded rows; copied to copy_to unless NULL); returns the first row left."""
+    cdef Py_ssize_t lanes = m * d, groups = (b1 - b0) // m, q = 0, j
+    cdef double l1[FOLD_MAX_LANES]
+    cdef double l2[FOLD_MAX_LANES]
+    cdef const in_t* a = x + b0 * d
+    if groups == 0:
+        return b0
+    if copy_to != NULL:
+        memcpy(copy_to + b0 * d, a, groups * lanes * sizeof(in_t))
+    for j in range(lanes):
+        l1[j] = 0.0
+        l2[j] = 0.0
+    while q + 4 <= groups:
+        _sq_sums4(a + q * lanes, lanes, lanes, shift_lanes, l1, l2)
+        q += 4
+    while q < groups:
+        _sq_sums1(a + q * lanes, lanes, shift_lanes, l1, l2)
+        q += 1
+    _add_lanes(l1, d, m, s1)
+    _add_lanes(l2, d, m, s2)
+    return b0 + groups * m
+
+
 cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t d,
                       Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w,
                       Py_ssize_t block_rows, const double* shift, acc_t mean_acc,
@@ -642,14 +749,15 @@ cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t d,
     """mean (relative to shift) and M2 of rows r0..r1 of columns c0..c0+w,
     copying those rows to copy_to unless it is NULL.  s1, s2: w doubles of
     scratch each."""
-    # Rows are taken four at a time so each accumulator is loaded and stored
-    # once per four rows; the (fixed) pairing also shortens rounding chains.
-    cdef Py_ssize_t b0 = r0, b1, i, j, r, n_bad
-    cdef double nb, na = 0.0, n, wa, wb, e0, e1, e2, e3, k, mb, m2b, delta
+    cdef Py_ssize_t b0 = r0, b1, i, j, r, n_bad, m = _fold_rows(d, w)
+    cdef double nb, na = 0.0, n, wa, wb, mb, m2b, delta
+    cdef double shift_lanes[FOLD_MAX_LANES]
     cdef bint bad
     cdef const in_t* a
     cdef in_t* c
     cdef bint copy_here = copy_to != NULL and not stream
+    if m > 1:
+        _repeat(shift, d, m, shift_lanes)
     while b0 < r1:
         b1 = b0 + block_rows
         if b1 > r1:
@@ -659,6 +767,9 @@ cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t d,
             s1[j] = 0.0
             s2[j] = 0.0
         i = b0
+        if m > 1:
+            i = _sq_sums_folded(x, copy_to if copy_here else <in_t*>NULL, d, m, b0, b1,
+                                shift_lanes, s1, s2)
         while i + 4 <= b1:
             a = x + i * d + c0
             if copy_here:
@@ -668,23 +779,13 @@ cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t d,
                     c = copy_to + (i + r) * d + c0
                     for j in range(w):
                         c[j] = a[r * d + j]
-            for j in range(w):
-                k = shift[j]
-                e0 = a[j] - k
-                e1 = a[d + j] - k
-                e2 = a[2 * d + j] - k
-                e3 = a[3 * d + j] - k
-                s1[j] += (e0 + e1) + (e2 + e3)
-                s2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+            _sq_sums4(a, d, w, shift, s1, s2)
             i += 4
         while i < b1:
             a = x + i * d + c0
             if copy_here:
                 memcpy(copy_to + i * d + c0, a, w * sizeof(in_t))
-            for j in range(w):
-                e0 = a[j] - shift[j]
-                s1[j] += e0
-                s2[j] += e0 * e0
+            _sq_sums1(a, w, shift, s1, s2)
             i += 1
         if copy_to != NULL and stream:
             if w == d:      # whole rows: one contiguous run (no per-row call for narrow rows)
@@ -776,10 +877,12 @@ cdef void _affine_rows(const in_t* x, out_t* y, bint stream, Py_ssize_t d,
     Subtracting first keeps full accuracy for large offsets and makes a
     constant feature (x == center) give exactly shift.  Four rows share each
     load of the coefficients, which otherwise cost three loads per element."""
-    cdef Py_ssize_t i = r0, j
+    cdef Py_ssize_t i = r0, j, m = _fold_rows(d, w)
     cdef const in_t* a
     cdef out_t* o
     cdef double c, k, b
+    if m > 1:
+        i = _affine_folded(x, y, stream, d, m, r0, r1, center, scale, shift)
     if not stream:
         while i + 4 <= r1:
             a = x + i * d + c0
@@ -801,6 +904,26 @@ cdef void _affine_rows(const in_t* x, out_t* y, bint stream, Py_ssize_t d,
         if stream:
             bnfast_stream(y + i * d + c0, staging, w * sizeof(out_t))
         i += 1
+
+
+cdef Py_ssize_t _affine_folded(const in_t* x, out_t* y, bint stream, Py_ssize_t d,
+                              Py_ssize_t m, Py_ssize_t r0, Py_ssize_t r1, const double* center,
+                              const double* scale, const double* shift) noexcept nogil:
+    """_affine_rows over the whole groups of m rows in r0..r1 as folded rows;
+    returns the first row left."""
+    cdef Py_ssize_t lanes = m * d, groups = (r1 - r0) // m
+    cdef double lanes_center[FOLD_MAX_LANES]
+    cdef double lanes_scale[FOLD_MAX_LANES]
+    cdef double lanes_shift[FOLD_MAX_LANES]
+    cdef double staging[FOLD_MAX_LANES]
+    if groups == 0:
+        return r0
+    _repeat(center, d, m, lanes_center)
+    _repeat(scale, d, m, lanes_scale)
+    _repeat(shift, d, m, lanes_shift)
+    _affine_rows(x + r0 * d, y + r0 * d, stream, lanes, 0, groups, 0, lanes, lanes_center,
+                 lanes_scale, lanes_shift, <out_t*>staging)
+    return r0 + groups * m
 
 
 cdef inline void _page_bounds(const Grid* g, Py_ssize_t t, Py_ssize_t* r0, Py_ssize_t* r1,
@@ -832,13 +955,15 @@ cdef void _grad_sums_rows(const in_t* x, const in_t* dy, Py_ssize_t d,
                           const double* center, acc_t sum_dy,
                           acc_t sum_dy_xc) noexcept nogil:
     """Per feature: sum(dy) and sum(dy * (x - center)) over rows r0..r1."""
-    cdef Py_ssize_t i = r0, j
+    cdef Py_ssize_t i = r0, j, m = _fold_rows(d, w)
     cdef const in_t* a
     cdef const in_t* g
     cdef double g0, g1, g2, g3
     for j in range(w):
         sum_dy[j] = 0.0
         sum_dy_xc[j] = 0.0
+    if m > 1:
+        i = _grad_sums_folded(x, dy, d, m, r0, r1, center, sum_dy, sum_dy_xc)
     while i + 4 <= r1:
         a = x + i * d + c0
         g = dy + i * d + c0
@@ -861,6 +986,24 @@ cdef void _grad_sums_rows(const in_t* x, const in_t* dy, Py_ssize_t d,
         i += 1
 
 
+cdef Py_ssize_t _grad_sums_folded(const in_t* x, const in_t* dy, Py_ssize_t d, Py_ssize_t m,
+                                  Py_ssize_t r0, Py_ssize_t r1, const double* center,
+                                  double* sum_dy, double* sum_dy_xc) noexcept nogil:
+    """sum_dy, sum_dy_xc += the sums over the whole groups of m rows in
+    r0..r1 (folded rows); returns the first row left."""
+    cdef Py_ssize_t lanes = m * d, groups = (r1 - r0) // m
+    cdef double lanes_center[FOLD_MAX_LANES]
+    cdef double l1[FOLD_MAX_LANES]
+    cdef double l2[FOLD_MAX_LANES]
+    if groups == 0:
+        return r0
+    _repeat(center, d, m, lanes_center)
+    _grad_sums_rows(x + r0 * d, dy + r0 * d, lanes, 0, groups, 0, lanes, lanes_center, l1, l2)
+    _add_lanes(l1, d, m, sum_dy)
+    _add_lanes(l2, d, m, sum_dy_xc)
+    return r0 + groups * m
+
+
 cdef void _grad_input_rows(const in_t* x, const in_t* dy, out_t* dx, bint stream, Py_ssize_t d,
                            Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w,
                            const double* center, const double* mean_dy,
@@ -870,11 +1013,13 @@ cdef void _grad_input_rows(const in_t* x, const in_t* dy, out_t* dx, bint stream
     The differences come first so that what cancels mathematically cancels
     exactly (a batch of one gives dx == 0, as in the reference).  Four rows
     share each load of the four coefficients."""
-    cdef Py_ssize_t i = r0, j
+    cdef Py_ssize_t i = r0, j, fold = _fold_rows(d, w)
     cdef const in_t* a
     cdef const in_t* g
     cdef out_t* o
     cdef double c, m, q, kk
+    if fold > 1:
+        i = _grad_input_folded(x, dy, dx, stream, d, fold, r0, r1, center, mean_dy, k_xc, k)
     if not stream:
         while i + 4 <= r1:
             a = x + i * d + c0
@@ -901,6 +1046,29 @@ cdef void _grad_input_rows(const in_t* x, const in_t* dy, out_t* dx, bint stream
         i += 1
 
 
+cdef Py_ssize_t _grad_input_folded(const in_t* x, const in_t* dy, out_t* dx, bint stream,
+                                   Py_ssize_t d, Py_ssize_t m, Py_ssize_t r0, Py_ssize_t r1,
+                                   const double* center, const double* mean_dy,
+                                   const double* k_xc, const double* k) noexcept nogil:
+    """_grad_input_rows over the whole groups of m rows in r0..r1 as folded
+    rows; returns the first row left."""
+    cdef Py_ssize_t lanes = m * d, groups = (r1 - r0) // m, off = r0 * d
+    cdef double lanes_center[FOLD_MAX_LANES]
+    cdef double lanes_mean_dy[FOLD_MAX_LANES]
+    cdef double lanes_k_xc[FOLD_MAX_LANES]
+    cdef double lanes_k[FOLD_MAX_LANES]
+    cdef double staging[FOLD_MAX_LANES]
+    if groups == 0:
+        return r0
+    _repeat(center, d, m, lanes_center)
+    _repeat(mean_dy, d, m, lanes_mean_dy)
+    _repeat(k_xc, d, m, lanes_k_xc)
+    _repeat(k, d, m, lanes_k)
+    _grad_input_rows(x + off, dy + off, dx + off, stream, lanes, 0, groups, 0, lanes,
+                     lanes_center, lanes_mean_dy, lanes_k_xc, lanes_k, <out_t*>staging)
+    return r0 + groups * m
+
+
 cdef void _grad_input_pages(const Grid* g, Py_ssize_t t, const in_t* x, const in_t* dy,
                             out_t* dx, const double* center, const double* mean_dy,
                             const double* k_xc, const double* k, out_t* staging) noexcept nogil:
@@ -919,7 +1087,7 @@ cdef void _eval_grad_rows(const in_t* x, const in_t* dy, out_t* dx, bint stream,
                           const double* center, const double* dx_scale, acc_t sum_dy,
                           acc_t sum_dy_xc, out_t* staging) noexcept nogil:
     """dx = dy * dx_scale, with the sums of dy and dy * (x - center), one pass."""
-    cdef Py_ssize_t i, j
+    cdef Py_ssize_t i, j, m = _fold_rows(d, w)
     cdef const in_t* xr
     cdef const in_t* gr
     cdef out_t* dr
@@ -927,6 +1095,9 @@ cdef void _eval_grad_rows(const in_t* x, const in_t* dy, out_t* dx, bint stream,
     for j in range(w):
         sum_dy[j] = 0.0
         sum_dy_xc[j] = 0.0
+    if m > 1:
+        r0 = _eval_grad_folded(x, dy, dx, stream, d, m, r0, r1, center, dx_scale, sum_dy,
+                               sum_dy_xc)
     for i in range(r0, r1):
         xr = x + i * d + c0
         gr = dy + i * d + c0
@@ -938,6 +1109,29 @@ cdef void _eval_grad_rows(const in_t* x, const in_t* dy, out_t* dx, bint stream,
             dr[j] = <out_t>(g0 * dx_scale[j])
         if stream:
             bnfast_stream(dx + i * d + c0, staging, w * sizeof(out_t))
+
+
+cdef Py_ssize_t _eval_grad_folded(const in_t* x, const in_t* dy, out_t* dx, bint stream,
+                                  Py_ssize_t d, Py_ssize_t m, Py_ssize_t r0, Py_ssize_t r1,
+                                  const double* center, const double* dx_scale, double* sum_dy,
+                                  double* sum_dy_xc) noexcept nogil:
+    """_eval_grad_rows over the whole groups of m rows in r0..r1 as folded
+    rows (sums added to sum_dy, sum_dy_xc); returns the first row left."""
+    cdef Py_ssize_t lanes = m * d, groups = (r1 - r0) // m, off = r0 * d
+    cdef double lanes_center[FOLD_MAX_LANES]
+    cdef double lanes_dx_scale[FOLD_MAX_LANES]
+    cdef double l1[FOLD_MAX_LANES]
+    cdef double l2[FOLD_MAX_LANES]
+    cdef double staging[FOLD_MAX_LANES]
+    if groups == 0:
+        return r0
+    _repeat(center, d, m, lanes_center)
+    _repeat(dx_scale, d, m, lanes_dx_scale)
+    _eval_grad_rows(x + off, dy + off, dx + off, stream, lanes, 0, groups, 0, lanes,
+                    lanes_center, lanes_dx_scale, l1, l2, <out_t*>staging)
+    _add_lanes(l1, d, m, sum_dy)
+    _add_lanes(l2, d, m, sum_dy_xc)
+    return r0 + groups * m
 
 
 # ---------------------------------------------------------------------------
@@ -2241,11 +2435,15 @@ def _set_tuning(strip_bytes=STRIP_BYTES, min_strip=MIN_STRIP,
                 unfused_strip_max_bytes=UNFUSED_STRIP_MAX_BYTES,
                 elem_tasks_per_thread=ELEM_TASKS_PER_THREAD,
                 cache_stream_min_bytes=CACHE_STREAM_MIN_BYTES,
-                stream_pages_max_cols=STREAM_PAGES_MAX_COLS):
+                stream_pages_max_cols=STREAM_PAGES_MAX_COLS, fold_max_cols=FOLD_MAX_COLS):
     """Work-partition knobs, for measuring the kernels (not a public API)."""
     global _strip_bytes, _min_strip, _stream_min_bytes, _col_block, _fused_strips, _page_bytes
     global _stream_pages, _max_strip_cols, _fused_min_cols, _unfused_strip_max_bytes
     global _elem_tasks_per_thread, _cache_stream_min_bytes, _stream_pages_max_cols
+    global _fold_max_cols
+    if not 0 <= fold_max_cols <= FOLD_LANES:
+        raise ValueError(f"fold_max_cols must be in 0..{FOLD_LANES}")
+    _fold_max_cols = fold_max_cols
     _stream_pages_max_cols = stream_pages_max_cols
     _cache_stream_min_bytes = cache_stream_min_bytes
     _unfused_strip_max_bytes = unfused_strip_max_bytes

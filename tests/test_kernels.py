@@ -19,6 +19,9 @@ SHAPES = {
     "row blocks": (5000, 40),
     "row blocks, wide": (2100, 1500),
     "streamed": (24, 50000),
+    # rows this short are folded (several rows per vector loop), with leftover rows
+    "folded short rows": (4099, 3),
+    "folded, row blocks": (70001, 5),
 }
 OPENMP = bnfast.build_info()["openmp"]
 # A serial build (BNFAST_OPENMP=0, the macOS wheels) runs one thread only.
@@ -96,11 +99,13 @@ KNOBS = [
     dict(stream_min_bytes=0, stream_pages=True, fused_strips=False),
     dict(fused_min_cols=16),                    # every strip does whole operations
     dict(fused_min_cols=1 << 20, unfused_strip_max_bytes=1 << 40),  # two-phase strips
+    dict(fold_max_cols=0),                      # short rows never folded
+    dict(fold_max_cols=0, stream_min_bytes=0, cache_stream_min_bytes=0),
 ]
 
 
 @pytest.mark.parametrize("knobs", KNOBS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
-@pytest.mark.parametrize("shape", [(7, 13), (300, 70), (33, 2000)])
+@pytest.mark.parametrize("shape", [(7, 13), (300, 70), (33, 2000), (999, 6)])
 def test_every_work_partition_gives_the_same_numbers(rng, knobs, shape):
     """Partitions change rounding only within a few ulps; the twin decides."""
     gamma, beta = make_params(rng, shape[1])
