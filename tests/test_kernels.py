@@ -224,7 +224,7 @@ def test_outputs_are_streamed_only_when_a_training_forward_overflows_the_cache()
 @pytest.mark.parametrize("itemsize", [4, 8])
 @pytest.mark.parametrize("shape", [(1, 1), (100, 100), (32, 128), (256, 1024), (1024, 4096),
                                    (5000, 40), (32, 65536), (8, 150528), (256, 65536),
-                                   (100352, 64)])
+                                   (100352, 64), (4096, 16), (2048, 16)])
 def test_grid_follows_its_rules(shape, itemsize):
     """Every field of the work grid is set, by the documented rules (a field
     left unset once read stack garbage and picked a partition at random)."""
@@ -242,6 +242,8 @@ def test_grid_follows_its_rules(shape, itemsize):
     if grid["fused"]:   # a fused task needs whole columns
         assert grid["n_chunks"] == 1 and grid["chunk_rows"] == n
         assert grid["col_block"] >= 1024 or grid["n_col_blocks"] == 1
+        # one strip is one task: only for batches too small for a thread team
+        assert grid["n_tasks"] > 1 or nbytes < 256 << 10
     else:                       # no two-phase strips: row blocks
         assert grid["col_block"] == min(d, 1024)
     assert 1 <= grid["n_threads"] <= max(1, bnfast.get_num_threads())
