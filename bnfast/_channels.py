@@ -18,8 +18,7 @@ built on the functions here.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -30,9 +29,9 @@ from ._native import kernels as _kernels
 PLANES, ROWS = "planes", "rows"
 
 
-@dataclass(frozen=True)
-class Batch:
-    """A per-channel batch as the kernels read it."""
+class Batch(NamedTuple):
+    """A per-channel batch as the kernels read it.  (A named tuple: made on
+    every layer call, and a frozen dataclass costs a microsecond to make.)"""
     array: np.ndarray        # kernel-ready: (N, C, *spatial) C-contiguous, or (N, *spatial, C)
     layout: str              # PLANES or ROWS
     shape: tuple[int, ...]   # the caller's (N, C, *spatial)
@@ -46,14 +45,19 @@ class Batch:
         return self.n * self.s
 
 
+# Transpose axes by ndim, made once: building them costs as much as the transpose.
+_TO_LAST = {ndim: (0, *range(2, ndim), 1) for ndim in range(2, 65)}
+_TO_SECOND = {ndim: (0, ndim - 1, *range(1, ndim - 1)) for ndim in range(2, 65)}
+
+
 def channels_to_last(a: np.ndarray) -> np.ndarray:
     """(N, C, *spatial) -> the (N, *spatial, C) view (np.moveaxis, without its overhead)."""
-    return a.transpose((0, *range(2, a.ndim), 1))
+    return a.transpose(_TO_LAST[a.ndim])
 
 
 def channels_to_second(a: np.ndarray) -> np.ndarray:
     """(N, *spatial, C) -> the (N, C, *spatial) view."""
-    return a.transpose((0, a.ndim - 1, *range(1, a.ndim - 1)))
+    return a.transpose(_TO_SECOND[a.ndim])
 
 
 def batch(x: Any, what: str = "x") -> tuple[np.ndarray, int, int, int]:
@@ -94,9 +98,16 @@ def like(b: Batch, arr: np.ndarray) -> np.ndarray:
 
 def empty(b: Batch, dt: np.dtype) -> np.ndarray:
     """A new (N, C, *spatial) array of dt in b's layout."""
+    return output(b, dt)[0]
+
+
+def output(b: Batch, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """empty(b, dt) and its kernel_view."""
     if b.layout == PLANES:
-        return _outputs.empty(b.shape, dt)
-    return channels_to_second(_outputs.empty((b.n, *b.shape[2:], b.c), dt))
+        arr = _outputs.empty(b.shape, dt)
+        return arr, arr
+    rows = _outputs.empty(b.array.shape, dt)      # (N, *spatial, C)
+    return channels_to_second(rows), rows
 
 
 def kernel_view(b: Batch, arr: np.ndarray) -> np.ndarray:

@@ -347,24 +347,23 @@ class BatchNormalization:
         xk = _channels.channels_to_last(x) if plain & 2 else x
         batch = _channels.Batch(xk, layout, x.shape, n, c, s)
         if not train_flg:
-            y = _channels.empty(batch, wide)
-            _channels.eval_forward(batch, _channels.kernel_view(batch, y), gamma, beta, rm, rv,
-                                   eps)
+            y, target = _channels.output(batch, wide)
+            _channels.eval_forward(batch, target, gamma, beta, rm, rv, eps)
             self._commit_eval((batch, x.dtype, n, c, x.shape, rm, rv, eps), rm, np.zeros(c))
             return y
         xdt = x.dtype
-        y = _channels.empty(batch, xdt)
+        y, target = _channels.output(batch, xdt)
         stats = _empty((3, c))
         rm_new = _empty(c, wide)
         rv_new = _empty(c, wide)
         buffer = self._buffer
         if buffer is None or buffer.shape != xk.shape or buffer.dtype != xdt:
             buffer = _empty(xk.shape, xdt)
-        _channels.train_forward(batch, buffer, _channels.kernel_view(batch, y), gamma, beta, eps,
-                                stats, rm, rm_new, rv, rv_new, self.momentum, correction)
+        _channels.train_forward(batch, buffer, target, gamma, beta, eps, stats, rm, rm_new, rv,
+                                rv_new, self.momentum, correction)
         self._buffer = buffer
-        self._commit_train((_channels.Batch(buffer, layout, x.shape, n, c, s), xdt, n, c,
-                            x.shape, stats, xdt, eps), rm_new, rv_new)
+        self._commit_train((batch._replace(array=buffer), xdt, n, c, x.shape, stats, xdt, eps),
+                           rm_new, rv_new)
         return y
 
     def _forward_channels(self, x: Any, train_flg: bool) -> np.ndarray:
@@ -423,12 +422,11 @@ class BatchNormalization:
                 and dout.shape == shape and dout.dtype == x_dtype == b.array.dtype
                 and _plain_vector(gamma, c, b.array)):
             stats = cache[5]
-            dx = _channels.empty(b, x_dtype)
+            dx, target = _channels.output(b, x_dtype)
             dgamma = _empty(c, x_dtype)
             dbeta = _empty(c, x_dtype)
             dk = _channels.channels_to_last(dout) if b.layout == _channels.ROWS else dout
-            _channels.train_backward(b, dk, _channels.kernel_view(b, dx), stats[0], stats[2],
-                                     gamma, dgamma, dbeta)
+            _channels.train_backward(b, dk, target, stats[0], stats[2], gamma, dgamma, dbeta)
             self.dgamma = dgamma
             self.dbeta = dbeta
             return dx
