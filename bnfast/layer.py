@@ -176,7 +176,9 @@ class BatchNormalization:
         y = _new_output(x.shape, wide)
         n = x.shape[0]
         _kernels.eval_forward(x, y, n, d, gamma, beta, rm, rv, eps)
-        self._commit_eval((x, x.dtype, n, d, x.shape, rm, rv, eps), rm, np.zeros(d))
+        # (unset running statistics, rm is rv: zeros, kept as two arrays)
+        self._commit_eval((x, x.dtype, n, d, x.shape, rm, rv, eps), rm,
+                          np.zeros(d) if rm is rv else rv)
         return y
 
     def _running(self, d: int, shape: tuple[int, ...]) -> tuple[Any, Any]:
