@@ -17,14 +17,18 @@
 #           batches) do a whole operation per task: the statistics read the
 #           strip from memory once and the output, or the backward's second
 #           pass, comes from L2.  Batches whose strips would be too
-#           narrow for that get row blocks (UNFUSED_STRIP_MAX_BYTES).
+#           narrow for that get row blocks (UNFUSED_STRIP_MAX_BYTES), and
+#           so do batches of one strip that are big enough for a thread
+#           team (one strip is one task).
 #   blocks  otherwise (tall batches): a task is (row chunk, column block);
 #           row blocks small enough for L2 (TILE_BYTES) are merged in order
 #           (Chan's formula) inside a chunk, and the chunks in chunk order.
 #
 # Threads take tasks in any order, but each task's arithmetic is fixed and
 # partial results are merged in a fixed order, so results are bitwise
-# identical for any number of threads.  Element passes (no reductions) write
+# identical for any number of threads.  Whole rows of fewer than
+# FOLD_MAX_COLS features are folded, m rows to a vector-length row (see
+# "Folding short rows").  Element passes (no reductions) write
 # their output in address order, about a huge page per task.  Streaming
 # (non-temporal) stores skip the read-for-ownership of each destination line
 # and keep the data out of the cache; they write the cached copy of x from
