@@ -9,6 +9,7 @@ Results are memoized on the operands' types and dtypes.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -19,6 +20,12 @@ from .reference import BatchNormalization as _Twin
 # NumPy 1 promotes by value for scalars and 0-d arrays, so their value is part
 # of the memo key there; NumPy 2 promotes by type alone.
 _BY_VALUE = int(np.__version__.split(".")[0]) < 2
+
+#: Batch counts from which the reference's training backward comes out
+#: float64 for float32 (and narrower) input: it divides by the count, a
+#: Python int, which NumPy 1 promotes by value (65536 and up is a uint32,
+#: and float32 with uint32 gives float64).  NumPy 2 never widens.
+WIDENING_COUNT = 65536 if _BY_VALUE else sys.maxsize
 
 
 class TrainDtypes(NamedTuple):
@@ -60,8 +67,15 @@ def _key(value: Any) -> Any:
 _memo: dict[Any, Any] = {}
 
 
+def _count_key(count: int) -> Any:
+    """What of the batch count decides promotion: on NumPy 1, the smallest
+    unsigned type holding it; on NumPy 2, nothing."""
+    return np.min_scalar_type(count) if _BY_VALUE else None
+
+
 def _run_twin(train: bool, x_dtype: np.dtype, gamma: Any, beta: Any, momentum: Any,
-              running_mean: Any, running_var: Any, dout_dtype: np.dtype | None) -> Any:
+              running_mean: Any, running_var: Any, dout_dtype: np.dtype | None,
+              count: int = 2) -> Any:
     twin = _Twin(_stand_in(gamma), _stand_in(beta), momentum,
                  _stand_in(running_mean), _stand_in(running_var))
     x = np.array([[1.0], [2.0]]).astype(x_dtype)
@@ -69,6 +83,9 @@ def _run_twin(train: bool, x_dtype: np.dtype, gamma: Any, beta: Any, momentum: A
         try:
             out = twin.forward(x, train)
             if dout_dtype is not None:
+                # the count the backward divides by, as the caller's batch has
+                # it (its value only matters for NumPy 1's promotion)
+                twin._count = count
                 dx = twin.backward(np.ones((2, 1), dout_dtype))
                 return GradDtypes(result_float(dx.dtype, "dx"),
                                   result_float(twin.dgamma.dtype, "dgamma"),
@@ -84,13 +101,14 @@ def _run_twin(train: bool, x_dtype: np.dtype, gamma: Any, beta: Any, momentum: A
 
 
 def _resolve(train: bool, x_dtype: np.dtype, gamma: Any, beta: Any, momentum: Any,
-             running_mean: Any, running_var: Any, dout_dtype: np.dtype | None) -> Any:
+             running_mean: Any, running_var: Any, dout_dtype: np.dtype | None,
+             count: int = 2) -> Any:
     key = (train, x_dtype, _key(gamma), _key(beta), _key(momentum),
-           _key(running_mean), _key(running_var), dout_dtype)
+           _key(running_mean), _key(running_var), dout_dtype, _count_key(count))
     found = _memo.get(key)
     if found is None:
         found = _run_twin(train, x_dtype, gamma, beta, momentum, running_mean, running_var,
-                          dout_dtype)
+                          dout_dtype, count)
         if len(_memo) > 4096:  # bounded: keys are types, so this is never hit in practice
             _memo.clear()
         _memo[key] = found
@@ -113,8 +131,9 @@ def evaluate(x_dtype: np.dtype, gamma: Any, beta: Any, running_mean: Any,
 
 
 def grads(train: bool, x_dtype: np.dtype, gamma: Any, dout_dtype: np.dtype,
-          running_mean: Any = None, running_var: Any = None) -> GradDtypes:
-    """dtypes of dx, dgamma and dbeta after a training or eval-mode forward."""
+          running_mean: Any = None, running_var: Any = None, *, count: int) -> GradDtypes:
+    """dtypes of dx, dgamma and dbeta after a training or eval-mode forward;
+    count: the values per feature (per channel) of the batch."""
     found: GradDtypes = _resolve(train, x_dtype, gamma, 0.0, 0.9, running_mean, running_var,
-                                 dout_dtype)
+                                 dout_dtype, count if train else 2)
     return found

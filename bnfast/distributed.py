@@ -242,7 +242,7 @@ class SyncBatchNormalization(BatchNormalization):
             shard, dk = shard_dout(sh, checked)
             gamma = _checks.operand(self.gamma, "gamma", d, sh.shape,
                                     per_channel=self.per_channel)
-            dts = _dtypes.grads(True, x_dtype, gamma, checked.dtype)
+            dts = _dtypes.grads(True, x_dtype, gamma, checked.dtype, count=merged.count)
             sums = shard_grad_sums(shard, dk, merged, eps)
             prepared.update(shard=shard, dk=dk, gamma=gamma, dts=dts)
             return ("backward", d), sums.count, np.concatenate([sums.sum_dout,

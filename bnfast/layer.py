@@ -288,7 +288,8 @@ class BatchNormalization:
             gamma = self.gamma
             if (_plain_batch(dout) == d and dout.dtype == x_dtype and x.dtype == x_dtype
                     and (dout.shape == shape or dout.shape == (n, d))
-                    and _plain_vector(gamma, d, x)):
+                    and _plain_vector(gamma, d, x)
+                    and (n < _dtypes.WIDENING_COUNT or x_dtype == F64)):
                 dx = _new_output(shape, x_dtype)
                 dgamma = _empty(d, x_dtype)
                 dbeta = _empty(d, x_dtype)
@@ -309,7 +310,8 @@ class BatchNormalization:
             x, x_dtype, n, d, shape, running_mean, running_var, eps = cache
         dout = check_dout(dout, shape, n, d)
         gamma = _checks.operand(self.gamma, "gamma", d, shape)
-        dts = _dtypes.grads(last_train, x_dtype, gamma, dout.dtype, running_mean, running_var)
+        dts = _dtypes.grads(last_train, x_dtype, gamma, dout.dtype, running_mean, running_var,
+                            count=n)
         result, target = result_buffers(shape, dts.dx, None, "dx", ())
         xk, dk = same_kernel_dtype(x, dout)
         dgamma, dbeta = grad_buffers(d, dts)
@@ -422,7 +424,8 @@ class BatchNormalization:
         gamma = self.gamma
         if (last_train and _plain_channels(dout) == 2 * c + (b.layout == _channels.ROWS)
                 and dout.shape == shape and dout.dtype == x_dtype == b.array.dtype
-                and _plain_vector(gamma, c, b.array)):
+                and _plain_vector(gamma, c, b.array)
+                and (b.rows < _dtypes.WIDENING_COUNT or x_dtype == F64)):
             stats = cache[5]
             dx, target = _channels.output(b, x_dtype)
             dgamma = _empty(c, x_dtype)
@@ -436,10 +439,11 @@ class BatchNormalization:
         gamma = _checks.operand(self.gamma, "gamma", c, shape, per_channel=True)
         if last_train:
             stats = cache[5]
-            dts = _dtypes.grads(True, x_dtype, gamma, dout.dtype)
+            dts = _dtypes.grads(True, x_dtype, gamma, dout.dtype, count=b.rows)
         else:
             running_mean, running_var, eps = cache[5], cache[6], cache[7]
-            dts = _dtypes.grads(False, x_dtype, gamma, dout.dtype, running_mean, running_var)
+            dts = _dtypes.grads(False, x_dtype, gamma, dout.dtype, running_mean, running_var,
+                                count=b.rows)
         b, dk = _channels.same_dtype(b, dout)
         result, target = _channels.result_buffers(b, dts.dx, None, "dx", ())
         dgamma, dbeta = grad_buffers(c, dts)

@@ -197,6 +197,30 @@ def test_dtypes_and_values_follow_reference_promotion(rng, x_dtype, gspec, bspec
     assert_close(layer.backward(dout), twin.backward(dout), rtol=loose, what="eval dx")
 
 
+@pytest.mark.parametrize("count", [65535, 65536])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per feature", "per channel"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_backward_dtype_follows_the_reference_at_every_batch_count(rng, count, per_channel,
+                                                                   dtype):
+    """The reference's backward divides by the batch count, a Python int:
+    NumPy 1 promotes it by value, so from 65536 values per feature (a
+    uint32) a float32 backward comes out float64 there, and a float16 one
+    float32 from 256 (uint16); NumPy 2 keeps the input's dtype.  bnfast must
+    follow whichever NumPy is installed, on its fast paths too."""
+    shape = (1, 2, count) if per_channel else (count, 2)
+    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+    layer, twin = pair(np.ones(2, dtype), np.zeros(2, dtype), per_channel=per_channel)
+    with np.errstate(over="ignore"):
+        layer.forward(x)
+        twin.forward(x)
+        dx, expected = layer.backward(dout), twin.backward(dout)
+    assert dx.dtype == expected.dtype
+    assert_close(dx, expected, rtol=5e-3 if dtype == np.float16 else 1e-4, what="dx")
+    for name in ("dgamma", "dbeta"):
+        assert getattr(layer, name).dtype == getattr(twin, name).dtype, name
+
+
 def test_integer_dout_gives_integer_dbeta_like_the_reference(rng):
     layer, twin = pair(np.ones(3), np.zeros(3))
     x = rng.standard_normal((4, 3))
