@@ -604,6 +604,72 @@ def test_nan_and_inf_stay_in_their_feature_like_the_twin(rng, dtype, kind):
 
 
 # ---------------------------------------------------------------------------
+# The same across work partitions (folded short rows, one strip, row blocks)
+# and per-channel layouts: a feature (channel) holding inf or NaN comes out as the
+# reference's does (NaN throughout; running mean inf or NaN, as its batch
+# mean), and the other features are untouched by it.
+
+def _spoil(x, cols):
+    """inf in a shift row, +inf and -inf together, NaN late, in features `cols`."""
+    n = x.shape[0]
+    a, b, c = cols
+    x[0, a] = np.inf
+    x[1, b], x[n - 1, b] = np.inf, -np.inf
+    x[n - 1, c] = np.nan
+    return x
+
+
+def _assert_same_with_nan(got, want, what):
+    """Same NaN/inf positions; the finite values equal within float64 rounding."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    _assert_same_specials(got, want, what)
+    finite = np.isfinite(want)
+    scale = float(np.max(np.abs(want[finite]), initial=0.0)) + 1.0
+    np.testing.assert_allclose(got[finite], want[finite], rtol=0, atol=1e-9 * scale, err_msg=what)
+
+
+@pytest.mark.parametrize("shape", [(4099, 3), (8, 3000), (5000, 40), (300, 70), (2000, 1500),
+                                   (5, 4)])
+def test_nan_and_inf_match_the_twin_in_every_work_partition(shape):
+    rng = np.random.default_rng(7)
+    n, d = shape
+    x = _spoil(rng.standard_normal(shape) * 2 + 1, (d - 1, 1, 0) if d > 3 else (2, 1, 0))
+    dout = rng.standard_normal(shape)
+    gamma, beta = rng.random(d) + 0.5, rng.standard_normal(d)
+    layer = bnfast.BatchNormalization(gamma, beta)
+    twin = Twin(gamma.copy(), beta.copy())
+    with np.errstate(all="ignore"):
+        pairs = [("train", layer.forward(x), twin.forward(x)),
+                 ("dx", layer.backward(dout), twin.backward(dout))]
+        pairs += [("dgamma", layer.dgamma, twin.dgamma), ("dbeta", layer.dbeta, twin.dbeta),
+                  ("running_mean", layer.running_mean, twin.running_mean),
+                  ("running_var", layer.running_var, twin.running_var)]
+        pairs += [("eval", layer.forward(x, False), twin.forward(x, False)),
+                  ("eval dx", layer.backward(dout), twin.backward(dout))]
+    for what, got, want in pairs:
+        _assert_same_with_nan(got, want, f"{shape} {what}")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+def test_nan_and_inf_match_the_per_channel_twin(layout):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((6, 5, 4, 3)) * 2 + 1
+    x[0, 1, 0, 0] = np.inf
+    x[2, 2, 1, 1], x[5, 2, 3, 2] = np.inf, -np.inf
+    x[5, 4, 3, 2] = np.nan
+    if layout == "channels-last":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    dout = rng.standard_normal(x.shape)
+    layer = bnfast.BatchNormalization(np.ones(5), np.zeros(5), per_channel=True)
+    twin = Twin(np.ones(5), np.zeros(5), per_channel=True)
+    with np.errstate(all="ignore"):
+        _assert_same_with_nan(layer.forward(x), twin.forward(x), "train")
+        _assert_same_with_nan(layer.backward(dout), twin.backward(dout), "dx")
+        _assert_same_with_nan(layer.running_var, twin.running_var, "running_var")
+        _assert_same_with_nan(layer.forward(x, False), twin.forward(x, False), "eval")
+
+
+# ---------------------------------------------------------------------------
 # Caller arrays are never written (except out=), and later changes don't leak.
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
