@@ -141,7 +141,7 @@ class BatchNormalization:
             d = plain >> 1
             wide = F64 if plain & 1 else F32
             if rm is None or rv is None:     # both None (plain_call checked)
-                rm = rv = np.zeros(d)
+                rm, rv = np.zeros(d), np.zeros(d)
             if not train_flg:
                 return self._eval_plain(x, d, gamma, beta, rm, rv, eps, wide)
             if type(self.momentum) is float:
@@ -176,9 +176,7 @@ class BatchNormalization:
         y = _new_output(x.shape, wide)
         n = x.shape[0]
         _kernels.eval_forward(x, y, n, d, gamma, beta, rm, rv, eps)
-        # (unset running statistics, rm is rv: zeros, kept as two arrays)
-        self._commit_eval((x, x.dtype, n, d, x.shape, rm, rv, eps), rm,
-                          np.zeros(d) if rm is rv else rv)
+        self._commit_eval((x, x.dtype, n, d, x.shape, rm, rv, eps), rm, rv)
         return y
 
     def _running(self, d: int, shape: tuple[int, ...]) -> tuple[Any, Any]:
@@ -346,14 +344,14 @@ class BatchNormalization:
                 return self._forward_channels(x, train_flg)     # raises
             correction = n * s / (n * s - 1)
         if rm is None or rv is None:
-            rm = rv = np.zeros(c)
+            rm, rv = np.zeros(c), np.zeros(c)
         layout = _channels.ROWS if plain & 2 else _channels.PLANES
         xk = _channels.channels_to_last(x) if plain & 2 else x
         batch = _channels.Batch(xk, layout, x.shape, n, c, s)
         if not train_flg:
             y, target = _channels.output(batch, wide)
             _channels.eval_forward(batch, target, gamma, beta, rm, rv, eps)
-            self._commit_eval((batch, x.dtype, n, c, x.shape, rm, rv, eps), rm, np.zeros(c))
+            self._commit_eval((batch, x.dtype, n, c, x.shape, rm, rv, eps), rm, rv)
             return y
         xdt = x.dtype
         y, target = _channels.output(batch, xdt)
