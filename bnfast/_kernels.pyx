@@ -116,6 +116,103 @@ cdef extern from *:
     static void bnfast_stream(void* dst, const void* src, size_t bytes) { memcpy(dst, src, bytes); }
     static void bnfast_fence(void) { }
     #endif
+    /* Float32 element loops, arithmetic in float64.  Compilers vectorize
+       them by loading 16 floats and splitting them with cross-lane
+       extract/insert instructions, the bottleneck of these loops once the
+       data is cached (Zen 4: a plane's y = (x - c) * k + b 25 % slower than
+       here); these convert 8 (AVX-512) or 4 (AVX2) floats straight from
+       and to memory.  The vector and the scalar tail round alike: both
+       contract to one fused multiply-add where the CPU has it. */
+    #if defined(__AVX512F__)
+    #include <immintrin.h>
+    #define BNF_HALF 8
+    typedef __m512d bnf_vd;
+    #define bnf_ld(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
+    #define bnf_st(p, v) _mm256_storeu_ps((p), _mm512_cvtpd_ps(v))
+    #define bnf_ldd _mm512_loadu_pd
+    #define bnf_set1 _mm512_set1_pd
+    #define bnf_sub _mm512_sub_pd
+    #define bnf_mul _mm512_mul_pd
+    #define bnf_fmadd _mm512_fmadd_pd
+    #define bnf_fnmadd _mm512_fnmadd_pd
+    #elif defined(__AVX2__) && defined(__FMA__)
+    #include <immintrin.h>
+    #define BNF_HALF 4
+    typedef __m256d bnf_vd;
+    #define bnf_ld(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
+    #define bnf_st(p, v) _mm_storeu_ps((p), _mm256_cvtpd_ps(v))
+    #define bnf_ldd _mm256_loadu_pd
+    #define bnf_set1 _mm256_set1_pd
+    #define bnf_sub _mm256_sub_pd
+    #define bnf_mul _mm256_mul_pd
+    #define bnf_fmadd _mm256_fmadd_pd
+    #define bnf_fnmadd _mm256_fnmadd_pd
+    #endif
+    /* o = (x - c) * k + b over `rows` rows (row stride d) of w features. */
+    static inline void bnfast_affine_ff(const float* x, float* o, ptrdiff_t d, int rows,
+                                        ptrdiff_t w, const double* c, const double* k,
+                                        const double* b) {
+        ptrdiff_t j = 0;
+        int r;
+    #ifdef BNF_HALF
+        for (; j + BNF_HALF <= w; j += BNF_HALF) {
+            bnf_vd vc = bnf_ldd(c + j), vk = bnf_ldd(k + j), vb = bnf_ldd(b + j);
+            for (r = 0; r < rows; r++)
+                bnf_st(o + r * d + j, bnf_fmadd(bnf_sub(bnf_ld(x + r * d + j), vc), vk, vb));
+        }
+    #endif
+        for (; j < w; j++)
+            for (r = 0; r < rows; r++)
+                o[r * d + j] = (float)(((double)x[r * d + j] - c[j]) * k[j] + b[j]);
+    }
+    /* The same with one (c, k, b) for all n values (a per-channel plane). */
+    static inline void bnfast_affine_plane_ff(const float* x, float* o, ptrdiff_t n, double c,
+                                              double k, double b) {
+        ptrdiff_t j = 0;
+    #ifdef BNF_HALF
+        bnf_vd vc = bnf_set1(c), vk = bnf_set1(k), vb = bnf_set1(b);
+        for (; j + BNF_HALF <= n; j += BNF_HALF)
+            bnf_st(o + j, bnf_fmadd(bnf_sub(bnf_ld(x + j), vc), vk, vb));
+    #endif
+        for (; j < n; j++)
+            o[j] = (float)(((double)x[j] - c) * k + b);
+    }
+    /* dx = k * ((dy - m) - q * (x - c)) over `rows` rows of w features. */
+    static inline void bnfast_grad_input_ff(const float* x, const float* dy, float* o,
+                                            ptrdiff_t d, int rows, ptrdiff_t w,
+                                            const double* c, const double* m,
+                                            const double* q, const double* k) {
+        ptrdiff_t j = 0;
+        int r;
+    #ifdef BNF_HALF
+        for (; j + BNF_HALF <= w; j += BNF_HALF) {
+            bnf_vd vc = bnf_ldd(c + j), vm = bnf_ldd(m + j), vq = bnf_ldd(q + j);
+            bnf_vd vk = bnf_ldd(k + j);
+            for (r = 0; r < rows; r++)
+                bnf_st(o + r * d + j,
+                       bnf_mul(vk, bnf_fnmadd(vq, bnf_sub(bnf_ld(x + r * d + j), vc),
+                                              bnf_sub(bnf_ld(dy + r * d + j), vm))));
+        }
+    #endif
+        for (; j < w; j++)
+            for (r = 0; r < rows; r++)
+                o[r * d + j] = (float)(k[j] * (((double)dy[r * d + j] - m[j])
+                                               - q[j] * ((double)x[r * d + j] - c[j])));
+    }
+    /* The same with one set of coefficients for all n values (a plane). */
+    static inline void bnfast_grad_input_plane_ff(const float* x, const float* dy, float* o,
+                                                  ptrdiff_t n, double c, double m, double q,
+                                                  double k) {
+        ptrdiff_t j = 0;
+    #ifdef BNF_HALF
+        bnf_vd vc = bnf_set1(c), vm = bnf_set1(m), vq = bnf_set1(q), vk = bnf_set1(k);
+        for (; j + BNF_HALF <= n; j += BNF_HALF)
+            bnf_st(o + j, bnf_mul(vk, bnf_fnmadd(vq, bnf_sub(bnf_ld(x + j), vc),
+                                                 bnf_sub(bnf_ld(dy + j), vm))));
+    #endif
+        for (; j < n; j++)
+            o[j] = (float)(k * (((double)dy[j] - m) - q * ((double)x[j] - c)));
+    }
     """
     const int BNFAST_OPENMP
     const char* BNFAST_BUILD_FLAGS
@@ -123,6 +220,15 @@ cdef extern from *:
     int bnfast_cpu_level() noexcept nogil
     void bnfast_stream(void* dst, const void* src, size_t nbytes) noexcept nogil
     void bnfast_fence() noexcept nogil
+    void bnfast_affine_ff(const float* x, float* o, Py_ssize_t d, int rows, Py_ssize_t w,
+                          const double* c, const double* k, const double* b) noexcept nogil
+    void bnfast_affine_plane_ff(const float* x, float* o, Py_ssize_t n, double c, double k,
+                                double b) noexcept nogil
+    void bnfast_grad_input_ff(const float* x, const float* dy, float* o, Py_ssize_t d,
+                              int rows, Py_ssize_t w, const double* c, const double* m,
+                              const double* q, const double* k) noexcept nogil
+    void bnfast_grad_input_plane_ff(const float* x, const float* dy, float* o, Py_ssize_t n,
+                                    double c, double m, double q, double k) noexcept nogil
     ctypedef double* acc_t "bnfast_acc_t"
 
 ctypedef fused in_t:
@@ -900,20 +1006,26 @@ cdef void _affine_rows(const in_t* x, out_t* y, bint stream, Py_ssize_t d,
         while i + 4 <= r1:
             a = x + i * d + c0
             o = y + i * d + c0
-            for j in range(w):
-                c = center[j]
-                k = scale[j]
-                b = shift[j]
-                o[j] = <out_t>((a[j] - c) * k + b)
-                o[d + j] = <out_t>((a[d + j] - c) * k + b)
-                o[2 * d + j] = <out_t>((a[2 * d + j] - c) * k + b)
-                o[3 * d + j] = <out_t>((a[3 * d + j] - c) * k + b)
+            if in_t is float and out_t is float:
+                bnfast_affine_ff(a, o, d, 4, w, center, scale, shift)
+            else:
+                for j in range(w):
+                    c = center[j]
+                    k = scale[j]
+                    b = shift[j]
+                    o[j] = <out_t>((a[j] - c) * k + b)
+                    o[d + j] = <out_t>((a[d + j] - c) * k + b)
+                    o[2 * d + j] = <out_t>((a[2 * d + j] - c) * k + b)
+                    o[3 * d + j] = <out_t>((a[3 * d + j] - c) * k + b)
             i += 4
     while i < r1:
         a = x + i * d + c0
         o = staging if stream else y + i * d + c0
-        for j in range(w):
-            o[j] = <out_t>((a[j] - center[j]) * scale[j] + shift[j])
+        if in_t is float and out_t is float:
+            bnfast_affine_ff(a, o, d, 1, w, center, scale, shift)
+        else:
+            for j in range(w):
+                o[j] = <out_t>((a[j] - center[j]) * scale[j] + shift[j])
         if stream:
             bnfast_stream(y + i * d + c0, staging, w * sizeof(out_t))
         i += 1
@@ -1038,22 +1150,28 @@ cdef void _grad_input_rows(const in_t* x, const in_t* dy, out_t* dx, bint stream
             a = x + i * d + c0
             g = dy + i * d + c0
             o = dx + i * d + c0
-            for j in range(w):
-                c = center[j]
-                m = mean_dy[j]
-                q = k_xc[j]
-                kk = k[j]
-                o[j] = <out_t>(kk * ((g[j] - m) - q * (a[j] - c)))
-                o[d + j] = <out_t>(kk * ((g[d + j] - m) - q * (a[d + j] - c)))
-                o[2 * d + j] = <out_t>(kk * ((g[2 * d + j] - m) - q * (a[2 * d + j] - c)))
-                o[3 * d + j] = <out_t>(kk * ((g[3 * d + j] - m) - q * (a[3 * d + j] - c)))
+            if in_t is float and out_t is float:
+                bnfast_grad_input_ff(a, g, o, d, 4, w, center, mean_dy, k_xc, k)
+            else:
+                for j in range(w):
+                    c = center[j]
+                    m = mean_dy[j]
+                    q = k_xc[j]
+                    kk = k[j]
+                    o[j] = <out_t>(kk * ((g[j] - m) - q * (a[j] - c)))
+                    o[d + j] = <out_t>(kk * ((g[d + j] - m) - q * (a[d + j] - c)))
+                    o[2 * d + j] = <out_t>(kk * ((g[2 * d + j] - m) - q * (a[2 * d + j] - c)))
+                    o[3 * d + j] = <out_t>(kk * ((g[3 * d + j] - m) - q * (a[3 * d + j] - c)))
             i += 4
     while i < r1:
         a = x + i * d + c0
         g = dy + i * d + c0
         o = staging if stream else dx + i * d + c0
-        for j in range(w):
-            o[j] = <out_t>(k[j] * ((g[j] - mean_dy[j]) - k_xc[j] * (a[j] - center[j])))
+        if in_t is float and out_t is float:
+            bnfast_grad_input_ff(a, g, o, d, 1, w, center, mean_dy, k_xc, k)
+        else:
+            for j in range(w):
+                o[j] = <out_t>(k[j] * ((g[j] - mean_dy[j]) - k_xc[j] * (a[j] - center[j])))
         if stream:
             bnfast_stream(dx + i * d + c0, staging, w * sizeof(out_t))
         i += 1

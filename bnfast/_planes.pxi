@@ -291,8 +291,11 @@ cdef void _plane_affine_task(const Planes* p, Py_ssize_t t, const in_t* x, in_t*
         dst = y + q * p.s
         if cache != NULL:
             _copy_run(p, cache + q * p.s, src, p.s)
-        for j in range(p.s):
-            dst[j] = <out_t>((src[j] - m) * k + b)
+        if in_t is float and out_t is float:
+            bnfast_affine_plane_ff(src, dst, p.s, m, k, b)
+        else:
+            for j in range(p.s):
+                dst[j] = <out_t>((src[j] - m) * k + b)
 
 
 cdef void _planes_copy(const Planes* p, const in_t* x, in_t* cache) noexcept nogil:
@@ -420,8 +423,11 @@ cdef void _plane_grad_input_task(const Planes* p, Py_ssize_t t, const in_t* x, c
         qq = k_xc[ch]
         kk = k[ch]
         off = q * p.s
-        for j in range(p.s):
-            dx[off + j] = <out_t>(kk * ((dy[off + j] - m) - qq * (x[off + j] - c0)))
+        if in_t is float and out_t is float:
+            bnfast_grad_input_plane_ff(x + off, dy + off, dx + off, p.s, c0, m, qq, kk)
+        else:
+            for j in range(p.s):
+                dx[off + j] = <out_t>(kk * ((dy[off + j] - m) - qq * (x[off + j] - c0)))
 
 
 cdef void _plane_scale_task(const Planes* p, Py_ssize_t t, const in_t* dy, out_t* dx,
