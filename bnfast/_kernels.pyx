@@ -116,13 +116,16 @@ cdef extern from *:
     static void bnfast_stream(void* dst, const void* src, size_t bytes) { memcpy(dst, src, bytes); }
     static void bnfast_fence(void) { }
     #endif
-    /* Float32 element loops, arithmetic in float64.  Compilers vectorize
-       them by loading 16 floats and splitting them with cross-lane
-       extract/insert instructions, the bottleneck of these loops once the
-       data is cached (Zen 4: a plane's y = (x - c) * k + b 25 % slower than
-       here); these convert 8 (AVX-512) or 4 (AVX2) floats straight from
-       and to memory.  The vector and the scalar tail round alike: both
-       contract to one fused multiply-add where the CPU has it. */
+    /* Loops over float32 rows, arithmetic in float64: the affine and dx
+       passes and the row sums.  Compilers vectorize them by loading 16
+       floats and splitting them with cross-lane extract/insert
+       instructions, the bottleneck of these loops once the data is cached
+       (Zen 4: a plane's y = (x - c) * k + b 25 % slower than here); these
+       convert 8 (AVX-512) or 4 (AVX2) floats straight from and to memory.
+       The vector part and the scalar tail do the same operations in the
+       same order, fused multiply-adds included (the tail's expressions
+       contract to the same ones where the CPU has FMA), so a value's
+       rounding does not depend on where a loop splits. */
     #if defined(__AVX512F__)
     #include <immintrin.h>
     #define BNF_HALF 8
@@ -132,6 +135,8 @@ cdef extern from *:
     #define bnf_ldd _mm512_loadu_pd
     #define bnf_set1 _mm512_set1_pd
     #define bnf_sub _mm512_sub_pd
+    #define bnf_add _mm512_add_pd
+    #define bnf_std _mm512_storeu_pd
     #define bnf_mul _mm512_mul_pd
     #define bnf_fmadd _mm512_fmadd_pd
     #define bnf_fnmadd _mm512_fnmadd_pd
@@ -144,6 +149,8 @@ cdef extern from *:
     #define bnf_ldd _mm256_loadu_pd
     #define bnf_set1 _mm256_set1_pd
     #define bnf_sub _mm256_sub_pd
+    #define bnf_add _mm256_add_pd
+    #define bnf_std _mm256_storeu_pd
     #define bnf_mul _mm256_mul_pd
     #define bnf_fmadd _mm256_fmadd_pd
     #define bnf_fnmadd _mm256_fnmadd_pd
@@ -199,6 +206,84 @@ cdef extern from *:
                 o[r * d + j] = (float)(k[j] * (((double)dy[r * d + j] - m[j])
                                                - q[j] * ((double)x[r * d + j] - c[j])));
     }
+    /* s1 += the sum of e = x - k over `rows` rows (1 or 4), s2 += that of
+       e * e, paired as the Cython loops they replace: (e0 + e1) + (e2 + e3). */
+    static inline void bnfast_rows_sq_sums_f(const float* x, ptrdiff_t d, int rows,
+                                             ptrdiff_t w, const double* k, double* s1,
+                                             double* s2) {
+        ptrdiff_t j = 0;
+    #ifdef BNF_HALF
+        for (; j + BNF_HALF <= w; j += BNF_HALF) {
+            bnf_vd vk = bnf_ldd(k + j), a1 = bnf_ldd(s1 + j), a2 = bnf_ldd(s2 + j);
+            bnf_vd e0 = bnf_sub(bnf_ld(x + j), vk);
+            if (rows == 4) {
+                bnf_vd e1 = bnf_sub(bnf_ld(x + d + j), vk);
+                bnf_vd e2 = bnf_sub(bnf_ld(x + 2 * d + j), vk);
+                bnf_vd e3 = bnf_sub(bnf_ld(x + 3 * d + j), vk);
+                a1 = bnf_add(a1, bnf_add(bnf_add(e0, e1), bnf_add(e2, e3)));
+                a2 = bnf_add(a2, bnf_add(bnf_fmadd(e0, e0, bnf_mul(e1, e1)),
+                                         bnf_fmadd(e2, e2, bnf_mul(e3, e3))));
+            } else {
+                a1 = bnf_add(a1, e0);
+                a2 = bnf_fmadd(e0, e0, a2);
+            }
+            bnf_std(s1 + j, a1);
+            bnf_std(s2 + j, a2);
+        }
+    #endif
+        for (; j < w; j++) {
+            double e0 = (double)x[j] - k[j];
+            if (rows == 4) {
+                double e1 = (double)x[d + j] - k[j], e2 = (double)x[2 * d + j] - k[j];
+                double e3 = (double)x[3 * d + j] - k[j];
+                s1[j] += (e0 + e1) + (e2 + e3);
+                s2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3);
+            } else {
+                s1[j] += e0;
+                s2[j] += e0 * e0;
+            }
+        }
+    }
+    /* s1 += the sum of dy, s2 += that of dy * (x - c), over `rows` rows. */
+    static inline void bnfast_rows_grad_sums_f(const float* x, const float* dy, ptrdiff_t d,
+                                               int rows, ptrdiff_t w, const double* c,
+                                               double* s1, double* s2) {
+        ptrdiff_t j = 0;
+    #ifdef BNF_HALF
+        for (; j + BNF_HALF <= w; j += BNF_HALF) {
+            bnf_vd vc = bnf_ldd(c + j), a1 = bnf_ldd(s1 + j), a2 = bnf_ldd(s2 + j);
+            bnf_vd g0 = bnf_ld(dy + j), t0 = bnf_sub(bnf_ld(x + j), vc);
+            if (rows == 4) {
+                bnf_vd g1 = bnf_ld(dy + d + j), g2 = bnf_ld(dy + 2 * d + j);
+                bnf_vd g3 = bnf_ld(dy + 3 * d + j);
+                bnf_vd t1 = bnf_sub(bnf_ld(x + d + j), vc);
+                bnf_vd t2 = bnf_sub(bnf_ld(x + 2 * d + j), vc);
+                bnf_vd t3 = bnf_sub(bnf_ld(x + 3 * d + j), vc);
+                a1 = bnf_add(a1, bnf_add(bnf_add(g0, g1), bnf_add(g2, g3)));
+                a2 = bnf_add(a2, bnf_add(bnf_fmadd(g0, t0, bnf_mul(g1, t1)),
+                                         bnf_fmadd(g2, t2, bnf_mul(g3, t3))));
+            } else {
+                a1 = bnf_add(a1, g0);
+                a2 = bnf_fmadd(g0, t0, a2);
+            }
+            bnf_std(s1 + j, a1);
+            bnf_std(s2 + j, a2);
+        }
+    #endif
+        for (; j < w; j++) {
+            double g0 = dy[j];
+            if (rows == 4) {
+                double g1 = dy[d + j], g2 = dy[2 * d + j], g3 = dy[3 * d + j];
+                s1[j] += (g0 + g1) + (g2 + g3);
+                s2[j] += ((g0 * ((double)x[j] - c[j]) + g1 * ((double)x[d + j] - c[j]))
+                          + (g2 * ((double)x[2 * d + j] - c[j])
+                             + g3 * ((double)x[3 * d + j] - c[j])));
+            } else {
+                s1[j] += g0;
+                s2[j] += g0 * ((double)x[j] - c[j]);
+            }
+        }
+    }
     /* The same with one set of coefficients for all n values (a plane). */
     static inline void bnfast_grad_input_plane_ff(const float* x, const float* dy, float* o,
                                                   ptrdiff_t n, double c, double m, double q,
@@ -227,6 +312,11 @@ cdef extern from *:
     void bnfast_grad_input_ff(const float* x, const float* dy, float* o, Py_ssize_t d,
                               int rows, Py_ssize_t w, const double* c, const double* m,
                               const double* q, const double* k) noexcept nogil
+    void bnfast_rows_sq_sums_f(const float* x, Py_ssize_t d, int rows, Py_ssize_t w,
+                               const double* k, double* s1, double* s2) noexcept nogil
+    void bnfast_rows_grad_sums_f(const float* x, const float* dy, Py_ssize_t d, int rows,
+                                 Py_ssize_t w, const double* c, double* s1,
+                                 double* s2) noexcept nogil
     void bnfast_grad_input_plane_ff(const float* x, const float* dy, float* o, Py_ssize_t n,
                                     double c, double m, double q, double k) noexcept nogil
     ctypedef double* acc_t "bnfast_acc_t"
@@ -809,14 +899,17 @@ cdef inline void _sq_sums4(const in_t* a, Py_ssize_t d, Py_ssize_t w, const doub
     and stored once per four rows; the fixed pairing shortens rounding chains."""
     cdef Py_ssize_t j
     cdef double k, e0, e1, e2, e3
-    for j in range(w):
-        k = shift[j]
-        e0 = a[j] - k
-        e1 = a[d + j] - k
-        e2 = a[2 * d + j] - k
-        e3 = a[3 * d + j] - k
-        s1[j] += (e0 + e1) + (e2 + e3)
-        s2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+    if in_t is float:
+        bnfast_rows_sq_sums_f(a, d, 4, w, shift, s1, s2)
+    else:
+        for j in range(w):
+            k = shift[j]
+            e0 = a[j] - k
+            e1 = a[d + j] - k
+            e2 = a[2 * d + j] - k
+            e3 = a[3 * d + j] - k
+            s1[j] += (e0 + e1) + (e2 + e3)
+            s2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
 
 
 cdef inline void _sq_sums1(const in_t* a, Py_ssize_t w, const double* shift, acc_t s1,
@@ -824,10 +917,13 @@ cdef inline void _sq_sums1(const in_t* a, Py_ssize_t w, const double* shift, acc
     """_sq_sums4 for one row."""
     cdef Py_ssize_t j
     cdef double e0
-    for j in range(w):
-        e0 = a[j] - shift[j]
-        s1[j] += e0
-        s2[j] += e0 * e0
+    if in_t is float:
+        bnfast_rows_sq_sums_f(a, 0, 1, w, shift, s1, s2)
+    else:
+        for j in range(w):
+            e0 = a[j] - shift[j]
+            s1[j] += e0
+            s2[j] += e0 * e0
 
 
 cdef Py_ssize_t _sq_sums_folded(const in_t* x, in_t* copy_to, Py_ssize_t d, Py_ssize_t m,
@@ -1092,22 +1188,29 @@ cdef void _grad_sums_rows(const in_t* x, const in_t* dy, Py_ssize_t d,
     while i + 4 <= r1:
         a = x + i * d + c0
         g = dy + i * d + c0
-        for j in range(w):
-            g0 = g[j]
-            g1 = g[d + j]
-            g2 = g[2 * d + j]
-            g3 = g[3 * d + j]
-            sum_dy[j] += (g0 + g1) + (g2 + g3)
-            sum_dy_xc[j] += ((g0 * (a[j] - center[j]) + g1 * (a[d + j] - center[j]))
-                             + (g2 * (a[2 * d + j] - center[j]) + g3 * (a[3 * d + j] - center[j])))
+        if in_t is float:
+            bnfast_rows_grad_sums_f(a, g, d, 4, w, center, sum_dy, sum_dy_xc)
+        else:
+            for j in range(w):
+                g0 = g[j]
+                g1 = g[d + j]
+                g2 = g[2 * d + j]
+                g3 = g[3 * d + j]
+                sum_dy[j] += (g0 + g1) + (g2 + g3)
+                sum_dy_xc[j] += ((g0 * (a[j] - center[j]) + g1 * (a[d + j] - center[j]))
+                                 + (g2 * (a[2 * d + j] - center[j])
+                                    + g3 * (a[3 * d + j] - center[j])))
         i += 4
     while i < r1:
         a = x + i * d + c0
         g = dy + i * d + c0
-        for j in range(w):
-            g0 = g[j]
-            sum_dy[j] += g0
-            sum_dy_xc[j] += g0 * (a[j] - center[j])
+        if in_t is float:
+            bnfast_rows_grad_sums_f(a, g, d, 1, w, center, sum_dy, sum_dy_xc)
+        else:
+            for j in range(w):
+                g0 = g[j]
+                sum_dy[j] += g0
+                sum_dy_xc[j] += g0 * (a[j] - center[j])
         i += 1
 
 
