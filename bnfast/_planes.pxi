@@ -18,56 +18,80 @@ cdef extern from *:
     /* Sums over a plane into 16 lane partials (lane = index mod 16), the
        hot loops of the per-channel reductions.  Written with GCC/Clang
        vector types: left to itself GCC vectorized the lane loop's *outer*
-       loop and reduced each lane with scalar adds.  Other compilers get
-       the same per-lane arithmetic as plain loops.  Each processes the first
-       n - n % 16 values and returns how many. */
+       loop and reduced each lane with scalar adds.  The vectors are as wide
+       as the instruction set's (8 doubles with AVX-512, else 4: GCC spills
+       wider ones to the stack, making AVX2 code 3x slower than it should
+       be); the 16 lanes and their arithmetic are the same at every width.
+       Other compilers get the same per-lane arithmetic as plain loops.
+       Each processes the first n - n % 16 values and returns how many. */
     #include <stddef.h>
     #include <string.h>
     #if defined(__GNUC__) || defined(__clang__)
-    typedef double bnfast_v8d __attribute__((vector_size(64)));
-    typedef float bnfast_v8f __attribute__((vector_size(32)));
-    static inline bnfast_v8d bnfast_ld_d(const double* p) {
-        bnfast_v8d v; memcpy(&v, p, sizeof v); return v; }
     #if defined(__AVX512F__)
-    /* one conversion from memory: GCC's own for the generic form below
-       takes five instructions (halves converted, then re-joined) */
     #include <immintrin.h>
-    static inline bnfast_v8d bnfast_ld_f(const float* p) {
-        return (bnfast_v8d)_mm512_cvtps_pd(_mm256_loadu_ps(p)); }
+    #define BNFAST_VL 8
+    typedef double bnfast_vd __attribute__((vector_size(64)));
+    /* one conversion from memory (GCC's own for __builtin_convertvector
+       takes five instructions: halves converted, then re-joined) */
+    static inline bnfast_vd bnfast_ld_f(const float* p) {
+        return (bnfast_vd)_mm512_cvtps_pd(_mm256_loadu_ps(p)); }
+    #elif defined(__AVX__)
+    #include <immintrin.h>
+    #define BNFAST_VL 4
+    typedef double bnfast_vd __attribute__((vector_size(32)));
+    static inline bnfast_vd bnfast_ld_f(const float* p) {
+        return (bnfast_vd)_mm256_cvtps_pd(_mm_loadu_ps(p)); }
     #else
-    static inline bnfast_v8d bnfast_ld_f(const float* p) {
-        bnfast_v8f v; memcpy(&v, p, sizeof v); return __builtin_convertvector(v, bnfast_v8d); }
+    #define BNFAST_VL 4
+    typedef double bnfast_vd __attribute__((vector_size(32)));
+    typedef float bnfast_vf __attribute__((vector_size(16)));
+    static inline bnfast_vd bnfast_ld_f(const float* p) {
+        bnfast_vf v; memcpy(&v, p, sizeof v); return __builtin_convertvector(v, bnfast_vd); }
     #endif
+    #define BNFAST_NV (16 / BNFAST_VL)
+    static inline bnfast_vd bnfast_ld_d(const double* p) {
+        bnfast_vd v; memcpy(&v, p, sizeof v); return v; }
     #define BNFAST_LANE_SUMS(SUFFIX, T)                                                   \
     static ptrdiff_t bnfast_sq_sums_##SUFFIX(const T* x, ptrdiff_t n, double k,           \
                                              double* a1, double* a2) {                    \
-        bnfast_v8d s1a = bnfast_ld_d(a1), s1b = bnfast_ld_d(a1 + 8);                      \
-        bnfast_v8d s2a = bnfast_ld_d(a2), s2b = bnfast_ld_d(a2 + 8);                      \
-        bnfast_v8d kk = {k, k, k, k, k, k, k, k};                                         \
+        bnfast_vd s1[BNFAST_NV], s2[BNFAST_NV], kk = (bnfast_vd){0} + k;                  \
         ptrdiff_t i = 0;                                                                  \
-        for (; i + 16 <= n; i += 16) {                                                    \
-            bnfast_v8d ea = bnfast_ld_##SUFFIX(x + i) - kk;                               \
-            bnfast_v8d eb = bnfast_ld_##SUFFIX(x + i + 8) - kk;                           \
-            s1a += ea; s1b += eb; s2a += ea * ea; s2b += eb * eb;                         \
+        int v;                                                                            \
+        for (v = 0; v < BNFAST_NV; v++) {                                                 \
+            s1[v] = bnfast_ld_d(a1 + v * BNFAST_VL);                                      \
+            s2[v] = bnfast_ld_d(a2 + v * BNFAST_VL);                                      \
         }                                                                                 \
-        memcpy(a1, &s1a, 64); memcpy(a1 + 8, &s1b, 64);                                   \
-        memcpy(a2, &s2a, 64); memcpy(a2 + 8, &s2b, 64);                                   \
+        for (; i + 16 <= n; i += 16)                                                      \
+            for (v = 0; v < BNFAST_NV; v++) {                                             \
+                bnfast_vd e = bnfast_ld_##SUFFIX(x + i + v * BNFAST_VL) - kk;             \
+                s1[v] += e;                                                               \
+                s2[v] += e * e;                                                           \
+            }                                                                             \
+        for (v = 0; v < BNFAST_NV; v++) {                                                 \
+            memcpy(a1 + v * BNFAST_VL, &s1[v], sizeof s1[v]);                             \
+            memcpy(a2 + v * BNFAST_VL, &s2[v], sizeof s2[v]);                             \
+        }                                                                                 \
         return i;                                                                         \
     }                                                                                     \
     static ptrdiff_t bnfast_dot_sums_##SUFFIX(const T* x, const T* g, ptrdiff_t n,        \
                                               double m, double* a1, double* a2) {         \
-        bnfast_v8d s1a = bnfast_ld_d(a1), s1b = bnfast_ld_d(a1 + 8);                      \
-        bnfast_v8d s2a = bnfast_ld_d(a2), s2b = bnfast_ld_d(a2 + 8);                      \
-        bnfast_v8d mm = {m, m, m, m, m, m, m, m};                                         \
+        bnfast_vd s1[BNFAST_NV], s2[BNFAST_NV], mm = (bnfast_vd){0} + m;                  \
         ptrdiff_t i = 0;                                                                  \
-        for (; i + 16 <= n; i += 16) {                                                    \
-            bnfast_v8d ga = bnfast_ld_##SUFFIX(g + i), gb = bnfast_ld_##SUFFIX(g + i + 8); \
-            s1a += ga; s1b += gb;                                                         \
-            s2a += ga * (bnfast_ld_##SUFFIX(x + i) - mm);                                 \
-            s2b += gb * (bnfast_ld_##SUFFIX(x + i + 8) - mm);                             \
+        int v;                                                                            \
+        for (v = 0; v < BNFAST_NV; v++) {                                                 \
+            s1[v] = bnfast_ld_d(a1 + v * BNFAST_VL);                                      \
+            s2[v] = bnfast_ld_d(a2 + v * BNFAST_VL);                                      \
         }                                                                                 \
-        memcpy(a1, &s1a, 64); memcpy(a1 + 8, &s1b, 64);                                   \
-        memcpy(a2, &s2a, 64); memcpy(a2 + 8, &s2b, 64);                                   \
+        for (; i + 16 <= n; i += 16)                                                      \
+            for (v = 0; v < BNFAST_NV; v++) {                                             \
+                bnfast_vd gv = bnfast_ld_##SUFFIX(g + i + v * BNFAST_VL);                 \
+                s1[v] += gv;                                                              \
+                s2[v] += gv * (bnfast_ld_##SUFFIX(x + i + v * BNFAST_VL) - mm);           \
+            }                                                                             \
+        for (v = 0; v < BNFAST_NV; v++) {                                                 \
+            memcpy(a1 + v * BNFAST_VL, &s1[v], sizeof s1[v]);                             \
+            memcpy(a2 + v * BNFAST_VL, &s2[v], sizeof s2[v]);                             \
+        }                                                                                 \
         return i;                                                                         \
     }
     #else
