@@ -75,12 +75,13 @@ def test_each_partition_matches_the_twin(rng, name, dtype):
 
 
 @pytest.mark.skipif(not OPENMP, reason="serial build (no OpenMP): one thread only")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_results_are_bitwise_identical_for_any_thread_count(rng, name):
+def test_results_are_bitwise_identical_for_any_thread_count(rng, name, dtype):
     shape = SHAPES[name]
-    gamma, beta = make_params(rng, shape[1])
-    x = rng.standard_normal(shape) * 2 - 1
-    dout = rng.standard_normal(shape)
+    gamma, beta = make_params(rng, shape[1], dtype)
+    x = (rng.standard_normal(shape) * 2 - 1).astype(dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
     with threads(1):
         expected = run_all(x, dout, gamma, beta)
     for n in (2, 3, 4, 7):
@@ -88,6 +89,59 @@ def test_results_are_bitwise_identical_for_any_thread_count(rng, name):
             got = run_all(x, dout, gamma, beta)
         for a, b in zip(got, expected):
             assert np.array_equal(a, b), f"{n} threads differ from 1 thread"
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(13, 75), (9, 2003), (3001, 75)])
+def test_a_features_numbers_do_not_depend_on_its_column(rng, shape, dtype):
+    """Reversing the features reverses every result bitwise: a feature that
+    falls in a loop's vector body and one in its scalar tail (each width
+    leaves 3 features over whole vectors) get the same operations in the
+    same order, fused multiply-adds included."""
+    n, d = shape
+    gamma, beta = make_params(rng, d, dtype)
+    x = (rng.standard_normal(shape) * 3 + 2).astype(dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+    rm = rng.standard_normal(d).astype(dtype)
+    rv = (rng.random(d) + 0.5).astype(dtype)
+    flip = np.arange(d)[::-1]
+
+    def results(order):
+        xs, dys = np.ascontiguousarray(x[:, order]), np.ascontiguousarray(dout[:, order])
+        layer = bnfast.BatchNormalization(gamma[order], beta[order], running_mean=rm[order],
+                                          running_var=rv[order])
+        out = [layer.forward(xs), layer.backward(dys), layer.dgamma, layer.dbeta,
+               layer.running_mean, layer.running_var, layer.std]
+        out += [layer.forward(xs, False), layer.backward(dys), layer.dgamma, layer.dbeta]
+        # the float64 sums behind them (float32 outputs would round a last-bit change away)
+        mean, m2, sum_dy, sum_dy_xc = (np.empty(d) for _ in range(4))
+        kernels.moments(xs, None, n, d, mean, m2)
+        kernels.grad_sums(xs, dys, n, d, mean, sum_dy, sum_dy_xc)
+        return out + [mean, m2, sum_dy, sum_dy_xc]
+
+    for straight, flipped in zip(results(np.arange(d)), results(flip)):
+        assert np.array_equal(straight[..., flip], flipped)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+def test_a_positions_eval_output_does_not_depend_on_where_it_is(rng, dtype, layout):
+    """The same for the positions of a per-channel plane (19 = 2 x 8 + 3):
+    with the statistics fixed (eval mode), reversing them reverses y.  (For
+    float32 this holds at output precision: the float64 arithmetic behind
+    a float32 y is visible only through its rounding.)"""
+    c = 5
+    x = (rng.standard_normal((4, c, 19)) * 3 + 2).astype(dtype)
+    if layout == "channels-last":
+        x = np.ascontiguousarray(x.transpose(0, 2, 1)).transpose(0, 2, 1)
+    gamma, beta = make_params(rng, c, dtype)
+    layer = bnfast.BatchNormalization(gamma, beta, per_channel=True,
+                                      running_mean=rng.standard_normal(c).astype(dtype),
+                                      running_var=(rng.random(c) + 0.5).astype(dtype))
+    straight = layer.forward(x, False)
+    flipped = layer.forward(x[:, :, ::-1], False)
+    assert straight.dtype == dtype
+    assert np.array_equal(straight[:, :, ::-1], flipped)
 
 
 KNOBS = [
