@@ -150,6 +150,28 @@ def test_results_are_bitwise_identical_for_any_thread_count(rng, shape):
                 assert np.array_equal(got[key], expected[key]), (n, key)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(6, 40, 5, 7), (3, 200, 3, 3), (300, 24, 2, 2), (2100, 40, 4, 4)])
+def test_a_channels_numbers_do_not_depend_on_the_other_channels(rng, shape, dtype):
+    """NCHW reductions read small planes in blocks of channels (2 to 13
+    channels here; the last shape in two sample chunks too, in float64); a
+    channel's results are those of a batch of that channel alone (one
+    channel per task), bit for bit."""
+    c = shape[1]
+    gamma, beta = params(rng, c, dtype)
+    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+    whole = full_round(bnfast.BatchNormalization(gamma, beta, per_channel=True), x, dout)
+    for ch in (0, c // 2, c - 1):
+        alone = full_round(bnfast.BatchNormalization(gamma[ch:ch + 1], beta[ch:ch + 1],
+                                                     per_channel=True),
+                           np.ascontiguousarray(x[:, ch:ch + 1]),
+                           np.ascontiguousarray(dout[:, ch:ch + 1]))
+        for key, value in alone.items():
+            assert np.array_equal(whole[key][:, ch:ch + 1] if value.ndim > 1
+                                  else whole[key][ch:ch + 1], value), (ch, key)
+
+
 def test_streaming_the_cached_copy_changes_no_result(rng):
     """Large per-channel batches copy x to the cache with streaming stores
     (in both the planes and the channels-last kernels); forcing them for a
