@@ -151,7 +151,8 @@ def test_results_are_bitwise_identical_for_any_thread_count(rng, shape):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("shape", [(6, 40, 5, 7), (3, 200, 3, 3), (300, 24, 2, 2), (2100, 40, 4, 4)])
+@pytest.mark.parametrize("shape", [(6, 40, 5, 7), (3, 200, 3, 3), (300, 24, 2, 2),
+                                   (2100, 40, 4, 4)])
 def test_a_channels_numbers_do_not_depend_on_the_other_channels(rng, shape, dtype):
     """NCHW reductions read small planes in blocks of channels (2 to 13
     channels here; the last shape in two sample chunks too, in float64); a
