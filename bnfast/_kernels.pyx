@@ -123,9 +123,10 @@ cdef extern from *:
        (Zen 4: a plane's y = (x - c) * k + b 25 % slower than here); these
        convert 8 (AVX-512) or 4 (AVX2) floats straight from and to memory.
        The vector part and the scalar tail do the same operations in the
-       same order, fused multiply-adds included (the tail's expressions
-       contract to the same ones where the CPU has FMA), so a value's
-       rounding does not depend on where a loop splits. */
+       same order, fused multiply-adds included (GCC and Clang contract the
+       tail's expressions to the same ones; the variants that have these
+       paths are built by them), so a value's rounding does not depend on
+       where a loop splits (tests/test_kernels.py checks it). */
     #if defined(__AVX512F__)
     #include <immintrin.h>
     #define BNF_HALF 8
