@@ -11,8 +11,8 @@ python=${PYTHON_ENV:-python}
 read -r default others < <("$python" - <<'EOF'
 from bnfast import _native
 from bnfast._kernels import cpu_level
-needs = {"baseline": 0, "avx2": 1, "avx512": 2}
-runnable = [name for name in _native.available() if needs[name] <= cpu_level()]
+needs = {name: level for name, level, _ in _native._VARIANTS}   # the loader's own table
+runnable = [name for name in _native.available() if needs.get(name, 0) <= cpu_level()]
 print(_native.isa, " ".join(name for name in runnable if name != _native.isa))
 EOF
 )
