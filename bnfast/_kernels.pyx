@@ -116,6 +116,20 @@ cdef extern from *:
     static void bnfast_stream(void* dst, const void* src, size_t bytes) { memcpy(dst, src, bytes); }
     static void bnfast_fence(void) { }
     #endif
+    /* Copy bytes start..end of a total-byte array, as one of the tasks that
+       copy it in pieces, with streaming stores: this piece writes the whole
+       destination cache lines that begin inside it (the array's first piece
+       also its first line, the last piece its last).  Every line is written
+       whole by one task: no piece leaves a line half-written by ordinary
+       stores for a neighbour (another thread, maybe) to finish. */
+    static void bnfast_stream_piece(void* dst, const void* src, size_t total, size_t start,
+                                    size_t end) {
+        uintptr_t at = (uintptr_t)dst;
+        size_t lo = start == 0 ? 0 : (size_t)(((at + start + 63) & ~(uintptr_t)63) - at);
+        size_t hi = end >= total ? total : (size_t)(((at + end + 63) & ~(uintptr_t)63) - at);
+        if (hi > total) hi = total;
+        if (hi > lo) bnfast_stream((char*)dst + lo, (const char*)src + lo, hi - lo);
+    }
     /* Loops over float32 rows, arithmetic in float64: the affine and dx
        passes and the row sums.  Compilers vectorize them by loading 16
        floats and splitting them with cross-lane extract/insert
@@ -305,6 +319,8 @@ cdef extern from *:
     int omp_get_max_threads() noexcept nogil
     int bnfast_cpu_level() noexcept nogil
     void bnfast_stream(void* dst, const void* src, size_t nbytes) noexcept nogil
+    void bnfast_stream_piece(void* dst, const void* src, size_t total, size_t start,
+                             size_t end) noexcept nogil
     void bnfast_fence() noexcept nogil
     void bnfast_affine_ff(const float* x, float* o, Py_ssize_t d, int rows, Py_ssize_t w,
                           const double* c, const double* k, const double* b) noexcept nogil
@@ -958,8 +974,8 @@ cdef Py_ssize_t _sq_sums_folded(const in_t* x, in_t* copy_to, Py_ssize_t d, Py_s
     return b0 + groups * m
 
 
-cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t d,
-                      Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w,
+cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t n_rows,
+                      Py_ssize_t d, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w,
                       Py_ssize_t block_rows, const double* shift, acc_t mean_acc,
                       acc_t m2_acc, acc_t s1, acc_t s2) noexcept nogil:
     """mean (relative to shift) and M2 of rows r0..r1 of columns c0..c0+w,
@@ -972,6 +988,7 @@ cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t d,
     cdef const in_t* a
     cdef in_t* c
     cdef bint copy_here = copy_to != NULL and not stream
+    cdef size_t total = n_rows * d * sizeof(in_t)
     if m > 1:
         _repeat(shift, d, m, shift_lanes)
     while b0 < r1:
@@ -1005,10 +1022,12 @@ cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t d,
             i += 1
         if copy_to != NULL and stream:
             if w == d:      # whole rows: one contiguous run (no per-row call for narrow rows)
-                bnfast_stream(copy_to + b0 * d, x + b0 * d, (b1 - b0) * d * sizeof(in_t))
+                bnfast_stream_piece(copy_to, x, total, b0 * d * sizeof(in_t),
+                                    b1 * d * sizeof(in_t))
             else:
                 for i in range(b0, b1):
-                    bnfast_stream(copy_to + i * d + c0, x + i * d + c0, w * sizeof(in_t))
+                    bnfast_stream_piece(copy_to, x, total, (i * d + c0) * sizeof(in_t),
+                                        (i * d + c0 + w) * sizeof(in_t))
         # Per feature: the block's mean and M2 (vectorized), marking with NaN
         # the features whose sums are ill-conditioned or not finite; then the
         # exact two-pass for those (a scan: they are rare); then the merge.
@@ -1387,8 +1406,9 @@ cdef void _train_strip(const Grid* g, Py_ssize_t t, const in_t* x, in_t* cache, 
     cdef Task task = _task(g, t)
     cdef Py_ssize_t cb = g.col_block
     _shift_of(x, g.n_cols, g.n_rows, task.c0, task.w, mine)
-    _stats_rows(x, cache, g.stream_cache, g.n_cols, task.r0, task.r1, task.c0, task.w,
-                g.block_rows, mine, a.mean + task.c0, a.var + task.c0, mine + cb, mine + 2 * cb)
+    _stats_rows(x, cache, g.stream_cache, g.n_rows, g.n_cols, task.r0, task.r1, task.c0,
+                task.w, g.block_rows, mine, a.mean + task.c0, a.var + task.c0, mine + cb,
+                mine + 2 * cb)
     _finish_stats(a, g.n_rows, task.c0, task.w, mine, mine + cb, mine, mine + 2 * cb)
     _affine_rows(x, y, g.stream, g.n_cols, task.r0, task.r1, task.c0, task.w,
                  a.mean + task.c0, mine + cb, mine, <out_t*>(mine + 3 * cb))
@@ -1401,9 +1421,9 @@ cdef void _train_block_stats(const Grid* g, Py_ssize_t t, const in_t* x, in_t* c
     cdef Task task = _task(g, t)
     cdef Py_ssize_t cb = g.col_block, d = g.n_cols
     _shift_of(x, g.n_cols, g.n_rows, task.c0, task.w, mine)
-    _stats_rows(x, cache, g.stream_cache, d, task.r0, task.r1, task.c0, task.w, g.block_rows,
-                mine, part + task.k * d + task.c0, part + (g.n_chunks + task.k) * d + task.c0,
-                mine + cb, mine + 2 * cb)
+    _stats_rows(x, cache, g.stream_cache, g.n_rows, d, task.r0, task.r1, task.c0, task.w,
+                g.block_rows, mine, part + task.k * d + task.c0,
+                part + (g.n_chunks + task.k) * d + task.c0, mine + cb, mine + 2 * cb)
 
 
 cdef void _train_coefficients(const Grid* g, Py_ssize_t t, const in_t* x, const TrainArgs* a,

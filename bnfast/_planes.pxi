@@ -357,13 +357,15 @@ cdef int _planes_moments(const Planes* p, const in_t* x, double* shift, double* 
     return 0
 
 
-cdef inline void _copy_run(const Planes* p, in_t* dst, const in_t* src,
-                           Py_ssize_t count) noexcept nogil:
-    """dst = src, count elements: streamed where the cache copy is large."""
+cdef inline void _copy_run(const Planes* p, in_t* cache, const in_t* x, Py_ssize_t start,
+                           Py_ssize_t end) noexcept nogil:
+    """cache = x over elements start..end: streamed (whole lines, see
+    bnfast_stream_piece) where the cache copy is large."""
     if p.stream_cache:
-        bnfast_stream(dst, src, count * sizeof(in_t))
+        bnfast_stream_piece(cache, x, p.n * p.c * p.s * sizeof(in_t), start * sizeof(in_t),
+                            end * sizeof(in_t))
     else:
-        memcpy(dst, src, count * sizeof(in_t))
+        memcpy(cache + start, x + start, (end - start) * sizeof(in_t))
 
 
 cdef void _plane_affine_task(const Planes* p, Py_ssize_t t, const in_t* x, in_t* cache,
@@ -387,7 +389,7 @@ cdef void _plane_affine_task(const Planes* p, Py_ssize_t t, const in_t* x, in_t*
         src = x + q * p.s
         dst = y + q * p.s
         if cache != NULL:
-            _copy_run(p, cache + q * p.s, src, p.s)
+            _copy_run(p, cache, x, q * p.s, (q + 1) * p.s)
         if in_t is float and out_t is float:
             bnfast_affine_plane_ff(src, dst, p.s, m, k, b)
         else:
@@ -399,13 +401,13 @@ cdef void _planes_copy(const Planes* p, const in_t* x, in_t* cache) noexcept nog
     """cache = x, element-pass tasks in parallel (contiguous ranges of planes)."""
     cdef Py_ssize_t t, q0, q1, planes = p.n * p.c
     if p.n_threads == 1:
-        _copy_run(p, cache, x, planes * p.s)
+        _copy_run(p, cache, x, 0, planes * p.s)
         return
     with parallel(num_threads=p.n_threads):
         for t in prange(p.n_elem_tasks, schedule="static"):
             q0 = t * p.per_task
             q1 = q0 + p.per_task if q0 + p.per_task < planes else planes
-            _copy_run(p, cache + q0 * p.s, x + q0 * p.s, (q1 - q0) * p.s)
+            _copy_run(p, cache, x, q0 * p.s, q1 * p.s)
         bnfast_fence()
 
 

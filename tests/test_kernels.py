@@ -360,3 +360,55 @@ def test_split_moments_copy_the_batch_and_match_numpy(rng, s):
         axes = (0, 2) if s else (0,)
         np.testing.assert_allclose(mean, x.mean(axis=axes), rtol=1e-13)
         np.testing.assert_allclose(m2, x.var(axis=axes) * (x.size // d), rtol=1e-12)
+
+
+def _at_offset(shape, dtype, offset):
+    """An uninitialized C-contiguous array whose data start `offset` bytes
+    past a 64-byte boundary."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + 128, np.uint8)
+    start = (offset - raw.ctypes.data) % 64
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _train_with_cache(x, cache, planes):
+    """A training forward of x (flat, or NCHW planes of 7 positions) that
+    copies x to cache."""
+    n, d = x.shape
+    c, s = (d // 7, 7) if planes else (d, 0)
+    v = np.ones(c, x.dtype)
+    stats = [np.empty(c), np.empty(c), None, None, None, None, None, 0.9, 0.1]
+    if planes:
+        kernels.planes_train_forward(x, cache, np.empty_like(x), n, c, s, v, v, 1e-5, *stats)
+    else:
+        kernels.train_forward(x, cache, np.empty_like(x), n, d, v, v, 1e-5, *stats)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("knobs", [dict(strip_bytes=1), dict(min_strip=1, strip_bytes=1 << 30),
+                                   dict(col_block=16), dict(page_bytes=64)],
+                         ids=["row blocks", "strips", "narrow", "planes"])
+@pytest.mark.parametrize("shape", [(37, 203), (9, 4102), (300, 56)])
+def test_the_streamed_copy_of_x_is_exact_at_any_alignment(rng, dtype, knobs, shape):
+    """The training forward streams its copy of x in pieces (a row's columns
+    or a range of planes per task), each piece writing the whole cache lines
+    that start in it.  Wherever the copy and x sit relative to cache lines,
+    and however the batch splits, every element is copied once and exactly,
+    and nothing around the copy is touched."""
+    n, d = shape
+    itemsize = np.dtype(dtype).itemsize
+    x = rng.standard_normal(shape).astype(dtype)
+    planes = "page_bytes" in knobs
+    for x_offset in (0, 16):
+        xs = _at_offset(shape, dtype, x_offset)
+        xs[...] = x
+        for cache_offset in range(0, 64, itemsize):
+            guarded = _at_offset((n * d + 32,), dtype, (cache_offset - 16 * itemsize) % 64)
+            guarded[...] = -7.0
+            cache = guarded[16:16 + n * d].reshape(shape)
+            for count in THREADS:
+                with tuning(cache_stream_min_bytes=0, **knobs), threads(count):
+                    _train_with_cache(xs, cache, planes)
+                assert np.array_equal(cache, x), (x_offset, cache_offset, count)
+                assert np.all(guarded[:16] == -7.0) and np.all(guarded[16 + n * d:] == -7.0)
+                cache[...] = 0
