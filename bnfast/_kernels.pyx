@@ -1415,11 +1415,11 @@ cdef void _train_strip(const Grid* g, Py_ssize_t t, const in_t* x, in_t* cache, 
 
 
 cdef void _block_shifts(const Grid* g, const in_t* x, double* shifts) noexcept nogil:
-    """Every feature's shift, into shifts, before the row-block tasks where
-    several chunks share a column block's (each computing it again cost a
-    read of 8 rows per task: measured 13 % of a cached 256 x 1024 float32
-    statistics pass).  With one chunk, each column block's only task
-    computes its own, in parallel."""
+    """Every feature's shift (see _shift_of), computed once before the
+    row-block statistics tasks where several row chunks share each column
+    block: each task computing it again read 8 more rows (perf: 13 % of a
+    cached 256 x 1024 float32 statistics pass).  With one chunk, each column
+    block's only task computes its own, in parallel."""
     if g.n_chunks > 1:
         _shift_of(x, g.n_cols, g.n_rows, 0, g.n_cols, shifts)
 
@@ -1782,7 +1782,7 @@ cdef int _moments(const Grid* g, const Planes* p, const in_t* x, in_t* cache, do
                   double* m2) noexcept nogil:
     """Per-feature (per-channel) mean and M2 (sum of squared deviations);
     cache = x unless NULL."""
-    cdef Py_ssize_t d = g.n_cols, t, cb = g.col_block
+    cdef Py_ssize_t d = g.n_cols, t, j, cb = g.col_block
     cdef double* mine = NULL
     cdef double* scratch
     if p != NULL:
@@ -1815,8 +1815,8 @@ cdef int _moments(const Grid* g, const Planes* p, const in_t* x, in_t* cache, do
                 _train_block_stats(g, t, x, cache, shifts, part, mine)
             bnfast_fence()
     _merge_chunks(g, part, part + g.n_chunks * d, mean, m2)
-    for t in range(d):      # the mean relative to the shift -> the mean
-        mean[t] = shifts[t] + mean[t]
+    for j in range(d):      # the mean relative to the shift -> the mean
+        mean[j] = shifts[j] + mean[j]
     free(part)
     free(scratch)
     return 0
