@@ -469,6 +469,31 @@ cdef inline Py_ssize_t _ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
+# Means divide per-feature sums by a row count, and a vector division costs
+# as much as ten multiplications: the per-feature set-up of short batches is
+# bound by its divisions and square roots.  Where 1 / n is exact (n a power
+# of two, as batch sizes usually are), s * (1 / n) rounds the same exact
+# value as s / n, so multiplying there gives bitwise the results of
+# dividing.  (The loops come in both versions: compilers compute both and
+# blend when the choice is inside one loop.)
+
+cdef inline double _exact_inverse(Py_ssize_t n) noexcept nogil:
+    """1 / n where that is exact (n a power of two), else 0."""
+    return 1.0 / <double>n if n > 0 and (n & (n - 1)) == 0 else 0.0
+
+
+cdef void _divide_by_count(double* v, Py_ssize_t w, Py_ssize_t n) noexcept nogil:
+    """v[j] /= n for j < w (multiplying where that is exact)."""
+    cdef double inv = _exact_inverse(n), nd = <double>n
+    cdef Py_ssize_t j
+    if inv != 0.0:
+        for j in range(w):
+            v[j] = v[j] * inv
+    else:
+        for j in range(w):
+            v[j] = v[j] / nd
+
+
 cdef Grid _make_grid(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize,
                      Py_ssize_t out_bytes) noexcept nogil:
     cdef Grid g
@@ -637,14 +662,14 @@ ctypedef fused stat_t:
     double
 
 
-cdef void _finish_direct(const TrainArgs* a, double nd, Py_ssize_t c0, Py_ssize_t w,
+cdef void _finish_direct(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
                          const double* k, double* scale, double* shift, double* tmp,
                          const param_t* gamma, const param_t* beta, const stat_t* rm_old,
                          const stat_t* rv_old, stat_t* rm_new, stat_t* rv_new) noexcept nogil:
     """_finish_stats for contiguous gamma and beta of one dtype and running
-    statistics (old and new) of one dtype: one loop, so each per-feature
-    value is loaded and stored once (short batches spend as long here as on
-    their elements).  rm_new NULL: no running update."""
+    statistics (old and new) of one dtype: one loop after the division, so
+    each per-feature value is loaded and stored once (short batches spend
+    as long here as on their elements).  rm_new NULL: no running update."""
     cdef Py_ssize_t j
     cdef double* mean = a.mean + c0
     cdef double* var = a.var + c0
@@ -653,9 +678,10 @@ cdef void _finish_direct(const TrainArgs* a, double nd, Py_ssize_t c0, Py_ssize_
     cdef double corr = a.var_correction
     gamma += c0
     beta += c0
+    _divide_by_count(var, w, n)      # M2 -> var
     if rm_new == NULL:
         for j in range(w):
-            v = var[j] / nd
+            v = var[j]
             r = 1.0 / sqrt(v + eps)
             mean[j] = k[j] + mean[j]
             var[j] = v
@@ -669,7 +695,7 @@ cdef void _finish_direct(const TrainArgs* a, double nd, Py_ssize_t c0, Py_ssize_
     rv_new += c0
     for j in range(w):
         m = k[j] + mean[j]
-        v = var[j] / nd
+        v = var[j]
         r = 1.0 / sqrt(v + eps)
         mean[j] = m
         var[j] = v
@@ -685,7 +711,7 @@ cdef inline bint _contiguous_pair(const Vec* u, const Vec* v) noexcept nogil:
     return u.stride != 0 and v.stride != 0 and u.is_f64 == v.is_f64
 
 
-cdef bint _finish_fast(const TrainArgs* a, double nd, Py_ssize_t c0, Py_ssize_t w,
+cdef bint _finish_fast(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
                        const double* k, double* scale, double* shift,
                        double* tmp) noexcept nogil:
     """_finish_direct where the operands allow it (the layer's usual cases);
@@ -698,22 +724,22 @@ cdef bint _finish_fast(const TrainArgs* a, double nd, Py_ssize_t c0, Py_ssize_t 
                        and a.rv_new.is_f64 == stat64):
         return False
     if a.gamma.is_f64 and stat64:
-        _finish_direct(a, nd, c0, w, k, scale, shift, tmp, <const double*>a.gamma.data,
+        _finish_direct(a, n, c0, w, k, scale, shift, tmp, <const double*>a.gamma.data,
                        <const double*>a.beta.data, <const double*>a.rm_old.data,
                        <const double*>a.rv_old.data, <double*>a.rm_new.data,
                        <double*>a.rv_new.data)
     elif a.gamma.is_f64:
-        _finish_direct(a, nd, c0, w, k, scale, shift, tmp, <const double*>a.gamma.data,
+        _finish_direct(a, n, c0, w, k, scale, shift, tmp, <const double*>a.gamma.data,
                        <const double*>a.beta.data, <const float*>a.rm_old.data,
                        <const float*>a.rv_old.data, <float*>a.rm_new.data,
                        <float*>a.rv_new.data)
     elif stat64:
-        _finish_direct(a, nd, c0, w, k, scale, shift, tmp, <const float*>a.gamma.data,
+        _finish_direct(a, n, c0, w, k, scale, shift, tmp, <const float*>a.gamma.data,
                        <const float*>a.beta.data, <const double*>a.rm_old.data,
                        <const double*>a.rv_old.data, <double*>a.rm_new.data,
                        <double*>a.rv_new.data)
     else:
-        _finish_direct(a, nd, c0, w, k, scale, shift, tmp, <const float*>a.gamma.data,
+        _finish_direct(a, n, c0, w, k, scale, shift, tmp, <const float*>a.gamma.data,
                        <const float*>a.beta.data, <const float*>a.rm_old.data,
                        <const float*>a.rv_old.data, <float*>a.rm_new.data,
                        <float*>a.rv_new.data)
@@ -770,14 +796,13 @@ cdef void _finish_stats(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssiz
     columns c0..c0+w: mean, var, invstd, the affine coefficients (scale,
     shift) and the running statistics.  shift may alias k."""
     cdef Py_ssize_t j
-    if _finish_fast(a, <double>n, c0, w, k, scale, shift, tmp):
+    if _finish_fast(a, n, c0, w, k, scale, shift, tmp):
         return
     cdef double* mean = a.mean + c0
     cdef double* var = a.var + c0
-    cdef double nd = <double>n
+    _divide_by_count(var, w, n)
     for j in range(w):
         mean[j] = k[j] + mean[j]
-        var[j] = var[j] / nd
         scale[j] = 1.0 / sqrt(var[j] + a.eps)
     if a.invstd != NULL:
         for j in range(w):
@@ -974,6 +999,17 @@ cdef Py_ssize_t _sq_sums_folded(const in_t* x, in_t* copy_to, Py_ssize_t d, Py_s
     return b0 + groups * m
 
 
+cdef inline bint _block_moments(double* s1, double* s2, double mb) noexcept nogil:
+    """One feature's block sums (s1, s2) become its block mean mb and M2,
+    or NaN in s2 where the sums are ill-conditioned or not finite (then
+    returns True)."""
+    cdef double m2b = s2[0] - s1[0] * mb
+    cdef bint bad = not (m2b * 8.0 >= s2[0])
+    s1[0] = mb
+    s2[0] = NAN if bad else m2b
+    return bad
+
+
 cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t n_rows,
                       Py_ssize_t d, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w,
                       Py_ssize_t block_rows, const double* shift, acc_t mean_acc,
@@ -982,9 +1018,8 @@ cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t n_ro
     copying those rows to copy_to unless it is NULL.  s1, s2: w doubles of
     scratch each."""
     cdef Py_ssize_t b0 = r0, b1, i, j, r, n_bad, m = _fold_rows(d, w)
-    cdef double nb, na = 0.0, n, wa, wb, mb, m2b, delta
+    cdef double nb, na = 0.0, n, wa, wb, mb, m2b, delta, inv_nb
     cdef double shift_lanes[FOLD_MAX_LANES]
-    cdef bint bad
     cdef const in_t* a
     cdef in_t* c
     cdef bint copy_here = copy_to != NULL and not stream
@@ -1032,13 +1067,13 @@ cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t n_ro
         # the features whose sums are ill-conditioned or not finite; then the
         # exact two-pass for those (a scan: they are rare); then the merge.
         n_bad = 0
-        for j in range(w):
-            mb = s1[j] / nb
-            m2b = s2[j] - s1[j] * mb
-            s1[j] = mb
-            bad = not (m2b * 8.0 >= s2[j])
-            n_bad += bad
-            s2[j] = NAN if bad else m2b
+        inv_nb = _exact_inverse(b1 - b0)
+        if inv_nb != 0.0:
+            for j in range(w):
+                n_bad += _block_moments(&s1[j], &s2[j], s1[j] * inv_nb)
+        else:
+            for j in range(w):
+                n_bad += _block_moments(&s1[j], &s2[j], s1[j] / nb)
         if n_bad:
             for j in range(w):
                 if s2[j] != s2[j]:
@@ -1547,21 +1582,23 @@ cdef int _eval_forward(const Grid* g, const in_t* x, out_t* y, const Vec* gamma,
     return 0
 
 
-cdef void _backward_direct(double nd, Py_ssize_t w, const double* invstd, const param_t* gamma,
-                           double* sum_dy, const double* sum_dy_xc, double* k_xc, double* k,
-                           param_t* dgamma, param_t* dbeta) noexcept nogil:
-    """_backward_coefficients in one loop, for contiguous gamma, dgamma and
-    dbeta of one dtype (the layer's case)."""
+cdef void _backward_direct(Py_ssize_t n, Py_ssize_t w, const double* invstd,
+                           const param_t* gamma, double* sum_dy, double* sum_dy_xc,
+                           double* k_xc, double* k, param_t* dgamma,
+                           param_t* dbeta) noexcept nogil:
+    """_backward_coefficients for contiguous gamma, dgamma and dbeta of one
+    dtype (the layer's case): each per-feature value loaded once."""
     cdef Py_ssize_t j
-    cdef double r, sdx
+    cdef double r
     for j in range(w):
         r = invstd[j]
-        sdx = sum_dy_xc[j]
         dbeta[j] = <param_t>sum_dy[j]
-        dgamma[j] = <param_t>(sdx * r)
+        dgamma[j] = <param_t>(sum_dy_xc[j] * r)
         k[j] = gamma[j] * r
-        k_xc[j] = r * r * (sdx / nd)
-        sum_dy[j] = sum_dy[j] / nd
+    _divide_by_count(sum_dy, w, n)
+    _divide_by_count(sum_dy_xc, w, n)
+    for j in range(w):
+        k_xc[j] = invstd[j] * invstd[j] * sum_dy_xc[j]
 
 
 cdef void _backward_coefficients(Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w, const double* invstd,
@@ -1571,13 +1608,12 @@ cdef void _backward_coefficients(Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w, cons
     """dgamma, dbeta and the pass-2 coefficients of columns c0..c0+w; turns
     sum_dy into mean(dy).  invstd points at column c0."""
     cdef Py_ssize_t j
-    cdef double nd = <double>n
     if gamma.stride != 0 and dgamma.is_f64 == dbeta.is_f64 and gamma.is_f64 == dgamma.is_f64:
         if gamma.is_f64:
-            _backward_direct(nd, w, invstd, <const double*>gamma.data + c0, sum_dy, sum_dy_xc,
+            _backward_direct(n, w, invstd, <const double*>gamma.data + c0, sum_dy, sum_dy_xc,
                              k_xc, k, <double*>dgamma.data + c0, <double*>dbeta.data + c0)
         else:
-            _backward_direct(nd, w, invstd, <const float*>gamma.data + c0, sum_dy, sum_dy_xc,
+            _backward_direct(n, w, invstd, <const float*>gamma.data + c0, sum_dy, sum_dy_xc,
                              k_xc, k, <float*>dgamma.data + c0, <float*>dbeta.data + c0)
         return
     _store(dbeta, c0, w, sum_dy)
@@ -1585,10 +1621,11 @@ cdef void _backward_coefficients(Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w, cons
         k_xc[j] = sum_dy_xc[j] * invstd[j]          # dgamma, for now
     _store(dgamma, c0, w, k_xc)
     _expand(gamma, c0, w, k)
+    _divide_by_count(sum_dy, w, n)
+    _divide_by_count(sum_dy_xc, w, n)
     for j in range(w):
         k[j] = k[j] * invstd[j]
-        k_xc[j] = invstd[j] * invstd[j] * (sum_dy_xc[j] / nd)
-        sum_dy[j] = sum_dy[j] / nd
+        k_xc[j] = invstd[j] * invstd[j] * sum_dy_xc[j]
 
 
 cdef struct GradArgs:
