@@ -155,6 +155,11 @@ cdef extern from *:
     #define bnf_mul _mm512_mul_pd
     #define bnf_fmadd _mm512_fmadd_pd
     #define bnf_fnmadd _mm512_fnmadd_pd
+    #define bnf_div _mm512_div_pd
+    /* v where v - v == 0 (finite), else +0 */
+    #define bnf_finite_or_zero(v) \
+        _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(_mm512_sub_pd(v, v), _mm512_setzero_pd(), \
+                                               _CMP_EQ_OQ), v)
     #elif defined(__AVX2__) && defined(__FMA__)
     #include <immintrin.h>
     #define BNF_HALF 4
@@ -169,6 +174,9 @@ cdef extern from *:
     #define bnf_mul _mm256_mul_pd
     #define bnf_fmadd _mm256_fmadd_pd
     #define bnf_fnmadd _mm256_fnmadd_pd
+    #define bnf_div _mm256_div_pd
+    #define bnf_finite_or_zero(v) \
+        _mm256_and_pd(_mm256_cmp_pd(_mm256_sub_pd(v, v), _mm256_setzero_pd(), _CMP_EQ_OQ), v)
     #endif
     /* o = (x - c) * k + b over `rows` rows (row stride d) of w features. */
     static inline void bnfast_affine_ff(const float* x, float* o, ptrdiff_t d, int rows,
@@ -299,6 +307,97 @@ cdef extern from *:
             }
         }
     }
+    /* Short batches (n <= 8 rows): per feature j < w of the rows at x (row
+       stride d), the shift k[j] and the shifted sums s1[j] = sum(x - k) and
+       s2[j] = sum((x - k)^2), with every operation of _shift_of and one
+       block of _stats_rows, in their order (the mean of 8 rows pairwise,
+       of fewer in row order; sums four rows a group, then single rows), so
+       the results are theirs bitwise.  Each value is read once and held in
+       registers (those two passes read the rows twice and load and store
+       the sums per four rows).  The row count is a constant in each loop
+       (a switch over 1..8), so the row loops unroll.  The vector part and
+       the scalar tail do the same operations (GCC and Clang contract the
+       tail's squares as the vector part's explicit multiply-adds). */
+    #define BNF_SHORT_SCALAR(N)                                                        \\
+        for (; j < w; j++) {                                                           \\
+            double v[8], kj, a1 = 0.0, a2 = 0.0;                                       \\
+            int r;                                                                     \\
+            for (r = 0; r < (N); r++) v[r] = (double)x[r * d + j];                     \\
+            if ((N) == 8) {                                                            \\
+                kj = (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) \\
+                     * 0.125;                                                          \\
+            } else {                                                                   \\
+                kj = v[0];                                                             \\
+                for (r = 1; r < (N); r++) kj = kj + v[r];                              \\
+                kj = kj / (double)(N);                                                 \\
+            }                                                                          \\
+            kj = kj - kj == 0.0 ? kj : 0.0;                                            \\
+            for (r = 0; r < (N); r++) v[r] = v[r] - kj;                                \\
+            for (r = 0; r + 4 <= (N); r += 4) {                                        \\
+                a1 = a1 + ((v[r] + v[r + 1]) + (v[r + 2] + v[r + 3]));                 \\
+                a2 = a2 + ((v[r] * v[r] + v[r + 1] * v[r + 1])                         \\
+                           + (v[r + 2] * v[r + 2] + v[r + 3] * v[r + 3]));             \\
+            }                                                                          \\
+            for (; r < (N); r++) {                                                     \\
+                a1 = a1 + v[r];                                                        \\
+                a2 = a2 + v[r] * v[r];                                                 \\
+            }                                                                          \\
+            k[j] = kj;                                                                 \\
+            s1[j] = a1;                                                                \\
+            s2[j] = a2;                                                                \\
+        }
+    #ifdef BNF_HALF
+    #define BNF_SHORT_VECTOR(LOAD, N)                                                  \\
+        for (; j + BNF_HALF <= w; j += BNF_HALF) {                                     \\
+            bnf_vd v[8], kv, a1 = bnf_set1(0.0), a2 = bnf_set1(0.0);                   \\
+            int r;                                                                     \\
+            for (r = 0; r < (N); r++) v[r] = LOAD(x + r * d + j);                      \\
+            if ((N) == 8) {                                                            \\
+                kv = bnf_mul(bnf_add(bnf_add(bnf_add(v[0], v[1]), bnf_add(v[2], v[3])), \\
+                                     bnf_add(bnf_add(v[4], v[5]), bnf_add(v[6], v[7]))), \\
+                             bnf_set1(0.125));                                         \\
+            } else {                                                                   \\
+                kv = v[0];                                                             \\
+                for (r = 1; r < (N); r++) kv = bnf_add(kv, v[r]);                      \\
+                kv = bnf_div(kv, bnf_set1((double)(N)));                               \\
+            }                                                                          \\
+            kv = bnf_finite_or_zero(kv);                                               \\
+            for (r = 0; r < (N); r++) v[r] = bnf_sub(v[r], kv);                        \\
+            for (r = 0; r + 4 <= (N); r += 4) {                                        \\
+                a1 = bnf_add(a1, bnf_add(bnf_add(v[r], v[r + 1]), bnf_add(v[r + 2], v[r + 3]))); \\
+                a2 = bnf_add(a2, bnf_add(bnf_fmadd(v[r], v[r], bnf_mul(v[r + 1], v[r + 1])), \\
+                                         bnf_fmadd(v[r + 2], v[r + 2],                 \\
+                                                   bnf_mul(v[r + 3], v[r + 3]))));     \\
+            }                                                                          \\
+            for (; r < (N); r++) {                                                     \\
+                a1 = bnf_add(a1, v[r]);                                                \\
+                a2 = bnf_fmadd(v[r], v[r], a2);                                        \\
+            }                                                                          \\
+            bnf_std(k + j, kv);                                                        \\
+            bnf_std(s1 + j, a1);                                                       \\
+            bnf_std(s2 + j, a2);                                                       \\
+        }
+    #else
+    #define BNF_SHORT_VECTOR(LOAD, N)
+    #endif
+    #define BNF_SHORT_ROWS(LOAD, N) { BNF_SHORT_VECTOR(LOAD, N) BNF_SHORT_SCALAR(N) } break;
+    #define BNF_SHORT_SUMS(NAME, T, LOAD)                                              \\
+        static void NAME(const T* x, ptrdiff_t d, int n, ptrdiff_t w, double* k,       \\
+                         double* s1, double* s2) {                                     \\
+            ptrdiff_t j = 0;                                                           \\
+            switch (n) {                                                               \\
+            case 1: BNF_SHORT_ROWS(LOAD, 1)                                            \\
+            case 2: BNF_SHORT_ROWS(LOAD, 2)                                            \\
+            case 3: BNF_SHORT_ROWS(LOAD, 3)                                            \\
+            case 4: BNF_SHORT_ROWS(LOAD, 4)                                            \\
+            case 5: BNF_SHORT_ROWS(LOAD, 5)                                            \\
+            case 6: BNF_SHORT_ROWS(LOAD, 6)                                            \\
+            case 7: BNF_SHORT_ROWS(LOAD, 7)                                            \\
+            default: BNF_SHORT_ROWS(LOAD, 8)                                           \\
+            }                                                                          \\
+        }
+    BNF_SHORT_SUMS(bnfast_short_sums_f, float, bnf_ld)
+    BNF_SHORT_SUMS(bnfast_short_sums_d, double, bnf_ldd)
     /* The same with one set of coefficients for all n values (a plane). */
     static inline void bnfast_grad_input_plane_ff(const float* x, const float* dy, float* o,
                                                   ptrdiff_t n, double c, double m, double q,
@@ -336,6 +435,10 @@ cdef extern from *:
                                  double* s2) noexcept nogil
     void bnfast_grad_input_plane_ff(const float* x, const float* dy, float* o, Py_ssize_t n,
                                     double c, double m, double q, double k) noexcept nogil
+    void bnfast_short_sums_f(const float* x, Py_ssize_t d, int n, Py_ssize_t w, double* k,
+                             double* s1, double* s2) noexcept nogil
+    void bnfast_short_sums_d(const double* x, Py_ssize_t d, int n, Py_ssize_t w, double* k,
+                             double* s1, double* s2) noexcept nogil
     ctypedef double* acc_t "bnfast_acc_t"
 
 ctypedef fused in_t:
@@ -413,6 +516,10 @@ cdef enum:
     FOLD_LANES = 128
     # Folded rows are at most this long (stack arrays of doubles).
     FOLD_MAX_LANES = 256
+    # Strips of batches this short take their shift and shifted sums in one
+    # read, held in registers (bnfast_short_sums; the shift is the mean of
+    # up to 8 rows).
+    SHORT_MAX_ROWS = 8
 
 cdef int _num_threads = 1
 # Tunables (see _set_tuning); start at the compile-time defaults.
@@ -430,6 +537,7 @@ cdef bint _stream_pages = False          # force streaming page outputs (a knob)
 cdef Py_ssize_t _stream_pages_max_cols = STREAM_PAGES_MAX_COLS
 cdef Py_ssize_t _page_bytes = PAGE_BYTES
 cdef Py_ssize_t _fold_max_cols = FOLD_MAX_COLS
+cdef Py_ssize_t _short_max_rows = SHORT_MAX_ROWS
 
 
 cdef struct Grid:
@@ -1017,13 +1125,12 @@ cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t n_ro
     """mean (relative to shift) and M2 of rows r0..r1 of columns c0..c0+w,
     copying those rows to copy_to unless it is NULL.  s1, s2: w doubles of
     scratch each."""
-    cdef Py_ssize_t b0 = r0, b1, i, j, r, n_bad, m = _fold_rows(d, w)
-    cdef double nb, na = 0.0, n, wa, wb, mb, m2b, delta, inv_nb
+    cdef Py_ssize_t b0 = r0, b1, i, j, r, m = _fold_rows(d, w)
+    cdef double nb, na = 0.0
     cdef double shift_lanes[FOLD_MAX_LANES]
     cdef const in_t* a
     cdef in_t* c
     cdef bint copy_here = copy_to != NULL and not stream
-    cdef size_t total = n_rows * d * sizeof(in_t)
     if m > 1:
         _repeat(shift, d, m, shift_lanes)
     while b0 < r1:
@@ -1056,48 +1163,84 @@ cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t n_ro
             _sq_sums1(a, w, shift, s1, s2)
             i += 1
         if copy_to != NULL and stream:
-            if w == d:      # whole rows: one contiguous run (no per-row call for narrow rows)
-                bnfast_stream_piece(copy_to, x, total, b0 * d * sizeof(in_t),
-                                    b1 * d * sizeof(in_t))
-            else:
-                for i in range(b0, b1):
-                    bnfast_stream_piece(copy_to, x, total, (i * d + c0) * sizeof(in_t),
-                                        (i * d + c0 + w) * sizeof(in_t))
-        # Per feature: the block's mean and M2 (vectorized), marking with NaN
-        # the features whose sums are ill-conditioned or not finite; then the
-        # exact two-pass for those (a scan: they are rare); then the merge.
-        n_bad = 0
-        inv_nb = _exact_inverse(b1 - b0)
-        if inv_nb != 0.0:
-            for j in range(w):
-                n_bad += _block_moments(&s1[j], &s2[j], s1[j] * inv_nb)
-        else:
-            for j in range(w):
-                n_bad += _block_moments(&s1[j], &s2[j], s1[j] / nb)
-        if n_bad:
-            for j in range(w):
-                if s2[j] != s2[j]:
-                    _column_two_pass(x + c0 + j, d, b0, b1, shift[j], &s1[j], &s2[j])
-        if na == 0.0:
-            for j in range(w):
-                mean_acc[j] = s1[j]
-                m2_acc[j] = 0.0 if s2[j] < 0.0 else s2[j]
-        else:
-            n = na + nb
-            wa = nb / n
-            wb = na * nb / n
-            for j in range(w):
-                mb = s1[j]
-                m2b = 0.0 if s2[j] < 0.0 else s2[j]
-                delta = mb - mean_acc[j]
-                if _finite(mb) and _finite(mean_acc[j]):
-                    mean_acc[j] += delta * wa
-                    m2_acc[j] += m2b + delta * delta * wb
-                else:
-                    mean_acc[j] += mb
-                    m2_acc[j] += m2b
+            _stream_rows(x, copy_to, n_rows, d, b0, b1, c0, w)
+        _merge_block(x, d, b0, b1, c0, w, shift, na, mean_acc, m2_acc, s1, s2)
         na += nb
         b0 = b1
+
+
+cdef void _stream_rows(const in_t* x, in_t* copy_to, Py_ssize_t n_rows, Py_ssize_t d,
+                       Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t c0, Py_ssize_t w) noexcept nogil:
+    """copy_to = x in rows b0..b1 of columns c0..c0+w, with streaming stores."""
+    cdef Py_ssize_t i
+    cdef size_t total = n_rows * d * sizeof(in_t)
+    if w == d:      # whole rows: one contiguous run (no per-row call for narrow rows)
+        bnfast_stream_piece(copy_to, x, total, b0 * d * sizeof(in_t), b1 * d * sizeof(in_t))
+    else:
+        for i in range(b0, b1):
+            bnfast_stream_piece(copy_to, x, total, (i * d + c0) * sizeof(in_t),
+                                (i * d + c0 + w) * sizeof(in_t))
+
+
+cdef void _merge_block(const in_t* x, Py_ssize_t d, Py_ssize_t b0, Py_ssize_t b1,
+                       Py_ssize_t c0, Py_ssize_t w, const double* shift, double na,
+                       acc_t mean_acc, acc_t m2_acc, acc_t s1, acc_t s2) noexcept nogil:
+    """From the shifted sums (s1, s2) of rows b0..b1: the block's mean and M2
+    per feature, merged into (mean_acc, m2_acc), which hold the na rows
+    before it (set, when na is 0)."""
+    cdef Py_ssize_t j, n_bad = 0
+    cdef double nb = <double>(b1 - b0), n, wa, wb, mb, m2b, delta
+    cdef double inv_nb = _exact_inverse(b1 - b0)
+    # Per feature: the block's mean and M2 (vectorized), marking with NaN
+    # the features whose sums are ill-conditioned or not finite; then the
+    # exact two-pass for those (a scan: they are rare); then the merge.
+    if inv_nb != 0.0:
+        for j in range(w):
+            n_bad += _block_moments(&s1[j], &s2[j], s1[j] * inv_nb)
+    else:
+        for j in range(w):
+            n_bad += _block_moments(&s1[j], &s2[j], s1[j] / nb)
+    if n_bad:
+        for j in range(w):
+            if s2[j] != s2[j]:
+                _column_two_pass(x + c0 + j, d, b0, b1, shift[j], &s1[j], &s2[j])
+    if na == 0.0:
+        for j in range(w):
+            mean_acc[j] = s1[j]
+            m2_acc[j] = 0.0 if s2[j] < 0.0 else s2[j]
+        return
+    n = na + nb
+    wa = nb / n
+    wb = na * nb / n
+    for j in range(w):
+        mb = s1[j]
+        m2b = 0.0 if s2[j] < 0.0 else s2[j]
+        delta = mb - mean_acc[j]
+        if _finite(mb) and _finite(mean_acc[j]):
+            mean_acc[j] += delta * wa
+            m2_acc[j] += m2b + delta * delta * wb
+        else:
+            mean_acc[j] += mb
+            m2_acc[j] += m2b
+
+
+cdef void _short_stats(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t n, Py_ssize_t d,
+                       Py_ssize_t c0, Py_ssize_t w, double* shift, acc_t mean_acc,
+                       acc_t m2_acc, acc_t s1, acc_t s2) noexcept nogil:
+    """_shift_of then _stats_rows of all n <= SHORT_MAX_ROWS rows of columns
+    c0..c0+w (unfolded), bitwise, in one read of x (bnfast_short_sums)."""
+    cdef Py_ssize_t i
+    if in_t is float:
+        bnfast_short_sums_f(x + c0, d, <int>n, w, shift, s1, s2)
+    else:
+        bnfast_short_sums_d(x + c0, d, <int>n, w, shift, s1, s2)
+    if copy_to != NULL:
+        if stream:
+            _stream_rows(x, copy_to, n, d, 0, n, c0, w)
+        else:
+            for i in range(n):
+                memcpy(copy_to + i * d + c0, x + i * d + c0, w * sizeof(in_t))
+    _merge_block(x, d, 0, n, c0, w, shift, 0.0, mean_acc, m2_acc, s1, s2)
 
 
 cdef void _merge_chunks(const Grid* g, const double* part_mean, const double* part_m2,
@@ -1440,10 +1583,14 @@ cdef void _train_strip(const Grid* g, Py_ssize_t t, const in_t* x, in_t* cache, 
     mine: 4 rows (shift, then sums; then beta, scale, temp, staging)."""
     cdef Task task = _task(g, t)
     cdef Py_ssize_t cb = g.col_block
-    _shift_of(x, g.n_cols, g.n_rows, task.c0, task.w, mine)
-    _stats_rows(x, cache, g.stream_cache, g.n_rows, g.n_cols, task.r0, task.r1, task.c0,
-                task.w, g.block_rows, mine, a.mean + task.c0, a.var + task.c0, mine + cb,
-                mine + 2 * cb)
+    if g.n_rows <= _short_max_rows and _fold_rows(g.n_cols, task.w) == 1:
+        _short_stats(x, cache, g.stream_cache, g.n_rows, g.n_cols, task.c0, task.w, mine,
+                     a.mean + task.c0, a.var + task.c0, mine + cb, mine + 2 * cb)
+    else:
+        _shift_of(x, g.n_cols, g.n_rows, task.c0, task.w, mine)
+        _stats_rows(x, cache, g.stream_cache, g.n_rows, g.n_cols, task.r0, task.r1, task.c0,
+                    task.w, g.block_rows, mine, a.mean + task.c0, a.var + task.c0, mine + cb,
+                    mine + 2 * cb)
     _finish_stats(a, g.n_rows, task.c0, task.w, mine, mine + cb, mine, mine + 2 * cb)
     _affine_rows(x, y, g.stream, g.n_cols, task.r0, task.r1, task.c0, task.w,
                  a.mean + task.c0, mine + cb, mine, <out_t*>(mine + 3 * cb))
@@ -2734,14 +2881,18 @@ def _set_tuning(strip_bytes=STRIP_BYTES, min_strip=MIN_STRIP,
                 unfused_strip_max_bytes=UNFUSED_STRIP_MAX_BYTES,
                 elem_tasks_per_thread=ELEM_TASKS_PER_THREAD,
                 cache_stream_min_bytes=CACHE_STREAM_MIN_BYTES,
-                stream_pages_max_cols=STREAM_PAGES_MAX_COLS, fold_max_cols=FOLD_MAX_COLS):
+                stream_pages_max_cols=STREAM_PAGES_MAX_COLS, fold_max_cols=FOLD_MAX_COLS,
+                short_max_rows=SHORT_MAX_ROWS):
     """Work-partition knobs, for measuring the kernels (not a public API)."""
     global _strip_bytes, _min_strip, _stream_min_bytes, _col_block, _fused_strips, _page_bytes
     global _stream_pages, _max_strip_cols, _fused_min_cols, _unfused_strip_max_bytes
     global _elem_tasks_per_thread, _cache_stream_min_bytes, _stream_pages_max_cols
-    global _fold_max_cols
+    global _fold_max_cols, _short_max_rows
     if not 0 <= fold_max_cols <= FOLD_LANES:
         raise ValueError(f"fold_max_cols must be in 0..{FOLD_LANES}")
+    if not 0 <= short_max_rows <= SHORT_MAX_ROWS:
+        raise ValueError(f"short_max_rows must be in 0..{SHORT_MAX_ROWS}")
+    _short_max_rows = short_max_rows
     _fold_max_cols = fold_max_cols
     _stream_pages_max_cols = stream_pages_max_cols
     _cache_stream_min_bytes = cache_stream_min_bytes

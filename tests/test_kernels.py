@@ -92,7 +92,7 @@ def test_results_are_bitwise_identical_for_any_thread_count(rng, name, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("shape", [(13, 75), (9, 2003), (3001, 75)])
+@pytest.mark.parametrize("shape", [(13, 75), (9, 2003), (3001, 75), (8, 75), (5, 2003)])
 def test_a_features_numbers_do_not_depend_on_its_column(rng, shape, dtype):
     """Reversing the features reverses every result bitwise: a feature that
     falls in a loop's vector body and one in its scalar tail (each width
@@ -155,6 +155,7 @@ KNOBS = [
     dict(fused_min_cols=1 << 20, unfused_strip_max_bytes=1 << 40),  # two-phase strips
     dict(fold_max_cols=0),                      # short rows never folded
     dict(fold_max_cols=0, stream_min_bytes=0, cache_stream_min_bytes=0),
+    dict(short_max_rows=0),                     # short batches read twice for statistics
 ]
 
 
@@ -184,7 +185,7 @@ def _train_outputs(x, gamma, beta, rm_old, rv_old, stat_dtype, shape=None):
     y, mean, var, invstd = np.empty_like(x), np.empty(d), np.empty(d), np.empty(d)
     rm_new, rv_new = np.empty(d, stat_dtype), np.empty(d, stat_dtype)
     kernels.train_forward(x, None, y, n, d, gamma, beta, 1e-5, mean, var, invstd,
-                          rm_old, rm_new, rv_old, rv_new, 0.9, 0.1, n / (n - 1))
+                          rm_old, rm_new, rv_old, rv_new, 0.9, 0.1, n / (n - 1) if n > 1 else 1.0)
     return y, mean, var, invstd, rm_new, rv_new
 
 
@@ -212,6 +213,36 @@ def test_the_one_loop_set_up_equals_the_general_one_bitwise(rng, shape, param_dt
                                  rv_old.astype(np.float64), stat_dtype)
         for a, b in zip(fast, general):
             assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("n", range(1, 10))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_short_batch_statistics_in_one_read_equal_the_two_pass_ones_bitwise(rng, n, dtype):
+    """Batches of up to 8 rows take the shift and the shifted sums in one
+    read (bnfast_short_sums); with that path off they take _shift_of and
+    _stats_rows.  Both must give the same bits, in the vector body and the
+    scalar tail (2003 features), for features that are constant, offset
+    far from zero, or hold an infinity or a NaN (the exact fallback)."""
+    d = 2003
+    x = rng.standard_normal((n, d)) * 3 + 1
+    x[:, 5] = 7.25                                  # constant
+    x[:, 6] = 1e8 + rng.standard_normal(n)          # large offset
+    x[0, 7] = np.inf
+    x[n - 1, 8] = -np.inf
+    x[n // 2, 2001] = np.nan
+    x = x.astype(dtype)
+    gamma, beta = make_params(rng, d, dtype)
+    rm_old = rng.standard_normal(d).astype(dtype)
+    rv_old = rng.random(d).astype(dtype)
+    with np.errstate(invalid="ignore"):
+        one_read = _train_outputs(x, gamma, beta, rm_old, rv_old, dtype)
+        with tuning(short_max_rows=0):
+            two_pass = _train_outputs(x, gamma, beta, rm_old, rv_old, dtype)
+    for a, b in zip(one_read, two_pass):
+        assert np.array_equal(a, b, equal_nan=True)
+    mean = one_read[1]
+    assert mean[5] == 7.25 and one_read[2][5] == 0.0
+    assert np.isposinf(mean[7]) and np.isneginf(mean[8]) and np.isnan(mean[2001])
 
 
 @pytest.mark.parametrize("shape", [(8, 3000), (2000, 1500)])
