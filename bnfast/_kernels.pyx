@@ -1734,7 +1734,8 @@ cdef void _backward_direct(Py_ssize_t n, Py_ssize_t w, const double* invstd,
                            double* k_xc, double* k, param_t* dgamma,
                            param_t* dbeta) noexcept nogil:
     """_backward_coefficients for contiguous gamma, dgamma and dbeta of one
-    dtype (the layer's case): each per-feature value loaded once."""
+    dtype (the layer's case): dbeta, dgamma and k in one loop (no
+    conversion passes), then the means and k_xc."""
     cdef Py_ssize_t j
     cdef double r
     for j in range(w):
@@ -1753,7 +1754,8 @@ cdef void _backward_coefficients(Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w, cons
                                  double* k_xc, double* k, OutVec* dgamma,
                                  OutVec* dbeta) noexcept nogil:
     """dgamma, dbeta and the pass-2 coefficients of columns c0..c0+w; turns
-    sum_dy into mean(dy).  invstd points at column c0."""
+    sum_dy into mean(dy) (and sum_dy_xc, scratch, into its mean).  invstd
+    points at column c0."""
     cdef Py_ssize_t j
     if gamma.stride != 0 and dgamma.is_f64 == dbeta.is_f64 and gamma.is_f64 == dgamma.is_f64:
         if gamma.is_f64:
