@@ -1107,14 +1107,15 @@ cdef Py_ssize_t _sq_sums_folded(const in_t* x, in_t* copy_to, Py_ssize_t d, Py_s
     return b0 + groups * m
 
 
-cdef inline bint _block_moments(double* s1, double* s2, double mb) noexcept nogil:
-    """One feature's block sums (s1, s2) become its block mean mb and M2,
-    or NaN in s2 where the sums are ill-conditioned or not finite (then
-    returns True)."""
-    cdef double m2b = s2[0] - s1[0] * mb
-    cdef bint bad = not (m2b * 8.0 >= s2[0])
-    s1[0] = mb
-    s2[0] = NAN if bad else m2b
+cdef inline bint _block_moments(double s1, double s2, double mb, double* mean,
+                                double* m2) noexcept nogil:
+    """From one feature's block sums (s1, s2) and block mean mb: mean = mb
+    and m2 = M2, or NaN where the sums are ill-conditioned or not finite
+    (then returns True)."""
+    cdef double m2b = s2 - s1 * mb
+    cdef bint bad = not (m2b * 8.0 >= s2)
+    mean[0] = mb
+    m2[0] = NAN if bad else m2b
     return bad
 
 
@@ -1191,23 +1192,34 @@ cdef void _merge_block(const in_t* x, Py_ssize_t d, Py_ssize_t b0, Py_ssize_t b1
     cdef Py_ssize_t j, n_bad = 0
     cdef double nb = <double>(b1 - b0), n, wa, wb, mb, m2b, delta
     cdef double inv_nb = _exact_inverse(b1 - b0)
+    # The first block's moments go straight to the accumulators (no copy
+    # pass); later ones replace their sums, for the merge.  (Each loop has
+    # one output pair, so it vectorizes without overlap checks.)
+    cdef double* block_mean = mean_acc if na == 0.0 else s1
+    cdef double* block_m2 = m2_acc if na == 0.0 else s2
     # Per feature: the block's mean and M2 (vectorized), marking with NaN
     # the features whose sums are ill-conditioned or not finite; then the
     # exact two-pass for those (a scan: they are rare); then the merge.
-    if inv_nb != 0.0:
+    if na == 0.0 and inv_nb != 0.0:
         for j in range(w):
-            n_bad += _block_moments(&s1[j], &s2[j], s1[j] * inv_nb)
+            n_bad += _block_moments(s1[j], s2[j], s1[j] * inv_nb, &mean_acc[j], &m2_acc[j])
+    elif na == 0.0:
+        for j in range(w):
+            n_bad += _block_moments(s1[j], s2[j], s1[j] / nb, &mean_acc[j], &m2_acc[j])
+    elif inv_nb != 0.0:
+        for j in range(w):
+            n_bad += _block_moments(s1[j], s2[j], s1[j] * inv_nb, &s1[j], &s2[j])
     else:
         for j in range(w):
-            n_bad += _block_moments(&s1[j], &s2[j], s1[j] / nb)
+            n_bad += _block_moments(s1[j], s2[j], s1[j] / nb, &s1[j], &s2[j])
     if n_bad:
         for j in range(w):
-            if s2[j] != s2[j]:
-                _column_two_pass(x + c0 + j, d, b0, b1, shift[j], &s1[j], &s2[j])
+            if block_m2[j] != block_m2[j]:
+                _column_two_pass(x + c0 + j, d, b0, b1, shift[j], &block_mean[j],
+                                 &block_m2[j])
     if na == 0.0:
         for j in range(w):
-            mean_acc[j] = s1[j]
-            m2_acc[j] = 0.0 if s2[j] < 0.0 else s2[j]
+            m2_acc[j] = 0.0 if m2_acc[j] < 0.0 else m2_acc[j]
         return
     n = na + nb
     wa = nb / n
