@@ -792,7 +792,6 @@ cdef void _finish_direct(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssi
             v = var[j]
             r = 1.0 / sqrt(v + eps)
             mean[j] = k[j] + mean[j]
-            var[j] = v
             invstd[j] = r
             scale[j] = r * gamma[j]
             shift[j] = beta[j]
@@ -806,7 +805,6 @@ cdef void _finish_direct(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssi
         v = var[j]
         r = 1.0 / sqrt(v + eps)
         mean[j] = m
-        var[j] = v
         invstd[j] = r
         scale[j] = r * gamma[j]
         shift[j] = beta[j]
@@ -1212,21 +1210,23 @@ cdef void _merge_block(const in_t* x, Py_ssize_t d, Py_ssize_t b0, Py_ssize_t b1
     else:
         for j in range(w):
             n_bad += _block_moments(s1[j], s2[j], s1[j] / nb, &s1[j], &s2[j])
+    # A well-conditioned block's M2 is >= s2 / 8 >= 0; only the two-pass's
+    # can round below 0, so only those are clamped.
     if n_bad:
         for j in range(w):
             if block_m2[j] != block_m2[j]:
                 _column_two_pass(x + c0 + j, d, b0, b1, shift[j], &block_mean[j],
                                  &block_m2[j])
+                if block_m2[j] < 0.0:
+                    block_m2[j] = 0.0
     if na == 0.0:
-        for j in range(w):
-            m2_acc[j] = 0.0 if m2_acc[j] < 0.0 else m2_acc[j]
         return
     n = na + nb
     wa = nb / n
     wb = na * nb / n
     for j in range(w):
         mb = s1[j]
-        m2b = 0.0 if s2[j] < 0.0 else s2[j]
+        m2b = s2[j]
         delta = mb - mean_acc[j]
         if _finite(mb) and _finite(mean_acc[j]):
             mean_acc[j] += delta * wa
