@@ -156,6 +156,9 @@ cdef extern from *:
     #define bnf_fmadd _mm512_fmadd_pd
     #define bnf_fnmadd _mm512_fnmadd_pd
     #define bnf_div _mm512_div_pd
+    #define bnf_sqrt _mm512_sqrt_pd
+    /* every lane a >= b (ordered) */
+    #define bnf_all_ge(a, b) (_mm512_cmp_pd_mask((a), (b), _CMP_GE_OQ) == 0xFF)
     /* v where v - v == 0 (finite), else +0 */
     #define bnf_finite_or_zero(v) \
         _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(_mm512_sub_pd(v, v), _mm512_setzero_pd(), \
@@ -175,6 +178,8 @@ cdef extern from *:
     #define bnf_fmadd _mm256_fmadd_pd
     #define bnf_fnmadd _mm256_fnmadd_pd
     #define bnf_div _mm256_div_pd
+    #define bnf_sqrt _mm256_sqrt_pd
+    #define bnf_all_ge(a, b) (_mm256_movemask_pd(_mm256_cmp_pd((a), (b), _CMP_GE_OQ)) == 0xF)
     #define bnf_finite_or_zero(v) \
         _mm256_and_pd(_mm256_cmp_pd(_mm256_sub_pd(v, v), _mm256_setzero_pd(), _CMP_EQ_OQ), v)
     #endif
@@ -398,6 +403,181 @@ cdef extern from *:
         }
     BNF_SHORT_SUMS(bnfast_short_sums_f, float, bnf_ld)
     BNF_SHORT_SUMS(bnfast_short_sums_d, double, bnf_ldd)
+    /* The corrected two-pass over rows b0..b1 of the column x points at
+       (row stride d), mean relative to k: the fallback for ill-conditioned
+       and non-finite shifted sums (see _column_two_pass). */
+    #define BNF_TWO_PASS(NAME, T)                                                      \\
+        static void NAME(const T* x, ptrdiff_t d, ptrdiff_t b0, ptrdiff_t b1, double k, \\
+                         double* mean, double* m2) {                                   \\
+            double nb = (double)(b1 - b0), s = 0.0, m0, e, sd = 0.0, sd2 = 0.0, q;     \\
+            ptrdiff_t i;                                                               \\
+            for (i = b0; i < b1; i++) s += x[i * d] - k;                               \\
+            s = s / nb;                                                                \\
+            m0 = k + s;                                                                \\
+            for (i = b0; i < b1; i++) {                                                \\
+                e = x[i * d] - m0;                                                     \\
+                sd += e;                                                               \\
+                sd2 += e * e;                                                          \\
+            }                                                                          \\
+            if (s - s == 0.0) {                                                        \\
+                q = sd / nb;                                                           \\
+                *mean = (m0 - k) + q;                                                  \\
+                *m2 = sd2 - sd * q;                                                    \\
+            } else {                                                                   \\
+                *mean = s;                                                             \\
+                *m2 = sd2;                                                             \\
+            }                                                                          \\
+        }
+    BNF_TWO_PASS(bnfast_two_pass_f, float)
+    BNF_TWO_PASS(bnfast_two_pass_d, double)
+    /* A whole short-batch (n <= 8 rows) training strip in one read of x:
+       per feature the shift and shifted sums (as bnfast_short_sums), the
+       block's mean and M2 with the two-pass fallback, then mean, var,
+       invstd, the running statistics and y = (x - mean) * (invstd * gamma)
+       + beta, the rows held in registers throughout.  Every operation is
+       that of _short_stats, _finish_direct and _affine_rows, in their order
+       (tests/test_kernels.py compares the two routes bitwise).  T: x, y,
+       gamma and beta; S: the running statistics.  mean, var and invstd
+       point at the strip's first feature, the other arrays at x's. */
+    #define BNF_POW2(N) (((N) & ((N) - 1)) == 0)
+    #define BNF_TRAIN_SCALAR(N, T, S, TWO_PASS)                                        \\
+        for (; j < w; j++) {                                                           \\
+            double v[8], e[8], kj, a1 = 0.0, a2 = 0.0, mb, m2b, vj, m, r, sc, sh;      \\
+            int q;                                                                     \\
+            for (q = 0; q < (N); q++) v[q] = (double)x[q * d + j];                     \\
+            if ((N) == 8) {                                                            \\
+                kj = (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) \\
+                     * 0.125;                                                          \\
+            } else {                                                                   \\
+                kj = v[0];                                                             \\
+                for (q = 1; q < (N); q++) kj = kj + v[q];                              \\
+                kj = kj / (double)(N);                                                 \\
+            }                                                                          \\
+            kj = kj - kj == 0.0 ? kj : 0.0;                                            \\
+            for (q = 0; q < (N); q++) e[q] = v[q] - kj;                                \\
+            for (q = 0; q + 4 <= (N); q += 4) {                                        \\
+                a1 = a1 + ((e[q] + e[q + 1]) + (e[q + 2] + e[q + 3]));                 \\
+                a2 = a2 + ((e[q] * e[q] + e[q + 1] * e[q + 1])                         \\
+                           + (e[q + 2] * e[q + 2] + e[q + 3] * e[q + 3]));             \\
+            }                                                                          \\
+            for (; q < (N); q++) {                                                     \\
+                a1 = a1 + e[q];                                                        \\
+                a2 = a2 + e[q] * e[q];                                                 \\
+            }                                                                          \\
+            mb = BNF_POW2(N) ? a1 * (1.0 / (N)) : a1 / (double)(N);                    \\
+            m2b = a2 - a1 * mb;                                                        \\
+            if (!(m2b * 8.0 >= a2)) {                                                  \\
+                TWO_PASS(x + j, d, 0, (N), kj, &mb, &m2b);                             \\
+                if (m2b < 0.0) m2b = 0.0;                                              \\
+            }                                                                          \\
+            vj = BNF_POW2(N) ? m2b * (1.0 / (N)) : m2b / (double)(N);                  \\
+            m = kj + mb;                                                               \\
+            r = 1.0 / sqrt(vj + eps);                                                  \\
+            mean[j] = m;                                                               \\
+            var[j] = vj;                                                               \\
+            invstd[j] = r;                                                             \\
+            sc = r * (double)gamma[j];                                                 \\
+            sh = (double)beta[j];                                                      \\
+            rm_new[j] = (S)(mom * (double)rm_old[j] + rest * m);                       \\
+            rv_new[j] = (S)(mom * (double)rv_old[j] + rest * (vj * corr));             \\
+            for (q = 0; q < (N); q++) y[q * d + j] = (T)((v[q] - m) * sc + sh);        \\
+        }
+    #ifdef BNF_HALF
+    #define BNF_TRAIN_VECTOR(N, LOAD, STORE, LOADS, STORES, TWO_PASS)                  \\
+        for (; j + BNF_HALF <= w; j += BNF_HALF) {                                     \\
+            bnf_vd v[8], e[8], kv, a1 = bnf_set1(0.0), a2 = bnf_set1(0.0), mb, m2b;    \\
+            bnf_vd vv, m, r, sc, sh;                                                   \\
+            int q;                                                                     \\
+            for (q = 0; q < (N); q++) v[q] = LOAD(x + q * d + j);                      \\
+            if ((N) == 8) {                                                            \\
+                kv = bnf_mul(bnf_add(bnf_add(bnf_add(v[0], v[1]), bnf_add(v[2], v[3])), \\
+                                     bnf_add(bnf_add(v[4], v[5]), bnf_add(v[6], v[7]))), \\
+                             bnf_set1(0.125));                                         \\
+            } else {                                                                   \\
+                kv = v[0];                                                             \\
+                for (q = 1; q < (N); q++) kv = bnf_add(kv, v[q]);                      \\
+                kv = bnf_div(kv, bnf_set1((double)(N)));                               \\
+            }                                                                          \\
+            kv = bnf_finite_or_zero(kv);                                               \\
+            for (q = 0; q < (N); q++) e[q] = bnf_sub(v[q], kv);                        \\
+            for (q = 0; q + 4 <= (N); q += 4) {                                        \\
+                a1 = bnf_add(a1, bnf_add(bnf_add(e[q], e[q + 1]), bnf_add(e[q + 2], e[q + 3]))); \\
+                a2 = bnf_add(a2, bnf_add(bnf_fmadd(e[q], e[q], bnf_mul(e[q + 1], e[q + 1])), \\
+                                         bnf_fmadd(e[q + 2], e[q + 2],                 \\
+                                                   bnf_mul(e[q + 3], e[q + 3]))));     \\
+            }                                                                          \\
+            for (; q < (N); q++) {                                                     \\
+                a1 = bnf_add(a1, e[q]);                                                \\
+                a2 = bnf_fmadd(e[q], e[q], a2);                                        \\
+            }                                                                          \\
+            mb = BNF_POW2(N) ? bnf_mul(a1, bnf_set1(1.0 / (N)))                        \\
+                             : bnf_div(a1, bnf_set1((double)(N)));                     \\
+            m2b = bnf_fnmadd(a1, mb, a2);                                              \\
+            if (!bnf_all_ge(bnf_mul(m2b, bnf_set1(8.0)), a2)) {                        \\
+                double lane_k[BNF_HALF], lane_s2[BNF_HALF], lane_m[BNF_HALF];          \\
+                double lane_m2[BNF_HALF];                                              \\
+                int l;                                                                 \\
+                bnf_std(lane_k, kv);                                                   \\
+                bnf_std(lane_s2, a2);                                                  \\
+                bnf_std(lane_m, mb);                                                   \\
+                bnf_std(lane_m2, m2b);                                                 \\
+                for (l = 0; l < BNF_HALF; l++) {                                       \\
+                    if (!(lane_m2[l] * 8.0 >= lane_s2[l])) {                           \\
+                        TWO_PASS(x + j + l, d, 0, (N), lane_k[l], &lane_m[l], &lane_m2[l]); \\
+                        if (lane_m2[l] < 0.0) lane_m2[l] = 0.0;                        \\
+                    }                                                                  \\
+                }                                                                      \\
+                mb = bnf_ldd(lane_m);                                                  \\
+                m2b = bnf_ldd(lane_m2);                                                \\
+            }                                                                          \\
+            vv = BNF_POW2(N) ? bnf_mul(m2b, bnf_set1(1.0 / (N)))                       \\
+                             : bnf_div(m2b, bnf_set1((double)(N)));                    \\
+            m = bnf_add(kv, mb);                                                       \\
+            r = bnf_div(bnf_set1(1.0), bnf_sqrt(bnf_add(vv, bnf_set1(eps))));          \\
+            bnf_std(mean + j, m);                                                      \\
+            bnf_std(var + j, vv);                                                      \\
+            bnf_std(invstd + j, r);                                                    \\
+            sc = bnf_mul(r, LOAD(gamma + j));                                          \\
+            sh = LOAD(beta + j);                                                       \\
+            STORES(rm_new + j, bnf_fmadd(bnf_set1(mom), LOADS(rm_old + j),             \\
+                                         bnf_mul(bnf_set1(rest), m)));                 \\
+            STORES(rv_new + j, bnf_fmadd(bnf_set1(mom), LOADS(rv_old + j),             \\
+                                         bnf_mul(bnf_set1(rest),                       \\
+                                                 bnf_mul(vv, bnf_set1(corr)))));       \\
+            for (q = 0; q < (N); q++)                                                  \\
+                STORE(y + q * d + j, bnf_fmadd(bnf_sub(v[q], m), sc, sh));             \\
+        }
+    #else
+    #define BNF_TRAIN_VECTOR(N, LOAD, STORE, LOADS, STORES, TWO_PASS)
+    #endif
+    #define BNF_TRAIN_ROWS(N, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)          \\
+        { BNF_TRAIN_VECTOR(N, LOAD, STORE, LOADS, STORES, TWO_PASS)                     \\
+          BNF_TRAIN_SCALAR(N, T, S, TWO_PASS) } break;
+    #define BNF_SHORT_TRAIN(NAME, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)         \\
+        static void NAME(const T* x, ptrdiff_t d, int n, ptrdiff_t w, const T* gamma,  \\
+                         const T* beta, const S* rm_old, const S* rv_old, S* rm_new,   \\
+                         S* rv_new, double eps, double mom, double rest, double corr,  \\
+                         double* mean, double* var, double* invstd, T* y) {            \\
+            ptrdiff_t j = 0;                                                           \\
+            switch (n) {                                                               \\
+            case 1: BNF_TRAIN_ROWS(1, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)      \\
+            case 2: BNF_TRAIN_ROWS(2, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)      \\
+            case 3: BNF_TRAIN_ROWS(3, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)      \\
+            case 4: BNF_TRAIN_ROWS(4, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)      \\
+            case 5: BNF_TRAIN_ROWS(5, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)      \\
+            case 6: BNF_TRAIN_ROWS(6, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)      \\
+            case 7: BNF_TRAIN_ROWS(7, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)      \\
+            default: BNF_TRAIN_ROWS(8, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)     \\
+            }                                                                          \\
+        }
+    BNF_SHORT_TRAIN(bnfast_short_train_ff, float, float, bnf_ld, bnf_st, bnf_ld, bnf_st,
+                    bnfast_two_pass_f)
+    BNF_SHORT_TRAIN(bnfast_short_train_fd, float, double, bnf_ld, bnf_st, bnf_ldd, bnf_std,
+                    bnfast_two_pass_f)
+    BNF_SHORT_TRAIN(bnfast_short_train_df, double, float, bnf_ldd, bnf_std, bnf_ld, bnf_st,
+                    bnfast_two_pass_d)
+    BNF_SHORT_TRAIN(bnfast_short_train_dd, double, double, bnf_ldd, bnf_std, bnf_ldd, bnf_std,
+                    bnfast_two_pass_d)
     /* The same with one set of coefficients for all n values (a plane). */
     static inline void bnfast_grad_input_plane_ff(const float* x, const float* dy, float* o,
                                                   ptrdiff_t n, double c, double m, double q,
@@ -439,6 +619,32 @@ cdef extern from *:
                              double* s1, double* s2) noexcept nogil
     void bnfast_short_sums_d(const double* x, Py_ssize_t d, int n, Py_ssize_t w, double* k,
                              double* s1, double* s2) noexcept nogil
+    void bnfast_two_pass_f(const float* x, Py_ssize_t d, Py_ssize_t b0, Py_ssize_t b1,
+                           double k, double* mean, double* m2) noexcept nogil
+    void bnfast_two_pass_d(const double* x, Py_ssize_t d, Py_ssize_t b0, Py_ssize_t b1,
+                           double k, double* mean, double* m2) noexcept nogil
+    void bnfast_short_train_ff(const float* x, Py_ssize_t d, int n, Py_ssize_t w,
+                               const float* gamma, const float* beta, const float* rm_old,
+                               const float* rv_old, float* rm_new, float* rv_new, double eps,
+                               double mom, double rest, double corr, double* mean,
+                               double* var, double* invstd, float* y) noexcept nogil
+    void bnfast_short_train_fd(const float* x, Py_ssize_t d, int n, Py_ssize_t w,
+                               const float* gamma, const float* beta, const double* rm_old,
+                               const double* rv_old, double* rm_new, double* rv_new,
+                               double eps, double mom, double rest, double corr,
+                               double* mean, double* var, double* invstd,
+                               float* y) noexcept nogil
+    void bnfast_short_train_df(const double* x, Py_ssize_t d, int n, Py_ssize_t w,
+                               const double* gamma, const double* beta, const float* rm_old,
+                               const float* rv_old, float* rm_new, float* rv_new, double eps,
+                               double mom, double rest, double corr, double* mean,
+                               double* var, double* invstd, double* y) noexcept nogil
+    void bnfast_short_train_dd(const double* x, Py_ssize_t d, int n, Py_ssize_t w,
+                               const double* gamma, const double* beta, const double* rm_old,
+                               const double* rv_old, double* rm_new, double* rv_new,
+                               double eps, double mom, double rest, double corr,
+                               double* mean, double* var, double* invstd,
+                               double* y) noexcept nogil
     ctypedef double* acc_t "bnfast_acc_t"
 
 ctypedef fused in_t:
@@ -518,12 +724,14 @@ cdef enum:
     FOLD_MAX_LANES = 256
     # Strips of batches this short take their shift and shifted sums in one
     # read, held in registers (bnfast_short_sums; the shift is the mean of
-    # up to 8 rows).
+    # up to 8 rows); in the layer's usual training forward, the per-feature
+    # set-up and the output too (bnfast_short_train).
     SHORT_MAX_ROWS = 8
 
 cdef int _num_threads = 1
 # Tunables (see _set_tuning); start at the compile-time defaults.
 cdef Py_ssize_t _strip_bytes = STRIP_BYTES
+cdef bint _short_train_on = True
 cdef Py_ssize_t _min_strip = MIN_STRIP
 cdef Py_ssize_t _stream_min_bytes = STREAM_MIN_BYTES   # set at import, below
 cdef Py_ssize_t _cache_stream_min_bytes = CACHE_STREAM_MIN_BYTES
@@ -1017,28 +1225,15 @@ cdef void _shift_of(const in_t* x, Py_ssize_t d, Py_ssize_t n, Py_ssize_t c0, Py
             shift[j] = v if v - v == 0.0 else 0.0
 
 
-cdef void _column_two_pass(const in_t* x, Py_ssize_t d, Py_ssize_t b0, Py_ssize_t b1,
-                           double k, double* mean, double* m2) noexcept nogil:
+cdef inline void _column_two_pass(const in_t* x, Py_ssize_t d, Py_ssize_t b0, Py_ssize_t b1,
+                                  double k, double* mean, double* m2) noexcept nogil:
     """Corrected two-pass over rows b0..b1 of the column x points at; mean
-    relative to k.  The fallback for ill-conditioned and non-finite sums."""
-    cdef Py_ssize_t i
-    cdef double nb = <double>(b1 - b0), s = 0.0, m0, e, sd = 0.0, sd2 = 0.0, q
-    for i in range(b0, b1):
-        s += x[i * d] - k
-    s = s / nb
-    m0 = k + s
-    for i in range(b0, b1):
-        e = x[i * d] - m0
-        sd += e
-        sd2 += e * e
-    if _finite(s):
-        q = sd / nb
-        mean[0] = (m0 - k) + q
-        m2[0] = sd2 - sd * q
+    relative to k.  The fallback for ill-conditioned and non-finite sums
+    (bnfast_two_pass, in C so that bnfast_short_train shares it)."""
+    if in_t is float:
+        bnfast_two_pass_f(x, d, b0, b1, k, mean, m2)
     else:
-        mean[0] = s
-        m2[0] = sd2
-
+        bnfast_two_pass_d(x, d, b0, b1, k, mean, m2)
 
 cdef inline void _sq_sums4(const in_t* a, Py_ssize_t d, Py_ssize_t w, const double* shift,
                            acc_t s1, acc_t s2) noexcept nogil:
@@ -1589,6 +1784,66 @@ cdef inline double* _scratch_alloc(const Grid* g, int rows) noexcept nogil:
     return <double*>malloc(g.n_threads * rows * g.col_block * sizeof(double))
 
 
+cdef bint _short_train(const Grid* g, Py_ssize_t c0, Py_ssize_t w, const in_t* x, in_t* cache,
+                       out_t* y, const TrainArgs* a) noexcept nogil:
+    """A short-batch strip's whole training forward in one read of x
+    (bnfast_short_train) where the operands allow it: y, gamma and beta of
+    x's dtype, the running statistics updated and of one dtype, invstd
+    wanted and y not streamed (the layer's usual cases).  False: not done."""
+    cdef Py_ssize_t i, n = g.n_rows, d = g.n_cols
+    cdef bint param64 = in_t is double
+    cdef bint same_dtype = (in_t is float and out_t is float) or (in_t is double
+                                                                  and out_t is double)
+    if (not _short_train_on or not same_dtype or g.stream or a.invstd == NULL
+            or a.rm_new.data == NULL):
+        return False
+    if not (_contiguous_pair(a.gamma, a.beta) and a.gamma.is_f64 == param64
+             and _contiguous_pair(a.rm_old, a.rv_old) and a.rm_old.is_f64 == a.rm_new.is_f64
+             and a.rv_new.is_f64 == a.rm_new.is_f64):
+        return False
+    if cache != NULL:
+        if g.stream_cache:
+            _stream_rows(x, cache, n, d, 0, n, c0, w)
+        else:
+            for i in range(n):
+                memcpy(cache + i * d + c0, x + i * d + c0, w * sizeof(in_t))
+    if in_t is float and out_t is float:
+        if a.rm_new.is_f64:
+            bnfast_short_train_fd(x + c0, d, <int>n, w, <const float*>a.gamma.data + c0,
+                                  <const float*>a.beta.data + c0,
+                                  <const double*>a.rm_old.data + c0,
+                                  <const double*>a.rv_old.data + c0,
+                                  <double*>a.rm_new.data + c0, <double*>a.rv_new.data + c0,
+                                  a.eps, a.momentum, a.one_minus_momentum, a.var_correction,
+                                  a.mean + c0, a.var + c0, a.invstd + c0, y + c0)
+        else:
+            bnfast_short_train_ff(x + c0, d, <int>n, w, <const float*>a.gamma.data + c0,
+                                  <const float*>a.beta.data + c0,
+                                  <const float*>a.rm_old.data + c0,
+                                  <const float*>a.rv_old.data + c0,
+                                  <float*>a.rm_new.data + c0, <float*>a.rv_new.data + c0,
+                                  a.eps, a.momentum, a.one_minus_momentum, a.var_correction,
+                                  a.mean + c0, a.var + c0, a.invstd + c0, y + c0)
+    elif in_t is double and out_t is double:
+        if a.rm_new.is_f64:
+            bnfast_short_train_dd(x + c0, d, <int>n, w, <const double*>a.gamma.data + c0,
+                                  <const double*>a.beta.data + c0,
+                                  <const double*>a.rm_old.data + c0,
+                                  <const double*>a.rv_old.data + c0,
+                                  <double*>a.rm_new.data + c0, <double*>a.rv_new.data + c0,
+                                  a.eps, a.momentum, a.one_minus_momentum, a.var_correction,
+                                  a.mean + c0, a.var + c0, a.invstd + c0, y + c0)
+        else:
+            bnfast_short_train_df(x + c0, d, <int>n, w, <const double*>a.gamma.data + c0,
+                                  <const double*>a.beta.data + c0,
+                                  <const float*>a.rm_old.data + c0,
+                                  <const float*>a.rv_old.data + c0,
+                                  <float*>a.rm_new.data + c0, <float*>a.rv_new.data + c0,
+                                  a.eps, a.momentum, a.one_minus_momentum, a.var_correction,
+                                  a.mean + c0, a.var + c0, a.invstd + c0, y + c0)
+    return True
+
+
 cdef void _train_strip(const Grid* g, Py_ssize_t t, const in_t* x, in_t* cache, out_t* y,
                        const TrainArgs* a, double* mine) noexcept nogil:
     """Strip task: statistics, coefficients and output of whole columns.
@@ -1596,6 +1851,8 @@ cdef void _train_strip(const Grid* g, Py_ssize_t t, const in_t* x, in_t* cache, 
     cdef Task task = _task(g, t)
     cdef Py_ssize_t cb = g.col_block
     if g.n_rows <= _short_max_rows and _fold_rows(g.n_cols, task.w) == 1:
+        if _short_train(g, task.c0, task.w, x, cache, y, a):
+            return
         _short_stats(x, cache, g.stream_cache, g.n_rows, g.n_cols, task.c0, task.w, mine,
                      a.mean + task.c0, a.var + task.c0, mine + cb, mine + 2 * cb)
     else:
@@ -2896,17 +3153,18 @@ def _set_tuning(strip_bytes=STRIP_BYTES, min_strip=MIN_STRIP,
                 elem_tasks_per_thread=ELEM_TASKS_PER_THREAD,
                 cache_stream_min_bytes=CACHE_STREAM_MIN_BYTES,
                 stream_pages_max_cols=STREAM_PAGES_MAX_COLS, fold_max_cols=FOLD_MAX_COLS,
-                short_max_rows=SHORT_MAX_ROWS):
+                short_max_rows=SHORT_MAX_ROWS, short_train=True):
     """Work-partition knobs, for measuring the kernels (not a public API)."""
     global _strip_bytes, _min_strip, _stream_min_bytes, _col_block, _fused_strips, _page_bytes
     global _stream_pages, _max_strip_cols, _fused_min_cols, _unfused_strip_max_bytes
     global _elem_tasks_per_thread, _cache_stream_min_bytes, _stream_pages_max_cols
-    global _fold_max_cols, _short_max_rows
+    global _fold_max_cols, _short_max_rows, _short_train_on
     if not 0 <= fold_max_cols <= FOLD_LANES:
         raise ValueError(f"fold_max_cols must be in 0..{FOLD_LANES}")
     if not 0 <= short_max_rows <= SHORT_MAX_ROWS:
         raise ValueError(f"short_max_rows must be in 0..{SHORT_MAX_ROWS}")
     _short_max_rows = short_max_rows
+    _short_train_on = bool(short_train)
     _fold_max_cols = fold_max_cols
     _stream_pages_max_cols = stream_pages_max_cols
     _cache_stream_min_bytes = cache_stream_min_bytes
