@@ -428,6 +428,38 @@ def _train_with_cache(x, cache, planes):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("knobs", [dict(strip_bytes=1), dict(min_strip=1, strip_bytes=1 << 30),
+                                   dict(col_block=16)], ids=["row blocks", "strips", "narrow"])
+@pytest.mark.parametrize("shape", [(9, 4096), (13, 1024), (6, 4100), (40, 96)])
+def test_streamed_outputs_equal_cached_ones_at_any_alignment(rng, dtype, knobs, shape):
+    """Outputs too large for the cache are written with streaming stores:
+    straight from the registers where every row starts on a cache line and
+    fills whole lines (a 4096- or 1024-wide batch at a line boundary), else
+    through a staging row.  Wherever y sits, the bits are those of ordinary
+    stores, for any thread count, and nothing around y is touched."""
+    n, d = shape
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    gamma, beta = make_params(rng, d, dtype)
+    def train(y, **more):
+        with tuning(**knobs, **more):
+            kernels.train_forward(x, None, y, n, d, gamma, beta, 1e-5, np.empty(d),
+                                  np.empty(d), None, None, None, None, None, 0.9, 0.1)
+
+    expected = np.empty_like(x)
+    train(expected)
+    for y_offset in range(0, 64, np.dtype(dtype).itemsize):
+        guarded = _at_offset((n * d + 32,), dtype, (y_offset - 16 * x.itemsize) % 64)
+        guarded[...] = -7.0
+        y = guarded[16:16 + n * d].reshape(shape)
+        for count in THREADS:
+            with threads(count):
+                train(y, stream_min_bytes=0)
+            assert np.array_equal(y, expected), (y_offset, count)
+            assert np.all(guarded[:16] == -7.0) and np.all(guarded[16 + n * d:] == -7.0)
+            y[...] = 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("knobs", [dict(strip_bytes=1), dict(min_strip=1, strip_bytes=1 << 30),
                                    dict(col_block=16), dict(page_bytes=64)],
                          ids=["row blocks", "strips", "narrow", "planes"])
 @pytest.mark.parametrize("shape", [(37, 203), (9, 4102), (5, 4102), (300, 56)])
