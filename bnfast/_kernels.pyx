@@ -224,12 +224,11 @@ cdef extern from *:
     /* Row by row, one whole line per streaming store: rows interleaved, or
        half lines, leave partial lines in the write-combining buffers
        (measured: 0.70-0.85x on 16 x 262144 and 32 x 131072). */
-    static inline void bnfast_affine_stream_ff(const float* x, float* o, ptrdiff_t d, int rows,
-                                               ptrdiff_t w, const double* c, const double* k,
-                                               const double* b) {
+    static inline void bnfast_affine_stream_ff(const float* x, float* o, ptrdiff_t d,
+                                               ptrdiff_t rows, ptrdiff_t w, const double* c,
+                                               const double* k, const double* b) {
     #ifdef BNF_HALF
-        ptrdiff_t j;
-        int r;
+        ptrdiff_t j, r;
         for (r = 0; r < rows; r++, x += d, o += d)
             for (j = 0; j + 2 * BNF_HALF <= w; j += 2 * BNF_HALF) {
                 bnf_vd lo = bnf_fmadd(bnf_sub(bnf_ld(x + j), bnf_ldd(c + j)), bnf_ldd(k + j),
@@ -241,18 +240,17 @@ cdef extern from *:
     #endif
     }
     static inline void bnfast_affine_stream_dd(const double* x, double* o, ptrdiff_t d,
-                                               int rows, ptrdiff_t w, const double* c,
+                                               ptrdiff_t rows, ptrdiff_t w, const double* c,
                                                const double* k, const double* b) {
     #ifdef BNF_HALF
-        ptrdiff_t j;
-        int r;
+        ptrdiff_t j, r;
         for (r = 0; r < rows; r++, x += d, o += d)
             for (j = 0; j + BNF_HALF <= w; j += BNF_HALF)
                 bnf_std_nt(o + j, bnf_fmadd(bnf_sub(bnf_ldd(x + j), bnf_ldd(c + j)),
                                             bnf_ldd(k + j), bnf_ldd(b + j)));
     #endif
     }
-    /* The same with one (c, k, b) for all n values (a per-channel plane). */
+    /* bnfast_affine_ff with one (c, k, b) for all n values (a per-channel plane). */
     static inline void bnfast_affine_plane_ff(const float* x, float* o, ptrdiff_t n, double c,
                                               double k, double b) {
         ptrdiff_t j = 0;
@@ -375,61 +373,68 @@ cdef extern from *:
        (a switch over 1..8), so the row loops unroll.  The vector part and
        the scalar tail do the same operations (GCC and Clang contract the
        tail's squares as the vector part's explicit multiply-adds). */
-    #define BNF_SHORT_SCALAR(N)                                                        \\
-        for (; j < w; j++) {                                                           \\
-            double v[8], kj, a1 = 0.0, a2 = 0.0;                                       \\
-            int r;                                                                     \\
-            for (r = 0; r < (N); r++) v[r] = (double)x[r * d + j];                     \\
+    /* The shift and shifted sums of feature j's N rows (N a constant):
+       v[] the rows, e[] the rows less the shift kj, a1 and a2 the sums;
+       the vector form below does the same per BNF_HALF features. */
+    #define BNF_SHIFTED_SUMS_SCALAR(N)                                                 \\
+            for (q = 0; q < (N); q++) v[q] = (double)x[q * d + j];                     \\
             if ((N) == 8) {                                                            \\
                 kj = (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) \\
                      * 0.125;                                                          \\
             } else {                                                                   \\
                 kj = v[0];                                                             \\
-                for (r = 1; r < (N); r++) kj = kj + v[r];                              \\
+                for (q = 1; q < (N); q++) kj = kj + v[q];                              \\
                 kj = kj / (double)(N);                                                 \\
             }                                                                          \\
             kj = kj - kj == 0.0 ? kj : 0.0;                                            \\
-            for (r = 0; r < (N); r++) v[r] = v[r] - kj;                                \\
-            for (r = 0; r + 4 <= (N); r += 4) {                                        \\
-                a1 = a1 + ((v[r] + v[r + 1]) + (v[r + 2] + v[r + 3]));                 \\
-                a2 = a2 + ((v[r] * v[r] + v[r + 1] * v[r + 1])                         \\
-                           + (v[r + 2] * v[r + 2] + v[r + 3] * v[r + 3]));             \\
+            for (q = 0; q < (N); q++) e[q] = v[q] - kj;                                \\
+            for (q = 0; q + 4 <= (N); q += 4) {                                        \\
+                a1 = a1 + ((e[q] + e[q + 1]) + (e[q + 2] + e[q + 3]));                 \\
+                a2 = a2 + ((e[q] * e[q] + e[q + 1] * e[q + 1])                         \\
+                           + (e[q + 2] * e[q + 2] + e[q + 3] * e[q + 3]));             \\
             }                                                                          \\
-            for (; r < (N); r++) {                                                     \\
-                a1 = a1 + v[r];                                                        \\
-                a2 = a2 + v[r] * v[r];                                                 \\
-            }                                                                          \\
+            for (; q < (N); q++) {                                                     \\
+                a1 = a1 + e[q];                                                        \\
+                a2 = a2 + e[q] * e[q];                                                 \\
+            }
+    #define BNF_SHORT_SCALAR(N)                                                        \\
+        for (; j < w; j++) {                                                           \\
+            double v[8], e[8], kj, a1 = 0.0, a2 = 0.0;                                 \\
+            int q;                                                                     \\
+            BNF_SHIFTED_SUMS_SCALAR(N)                                                 \\
             k[j] = kj;                                                                 \\
             s1[j] = a1;                                                                \\
             s2[j] = a2;                                                                \\
         }
     #ifdef BNF_HALF
-    #define BNF_SHORT_VECTOR(LOAD, N)                                                  \\
-        for (; j + BNF_HALF <= w; j += BNF_HALF) {                                     \\
-            bnf_vd v[8], kv, a1 = bnf_set1(0.0), a2 = bnf_set1(0.0);                   \\
-            int r;                                                                     \\
-            for (r = 0; r < (N); r++) v[r] = LOAD(x + r * d + j);                      \\
+    #define BNF_SHIFTED_SUMS_VECTOR(LOAD, N)                                           \\
+            for (q = 0; q < (N); q++) v[q] = LOAD(x + q * d + j);                      \\
             if ((N) == 8) {                                                            \\
                 kv = bnf_mul(bnf_add(bnf_add(bnf_add(v[0], v[1]), bnf_add(v[2], v[3])), \\
                                      bnf_add(bnf_add(v[4], v[5]), bnf_add(v[6], v[7]))), \\
                              bnf_set1(0.125));                                         \\
             } else {                                                                   \\
                 kv = v[0];                                                             \\
-                for (r = 1; r < (N); r++) kv = bnf_add(kv, v[r]);                      \\
+                for (q = 1; q < (N); q++) kv = bnf_add(kv, v[q]);                      \\
                 kv = bnf_div(kv, bnf_set1((double)(N)));                               \\
             }                                                                          \\
             kv = bnf_finite_or_zero(kv);                                               \\
-            for (r = 0; r < (N); r++) v[r] = bnf_sub(v[r], kv);                        \\
-            for (r = 0; r + 4 <= (N); r += 4) {                                        \\
-                a1 = bnf_add(a1, bnf_add(bnf_add(v[r], v[r + 1]), bnf_add(v[r + 2], v[r + 3]))); \\
-                a2 = bnf_add(a2, bnf_add(bnf_fmadd(v[r], v[r], bnf_mul(v[r + 1], v[r + 1])), \\
-                                         bnf_fmadd(v[r + 2], v[r + 2],                 \\
-                                                   bnf_mul(v[r + 3], v[r + 3]))));     \\
+            for (q = 0; q < (N); q++) e[q] = bnf_sub(v[q], kv);                        \\
+            for (q = 0; q + 4 <= (N); q += 4) {                                        \\
+                a1 = bnf_add(a1, bnf_add(bnf_add(e[q], e[q + 1]), bnf_add(e[q + 2], e[q + 3]))); \\
+                a2 = bnf_add(a2, bnf_add(bnf_fmadd(e[q], e[q], bnf_mul(e[q + 1], e[q + 1])), \\
+                                         bnf_fmadd(e[q + 2], e[q + 2],                 \\
+                                                   bnf_mul(e[q + 3], e[q + 3]))));     \\
             }                                                                          \\
-            for (; r < (N); r++) {                                                     \\
-                a1 = bnf_add(a1, v[r]);                                                \\
-                a2 = bnf_fmadd(v[r], v[r], a2);                                        \\
-            }                                                                          \\
+            for (; q < (N); q++) {                                                     \\
+                a1 = bnf_add(a1, e[q]);                                                \\
+                a2 = bnf_fmadd(e[q], e[q], a2);                                        \\
+            }
+    #define BNF_SHORT_VECTOR(LOAD, N)                                                  \\
+        for (; j + BNF_HALF <= w; j += BNF_HALF) {                                     \\
+            bnf_vd v[8], e[8], kv, a1 = bnf_set1(0.0), a2 = bnf_set1(0.0);             \\
+            int q;                                                                     \\
+            BNF_SHIFTED_SUMS_VECTOR(LOAD, N)                                           \\
             bnf_std(k + j, kv);                                                        \\
             bnf_std(s1 + j, a1);                                                       \\
             bnf_std(s2 + j, a2);                                                       \\
@@ -496,26 +501,7 @@ cdef extern from *:
         for (; j < w; j++) {                                                           \\
             double v[8], e[8], kj, a1 = 0.0, a2 = 0.0, mb, m2b, vj, m, r, sc, sh;      \\
             int q;                                                                     \\
-            for (q = 0; q < (N); q++) v[q] = (double)x[q * d + j];                     \\
-            if ((N) == 8) {                                                            \\
-                kj = (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) \\
-                     * 0.125;                                                          \\
-            } else {                                                                   \\
-                kj = v[0];                                                             \\
-                for (q = 1; q < (N); q++) kj = kj + v[q];                              \\
-                kj = kj / (double)(N);                                                 \\
-            }                                                                          \\
-            kj = kj - kj == 0.0 ? kj : 0.0;                                            \\
-            for (q = 0; q < (N); q++) e[q] = v[q] - kj;                                \\
-            for (q = 0; q + 4 <= (N); q += 4) {                                        \\
-                a1 = a1 + ((e[q] + e[q + 1]) + (e[q + 2] + e[q + 3]));                 \\
-                a2 = a2 + ((e[q] * e[q] + e[q + 1] * e[q + 1])                         \\
-                           + (e[q + 2] * e[q + 2] + e[q + 3] * e[q + 3]));             \\
-            }                                                                          \\
-            for (; q < (N); q++) {                                                     \\
-                a1 = a1 + e[q];                                                        \\
-                a2 = a2 + e[q] * e[q];                                                 \\
-            }                                                                          \\
+            BNF_SHIFTED_SUMS_SCALAR(N)                                                 \\
             mb = BNF_POW2(N) ? a1 * (1.0 / (N)) : a1 / (double)(N);                    \\
             m2b = a2 - a1 * mb;                                                        \\
             if (!(m2b * 8.0 >= a2)) {                                                  \\
@@ -540,28 +526,7 @@ cdef extern from *:
             bnf_vd v[8], e[8], kv, a1 = bnf_set1(0.0), a2 = bnf_set1(0.0), mb, m2b;    \\
             bnf_vd vv, m, r, sc, sh;                                                   \\
             int q;                                                                     \\
-            for (q = 0; q < (N); q++) v[q] = LOAD(x + q * d + j);                      \\
-            if ((N) == 8) {                                                            \\
-                kv = bnf_mul(bnf_add(bnf_add(bnf_add(v[0], v[1]), bnf_add(v[2], v[3])), \\
-                                     bnf_add(bnf_add(v[4], v[5]), bnf_add(v[6], v[7]))), \\
-                             bnf_set1(0.125));                                         \\
-            } else {                                                                   \\
-                kv = v[0];                                                             \\
-                for (q = 1; q < (N); q++) kv = bnf_add(kv, v[q]);                      \\
-                kv = bnf_div(kv, bnf_set1((double)(N)));                               \\
-            }                                                                          \\
-            kv = bnf_finite_or_zero(kv);                                               \\
-            for (q = 0; q < (N); q++) e[q] = bnf_sub(v[q], kv);                        \\
-            for (q = 0; q + 4 <= (N); q += 4) {                                        \\
-                a1 = bnf_add(a1, bnf_add(bnf_add(e[q], e[q + 1]), bnf_add(e[q + 2], e[q + 3]))); \\
-                a2 = bnf_add(a2, bnf_add(bnf_fmadd(e[q], e[q], bnf_mul(e[q + 1], e[q + 1])), \\
-                                         bnf_fmadd(e[q + 2], e[q + 2],                 \\
-                                                   bnf_mul(e[q + 3], e[q + 3]))));     \\
-            }                                                                          \\
-            for (; q < (N); q++) {                                                     \\
-                a1 = bnf_add(a1, e[q]);                                                \\
-                a2 = bnf_fmadd(e[q], e[q], a2);                                        \\
-            }                                                                          \\
+            BNF_SHIFTED_SUMS_VECTOR(LOAD, N)                                           \\
             mb = BNF_POW2(N) ? bnf_mul(a1, bnf_set1(1.0 / (N)))                        \\
                              : bnf_div(a1, bnf_set1((double)(N)));                     \\
             m2b = bnf_fnmadd(a1, mb, a2);                                              \\
@@ -630,6 +595,24 @@ cdef extern from *:
                     bnfast_two_pass_d)
     BNF_SHORT_TRAIN(bnfast_short_train_dd, double, double, bnf_ldd, bnf_std, bnf_ldd, bnf_std,
                     bnfast_two_pass_d)
+    /* One entry for the four (x and y, running statistics) dtype pairs,
+       float64 where x64 / s64; every array from feature 0, the strip from
+       feature c0. */
+    #define BNF_SHORT_TRAIN_CALL(F, T, S)                                              \\
+        F((const T*)x + c0, d, n, w, (const T*)gamma + c0, (const T*)beta + c0,        \\
+          (const S*)rm_old + c0, (const S*)rv_old + c0, (S*)rm_new + c0, (S*)rv_new + c0, \\
+          eps, mom, rest, corr, mean + c0, var + c0, invstd + c0, (T*)y + c0)
+    static void bnfast_short_train(int x64, int s64, const void* x, ptrdiff_t d, int n,
+                                   ptrdiff_t c0, ptrdiff_t w, const void* gamma,
+                                   const void* beta, const void* rm_old, const void* rv_old,
+                                   void* rm_new, void* rv_new, double eps, double mom,
+                                   double rest, double corr, double* mean, double* var,
+                                   double* invstd, void* y) {
+        if (x64 && s64) BNF_SHORT_TRAIN_CALL(bnfast_short_train_dd, double, double);
+        else if (x64) BNF_SHORT_TRAIN_CALL(bnfast_short_train_df, double, float);
+        else if (s64) BNF_SHORT_TRAIN_CALL(bnfast_short_train_fd, float, double);
+        else BNF_SHORT_TRAIN_CALL(bnfast_short_train_ff, float, float);
+    }
     /* The same with one set of coefficients for all n values (a plane). */
     static inline void bnfast_grad_input_plane_ff(const float* x, const float* dy, float* o,
                                                   ptrdiff_t n, double c, double m, double q,
@@ -673,38 +656,21 @@ cdef extern from *:
                              double* s1, double* s2) noexcept nogil
     bint bnfast_lines_fit(const void* o, Py_ssize_t stride_bytes,
                           Py_ssize_t w_bytes) noexcept nogil
-    void bnfast_affine_stream_ff(const float* x, float* o, Py_ssize_t d, int rows,
+    void bnfast_affine_stream_ff(const float* x, float* o, Py_ssize_t d, Py_ssize_t rows,
                                  Py_ssize_t w, const double* c, const double* k,
                                  const double* b) noexcept nogil
-    void bnfast_affine_stream_dd(const double* x, double* o, Py_ssize_t d, int rows,
+    void bnfast_affine_stream_dd(const double* x, double* o, Py_ssize_t d, Py_ssize_t rows,
                                  Py_ssize_t w, const double* c, const double* k,
                                  const double* b) noexcept nogil
     void bnfast_two_pass_f(const float* x, Py_ssize_t d, Py_ssize_t b0, Py_ssize_t b1,
                            double k, double* mean, double* m2) noexcept nogil
     void bnfast_two_pass_d(const double* x, Py_ssize_t d, Py_ssize_t b0, Py_ssize_t b1,
                            double k, double* mean, double* m2) noexcept nogil
-    void bnfast_short_train_ff(const float* x, Py_ssize_t d, int n, Py_ssize_t w,
-                               const float* gamma, const float* beta, const float* rm_old,
-                               const float* rv_old, float* rm_new, float* rv_new, double eps,
-                               double mom, double rest, double corr, double* mean,
-                               double* var, double* invstd, float* y) noexcept nogil
-    void bnfast_short_train_fd(const float* x, Py_ssize_t d, int n, Py_ssize_t w,
-                               const float* gamma, const float* beta, const double* rm_old,
-                               const double* rv_old, double* rm_new, double* rv_new,
-                               double eps, double mom, double rest, double corr,
-                               double* mean, double* var, double* invstd,
-                               float* y) noexcept nogil
-    void bnfast_short_train_df(const double* x, Py_ssize_t d, int n, Py_ssize_t w,
-                               const double* gamma, const double* beta, const float* rm_old,
-                               const float* rv_old, float* rm_new, float* rv_new, double eps,
-                               double mom, double rest, double corr, double* mean,
-                               double* var, double* invstd, double* y) noexcept nogil
-    void bnfast_short_train_dd(const double* x, Py_ssize_t d, int n, Py_ssize_t w,
-                               const double* gamma, const double* beta, const double* rm_old,
-                               const double* rv_old, double* rm_new, double* rv_new,
-                               double eps, double mom, double rest, double corr,
-                               double* mean, double* var, double* invstd,
-                               double* y) noexcept nogil
+    void bnfast_short_train(bint x64, bint s64, const void* x, Py_ssize_t d, int n,
+                            Py_ssize_t c0, Py_ssize_t w, const void* gamma, const void* beta,
+                            const void* rm_old, const void* rv_old, void* rm_new, void* rv_new,
+                            double eps, double mom, double rest, double corr, double* mean,
+                            double* var, double* invstd, void* y) noexcept nogil
     ctypedef double* acc_t "bnfast_acc_t"
 
 ctypedef fused in_t:
@@ -1572,22 +1538,12 @@ cdef void _affine_rows(const in_t* x, out_t* y, bint stream, Py_ssize_t d,
     elif (stream and w * <Py_ssize_t>sizeof(out_t) >= STREAM_DIRECT_MIN_BYTES
             and bnfast_lines_fit(y + i * d + c0, d * sizeof(out_t), w * sizeof(out_t))):
         if in_t is float and out_t is float:
-            while i + 4 <= r1:
-                bnfast_affine_stream_ff(x + i * d + c0, y + i * d + c0, d, 4, w, center, scale,
-                                        shift)
-                i += 4
-            if i < r1:
-                bnfast_affine_stream_ff(x + i * d + c0, y + i * d + c0, d, <int>(r1 - i), w,
-                                        center, scale, shift)
+            bnfast_affine_stream_ff(x + i * d + c0, y + i * d + c0, d, r1 - i, w, center, scale,
+                                    shift)
             return
         elif in_t is double and out_t is double:
-            while i + 4 <= r1:
-                bnfast_affine_stream_dd(x + i * d + c0, y + i * d + c0, d, 4, w, center, scale,
-                                        shift)
-                i += 4
-            if i < r1:
-                bnfast_affine_stream_dd(x + i * d + c0, y + i * d + c0, d, <int>(r1 - i), w,
-                                        center, scale, shift)
+            bnfast_affine_stream_dd(x + i * d + c0, y + i * d + c0, d, r1 - i, w, center, scale,
+                                    shift)
             return
     if not stream:
         while i + 4 <= r1:
@@ -1893,40 +1849,10 @@ cdef bint _short_train(const Grid* g, Py_ssize_t c0, Py_ssize_t w, const in_t* x
         else:
             for i in range(n):
                 memcpy(cache + i * d + c0, x + i * d + c0, w * sizeof(in_t))
-    if in_t is float and out_t is float:
-        if a.rm_new.is_f64:
-            bnfast_short_train_fd(x + c0, d, <int>n, w, <const float*>a.gamma.data + c0,
-                                  <const float*>a.beta.data + c0,
-                                  <const double*>a.rm_old.data + c0,
-                                  <const double*>a.rv_old.data + c0,
-                                  <double*>a.rm_new.data + c0, <double*>a.rv_new.data + c0,
-                                  a.eps, a.momentum, a.one_minus_momentum, a.var_correction,
-                                  a.mean + c0, a.var + c0, a.invstd + c0, y + c0)
-        else:
-            bnfast_short_train_ff(x + c0, d, <int>n, w, <const float*>a.gamma.data + c0,
-                                  <const float*>a.beta.data + c0,
-                                  <const float*>a.rm_old.data + c0,
-                                  <const float*>a.rv_old.data + c0,
-                                  <float*>a.rm_new.data + c0, <float*>a.rv_new.data + c0,
-                                  a.eps, a.momentum, a.one_minus_momentum, a.var_correction,
-                                  a.mean + c0, a.var + c0, a.invstd + c0, y + c0)
-    elif in_t is double and out_t is double:
-        if a.rm_new.is_f64:
-            bnfast_short_train_dd(x + c0, d, <int>n, w, <const double*>a.gamma.data + c0,
-                                  <const double*>a.beta.data + c0,
-                                  <const double*>a.rm_old.data + c0,
-                                  <const double*>a.rv_old.data + c0,
-                                  <double*>a.rm_new.data + c0, <double*>a.rv_new.data + c0,
-                                  a.eps, a.momentum, a.one_minus_momentum, a.var_correction,
-                                  a.mean + c0, a.var + c0, a.invstd + c0, y + c0)
-        else:
-            bnfast_short_train_df(x + c0, d, <int>n, w, <const double*>a.gamma.data + c0,
-                                  <const double*>a.beta.data + c0,
-                                  <const float*>a.rm_old.data + c0,
-                                  <const float*>a.rv_old.data + c0,
-                                  <float*>a.rm_new.data + c0, <float*>a.rv_new.data + c0,
-                                  a.eps, a.momentum, a.one_minus_momentum, a.var_correction,
-                                  a.mean + c0, a.var + c0, a.invstd + c0, y + c0)
+    bnfast_short_train(in_t is double, a.rm_new.is_f64, <const void*>x, d, <int>n, c0, w,
+                       a.gamma.data, a.beta.data, a.rm_old.data, a.rv_old.data, a.rm_new.data,
+                       a.rv_new.data, a.eps, a.momentum, a.one_minus_momentum,
+                       a.var_correction, a.mean, a.var, a.invstd, <void*>y)
     return True
 
 
