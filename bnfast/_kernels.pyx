@@ -157,9 +157,8 @@ cdef extern from *:
     #define bnf_fnmadd _mm512_fnmadd_pd
     #define bnf_div _mm512_div_pd
     #define bnf_sqrt _mm512_sqrt_pd
-    /* streaming stores of one vector (aligned to its size) */
     /* streaming stores: two float64 vectors as one line of floats; a vector */
-    #define bnf_stf_nt2(p, lo, hi) _mm512_stream_ps((p), _mm512_insertf32x8(              \
+    #define bnf_stf_nt2(p, lo, hi) _mm512_stream_ps((p), _mm512_insertf32x8(              \\
         _mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1))
     #define bnf_std_nt _mm512_stream_pd
     /* every lane a >= b (ordered) */
@@ -184,7 +183,7 @@ cdef extern from *:
     #define bnf_fnmadd _mm256_fnmadd_pd
     #define bnf_div _mm256_div_pd
     #define bnf_sqrt _mm256_sqrt_pd
-    #define bnf_stf_nt2(p, lo, hi) _mm256_stream_ps((p), _mm256_insertf128_ps(            \
+    #define bnf_stf_nt2(p, lo, hi) _mm256_stream_ps((p), _mm256_insertf128_ps(            \\
         _mm256_castps128_ps256(_mm256_cvtpd_ps(lo)), _mm256_cvtpd_ps(hi), 1))
     #define bnf_std_nt _mm256_stream_pd
     #define bnf_all_ge(a, b) (_mm256_movemask_pd(_mm256_cmp_pd((a), (b), _CMP_GE_OQ)) == 0xF)
@@ -233,8 +232,9 @@ cdef extern from *:
             for (j = 0; j + 2 * BNF_HALF <= w; j += 2 * BNF_HALF) {
                 bnf_vd lo = bnf_fmadd(bnf_sub(bnf_ld(x + j), bnf_ldd(c + j)), bnf_ldd(k + j),
                                       bnf_ldd(b + j));
-                bnf_vd hi = bnf_fmadd(bnf_sub(bnf_ld(x + j + BNF_HALF), bnf_ldd(c + j + BNF_HALF)),
-                                      bnf_ldd(k + j + BNF_HALF), bnf_ldd(b + j + BNF_HALF));
+                ptrdiff_t h = j + BNF_HALF;
+                bnf_vd hi = bnf_fmadd(bnf_sub(bnf_ld(x + h), bnf_ldd(c + h)), bnf_ldd(k + h),
+                                      bnf_ldd(b + h));
                 bnf_stf_nt2(o + j, lo, hi);
             }
     #endif
@@ -1266,6 +1266,7 @@ cdef inline void _column_two_pass(const in_t* x, Py_ssize_t d, Py_ssize_t b0, Py
         bnfast_two_pass_f(x, d, b0, b1, k, mean, m2)
     else:
         bnfast_two_pass_d(x, d, b0, b1, k, mean, m2)
+
 
 cdef inline void _sq_sums4(const in_t* a, Py_ssize_t d, Py_ssize_t w, const double* shift,
                            acc_t s1, acc_t s2) noexcept nogil:
