@@ -13,6 +13,10 @@ Environment switches (read at build time):
 On x86-64 with GCC or Clang the same kernels are also compiled for AVX2 and
 for AVX-512; bnfast/_native.py picks the widest one the CPU runs at import.
 The default build therefore runs on any x86-64 CPU and is fast on new ones.
+Each variant module gets a baseline-compiled entry point
+(bnfast/csrc/isa_entry.c) that checks the CPU before the module's own
+initialisation runs, so importing a variant the CPU cannot run raises
+ImportError instead of dying on an illegal instruction.
 """
 import os
 import platform
@@ -45,13 +49,18 @@ OPTIMIZE_FLAGS = {
 # kernels' four-row loops have more.  Added where the compiler takes it.
 VECTORIZE_FLAGS = ["--param=vect-max-version-for-alias-checks=64"]
 
-# Instruction-set variants: module suffix -> extra flags.  bnfast_cpu_level()
-# in _kernels.pyx checks for exactly these features before one is loaded.
+# Instruction-set variants: module suffix -> (the bnfast/csrc/cpu.h level
+# that runs it, extra flags).  bnfast_cpu_level() checks for exactly these
+# features, in the variant's entry point and in bnfast/_native.py.
 ISA_VARIANTS = {
-    "avx2": ["-mavx2", "-mfma", "-mbmi", "-mbmi2"],
-    "avx512": ["-mavx2", "-mfma", "-mbmi", "-mbmi2", "-mavx512f", "-mavx512bw",
-               "-mavx512cd", "-mavx512dq", "-mavx512vl", "-mprefer-vector-width=512"],
+    "avx2": ("BNFAST_ISA_AVX2", ["-mavx2", "-mfma", "-mbmi", "-mbmi2"]),
+    "avx512": ("BNFAST_ISA_AVX512",
+               ["-mavx2", "-mfma", "-mbmi", "-mbmi2", "-mavx512f", "-mavx512bw", "-mavx512cd",
+                "-mavx512dq", "-mavx512vl", "-mprefer-vector-width=512"]),
 }
+
+# Hand-written C: CPU detection and the variants' entry points.
+CSRC = os.path.join("bnfast", "csrc")
 
 CYTHON_DIRECTIVES = {
     "language_level": 3,
@@ -135,7 +144,7 @@ class BuildKernels(build_ext):
             kernels = ext.name.startswith("bnfast._kernels")    # only they use OpenMP
             isa = ext.name.rpartition("_")[2] if ext.name.startswith("bnfast._kernels_") else None
             ext_compile = compile_args + (omp_compile if kernels else [])
-            ext_compile += ISA_VARIANTS[isa] if isa else []
+            ext_compile += ISA_VARIANTS[isa][1] if isa else []
             ext_link = link_args + (omp_link if kernels else [])
             if isa and not _compiles_with(self.compiler, ext_compile, ext_link, PLAIN_PROBE):
                 print(f"bnfast: the compiler does not take {isa} flags; skipping that variant",
@@ -146,9 +155,30 @@ class BuildKernels(build_ext):
             ext.extra_link_args = ext_link
             ext.define_macros = list(ext.define_macros or []) + [
                 ("BNFAST_BUILD_FLAGS", '"%s"' % described)]
+            if isa:
+                self._add_entry_point(ext, isa, compile_args)
             keep.append(ext)
         self.extensions = keep
         super().build_extensions()
+
+    def _add_entry_point(self, ext, isa, baseline_args):
+        """Link a baseline-compiled PyInit that checks the CPU into a variant.
+
+        Cython's own PyInit_<module> is renamed, so the one Python calls is
+        isa_entry.c's, compiled without the variant's flags (see that file).
+        """
+        module = ext.name.rpartition(".")[2]
+        cython_init = "bnfast_cython_init_" + module
+        ext.define_macros.append(("PyInit_" + module, cython_init))
+        objects = self.compiler.compile(
+            [os.path.join(CSRC, "isa_entry.c")],
+            output_dir=os.path.join(self.build_temp, "entry_" + isa),
+            macros=[("BNFAST_ENTRY", "PyInit_" + module), ("BNFAST_CYTHON_INIT", cython_init),
+                    ("BNFAST_VARIANT", '"%s"' % isa),
+                    ("BNFAST_VARIANT_LEVEL", ISA_VARIANTS[isa][0])],
+            include_dirs=[CSRC],
+            extra_postargs=baseline_args)
+        ext.extra_objects = list(ext.extra_objects or []) + objects
 
 
 def _wants_variants():
@@ -163,7 +193,8 @@ def _extension(name):
     return Extension(
         name,
         ["%s.pyx" % name.replace(".", "/")],
-        include_dirs=[numpy.get_include()],
+        include_dirs=[numpy.get_include(), CSRC],
+        depends=[os.path.join(CSRC, source) for source in ("cpu.h", "isa_entry.c")],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
 

@@ -46,6 +46,10 @@ cimport numpy as cnp
 
 cnp.import_array()
 
+# CPU detection (bnfast/csrc/cpu.h), shared with the variants' entry points.
+cdef extern from "cpu.h":
+    int bnfast_cpu_level() noexcept nogil
+
 cdef extern from *:
     """
     #ifdef _OPENMP
@@ -65,22 +69,6 @@ cdef extern from *:
     typedef double* __restrict bnfast_acc_t;
     #else
     typedef double* __restrict__ bnfast_acc_t;
-    #endif
-    /* Widest instruction set this CPU (and OS) runs: 2 = AVX-512 (F, BW, CD,
-       DQ, VL), 1 = AVX2 + FMA + BMI1/2, 0 = the x86-64 baseline or another
-       architecture.  Matches the flags setup.py gives each kernel variant. */
-    #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-    static int bnfast_cpu_level(void) {
-        __builtin_cpu_init();
-        int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-                   && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
-        int avx512 = avx2 && __builtin_cpu_supports("avx512f")
-                     && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512cd")
-                     && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-        return avx512 ? 2 : (avx2 ? 1 : 0);
-    }
-    #else
-    static int bnfast_cpu_level(void) { return 0; }
     #endif
     /* Copy bytes with streaming stores where the CPU has them (every x86-64
        has SSE2); elsewhere a plain memcpy.  Call bnfast_fence() before the
@@ -631,7 +619,6 @@ cdef extern from *:
     const int BNFAST_OPENMP
     const char* BNFAST_BUILD_FLAGS
     int omp_get_max_threads() noexcept nogil
-    int bnfast_cpu_level() noexcept nogil
     void bnfast_stream(void* dst, const void* src, size_t nbytes) noexcept nogil
     void bnfast_stream_piece(void* dst, const void* src, size_t total, size_t start,
                              size_t end) noexcept nogil

@@ -111,10 +111,12 @@ tree = [line.strip() for line in open(tree_list) if line.strip()]
 problems = []
 need_sdist = ["setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in",
               "bnfast/_kernels.pyx", "bnfast/_kernels_avx2.pyx", "bnfast/_kernels_avx512.pyx",
-              "bnfast/_outputs.pyx", "bnfast/_kernels.pyi", "bnfast/_outputs.pyi", "bnfast/py.typed", "tests/conftest.py"] + tree
+              "bnfast/_outputs.pyx", "bnfast/_kernels.pyi", "bnfast/_outputs.pyi", "bnfast/py.typed",
+              "bnfast/csrc/cpu.h", "bnfast/csrc/isa_entry.c", "tests/conftest.py"] + tree
 problems += [f"sdist lacks {n}" for n in need_sdist if n not in sdist]
 problems += [f"sdist holds a build product {n}" for n in sorted(sdist)
-             if fnmatch.fnmatch(n, "*.c") or fnmatch.fnmatch(n, "*.so")
+             if (n.endswith(".c") and n[:-2] + ".pyx" in sdist)   # Cython's output
+             or fnmatch.fnmatch(n, "*.so")
              or "__pycache__" in n]
 need_wheel = ["bnfast/py.typed", "bnfast/_kernels.pyi", "bnfast/_outputs.pyi"]
 need_wheel += [n for n in tree if n.startswith("bnfast/") and n.endswith((".py", ".pyi"))]
