@@ -5,15 +5,12 @@ in *Deep Learning from Scratch*; ``bnfast.functional`` holds the stateless
 operations it is built on; ``bnfast.reference`` is the pure-NumPy twin.
 """
 from . import _outputs
-from ._native import build_info
-from ._native import kernels as _active_kernels
+from ._native import build_info, get_num_threads, set_num_threads
 from ._version import __version__
 from .functional import (TrainResult, backward_eval, backward_train, forward_eval,
                          forward_train)
 from .layer import BatchNormalization
 
-set_num_threads = _active_kernels.set_num_threads
-get_num_threads = _active_kernels.get_num_threads
 set_output_cache_limit = _outputs.set_limit
 get_output_cache_limit = _outputs.get_limit
 output_cache_info = _outputs.info

@@ -5,12 +5,24 @@ x86-64 with GCC or Clang, again for AVX2 and for AVX-512.  At import the widest
 variant this CPU runs is loaded; ``BNFAST_ISA=baseline|avx2|avx512`` forces
 one (an error if the CPU or the build lacks it).  All other modules reach the
 kernels through ``kernels`` here.
+
+Importing a variant the CPU cannot run raises ImportError: each variant has a
+baseline-compiled entry point that checks the CPU first
+(bnfast/csrc/isa_entry.c).
+
+Threads and fork: OpenMP's thread pool does not survive ``fork``; a child
+that entered a parallel region would wait forever for the parent's threads.
+In a child created by ``fork`` the kernels therefore run on one thread (they
+then never enter a parallel region), and ``set_num_threads(n > 1)`` raises
+there.  Processes started with "spawn" or "forkserver" are not affected.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import operator
 import os
+import sys
 from types import ModuleType
 
 from . import _kernels as _baseline
@@ -59,6 +71,51 @@ def _select() -> tuple[ModuleType, str]:
 
 kernels, isa = _select()
 
+#: True in a process created by fork() from one that had imported bnfast.
+_forked_child = False
+
+
+def _loaded_kernel_modules() -> list[ModuleType]:
+    names = ["bnfast._kernels"] + [module for _, _, module in _VARIANTS]
+    return [sys.modules[name] for name in names if name in sys.modules]
+
+
+def _one_thread_after_fork() -> None:
+    global _forked_child
+    _forked_child = True
+    for module in _loaded_kernel_modules():
+        module.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):      # POSIX; Windows has no fork
+    os.register_at_fork(after_in_child=_one_thread_after_fork)
+
+
+def _as_count(n: object) -> int:
+    try:
+        return operator.index(n)  # type: ignore[arg-type]
+    except TypeError:
+        return 1            # not a count: the kernels' own check says so below
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the kernels use from now on (1 .. any; OpenMP builds only above 1).
+
+    In a process created by ``fork`` the kernels run on one thread and more
+    are refused: OpenMP's thread pool does not survive a fork.
+    """
+    if _forked_child and _as_count(n) > 1:
+        raise RuntimeError(
+            f"cannot use {n} threads in a process created by fork(): OpenMP's thread pool "
+            "does not survive a fork, so bnfast runs on one thread here; start workers "
+            "with the 'spawn' or 'forkserver' method to use threads in them")
+    kernels.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Threads the kernels use (1 in a build without OpenMP or in a forked child)."""
+    return int(kernels.get_num_threads())
+
 
 def build_info() -> dict[str, object]:
     """How the running kernels were built and what they use."""
@@ -67,6 +124,6 @@ def build_info() -> dict[str, object]:
         "isa_built": available(),
         "cpu_level": _baseline.cpu_level(),
         "openmp": kernels.openmp_enabled(),
-        "threads": kernels.get_num_threads(),
+        "threads": get_num_threads(),
         "build_flags": kernels.build_flags(),
     }
