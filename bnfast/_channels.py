@@ -118,16 +118,10 @@ def kernel_view(b: Batch, arr: np.ndarray) -> np.ndarray:
 def check_out(b: Batch, out: Any, dt: np.dtype, what: str, inputs: tuple[Any, ...]) -> np.ndarray:
     """An out= buffer: x's shape, exactly dt, x's layout (as the kernels read
     it), writeable and overlapping no input."""
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{what} must be a NumPy array, got {_checks.describe(out)}")
-    if out.shape != b.shape:
-        raise ValueError(f"{what} has shape {out.shape}; expected {b.shape}")
-    view = kernel_view(b, out)
-    if not (view.flags.c_contiguous and out.flags.aligned and out.flags.writeable):
-        layout = "NCHW (C-contiguous)" if b.layout == PLANES else "channels-last"
-        raise ValueError(f"{what} must be a writeable, aligned array laid out like x: {layout}")
-    _checks.check_out(view, view.shape, dt, what, inputs)
-    return out
+    view = kernel_view(b, out) if isinstance(out, np.ndarray) and out.shape == b.shape else None
+    layout = ("laid out like x: NCHW (C-contiguous)" if b.layout == PLANES
+              else "laid out like x: channels-last (memory ordered (N, *spatial, C))")
+    return _checks.check_out(out, b.shape, dt, what, inputs, view=view, layout=layout)
 
 
 def result_buffers(b: Batch, dt: np.dtype, out: Any, what: str,
@@ -228,17 +222,6 @@ def check_dout(dout: Any, shape: tuple[int, ...]) -> np.ndarray:
         raise ValueError(f"dout has shape {arr.shape}; the forward input had shape {shape} "
                          f"(per-channel mode: dout must have that shape)")
     return arr
-
-
-def running_pair(running_mean: Any, running_var: Any, c: int,
-                 shape: tuple[int, ...]) -> tuple[Any, Any]:
-    """Checked running statistics, or fresh float64 zeros if both are None."""
-    if running_mean is None and running_var is None:
-        return np.zeros(c), np.zeros(c)
-    if running_mean is None or running_var is None:
-        raise ValueError("running_mean and running_var must both be set or both None")
-    return (_checks.operand(running_mean, "running_mean", c, shape, per_channel=True),
-            _checks.operand(running_var, "running_var", c, shape, per_channel=True))
 
 
 def centered(b: Batch, mean: np.ndarray) -> np.ndarray:

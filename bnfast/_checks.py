@@ -10,7 +10,7 @@ float64; result dtypes come from _dtypes.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -22,6 +22,8 @@ _REAL_KINDS = "biuf"
 
 def describe(value: Any) -> str:
     """'array of shape (2, 3) and dtype float32', 'float 0.5', ... for messages."""
+    if value is None:
+        return "None"
     if isinstance(value, np.ndarray):
         return f"array of shape {value.shape} and dtype {value.dtype}"
     return f"{type(value).__name__} {value!r}" if np.isscalar(value) else type(value).__name__
@@ -52,8 +54,10 @@ def batch(x: Any, what: str = "x") -> tuple[np.ndarray, int, int]:
     """x as an array of ndim >= 2 with a real dtype; returns (x, N, D)."""
     arr = as_array(x, what)
     if arr.ndim < 2:
+        hint = (f"; for one sample of D features pass {what}[None] or {what}.reshape(1, -1)"
+                if arr.ndim == 1 else "")
         raise ValueError(f"{what} must have ndim >= 2 (batch, features, ...); "
-                         f"got shape {arr.shape}")
+                         f"got shape {arr.shape}{hint}")
     check_real_dtype(arr.dtype, what)
     n = arr.shape[0]
     d = math.prod(arr.shape[1:])
@@ -83,22 +87,94 @@ def check_momentum(momentum: Any) -> None:
 
 def operand(value: Any, what: str, d: int, x_shape: tuple[int, ...],
             per_channel: bool = False) -> Any:
-    """A per-feature (or, per_channel, per-channel) operand as NumPy arithmetic sees it.
+    """A per-feature (or, per_channel, per-channel) operand as the arithmetic uses it.
 
     Python scalars stay Python scalars (NumPy treats them as weak in dtype
-    promotion); everything else becomes an array that must broadcast to (D,).
+    promotion) and 0-d arrays stay 0-d (NumPy 1 promotes them by value);
+    other arrays must hold 1 or d values in a shape the reference's NumPy
+    arithmetic broadcasts per feature (per channel) -- see `unit_axis` --
+    and are returned as their 1-D view, never a copy.
     """
-    unit, rule = ("channels", "shape[1]") if per_channel else ("features", "prod(shape[1:])")
     if type(value) in (float, int, bool):
         return value
     if value is None:
+        unit = "channels" if per_channel else "features"
         raise TypeError(f"{what} is None; it must be a number or an array of {d} {unit}")
     arr = as_array(value, what)
     check_real_dtype(arr.dtype, what)
-    if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] not in (1, d)):
-        raise ValueError(f"{what} has shape {arr.shape}, which does not broadcast to the "
-                         f"{d} {unit} of x (x has shape {x_shape}, {unit} = {rule})")
-    return arr
+    if arr.ndim == 0:
+        return arr
+    if arr.ndim == 1:
+        if arr.shape[0] in (1, d):
+            return arr
+    elif arr.size in (1, d):
+        axis = unit_axis(arr.ndim, len(x_shape), per_channel)
+        if axis is not None and all(n == 1 for i, n in enumerate(arr.shape) if i != axis):
+            return arr.reshape(-1)
+    raise ValueError(_shape_message(arr, what, d, x_shape, per_channel))
+
+
+def unit_axis(ndim: int, x_ndim: int, per_channel: bool) -> Optional[int]:
+    """The axis of an operand of ndim >= 2 that lines up with x's feature
+    (channel) axis when NumPy broadcasts it from the right against x's rows:
+    (N, D) per feature, x itself (N, C, *spatial) per channel.  -1 if the
+    operand is too short to reach that axis (then all its axes must be 1);
+    None if it has more axes than the rows (it cannot broadcast at all)."""
+    rows_ndim = x_ndim if per_channel else 2
+    if ndim > rows_ndim:
+        return None
+    return max(ndim - rows_ndim + 1, -1)
+
+
+def unit_shape(value: Any, d: int, x_ndim: int, per_channel: bool) -> tuple[int, ...]:
+    """The shape NumPy arithmetic gives a per-feature (per-channel) result
+    computed from the operand `value` (as ``momentum * running_mean + ...``
+    does): (d,) for numbers and 1-D operands; for a laid-out operand, its own
+    shape with d on the feature (channel) axis ((1, D); (1, C, 1, 1))."""
+    if not isinstance(value, np.ndarray) or value.ndim < 2:
+        return (d,)
+    axis = unit_axis(value.ndim, x_ndim, per_channel)
+    assert axis is not None, "checked by operand()"
+    if axis < 0:      # all ones, short of the channel axis: broadcasts to (1, C, 1, ...)
+        return (1, d) + (1,) * (x_ndim - 2)
+    shape: tuple[int, ...] = value.shape
+    return shape[:axis] + (d,) + shape[axis + 1:]
+
+
+def _shape_message(arr: np.ndarray, what: str, d: int, x_shape: tuple[int, ...],
+                   per_channel: bool) -> str:
+    """Why a per-feature (per-channel) operand's shape is refused, and what would do."""
+    if per_channel:
+        laid_out = (1, d) + (1,) * (len(x_shape) - 2)
+        message = (f"{what} has shape {arr.shape}, which is not a per-channel shape for the "
+                   f"{d} channels of x (x has shape {x_shape}, channels = shape[1]); {what} "
+                   f"must be a number or have shape ({d},) or {laid_out}")
+        features = math.prod(x_shape[1:])
+        if arr.size == features != d:
+            message += (f". It has one value per feature of x ({features} = prod(shape[1:])): "
+                        f"for statistics per feature, leave per_channel=False")
+        return message
+    message = (f"{what} has shape {arr.shape}, which is not a per-feature shape for the {d} "
+               f"features of x (x has shape {x_shape}, features = prod(shape[1:])); {what} "
+               f"must be a number or have shape ({d},) or (1, {d})")
+    if len(x_shape) > 2 and arr.size == x_shape[1] != d:
+        message += (f". It has one value per channel of x ({x_shape[1]} = shape[1]): for "
+                    f"statistics per channel (batch norm after a convolution) pass "
+                    f"per_channel=True")
+    return message
+
+
+def running_pair(running_mean: Any, running_var: Any, d: int, x_shape: tuple[int, ...],
+                 per_channel: bool = False) -> Optional[tuple[Any, Any]]:
+    """Checked running statistics, or None if both are None."""
+    if running_mean is None and running_var is None:
+        return None
+    if running_mean is None or running_var is None:
+        raise ValueError(f"running_mean and running_var must both be given or both be None; "
+                         f"got running_mean={describe(running_mean)} and "
+                         f"running_var={describe(running_var)}")
+    return (operand(running_mean, "running_mean", d, x_shape, per_channel),
+            operand(running_var, "running_var", d, x_shape, per_channel))
 
 
 def result_float(dt: np.dtype, what: str) -> np.dtype:
@@ -133,16 +209,29 @@ def kernel_vector(value: Any) -> np.ndarray:
 
 
 def check_out(out: Any, shape: tuple[int, ...], dt: np.dtype, what: str,
-              inputs: tuple[Any, ...] = ()) -> np.ndarray:
-    """An out= buffer must match exactly and must not overlap any input."""
+              inputs: tuple[Any, ...] = (), view: Any = None,
+              layout: str = "C-contiguous") -> np.ndarray:
+    """An out= buffer must match exactly and must not overlap any input; the
+    message names the first condition that fails.  view, layout: the view of
+    out the kernels write, which must be C-contiguous, and what that means
+    for out (per channel: laid out like x)."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{what} must be a NumPy array, got {describe(out)}")
     if out.shape != tuple(shape):
         raise ValueError(f"{what} has shape {out.shape}; expected {tuple(shape)}")
     if out.dtype != dt:
         raise TypeError(f"{what} has dtype {out.dtype}; expected {dt} (the result dtype)")
-    if not (out.flags.c_contiguous and out.flags.aligned and out.flags.writeable):
-        raise ValueError(f"{what} must be a writeable, aligned, C-contiguous array")
+    flags = out.flags
+    if not flags.writeable:
+        raise ValueError(f"{what} is read-only; out= must be a writeable array")
+    fresh = (f"np.empty({tuple(shape)}, {dt.name!r})" if view is None
+             else f"np.empty_like(x, dtype={dt.name!r})")
+    if not flags.aligned:
+        raise ValueError(f"{what} is not aligned for dtype {dt}; pass a buffer NumPy "
+                         f"allocated, such as {fresh}")
+    if not (out if view is None else view).flags.c_contiguous:
+        raise ValueError(f"{what} is not {layout} (strides {out.strides}); pass such a "
+                         f"buffer, for instance {fresh}")
     for value in inputs:
         if isinstance(value, np.ndarray) and np.may_share_memory(out, value):
             raise ValueError(f"{what} overlaps an input array (shape {value.shape}); "

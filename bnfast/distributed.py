@@ -178,10 +178,7 @@ class SyncBatchNormalization(BatchNormalization):
         per_channel = self.per_channel
         gamma = _checks.operand(self.gamma, "gamma", sh.d, x.shape, per_channel=per_channel)
         beta = _checks.operand(self.beta, "beta", sh.d, x.shape, per_channel=per_channel)
-        if per_channel:
-            running = _channels.running_pair(self.running_mean, self.running_var, sh.d, x.shape)
-        else:
-            running = self._running(sh.d, x.shape)
+        running = self._running(sh.d, x.shape)
         dts = _dtypes.train(x.dtype, gamma, beta, momentum, *running)
         cache = None
         if np.may_share_memory(sh.array, x):
@@ -204,8 +201,10 @@ class SyncBatchNormalization(BatchNormalization):
         running_mean, running_var = p["running"]
         rm_new, rv_new = running_update(self.momentum, running_mean, running_var, merged.mean,
                                         var * correction, dts.stat)
-        rm_new = rm_new.astype(dts.running_mean, copy=False)
-        rv_new = rv_new.astype(dts.running_var, copy=False)
+        rm_new = self._laid_out(rm_new.astype(dts.running_mean, copy=False), self.running_mean,
+                                sh.d, x.ndim)
+        rv_new = self._laid_out(rv_new.astype(dts.running_var, copy=False), self.running_var,
+                                sh.d, x.ndim)
         stats = np.stack([merged.mean, var, invstd])
         cache = p["cache"]
         if cache is not None:
@@ -236,11 +235,12 @@ class SyncBatchNormalization(BatchNormalization):
         sh, merged = self._shard, self._global
         d = sh.d
         prepared: dict[str, Any] = {}
+        given_gamma, beta = self.gamma, self.beta
 
         def local() -> tuple[tuple[Any, ...], int, np.ndarray]:
             checked = _checks.as_array(dout, "dout")
             shard, dk = shard_dout(sh, checked)
-            gamma = _checks.operand(self.gamma, "gamma", d, sh.shape,
+            gamma = _checks.operand(given_gamma, "gamma", d, sh.shape,
                                     per_channel=self.per_channel)
             dts = _dtypes.grads(True, x_dtype, gamma, checked.dtype, count=merged.count)
             sums = shard_grad_sums(shard, dk, merged, eps)
@@ -255,7 +255,8 @@ class SyncBatchNormalization(BatchNormalization):
         result, target = shard_result(shard, dts.dx)
         dgamma, dbeta = shard_grad_input(shard, prepared["dk"], target, merged,
                                          _checks.kernel_vector(prepared["gamma"]), total, eps)
-        self.dgamma, self.dbeta = grads_as(dgamma, dbeta, dts)
+        self.dgamma, self.dbeta = self._grads_laid_out(*grads_as(dgamma, dbeta, dts), given_gamma,
+                                                       beta, d, len(sh.shape))
         return shard_finish(shard, result, target)
 
     def _backward_eval(self, dout: Any) -> np.ndarray:
@@ -264,9 +265,10 @@ class SyncBatchNormalization(BatchNormalization):
         if isinstance(x, _channels.Batch):      # per channel: x's own layout
             x = x.array if x.layout == _channels.PLANES else _channels.channels_to_second(x.array)
         prepared: dict[str, Any] = {}
+        gamma, beta = self.gamma, self.beta
 
         def local() -> tuple[tuple[Any, ...], int, np.ndarray]:
-            dx, dgamma, dbeta = backward_eval(dout, x.reshape(shape), self.gamma, running_mean,
+            dx, dgamma, dbeta = backward_eval(dout, x.reshape(shape), gamma, running_mean,
                                               running_var, eps=eps, per_channel=self.per_channel)
             prepared.update(dx=dx, dgamma_dtype=dgamma.dtype, dbeta_dtype=dbeta.dtype)
             return (("backward", d), n,
@@ -279,8 +281,9 @@ class SyncBatchNormalization(BatchNormalization):
             assert share.data is not None
             dgamma += share.data[:d]
             dbeta += share.data[d:]
-        self.dgamma = dgamma.astype(prepared["dgamma_dtype"], copy=False)
-        self.dbeta = dbeta.astype(prepared["dbeta_dtype"], copy=False)
+        self.dgamma, self.dbeta = self._grads_laid_out(
+            dgamma.astype(prepared["dgamma_dtype"], copy=False),
+            dbeta.astype(prepared["dbeta_dtype"], copy=False), gamma, beta, d, len(shape))
         result: np.ndarray = prepared["dx"]
         return result
 

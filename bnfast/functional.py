@@ -6,9 +6,11 @@ cross-process reduction fits (see "Split phases" below).  Every function
 takes a batch ``x`` of ndim >= 2 and treats each sample as a flat vector of
 D = prod(x.shape[1:]) features, or with per_channel=True normalizes each of
 the C = x.shape[1] channels over the batch and all spatial positions;
-per-feature (per-channel) operands are numbers or arrays that broadcast to
-(D,) ((C,)).  Result dtypes follow the reference class's NumPy arithmetic
-(see README, "The contract").  ``out=`` takes an array of x's shape and
+per-feature (per-channel) operands are numbers or arrays of D (C) values
+shaped (D,) or (1, D) ((C,), or laid out along x's channel axis such as
+(1, C, 1, 1)).  Result dtypes follow the reference class's NumPy arithmetic
+(see README, "The contract"); new running statistics keep the layout of the
+given ones, and batch statistics, dgamma and dbeta are (D,) ((C,)) vectors.  ``out=`` takes an array of x's shape and
 exactly the result dtype, C-contiguous (per channel: laid out like x), not
 overlapping any input; the per-feature results are always fresh arrays.
 
@@ -116,12 +118,11 @@ def forward_train(x: Any, gamma: Any, beta: Any, *, eps: float = 1e-6,
     gamma = _checks.operand(gamma, "gamma", d, x.shape)
     beta = _checks.operand(beta, "beta", d, x.shape)
     _checks.check_momentum(momentum)
-    updating = running_mean is not None or running_var is not None
-    if updating:
-        if running_mean is None or running_var is None:
-            raise ValueError("give both running_mean and running_var, or neither")
-        running_mean = _checks.operand(running_mean, "running_mean", d, x.shape)
-        running_var = _checks.operand(running_var, "running_var", d, x.shape)
+    given = running_mean, running_var
+    running = _checks.running_pair(running_mean, running_var, d, x.shape)
+    updating = running is not None
+    if running is not None:
+        running_mean, running_var = running
     correction = _channels.var_correction(running_var_unbiased, n, "feature")
     dts = _dtypes.train(x.dtype, gamma, beta, momentum, running_mean, running_var)
     result, target = result_buffers(x.shape, dts.out, out, "out",
@@ -141,7 +142,18 @@ def forward_train(x: Any, gamma: Any, beta: Any, *, eps: float = 1e-6,
     if updating and not in_kernel:
         rm_new, rv_new = running_update(momentum, running_mean, running_var, mean,
                                         var * correction, dts.stat)
+    rm_new, rv_new = _running_laid_out(rm_new, rv_new, given, d, x.ndim, False)
     return TrainResult(finish(result, target), mean, var, rm_new, rv_new)
+
+
+def _running_laid_out(rm_new: Optional[np.ndarray], rv_new: Optional[np.ndarray],
+                      given: tuple[Any, Any], d: int, x_ndim: int,
+                      per_channel: bool) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """New running statistics in the layout of the given ones ((1, D) stays (1, D))."""
+    if rm_new is None or rv_new is None:
+        return rm_new, rv_new
+    return (rm_new.reshape(_checks.unit_shape(given[0], d, x_ndim, per_channel)),
+            rv_new.reshape(_checks.unit_shape(given[1], d, x_ndim, per_channel)))
 
 
 def forward_eval(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: Any, *,
@@ -251,9 +263,11 @@ def _channel_forward_train(x: Any, gamma: Any, beta: Any, eps: float, running_me
     eps = _checks.check_eps(eps)
     gamma, beta = _channel_operands(gamma, beta, c, x.shape)
     _checks.check_momentum(momentum)
-    updating = running_mean is not None or running_var is not None
-    if updating:
-        running_mean, running_var = _channels.running_pair(running_mean, running_var, c, x.shape)
+    given = running_mean, running_var
+    running = _checks.running_pair(running_mean, running_var, c, x.shape, per_channel=True)
+    updating = running is not None
+    if running is not None:
+        running_mean, running_var = running
     correction = _channels.var_correction(unbiased, n * s, "channel")
     dts = _dtypes.train(x.dtype, gamma, beta, momentum, running_mean, running_var)
     b = _channels.for_kernel(x, n, c, s)
@@ -271,6 +285,7 @@ def _channel_forward_train(x: Any, gamma: Any, beta: Any, eps: float, running_me
     if updating and not in_kernel:
         rm_new, rv_new = running_update(momentum, running_mean, running_var, stats[0],
                                         stats[1] * correction, dts.stat)
+    rm_new, rv_new = _running_laid_out(rm_new, rv_new, given, c, x.ndim, True)
     return TrainResult(_channels.finish(b, result, target), stats[0], stats[1], rm_new, rv_new)
 
 

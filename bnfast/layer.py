@@ -41,6 +41,14 @@ _empty = np.empty
 _new_output = _outputs.empty     # batch-sized results: large ones reuse freed memory
 
 
+def _dtype_name(value: Any) -> str:
+    """'float32' for an array (or NumPy scalar), 'float' for a Python number, 'None'."""
+    if value is None:
+        return "None"
+    dtype = getattr(value, "dtype", None)
+    return dtype.name if isinstance(dtype, np.dtype) else type(value).__name__
+
+
 class BatchNormalization:
     """Batch normalization over flattened features, as in *Deep Learning from Scratch*.
 
@@ -52,10 +60,23 @@ class BatchNormalization:
     ``backward`` after an eval-mode forward returns the gradient of the
     eval-mode function (the one documented difference from the book's class).
 
+    gamma, beta and the running statistics may be numbers or arrays of D
+    values shaped (D,) or (1, D) (the book's arithmetic broadcasts both):
+    dgamma and dbeta are (D,), as the book's ``sum(axis=0)`` gives them, and
+    running statistics keep their shape.  With float32 x, gamma and beta the
+    training output is float32, but the eval-mode output is float64 unless
+    the running statistics are float32 too: pass
+    ``running_mean=np.zeros(D, np.float32), running_var=np.zeros(D, np.float32)``
+    to keep a float32 network float32 throughout.
+
     ``per_channel=True``: x is (N, C, *spatial) and the statistics, gamma,
     beta and running statistics are per channel, over N and every spatial
     position (as PyTorch's BatchNorm2d); NCHW and channels-last input run
-    without a copy and outputs keep x's layout.  ``running_var_unbiased=True``
+    without a copy and outputs keep x's layout.  Per-channel operands are
+    numbers, (C,) vectors, or arrays laid out along x's channel axis such as
+    (1, C, 1, 1); dgamma, dbeta and new running statistics come in the
+    layout of gamma, beta and the old running statistics, so that
+    ``gamma -= lr * dgamma`` works in place.  ``running_var_unbiased=True``
     updates running_var with the unbiased batch variance (as PyTorch does).
     """
 
@@ -88,6 +109,32 @@ class BatchNormalization:
         self._eval: Optional[EvalCache] = None
         self._last_train: Optional[bool] = None
         self._buffer: Optional[np.ndarray] = None   # reused for the cached copy of x
+
+    def __repr__(self) -> str:
+        unit = "channels" if self.per_channel else "features"
+        count = self._count()
+        mode = "per channel" if self.per_channel else "per feature"
+        if self.running_var_unbiased:
+            mode += ", unbiased running_var"
+        dtypes = ", ".join(f"{name} {_dtype_name(getattr(self, name, None))}"
+                           for name in ("gamma", "beta", "running_mean", "running_var"))
+        last = self._train if self._last_train else self._eval
+        if last is not None:
+            dtypes = f"x {np.dtype(last[1]).name}, " + dtypes
+        return (f"{type(self).__name__}({unit}={count}, mode={mode!r}, eps={self.eps!r}, "
+                f"momentum={self.momentum!r}, dtypes: {dtypes})")
+
+    def _count(self) -> Optional[int]:
+        """The layer's features (channels): from the last forward, else the
+        operands that have more than one value; None while unknown."""
+        last = self._train if self._last_train else self._eval
+        if last is not None:
+            return int(last[3])
+        for value in (self.gamma, self.beta, self.running_mean, self.running_var):
+            size = getattr(value, "size", 1)
+            if isinstance(size, int) and size > 1:
+                return size
+        return None
 
     # -- the reference's cached intermediates, from the last training forward
 
@@ -131,7 +178,35 @@ class BatchNormalization:
     # -- forward
 
     def forward(self, x: Any, train_flg: bool = True) -> np.ndarray:
-        """Normalize x (ndim >= 2); returns a new array of x's shape."""
+        """Normalize a batch; returns a new array of x's shape.
+
+        Parameters
+        ----------
+        x : array_like, ndim >= 2
+            The batch, (N, D) or (N, *features) flattened per sample to
+            D = prod(x.shape[1:]) features; with ``per_channel=True``,
+            (N, C, *spatial).  Any real dtype; x itself is never modified.
+        train_flg : bool, default True
+            True (training): normalize with this batch's mean and (biased)
+            variance, update running_mean and running_var as
+            ``momentum * old + (1 - momentum) * batch`` (new arrays), and
+            keep what ``backward`` needs (``xc``, ``xn``, ``std``).
+            False (inference): normalize with running_mean and running_var
+            (float64 zeros if unset), changing no statistics.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``gamma * (x - mean) / sqrt(var + eps) + beta`` in x's shape (and,
+            per channel, x's memory layout), in the dtype the book's NumPy
+            arithmetic gives.
+
+        Raises
+        ------
+        ValueError, TypeError
+            For input the book's arithmetic could not run, naming the
+            argument and the shapes; the layer's state is then unchanged.
+        """
         if self.per_channel:
             return self._forward_channels_plain(x, train_flg)
         gamma, beta = self.gamma, self.beta
@@ -181,12 +256,23 @@ class BatchNormalization:
 
     def _running(self, d: int, shape: tuple[int, ...]) -> tuple[Any, Any]:
         """The running statistics to use: checked, or fresh zeros if unset."""
-        if self.running_mean is None or self.running_var is None:
-            if self.running_mean is not None or self.running_var is not None:
-                raise ValueError("running_mean and running_var must both be set or both None")
-            return np.zeros(d), np.zeros(d)
-        return (_checks.operand(self.running_mean, "running_mean", d, shape),
-                _checks.operand(self.running_var, "running_var", d, shape))
+        pair = _checks.running_pair(self.running_mean, self.running_var, d, shape,
+                                    self.per_channel)
+        return pair if pair is not None else (np.zeros(d), np.zeros(d))
+
+    def _laid_out(self, new: np.ndarray, old: Any, d: int, x_ndim: int) -> np.ndarray:
+        """A new per-feature (per-channel) result in the layout of the operand
+        `old` it replaces or belongs to, as the reference's arithmetic gives it."""
+        return new.reshape(_checks.unit_shape(old, d, x_ndim, self.per_channel))
+
+    def _grads_laid_out(self, dgamma: np.ndarray, dbeta: np.ndarray, gamma: Any, beta: Any,
+                        d: int, x_ndim: int) -> tuple[np.ndarray, np.ndarray]:
+        """dgamma and dbeta as the reference gives them: (D,) per feature, as
+        the book's sum(axis=0); per channel in the layout of gamma and beta, so
+        that ``gamma -= lr * dgamma`` works for a (1, C, 1, 1) gamma."""
+        if not self.per_channel:
+            return dgamma, dbeta
+        return self._laid_out(dgamma, gamma, d, x_ndim), self._laid_out(dbeta, beta, d, x_ndim)
 
     def _forward_general(self, x: Any, train_flg: bool) -> np.ndarray:
         x, n, d = _checks.batch(x)
@@ -232,6 +318,9 @@ class BatchNormalization:
         if not in_kernel:
             rm_new, rv_new = running_update(momentum, running_mean, running_var,
                                             stats[0], stats[1] * correction, dts.stat)
+        assert rm_new is not None and rv_new is not None
+        rm_new = self._laid_out(rm_new, self.running_mean, d, x.ndim)
+        rv_new = self._laid_out(rv_new, self.running_var, d, x.ndim)
         if cache is not None:
             self._buffer = cache
         self._commit_train((cache if cache is not None else xk, x.dtype, n, d, x.shape, stats,
@@ -272,7 +361,30 @@ class BatchNormalization:
     # -- backward
 
     def backward(self, dout: Any) -> np.ndarray:
-        """Gradient with respect to the last forward's input; sets dgamma, dbeta."""
+        """Gradient with respect to the last forward's input; sets dgamma, dbeta.
+
+        Parameters
+        ----------
+        dout : array_like
+            The gradient of the loss with respect to the last forward's
+            output: that output's shape (per feature, also its flattened
+            (N, D) shape).
+
+        Returns
+        -------
+        numpy.ndarray
+            dx, of the last forward's input shape.  After a training forward,
+            the gradient through the batch statistics (as the book's class);
+            after an eval-mode forward, the gradient of the eval-mode
+            function with the running statistics held constant.
+
+        Raises
+        ------
+        RuntimeError
+            If no forward has run yet.
+        ValueError, TypeError
+            For a dout that does not fit the last forward; nothing changes.
+        """
         # Read the mode and its cache once: everything below uses these.
         last_train = self._last_train
         if last_train is None:
@@ -373,8 +485,7 @@ class BatchNormalization:
         eps = _checks.check_eps(self.eps)
         gamma = _checks.operand(self.gamma, "gamma", c, x.shape, per_channel=True)
         beta = _checks.operand(self.beta, "beta", c, x.shape, per_channel=True)
-        running_mean, running_var = _channels.running_pair(self.running_mean, self.running_var,
-                                                           c, x.shape)
+        running_mean, running_var = self._running(c, x.shape)
         if not train_flg:
             out_dt = _dtypes.evaluate(x.dtype, gamma, beta, running_mean, running_var).out
             b = _channels.for_kernel(x, n, c, s)
@@ -410,6 +521,9 @@ class BatchNormalization:
         if not in_kernel:
             rm_new, rv_new = running_update(momentum, running_mean, running_var, stats[0],
                                             stats[1] * correction, dts.stat)
+        assert rm_new is not None and rv_new is not None
+        rm_new = self._laid_out(rm_new, self.running_mean, c, x.ndim)
+        rv_new = self._laid_out(rv_new, self.running_var, c, x.ndim)
         if cache is not None:
             self._buffer = cache
             b = _channels.Batch(cache, b.layout, b.shape, n, c, s)
@@ -419,10 +533,12 @@ class BatchNormalization:
     def _backward_channels(self, dout: Any, last_train: bool,
                            cache: Union[TrainCache, EvalCache]) -> np.ndarray:
         b, x_dtype, _, c, shape = cache[:5]
-        gamma = self.gamma
+        gamma = given_gamma = self.gamma
+        beta = self.beta
         if (last_train and _plain_channels(dout) == 2 * c + (b.layout == _channels.ROWS)
                 and dout.shape == shape and dout.dtype == x_dtype == b.array.dtype
                 and _plain_vector(gamma, c, b.array)
+                and not (type(beta) is np.ndarray and beta.ndim > 1)
                 and (b.rows < _dtypes.WIDENING_COUNT or x_dtype == F64)):
             stats = cache[5]
             dx, target = _channels.output(b, x_dtype)
@@ -434,7 +550,7 @@ class BatchNormalization:
             self.dbeta = dbeta
             return dx
         dout = _channels.check_dout(dout, shape)
-        gamma = _checks.operand(self.gamma, "gamma", c, shape, per_channel=True)
+        gamma = _checks.operand(given_gamma, "gamma", c, shape, per_channel=True)
         if last_train:
             stats = cache[5]
             dts = _dtypes.grads(True, x_dtype, gamma, dout.dtype, count=b.rows)
@@ -452,5 +568,6 @@ class BatchNormalization:
             _channels.eval_backward(b, dk, target, _checks.kernel_vector(gamma),
                                     _checks.kernel_vector(running_mean),
                                     _checks.kernel_vector(running_var), eps, dgamma, dbeta)
-        self.dgamma, self.dbeta = grads_as(dgamma, dbeta, dts)
+        self.dgamma, self.dbeta = self._grads_laid_out(*grads_as(dgamma, dbeta, dts), given_gamma,
+                                                       beta, c, len(shape))
         return _channels.finish(b, result, target)

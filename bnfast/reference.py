@@ -18,6 +18,13 @@ and in two options the book's class does not have: ``per_channel=True``
 (N, C, *spatial) input, as PyTorch's BatchNorm2d; ``xc`` and ``xn`` then
 have x's shape) and ``running_var_unbiased=True`` (the running variance is
 updated with the unbiased batch variance, as PyTorch does).
+
+Per channel, gamma, beta and the running statistics are numbers, (C,)
+vectors, or arrays laid out to broadcast against x's channel axis, such as
+(1, C, 1, 1) for (N, C, H, W) input.  The arithmetic runs on their values
+as (C,) vectors; dgamma, dbeta and the new running statistics come out in
+the layout of gamma, beta and the old running statistics (C on the channel
+axis), so that ``gamma -= lr * dgamma`` works in place.
 """
 from __future__ import annotations
 
@@ -70,6 +77,28 @@ class BatchNormalization:
             return np.moveaxis(rows.reshape((shape[0], *shape[2:], shape[1])), -1, 1)
         return rows.reshape(shape)
 
+    def _per_channel(self, value: Any) -> Any:
+        """Per channel: a laid-out operand ((1, C, 1, 1), ...) as its (C,) or
+        (1,) vector of values; anything else as it is."""
+        if self.per_channel and isinstance(value, np.ndarray) and value.ndim >= 2:
+            return value.reshape(-1)
+        return value
+
+    def _laid_out(self, result: np.ndarray, like: Any) -> np.ndarray:
+        """Per channel: a (C,) result in the layout of the operand it belongs
+        to (like's shape with C on x's channel axis, counted from the right)."""
+        if not (self.per_channel and isinstance(like, np.ndarray) and like.ndim >= 2):
+            return result
+        assert self.input_shape is not None
+        shape = list(like.shape)
+        axis = like.ndim - len(self.input_shape) + 1      # x's axis 1, right-aligned
+        if axis >= 0:
+            shape[axis] = result.shape[-1]
+        else:       # all ones, short of the channel axis: NumPy gives (1, C, 1, ...)
+            shape = [1] * len(self.input_shape)
+            shape[1] = result.shape[-1]
+        return result.reshape(shape)
+
     def forward(self, x: Any, train_flg: bool = True) -> np.ndarray:
         x = np.asarray(x)
         self.input_shape = x.shape
@@ -83,7 +112,8 @@ class BatchNormalization:
         else:
             normalized = self._normalize_running(rows)
         self._last_train = bool(train_flg)
-        out: np.ndarray = self.gamma * normalized + self.beta
+        out: np.ndarray = (self._per_channel(self.gamma) * normalized
+                           + self._per_channel(self.beta))
         return self._unrows(out)
 
     def _normalize_batch(self, rows: np.ndarray) -> np.ndarray:
@@ -101,14 +131,17 @@ class BatchNormalization:
         keep = self.momentum
         if self.running_var_unbiased:
             var = var * (self._count / (self._count - 1))
-        self.running_mean = keep * self.running_mean + (1 - keep) * mean
-        self.running_var = keep * self.running_var + (1 - keep) * var
+        old_mean, old_var = self.running_mean, self.running_var
+        self.running_mean = self._laid_out(
+            keep * self._per_channel(old_mean) + (1 - keep) * mean, old_mean)
+        self.running_var = self._laid_out(
+            keep * self._per_channel(old_var) + (1 - keep) * var, old_var)
         result: np.ndarray = normalized
         return result
 
     def _normalize_running(self, rows: np.ndarray) -> np.ndarray:
-        centered = rows - self.running_mean
-        std = np.sqrt(self.running_var + self.eps)
+        centered = rows - self._per_channel(self.running_mean)
+        std = np.sqrt(self._per_channel(self.running_var) + self.eps)
         normalized = centered / std
         self._eval_xn = normalized
         self._eval_std = std
@@ -130,9 +163,9 @@ class BatchNormalization:
         n = self._count
         xc = self._rows(self.xc) if self.per_channel else self.xc
         xn = self._rows(self.xn) if self.per_channel else self.xn
-        self.dbeta = dout.sum(axis=0)
-        self.dgamma = np.sum(xn * dout, axis=0)
-        dnormalized = self.gamma * dout
+        self.dbeta = self._laid_out(dout.sum(axis=0), self.beta)
+        self.dgamma = self._laid_out(np.sum(xn * dout, axis=0), self.gamma)
+        dnormalized = self._per_channel(self.gamma) * dout
         dcentered = dnormalized / self.std
         dstd = -np.sum((dnormalized * xc) / (self.std * self.std), axis=0)
         dvar = 0.5 * dstd / self.std
@@ -142,7 +175,7 @@ class BatchNormalization:
         return dx
 
     def _backward_running(self, dout: np.ndarray) -> np.ndarray:
-        self.dbeta = dout.sum(axis=0)
-        self.dgamma = np.sum(self._eval_xn * dout, axis=0)
-        dx: np.ndarray = (self.gamma * dout) / self._eval_std
+        self.dbeta = self._laid_out(dout.sum(axis=0), self.beta)
+        self.dgamma = self._laid_out(np.sum(self._eval_xn * dout, axis=0), self.gamma)
+        dx: np.ndarray = (self._per_channel(self.gamma) * dout) / self._eval_std
         return dx

@@ -11,7 +11,7 @@ import pytest
 import bnfast
 from bnfast import functional as F
 from bnfast.reference import BatchNormalization as Twin
-from conftest import assert_close, layouts
+from conftest import assert_close, layouts, tolerance
 from test_kernels import threads, tuning
 from test_layer import assert_backward_matches_central_differences
 
@@ -192,10 +192,16 @@ def test_streaming_the_cached_copy_changes_no_result(rng):
 
 def test_errors_name_channels_and_change_nothing(rng):
     layer = bnfast.BatchNormalization(np.ones(3), np.zeros(3), per_channel=True)
-    with pytest.raises(ValueError, match=r"gamma has shape \(3,\), which does not broadcast to "
-                                         r"the 4 channels of x \(x has shape \(2, 4, 5\), "
-                                         r"channels = shape\[1\]\)"):
+    with pytest.raises(ValueError, match=r"gamma has shape \(3,\), which is not a per-channel "
+                                         r"shape for the 4 channels of x \(x has shape "
+                                         r"\(2, 4, 5\), channels = shape\[1\]\); gamma must be "
+                                         r"a number or have shape \(4,\) or \(1, 4, 1\)$"):
         layer.forward(np.zeros((2, 4, 5)))
+    assert layer.running_mean is None and layer.input_shape is None
+    with pytest.raises(ValueError, match=r"gamma has shape \(3,\).*one value per feature of x "
+                                         r"\(3 = prod\(shape\[1:\]\)\): for statistics per "
+                                         r"feature, leave per_channel=False"):
+        layer.forward(np.zeros((2, 3, 1)).reshape(2, 1, 3))
     assert layer.running_mean is None and layer.input_shape is None
     with pytest.raises(ValueError, match="ndim >= 2"):
         layer.forward(np.zeros(5))
@@ -237,7 +243,8 @@ def test_functional_per_channel_forms_with_out(rng, layout):
     assert_close(dx, twin.backward(dout), scale=10.0)
     assert_close(dgamma, twin.dgamma)
     if layout == "channels_last":
-        with pytest.raises(ValueError, match="laid out like x: channels-last"):
+        with pytest.raises(ValueError, match=r"out is not laid out like x: channels-last "
+                                             r"\(memory ordered \(N, \*spatial, C\)\)"):
             F.forward_train(x, gamma, beta, out=np.empty(x.shape), per_channel=True)
     rm, rv = np.zeros(3), np.ones(3)
     eval_out = F.forward_eval(x, gamma, beta, rm, rv, per_channel=True)
@@ -331,3 +338,67 @@ def test_plain_channels_recognizes_the_two_layouts():
     swapped = x.astype(x.dtype.newbyteorder())
     assert kernels.plain_channels(swapped) == 0
 
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("param_shape", [(1, 3, 1, 1), (3, 1, 1)])
+@pytest.mark.parametrize("running", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_laid_out_parameters_train_with_in_place_sgd_like_the_twin(rng, layout, param_shape,
+                                                                  running, dtype):
+    """A CNN written for NCHW arithmetic keeps gamma and beta as (1, C, 1, 1)
+    arrays and updates them in place: dgamma and dbeta come in that layout,
+    and so do the running statistics when they are given in it."""
+    c, lr = 3, 0.3
+    gamma, beta = params(rng, c, dtype)
+    kwargs = dict(per_channel=True)
+    if running:
+        kwargs.update(running_mean=np.zeros(param_shape, dtype),
+                      running_var=np.ones(param_shape, dtype))
+    layer, twin = (cls(gamma.reshape(param_shape).copy(), beta.reshape(param_shape).copy(),
+                       **{k: v.copy() if isinstance(v, np.ndarray) else v
+                          for k, v in kwargs.items()})
+                   for cls in (bnfast.BatchNormalization, Twin))
+    for step in range(3):
+        x = (rng.standard_normal((4, c, 5, 2)) * 2 + step).astype(dtype)
+        dout = rng.standard_normal(x.shape).astype(dtype)
+        if layout == "channels_last":
+            x, dout = channels_last(x), channels_last(dout)
+        got, want = full_round(layer, x, dout), full_round(twin, x, dout)
+        for key, value in want.items():
+            scale = float(np.max(np.abs(dout)) * np.max(np.abs(gamma)) / np.min(want["std"])) \
+                if "dx" in key else None
+            # (float32 x: float64 running statistics are float32-accurate)
+            assert_close(got[key], value, rtol=tolerance(dtype), scale=scale,
+                         what=f"step {step} {key}")
+        assert got["dgamma"].shape == got["dbeta"].shape == param_shape
+        assert got["running_mean"].shape == (param_shape if running else (c,))
+        for model in (layer, twin):
+            model.gamma -= lr * model.dgamma
+            model.beta -= lr * model.dbeta
+        assert_close(layer.gamma, twin.gamma, what=f"step {step} gamma")
+    assert layer.gamma.shape == param_shape and not np.allclose(layer.gamma.ravel(), gamma)
+
+
+def test_functional_per_channel_forms_take_laid_out_parameters(rng):
+    """The functional forms accept (1, C, 1, 1) operands too: results equal
+    those of (C,) operands, new running statistics keep the given layout and
+    dgamma, dbeta are (C,) vectors."""
+    x = rng.standard_normal((4, 3, 2, 5)) * 2 + 1
+    dout = rng.standard_normal(x.shape)
+    gamma, beta = params(rng, 3)
+    rm, rv = rng.standard_normal(3), rng.random(3) + 0.5
+    lay = lambda v: v.reshape(1, 3, 1, 1)  # noqa: E731
+    flat = F.forward_train(x, gamma, beta, running_mean=rm, running_var=rv, per_channel=True)
+    laid = F.forward_train(x, lay(gamma), lay(beta), running_mean=lay(rm), running_var=lay(rv),
+                           per_channel=True)
+    assert np.array_equal(laid.out, flat.out)
+    assert laid.running_mean.shape == laid.running_var.shape == (1, 3, 1, 1)
+    assert np.array_equal(laid.running_var.ravel(), flat.running_var)
+    for func, args in ((F.backward_train, (flat.mean, flat.var)), (F.backward_eval, (rm, rv))):
+        want = func(dout, x, *args[:0], gamma, *args, per_channel=True) \
+            if func is F.backward_eval else func(dout, x, *args, gamma, per_channel=True)
+        got = func(dout, x, *args[:0], lay(gamma), *map(lay, args), per_channel=True) \
+            if func is F.backward_eval else func(dout, x, *args, lay(gamma), per_channel=True)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and np.array_equal(a, b)

@@ -173,19 +173,27 @@ def channels_last(x):
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_per_channel_ranks_get_the_whole_batch_result(rng, layout, dtype):
+@pytest.mark.parametrize("param_shape", [(3,), (1, 3, 1, 1)])
+def test_per_channel_ranks_get_the_whole_batch_result(rng, layout, dtype, param_shape):
+    """(1, 3, 1, 1) operands: dgamma, dbeta and running statistics in that
+    layout on every rank, as the single-process layer gives them."""
     shape = (9, 3, 4, 5)
-    gamma, beta = make_params(rng, 3, dtype)
+    gamma, beta = (p.reshape(param_shape) for p in make_params(rng, 3, dtype))
     x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
     dout = rng.standard_normal(shape).astype(dtype)
     if layout == "channels_last":
         x, dout = channels_last(x), channels_last(dout)
-    kwargs = dict(running_mean=np.zeros(3, dtype), running_var=np.ones(3, dtype),
+    kwargs = dict(running_mean=np.zeros(param_shape, dtype),
+                  running_var=np.ones(param_shape, dtype),
                   per_channel=True, running_var_unbiased=True)
     single = bnfast.BatchNormalization(gamma, beta, **copy.deepcopy(kwargs))
     expected = {"out": single.forward(x), "dx": single.backward(dout)}
     expected.update(dgamma=single.dgamma, dbeta=single.dbeta, xn=single.xn, std=single.std,
                     running_mean=single.running_mean, running_var=single.running_var)
+    expected["eval_out"] = single.forward(x, False)
+    single.backward(dout)
+    expected.update(eval_dgamma=single.dgamma, eval_dbeta=single.dbeta)
+    assert expected["dgamma"].shape == expected["running_var"].shape == param_shape
     cuts = [0, 1, 5, 9]
     states = run_ranks(3, lambda comm: sync_round(comm, x, dout, gamma, beta, cuts,
                                                   **copy.deepcopy(kwargs)))
@@ -199,7 +207,8 @@ def test_per_channel_ranks_get_the_whole_batch_result(rng, layout, dtype):
         assert_close(got, expected[key], rtol=rtol, scale=scale, what=key)
         if layout == "channels_last":
             assert all(np.moveaxis(s[key], 1, -1).flags.c_contiguous for s in states), key
-    for key in ("dgamma", "dbeta", "std", "running_mean", "running_var"):
+    for key in ("dgamma", "dbeta", "std", "running_mean", "running_var", "eval_dgamma",
+                "eval_dbeta"):
         for state in states:
             assert_close(state[key], expected[key], rtol=rtol, what=key)
             assert np.array_equal(state[key], states[0][key]), key

@@ -39,8 +39,11 @@ BAD_DTYPES = [
 BAD_EPS = [(-1.0, r"eps must be finite and >= 0, got -1\.0"),
            (float("nan"), r"eps must be finite and >= 0, got nan"),
            (float("inf"), r"eps must be finite and >= 0, got inf")]
+# One wording wherever running statistics come as a pair.
+RUNNING_PAIR = (r"running_mean and running_var must both be given or both be None; got "
+                r"running_mean=array of shape \(5,\) and dtype float64 and running_var=None")
 BAD_MOMENTUM = [("str", "0.9", r"momentum must be a real number, got str"),
-                ("none", None, r"momentum must be a real number, got NoneType"),
+                ("none", None, r"momentum must be a real number, got None"),
                 ("complex", 0.9 + 0j, r"momentum must be a real number, got complex"),
                 ("bool", True, r"momentum must be a real number, got bool"),
                 ("array", np.array([0.9]), r"momentum must be a real number, got array of shape")]
@@ -115,7 +118,9 @@ def layer_cases() -> list[LayerCase]:
     backward = lambda dout: lambda layer: layer.backward(dout)  # noqa: E731
     cases = [
         LayerCase("x_ndim0", forward(np.array(1.0)), ValueError, r"ndim >= 2.*shape \(\)"),
-        LayerCase("x_ndim1", forward((D,)), ValueError, r"ndim >= 2.*shape \(5,\)"),
+        LayerCase("x_ndim1", forward((D,)), ValueError,
+                  r"ndim >= 2.*shape \(5,\); for one sample of D features pass x\[None\] or "
+                  r"x\.reshape\(1, -1\)"),
         LayerCase("x_ndim1_eval", forward((D,), False), ValueError, r"ndim >= 2.*shape \(5,\)"),
         LayerCase("empty_batch", forward((0, D)), ValueError, r"empty batch.*\(0, 5\)"),
         LayerCase("no_features", forward((4, 0)), ValueError, r"no features.*\(4, 0\)"),
@@ -123,6 +128,11 @@ def layer_cases() -> list[LayerCase]:
                   r"no features.*\(4, 5, 0, 2\)"),
         LayerCase("features_differ_from_gamma", forward((4, D + 1)), ValueError,
                   r"gamma has shape \(5,\).*6 features.*\(4, 6\)"),
+        LayerCase("gamma_per_channel_for_a_per_feature_layer", forward((4, D, 2, 2)), ValueError,
+                  r"gamma has shape \(5,\), which is not a per-feature shape for the 20 features"
+                  r".*one value per channel of x \(5 = shape\[1\]\).*pass per_channel=True"),
+        LayerCase("only_running_mean", forward(SHAPE), ValueError, RUNNING_PAIR,
+                  spoil=rebind("running_var", None)),
         LayerCase("features_differ_from_running_stats", forward((4, D + 1), False), ValueError,
                   r"running_mean has shape \(5,\).*6 features",
                   spoil=_scalar_params),
@@ -219,7 +229,7 @@ def test_layer_rejects_bad_input_and_keeps_its_state(rng, case, primed):
 
 CONSTRUCTOR_CASES = (
     [pytest.param({"eps": eps}, ValueError, match, id=f"eps_{eps}") for eps, match in BAD_EPS]
-    + [pytest.param({"eps": None}, TypeError, r"eps must be a real number, got NoneType",
+    + [pytest.param({"eps": None}, TypeError, r"eps must be a real number, got None",
                     id="eps_none")]
     + [pytest.param({"momentum": value}, TypeError, match, id=f"momentum_{name}")
        for name, value, match in BAD_MOMENTUM])
@@ -279,6 +289,12 @@ class FuncCase(NamedTuple):
 
 def setter(**values) -> Callable[[dict[str, Any]], None]:
     return lambda args: args.update(values)
+
+
+def _unaligned(arr: np.ndarray) -> np.ndarray:
+    raw = np.empty(arr.nbytes + 1, np.uint8)[1:].view(arr.dtype).reshape(arr.shape)
+    raw[...] = arr
+    return raw
 
 
 def readonly(shape, dtype=np.float64) -> np.ndarray:
@@ -346,9 +362,13 @@ def func_cases() -> list[FuncCase]:
         add("out_wrong_dtype", setter(out=np.zeros(SHAPE, np.float32)), TypeError,
             r"out has dtype float32; expected float64")
         add("out_not_contiguous", setter(out=np.zeros((8, D))[::2]), ValueError,
-            r"out must be a writeable, aligned, C-contiguous array")
-        add("out_fortran", setter(out=np.zeros((D, 4)).T), ValueError, r"C-contiguous")
-        add("out_readonly", setter(out=readonly(SHAPE)), ValueError, r"out must be a writeable")
+            r"out is not C-contiguous \(strides \(80, 8\)\)")
+        add("out_fortran", setter(out=np.zeros((D, 4)).T), ValueError,
+            r"out is not C-contiguous \(strides \(8, 32\)\)")
+        add("out_readonly", setter(out=readonly(SHAPE)), ValueError,
+            r"out is read-only; out= must be a writeable array")
+        add("out_unaligned", setter(out=_unaligned(np.zeros(SHAPE))), ValueError,
+            r"out is not aligned for dtype float64")
         add("out_list", setter(out=np.zeros(SHAPE).tolist()), TypeError,
             r"out must be a NumPy array, got list")
         add("out_is_x", overlapping("x"), ValueError, r"out overlaps an input array")
@@ -373,8 +393,7 @@ def func_cases() -> list[FuncCase]:
                      ValueError, r"out overlaps an input array"),
         ]
     cases.append(FuncCase("forward_train-only_running_mean", "forward_train",
-                          lambda a: a.pop("running_var"), ValueError,
-                          r"give both running_mean and running_var"))
+                          lambda a: a.pop("running_var"), ValueError, RUNNING_PAIR))
     for name, value, match in BAD_MOMENTUM:
         cases.append(FuncCase(f"forward_train-momentum_{name}", "forward_train",
                               setter(momentum=value), TypeError, match))
@@ -759,12 +778,6 @@ KERNELS = ("train_forward", "eval_forward", "train_backward", "eval_backward")
 KERNEL_OUTPUTS = {"train_forward": {"cache", "y", "mean", "var", "invstd", "rm_new", "rv_new"},
                   "eval_forward": {"y"}, "train_backward": {"dx", "dgamma", "dbeta"},
                   "eval_backward": {"dx", "dgamma", "dbeta"}}
-
-
-def _unaligned(arr: np.ndarray) -> np.ndarray:
-    raw = np.empty(arr.nbytes + 1, np.uint8)[1:].view(arr.dtype).reshape(arr.shape)
-    raw[...] = arr
-    return raw
 
 
 def _bad_arrays(arr: np.ndarray, output: bool):

@@ -513,3 +513,122 @@ def test_mlp_training_curve_matches_the_twin():
     assert mine[-1] < 0.6 * mine[0]          # it does learn
     np.testing.assert_allclose(mine, theirs, rtol=1e-8, atol=0)
     np.testing.assert_allclose(mine_eval, theirs_eval, rtol=1e-8, atol=0)
+
+
+# ---------------------------------------------------------------------------
+# Parameter shapes: every shape the book's arithmetic (gamma * xn + beta,
+# momentum * running_mean + ...) broadcasts per feature, with its result shapes.
+
+def _shaped(values: np.ndarray, shape: str) -> np.ndarray:
+    """values (D,) as shape '(D,)', '(1, D)', or (for the first value only)
+    '(1,)', '(1, 1)', '()'."""
+    d = values.shape[0]
+    return {"(D,)": values, "(1, D)": values.reshape(1, d), "(1,)": values[:1],
+            "(1, 1)": values[:1].reshape(1, 1), "()": values[0]}[shape]
+
+
+@pytest.mark.parametrize("param_shape", ["(D,)", "(1, D)", "(1,)", "(1, 1)", "()"])
+@pytest.mark.parametrize("running_shape", [None, "(D,)", "(1, D)", "(1, 1)"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_every_parameter_shape_the_books_arithmetic_accepts_gives_the_twins_results(
+        rng, param_shape, running_shape, dtype):
+    """dgamma and dbeta are (D,) whatever gamma's shape (the book's
+    sum(axis=0)); new running statistics keep a (1, D) shape."""
+    d, shape = 6, (5, 2, 3)
+    gamma, beta = make_params(rng, d, dtype)
+    kwargs = {}
+    if running_shape is not None:
+        kwargs = dict(running_mean=_shaped(rng.standard_normal(d).astype(dtype), running_shape),
+                      running_var=_shaped((rng.random(d) + 0.5).astype(dtype), running_shape))
+    layer, twin = pair(_shaped(gamma, param_shape), _shaped(beta, param_shape), **kwargs)
+    for step in range(2):
+        x = (rng.standard_normal(shape) * 2 + step).astype(dtype)
+        dout = rng.standard_normal(shape).astype(dtype)
+        assert_close(layer.forward(x), twin.forward(x), what="train out")
+        assert_close(layer.backward(dout), twin.backward(dout), scale=dx_scale(twin, dout),
+                     what="dx")
+        assert layer.dgamma.shape == layer.dbeta.shape == (d,)
+        assert_same_state(layer, twin, f"step {step}: ", tolerance(dtype))
+        assert_close(layer.forward(x, False), twin.forward(x, False), rtol=tolerance(dtype),
+                     what="eval out")
+        assert_close(layer.backward(dout), twin.backward(dout), rtol=tolerance(dtype),
+                     what="eval dx")
+        assert_same_state(layer, twin, f"step {step} eval: ", tolerance(dtype))
+    if running_shape in ("(1, D)", "(1, 1)"):
+        assert layer.running_mean.shape == layer.running_var.shape == (1, d)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_row_vector_parameters_train_with_in_place_sgd_like_the_twin(rng, dtype):
+    """The book's networks keep gamma and beta as (1, D) arrays and update them
+    in place (gamma -= lr * dgamma): each step sees the last update."""
+    d, lr = 7, 0.5
+    gamma, beta = make_params(rng, d, dtype)
+    layer, twin = pair(gamma.reshape(1, d), beta.reshape(1, d))
+    mine, theirs = layer.gamma, twin.gamma
+    for step in range(4):
+        x = (rng.standard_normal((9, d)) * 3 + 1).astype(dtype)
+        dout = rng.standard_normal((9, d)).astype(dtype)
+        assert_close(layer.forward(x), twin.forward(x), what=f"step {step} out")
+        assert_close(layer.backward(dout), twin.backward(dout), scale=dx_scale(twin, dout),
+                     what=f"step {step} dx")
+        for model in (layer, twin):
+            model.gamma -= lr * model.dgamma
+            model.beta -= lr * model.dbeta
+        assert_close(layer.gamma, twin.gamma, what=f"step {step} gamma")
+        assert_close(layer.beta, twin.beta, what=f"step {step} beta")
+    assert layer.gamma is mine and twin.gamma is theirs and mine.shape == (1, d)
+    assert not np.allclose(mine, gamma)          # the updates did happen
+    assert_close(layer.forward(x, False), twin.forward(x, False), rtol=tolerance(dtype))
+
+
+def test_row_vector_parameters_give_the_books_shapes(rng):
+    """What the verbatim book class gives for (1, D) parameters and running
+    statistics, which the twin must reproduce."""
+    path = seed_reference_path()
+    if path is None:
+        pytest.skip("the seed reference is not beside this checkout")
+    spec = importlib.util.spec_from_file_location("seed_reference_bn", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    d = 4
+    x, dout = rng.standard_normal((6, d)), rng.standard_normal((6, d))
+    for running in (None, (1, d)):
+        kwargs = {} if running is None else dict(running_mean=np.zeros(running),
+                                                 running_var=np.ones(running))
+        book = module.BatchNormalization(np.ones((1, d)), np.zeros((1, d)), **kwargs)
+        layer = bnfast.BatchNormalization(np.ones((1, d)), np.zeros((1, d)), **kwargs)
+        for name, a, b in [("out", layer.forward(x), book.forward(x)),
+                           ("dx", layer.backward(dout), book.backward(dout)),
+                           ("dgamma", layer.dgamma, book.dgamma),
+                           ("dbeta", layer.dbeta, book.dbeta),
+                           ("running_mean", layer.running_mean, book.running_mean),
+                           ("running_var", layer.running_var, book.running_var),
+                           ("eval out", layer.forward(x, False), book.forward(x, False))]:
+            assert a.shape == b.shape and a.dtype == b.dtype, name
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_repr_shows_features_mode_eps_momentum_and_dtypes():
+    d = 10
+    layer = bnfast.BatchNormalization(np.ones(d, np.float32), np.zeros(d, np.float32),
+                                      momentum=0.8, eps=1e-5)
+    assert repr(layer) == ("BatchNormalization(features=10, mode='per feature', eps=1e-05, "
+                           "momentum=0.8, dtypes: gamma float32, beta float32, "
+                           "running_mean None, running_var None)")
+    layer.forward(np.ones((3, 2, 5), np.float32))
+    assert repr(layer).endswith("dtypes: x float32, gamma float32, beta float32, "
+                                "running_mean float64, running_var float64)")
+    channels = bnfast.BatchNormalization(1.0, 0, per_channel=True, running_var_unbiased=True)
+    assert repr(channels) == ("BatchNormalization(channels=None, mode='per channel, unbiased "
+                              "running_var', eps=1e-06, momentum=0.9, dtypes: gamma float, "
+                              "beta int, running_mean None, running_var None)")
+    channels.forward(np.ones((2, 3, 4)))
+    assert repr(channels).startswith("BatchNormalization(channels=3, ")
+
+
+def test_forward_and_backward_document_their_parameters():
+    forward, backward = bnfast.BatchNormalization.forward, bnfast.BatchNormalization.backward
+    assert "Parameters\n" in forward.__doc__ and "train_flg : bool" in forward.__doc__
+    assert "running_mean and running_var" in forward.__doc__.split("train_flg : bool")[1]
+    assert "Parameters\n" in backward.__doc__ and "dout : array_like" in backward.__doc__
