@@ -14,7 +14,9 @@ Rank 0 also trains the same network in one process on the whole batch (with
 bnfast.BatchNormalization) and prints the two loss curves side by side; the
 script exits with status 1 if they differ by more than 1e-8 relative.
 Options: --steps N (default 60), --batch B (default 99, so that 2 or 4 ranks
-get uneven shards).  The last column, for contrast, is the same data-parallel
+get uneven shards), --ranks K (fail unless the world has K ranks: an mpiexec
+that does not match mpi4py's MPI starts K separate one-rank worlds, each of
+which would match one process trivially).  The last column, for contrast, is the same data-parallel
 training with plain per-shard BatchNormalization.
 """
 from __future__ import annotations
@@ -130,9 +132,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=99)
+    parser.add_argument("--ranks", type=int, default=None,
+                        help="the rank count given to mpiexec -n; checked against the world")
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    if args.ranks is not None and size != args.ranks:
+        print(f"rank {rank}: mpiexec was asked for {args.ranks} ranks but this world has {size}; "
+              f"is the mpiexec on PATH the one of mpi4py's MPI?", file=sys.stderr)
+        return 1
     if args.batch < size:
         parser.error(f"--batch {args.batch} leaves some of the {size} ranks without rows")
     data = make_data(np.random.default_rng(0), 2000)

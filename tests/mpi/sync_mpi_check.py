@@ -1,13 +1,18 @@
 """SyncBatchNormalization under a real MPI launch.
 
 Run by tools/check_mpi.sh as
-    mpiexec -n K python -m pytest -q tests/mpi/sync_mpi_check.py
-(the file name keeps it out of the single-process suite).  Every rank makes
+    BNFAST_MPI_RANKS=K mpiexec -n K python -m pytest -q tests/mpi/sync_mpi_check.py
+(the file name keeps it out of the single-process suite).  BNFAST_MPI_RANKS
+is the rank count asked for: the launch fails unless the world has that
+size, so K unconnected single-process runs (an mpiexec that does not match
+mpi4py's MPI) cannot pass for a K-rank run.  Every rank makes
 the same data from one seed, keeps its own shard of the batch, and compares
 what it gets with a BatchNormalization on the whole batch; results that must
 agree across ranks are gathered and compared bitwise.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -20,6 +25,15 @@ from bnfast.distributed import RankError, SyncBatchNormalization  # noqa: E402
 
 COMM = MPI.COMM_WORLD
 RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
+
+
+def test_the_world_has_the_ranks_asked_for():
+    asked = os.environ.get("BNFAST_MPI_RANKS")
+    assert asked is not None, ("set BNFAST_MPI_RANKS to the rank count given to mpiexec -n "
+                               "(tools/check_mpi.sh does)")
+    assert SIZE == int(asked), (f"mpiexec was asked for {asked} ranks but this world has "
+                                f"{SIZE}: is the mpiexec on PATH the one of mpi4py's MPI?")
+    assert COMM.allgather(RANK) == list(range(SIZE))
 
 
 def uneven_cuts(n):
