@@ -8,7 +8,9 @@
 #   2. `auditwheel show` / `auditwheel repair -w wheelhouse/`: a manylinux tag,
 #      and the OpenMP runtime the kernels link (libgomp) vendored into
 #      bnfast.libs/.
-#   3. The repaired wheel with its `test` extra in a fresh venv, and the whole
+#   3. The repaired wheel with its `test` extra in a fresh venv: its kernels
+#      use OpenMP if the compiler has it (the probe setup.py makes, unless
+#      BNFAST_OPENMP=0), its bnfast-bench entry point runs, and the whole
 #      test suite run from a copy of tests/ outside the source tree against
 #      the installed package (checked: bnfast comes from site-packages).
 #   4. `pip install dist/bnfast-*.tar.gz[test]` in another fresh venv (a build
@@ -159,6 +161,35 @@ if grep -q libgomp <<< "$SHOW"; then
     echo "vendored OpenMP runtime: $VENDORED"
 fi
 
+step "OpenMP: does the compiler have it? (then the wheel's kernels must use it)"
+# The probe setup.py uses, with the compiler setuptools picks (CC, else the
+# interpreter's own); BNFAST_OPENMP=0 asks for a serial build on purpose.
+CC_CMD=${CC:-$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_config_var("CC") or "cc")')}
+cat > "$WORK/omp_probe.c" <<'EOF'
+#include <omp.h>
+int main(void) {
+    int n = 0;
+    #pragma omp parallel reduction(+:n)
+    n += 1;
+    return n > 0 ? 0 : 1;
+}
+EOF
+EXPECT_OPENMP=0
+case "${BNFAST_OPENMP:-1}" in
+    0 | false | no | off) echo "BNFAST_OPENMP=${BNFAST_OPENMP}: a serial build is expected" ;;
+    *)
+        # shellcheck disable=SC2086  # CC_CMD may hold flags ("gcc -pthread")
+        if $CC_CMD -fopenmp "$WORK/omp_probe.c" -o "$WORK/omp_probe" > "$WORK/omp_probe.log" 2>&1
+        then
+            EXPECT_OPENMP=1
+            echo "$CC_CMD compiles and links OpenMP: the kernels must be built with it"
+        else
+            echo "$CC_CMD has no OpenMP (see below): a serial build is expected"
+            cat "$WORK/omp_probe.log"
+        fi ;;
+esac
+export EXPECT_OPENMP
+
 step "install the repaired wheel (+ test extra) into a fresh venv"
 new_venv "$WORK/venv-wheel"
 pip_install "$WORK/venv-wheel" "$ROOT/$REPAIRED[test]"
@@ -175,6 +206,11 @@ assert site in where.parents and root not in where.parents, where
 info = bnfast.build_info()
 print("bnfast", bnfast.__version__, "from", where.parent)
 print("build_info:", info)
+expected = os.environ["EXPECT_OPENMP"] == "1"
+assert info["openmp"] == expected, (
+    f"build_info()['openmp'] is {info['openmp']} but the compiler probe expects {expected}: "
+    + ("an OpenMP-capable compiler built serial kernels" if expected else
+       "the kernels use OpenMP although the probe found none"))
 if info["openmp"]:
     bnfast.set_num_threads(2)
     bn = bnfast.BatchNormalization(np.ones(4096), np.zeros(4096))
@@ -185,7 +221,9 @@ if info["openmp"]:
     assert gomp and all("bnfast.libs" in path for path in gomp), gomp
 EOF
 )
-"$WORK/venv-wheel/bin/bnfast-bench" --help > /dev/null && echo "bnfast-bench entry point: ok"
+# (not `cmd && echo ok`: under set -e a failure left of && does not stop the script)
+"$WORK/venv-wheel/bin/bnfast-bench" --help > /dev/null
+echo "bnfast-bench entry point: ok"
 
 step "test suite against the installed wheel (from $WORK/suite)"
 run_suite "$WORK/venv-wheel" "$WORK/suite" tests
