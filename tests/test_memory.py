@@ -189,11 +189,18 @@ def test_one_layer_shared_by_two_threads_does_not_crash():
 
 def test_backward_reads_the_mode_once():
     """The race of the shared-layer test, made deterministic: converting gamma
-    (a non-array, so backward takes its general path) runs a training forward
-    after backward has decided it is in eval mode."""
+    (not an array, so backward plans it through the general checks) runs a
+    training forward after backward has read the mode and cache of an
+    eval-mode forward.  backward must finish as that eval-mode backward: the
+    gradient of the eval function, from the eval forward's x and running
+    statistics, not from the training forward that slipped in."""
     d = 4
-    x = np.random.default_rng(4).standard_normal((5, d))
-    layer = bnfast.BatchNormalization(np.ones(d), np.zeros(d))
+    rng = np.random.default_rng(4)
+    x, dout = rng.standard_normal((5, d)), rng.standard_normal((5, d))
+    running_mean, running_var = rng.standard_normal(d), rng.random(d) + 0.5
+    gamma = rng.random(d) + 0.5
+    layer = bnfast.BatchNormalization(np.ones(d), np.zeros(d), running_mean=running_mean.copy(),
+                                      running_var=running_var.copy())
 
     class InterleavingGamma:
         fired = False
@@ -201,15 +208,18 @@ def test_backward_reads_the_mode_once():
         def __array__(self, dtype=None, copy=None):
             if not self.fired:
                 self.fired = True
-                layer.forward(x, True)     # what the other thread would do
-            return np.ones(d)
+                layer.forward(x * 3 + 1, True)     # what the other thread would do
+            return gamma
 
     layer.forward(x, False)
-    layer.gamma = InterleavingGamma()
-    try:
-        layer.backward(np.ones((5, d)))
-    except (ValueError, TypeError, RuntimeError):
-        pass                                # a clear refusal would be fine
+    layer.gamma = interleaving = InterleavingGamma()
+    dx = layer.backward(dout)
+    assert interleaving.fired and layer._last_train, "the training forward did slip in"
+    std = np.sqrt(running_var + 1e-6)
+    np.testing.assert_allclose(dx, dout * gamma / std, rtol=1e-13)
+    np.testing.assert_allclose(layer.dgamma, np.sum(dout * (x - running_mean) / std, axis=0),
+                               rtol=1e-12)
+    np.testing.assert_allclose(layer.dbeta, dout.sum(axis=0), rtol=1e-12)
 
 
 # ---------------------------------------------------------------------------
