@@ -18,6 +18,7 @@ Each variant module gets a baseline-compiled entry point
 initialisation runs, so importing a variant the CPU cannot run raises
 ImportError instead of dying on an illegal instruction.
 """
+import glob
 import os
 import platform
 import sys
@@ -194,7 +195,7 @@ def _extension(name):
         name,
         ["%s.pyx" % name.replace(".", "/")],
         include_dirs=[numpy.get_include(), CSRC],
-        depends=[os.path.join(CSRC, source) for source in ("cpu.h", "isa_entry.c")],
+        depends=sorted(glob.glob(os.path.join(CSRC, "*.[ch]"))),
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
 

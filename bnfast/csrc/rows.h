@@ -1,0 +1,510 @@
+/* Vector loops over rows of float32 (arithmetic in float64) and the
+ * short-batch training strip, for the ISA the file is compiled for
+ * (AVX-512, AVX2, or the portable C fallbacks); bnfast/_kernels.pyx.
+ */
+#ifndef BNFAST_ROWS_H
+#define BNFAST_ROWS_H
+
+#include <Python.h>
+#include "platform.h"
+#include "stream.h"
+
+/* Loops over float32 rows, arithmetic in float64: the affine and dx
+   passes and the row sums.  Compilers vectorize them by loading 16
+   floats and splitting them with cross-lane extract/insert
+   instructions, the bottleneck of these loops once the data is cached
+   (Zen 4: a plane's y = (x - c) * k + b 25 % slower than here); these
+   convert 8 (AVX-512) or 4 (AVX2) floats straight from and to memory.
+   The vector part and the scalar tail do the same operations in the
+   same order, fused multiply-adds included (GCC and Clang contract the
+   tail's expressions to the same ones; the variants that have these
+   paths are built by them), so a value's rounding does not depend on
+   where a loop splits (tests/test_kernels.py checks it). */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define BNF_HALF 8
+typedef __m512d bnf_vd;
+#define bnf_ld(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
+#define bnf_st(p, v) _mm256_storeu_ps((p), _mm512_cvtpd_ps(v))
+#define bnf_ldd _mm512_loadu_pd
+#define bnf_set1 _mm512_set1_pd
+#define bnf_sub _mm512_sub_pd
+#define bnf_add _mm512_add_pd
+#define bnf_std _mm512_storeu_pd
+#define bnf_mul _mm512_mul_pd
+#define bnf_fmadd _mm512_fmadd_pd
+#define bnf_fnmadd _mm512_fnmadd_pd
+#define bnf_div _mm512_div_pd
+#define bnf_sqrt _mm512_sqrt_pd
+/* streaming stores: two float64 vectors as one line of floats; a vector */
+#define bnf_stf_nt2(p, lo, hi) _mm512_stream_ps((p), _mm512_insertf32x8(              \
+    _mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1))
+#define bnf_std_nt _mm512_stream_pd
+/* every lane a >= b (ordered) */
+#define bnf_all_ge(a, b) (_mm512_cmp_pd_mask((a), (b), _CMP_GE_OQ) == 0xFF)
+/* v where v - v == 0 (finite), else +0 */
+#define bnf_finite_or_zero(v) \
+    _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(_mm512_sub_pd(v, v), _mm512_setzero_pd(), \
+                                           _CMP_EQ_OQ), v)
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define BNF_HALF 4
+typedef __m256d bnf_vd;
+#define bnf_ld(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
+#define bnf_st(p, v) _mm_storeu_ps((p), _mm256_cvtpd_ps(v))
+#define bnf_ldd _mm256_loadu_pd
+#define bnf_set1 _mm256_set1_pd
+#define bnf_sub _mm256_sub_pd
+#define bnf_add _mm256_add_pd
+#define bnf_std _mm256_storeu_pd
+#define bnf_mul _mm256_mul_pd
+#define bnf_fmadd _mm256_fmadd_pd
+#define bnf_fnmadd _mm256_fnmadd_pd
+#define bnf_div _mm256_div_pd
+#define bnf_sqrt _mm256_sqrt_pd
+#define bnf_stf_nt2(p, lo, hi) _mm256_stream_ps((p), _mm256_insertf128_ps(            \
+    _mm256_castps128_ps256(_mm256_cvtpd_ps(lo)), _mm256_cvtpd_ps(hi), 1))
+#define bnf_std_nt _mm256_stream_pd
+#define bnf_all_ge(a, b) (_mm256_movemask_pd(_mm256_cmp_pd((a), (b), _CMP_GE_OQ)) == 0xF)
+#define bnf_finite_or_zero(v) \
+    _mm256_and_pd(_mm256_cmp_pd(_mm256_sub_pd(v, v), _mm256_setzero_pd(), _CMP_EQ_OQ), v)
+#endif
+/* o = (x - c) * k + b over `rows` rows (row stride d) of w features. */
+static inline void bnfast_affine_ff(const float* x, float* o, ptrdiff_t d, int rows,
+                                    ptrdiff_t w, const double* c, const double* k,
+                                    const double* b) {
+    ptrdiff_t j = 0;
+    int r;
+#ifdef BNF_HALF
+    for (; j + BNF_HALF <= w; j += BNF_HALF) {
+        bnf_vd vc = bnf_ldd(c + j), vk = bnf_ldd(k + j), vb = bnf_ldd(b + j);
+        for (r = 0; r < rows; r++)
+            bnf_st(o + r * d + j, bnf_fmadd(bnf_sub(bnf_ld(x + r * d + j), vc), vk, vb));
+    }
+#endif
+    for (; j < w; j++)
+        for (r = 0; r < rows; r++)
+            o[r * d + j] = (float)(((double)x[r * d + j] - c[j]) * k[j] + b[j]);
+}
+/* bnfast_affine_ff and its float64 twin written with streaming stores
+   straight from the registers, for rows whose destination starts on a
+   64-byte line, with line-sized row strides and w a whole number of
+   lines (bnfast_lines_fit): outputs too large to stay cached otherwise
+   went through a staging row, one more store and load per value. */
+static inline int bnfast_lines_fit(const void* o, ptrdiff_t stride_bytes,
+                                   ptrdiff_t w_bytes) {
+#ifdef BNF_HALF
+    return ((uintptr_t)o & 63) == 0 && (stride_bytes & 63) == 0 && (w_bytes & 63) == 0;
+#else
+    return 0;   /* no vector path: the staging row (bnfast_stream) instead */
+#endif
+}
+/* Row by row, one whole line per streaming store: rows interleaved, or
+   half lines, leave partial lines in the write-combining buffers
+   (measured: 0.70-0.85x on 16 x 262144 and 32 x 131072). */
+static inline void bnfast_affine_stream_ff(const float* x, float* o, ptrdiff_t d,
+                                           ptrdiff_t rows, ptrdiff_t w, const double* c,
+                                           const double* k, const double* b) {
+#ifdef BNF_HALF
+    ptrdiff_t j, r;
+    for (r = 0; r < rows; r++, x += d, o += d)
+        for (j = 0; j + 2 * BNF_HALF <= w; j += 2 * BNF_HALF) {
+            bnf_vd lo = bnf_fmadd(bnf_sub(bnf_ld(x + j), bnf_ldd(c + j)), bnf_ldd(k + j),
+                                  bnf_ldd(b + j));
+            ptrdiff_t h = j + BNF_HALF;
+            bnf_vd hi = bnf_fmadd(bnf_sub(bnf_ld(x + h), bnf_ldd(c + h)), bnf_ldd(k + h),
+                                  bnf_ldd(b + h));
+            bnf_stf_nt2(o + j, lo, hi);
+        }
+#endif
+}
+static inline void bnfast_affine_stream_dd(const double* x, double* o, ptrdiff_t d,
+                                           ptrdiff_t rows, ptrdiff_t w, const double* c,
+                                           const double* k, const double* b) {
+#ifdef BNF_HALF
+    ptrdiff_t j, r;
+    for (r = 0; r < rows; r++, x += d, o += d)
+        for (j = 0; j + BNF_HALF <= w; j += BNF_HALF)
+            bnf_std_nt(o + j, bnf_fmadd(bnf_sub(bnf_ldd(x + j), bnf_ldd(c + j)),
+                                        bnf_ldd(k + j), bnf_ldd(b + j)));
+#endif
+}
+/* bnfast_affine_ff with one (c, k, b) for all n values (a per-channel plane). */
+static inline void bnfast_affine_plane_ff(const float* x, float* o, ptrdiff_t n, double c,
+                                          double k, double b) {
+    ptrdiff_t j = 0;
+#ifdef BNF_HALF
+    bnf_vd vc = bnf_set1(c), vk = bnf_set1(k), vb = bnf_set1(b);
+    for (; j + BNF_HALF <= n; j += BNF_HALF)
+        bnf_st(o + j, bnf_fmadd(bnf_sub(bnf_ld(x + j), vc), vk, vb));
+#endif
+    for (; j < n; j++)
+        o[j] = (float)(((double)x[j] - c) * k + b);
+}
+/* dx = k * ((dy - m) - q * (x - c)) over `rows` rows of w features. */
+static inline void bnfast_grad_input_ff(const float* x, const float* dy, float* o,
+                                        ptrdiff_t d, int rows, ptrdiff_t w,
+                                        const double* c, const double* m,
+                                        const double* q, const double* k) {
+    ptrdiff_t j = 0;
+    int r;
+#ifdef BNF_HALF
+    for (; j + BNF_HALF <= w; j += BNF_HALF) {
+        bnf_vd vc = bnf_ldd(c + j), vm = bnf_ldd(m + j), vq = bnf_ldd(q + j);
+        bnf_vd vk = bnf_ldd(k + j);
+        for (r = 0; r < rows; r++)
+            bnf_st(o + r * d + j,
+                   bnf_mul(vk, bnf_fnmadd(vq, bnf_sub(bnf_ld(x + r * d + j), vc),
+                                          bnf_sub(bnf_ld(dy + r * d + j), vm))));
+    }
+#endif
+    for (; j < w; j++)
+        for (r = 0; r < rows; r++)
+            o[r * d + j] = (float)(k[j] * (((double)dy[r * d + j] - m[j])
+                                           - q[j] * ((double)x[r * d + j] - c[j])));
+}
+/* s1 += the sum of e = x - k over `rows` rows (1 or 4), s2 += that of
+   e * e, paired as the Cython loops they replace: (e0 + e1) + (e2 + e3). */
+static inline void bnfast_rows_sq_sums_f(const float* x, ptrdiff_t d, int rows,
+                                         ptrdiff_t w, const double* k, double* s1,
+                                         double* s2) {
+    ptrdiff_t j = 0;
+#ifdef BNF_HALF
+    for (; j + BNF_HALF <= w; j += BNF_HALF) {
+        bnf_vd vk = bnf_ldd(k + j), a1 = bnf_ldd(s1 + j), a2 = bnf_ldd(s2 + j);
+        bnf_vd e0 = bnf_sub(bnf_ld(x + j), vk);
+        if (rows == 4) {
+            bnf_vd e1 = bnf_sub(bnf_ld(x + d + j), vk);
+            bnf_vd e2 = bnf_sub(bnf_ld(x + 2 * d + j), vk);
+            bnf_vd e3 = bnf_sub(bnf_ld(x + 3 * d + j), vk);
+            a1 = bnf_add(a1, bnf_add(bnf_add(e0, e1), bnf_add(e2, e3)));
+            a2 = bnf_add(a2, bnf_add(bnf_fmadd(e0, e0, bnf_mul(e1, e1)),
+                                     bnf_fmadd(e2, e2, bnf_mul(e3, e3))));
+        } else {
+            a1 = bnf_add(a1, e0);
+            a2 = bnf_fmadd(e0, e0, a2);
+        }
+        bnf_std(s1 + j, a1);
+        bnf_std(s2 + j, a2);
+    }
+#endif
+    for (; j < w; j++) {
+        double e0 = (double)x[j] - k[j];
+        if (rows == 4) {
+            double e1 = (double)x[d + j] - k[j], e2 = (double)x[2 * d + j] - k[j];
+            double e3 = (double)x[3 * d + j] - k[j];
+            s1[j] += (e0 + e1) + (e2 + e3);
+            s2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3);
+        } else {
+            s1[j] += e0;
+            s2[j] += e0 * e0;
+        }
+    }
+}
+/* s1 += the sum of dy, s2 += that of dy * (x - c), over `rows` rows. */
+static inline void bnfast_rows_grad_sums_f(const float* x, const float* dy, ptrdiff_t d,
+                                           int rows, ptrdiff_t w, const double* c,
+                                           double* s1, double* s2) {
+    ptrdiff_t j = 0;
+#ifdef BNF_HALF
+    for (; j + BNF_HALF <= w; j += BNF_HALF) {
+        bnf_vd vc = bnf_ldd(c + j), a1 = bnf_ldd(s1 + j), a2 = bnf_ldd(s2 + j);
+        bnf_vd g0 = bnf_ld(dy + j), t0 = bnf_sub(bnf_ld(x + j), vc);
+        if (rows == 4) {
+            bnf_vd g1 = bnf_ld(dy + d + j), g2 = bnf_ld(dy + 2 * d + j);
+            bnf_vd g3 = bnf_ld(dy + 3 * d + j);
+            bnf_vd t1 = bnf_sub(bnf_ld(x + d + j), vc);
+            bnf_vd t2 = bnf_sub(bnf_ld(x + 2 * d + j), vc);
+            bnf_vd t3 = bnf_sub(bnf_ld(x + 3 * d + j), vc);
+            a1 = bnf_add(a1, bnf_add(bnf_add(g0, g1), bnf_add(g2, g3)));
+            a2 = bnf_add(a2, bnf_add(bnf_fmadd(g0, t0, bnf_mul(g1, t1)),
+                                     bnf_fmadd(g2, t2, bnf_mul(g3, t3))));
+        } else {
+            a1 = bnf_add(a1, g0);
+            a2 = bnf_fmadd(g0, t0, a2);
+        }
+        bnf_std(s1 + j, a1);
+        bnf_std(s2 + j, a2);
+    }
+#endif
+    for (; j < w; j++) {
+        double g0 = dy[j];
+        if (rows == 4) {
+            double g1 = dy[d + j], g2 = dy[2 * d + j], g3 = dy[3 * d + j];
+            s1[j] += (g0 + g1) + (g2 + g3);
+            s2[j] += ((g0 * ((double)x[j] - c[j]) + g1 * ((double)x[d + j] - c[j]))
+                      + (g2 * ((double)x[2 * d + j] - c[j])
+                         + g3 * ((double)x[3 * d + j] - c[j])));
+        } else {
+            s1[j] += g0;
+            s2[j] += g0 * ((double)x[j] - c[j]);
+        }
+    }
+}
+/* Short batches (n <= 8 rows): per feature j < w of the rows at x (row
+   stride d), the shift k[j] and the shifted sums s1[j] = sum(x - k) and
+   s2[j] = sum((x - k)^2), with every operation of _shift_of and one
+   block of _stats_rows, in their order (the mean of 8 rows pairwise,
+   of fewer in row order; sums four rows a group, then single rows), so
+   the results are theirs bitwise.  Each value is read once and held in
+   registers (those two passes read the rows twice and load and store
+   the sums per four rows).  The row count is a constant in each loop
+   (a switch over 1..8), so the row loops unroll.  The vector part and
+   the scalar tail do the same operations (GCC and Clang contract the
+   tail's squares as the vector part's explicit multiply-adds). */
+/* The shift and shifted sums of feature j's N rows (N a constant):
+   v[] the rows, e[] the rows less the shift kj, a1 and a2 the sums;
+   the vector form below does the same per BNF_HALF features. */
+#define BNF_SHIFTED_SUMS_SCALAR(N)                                                 \
+        for (q = 0; q < (N); q++) v[q] = (double)x[q * d + j];                     \
+        if ((N) == 8) {                                                            \
+            kj = (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) \
+                 * 0.125;                                                          \
+        } else {                                                                   \
+            kj = v[0];                                                             \
+            for (q = 1; q < (N); q++) kj = kj + v[q];                              \
+            kj = kj / (double)(N);                                                 \
+        }                                                                          \
+        kj = kj - kj == 0.0 ? kj : 0.0;                                            \
+        for (q = 0; q < (N); q++) e[q] = v[q] - kj;                                \
+        for (q = 0; q + 4 <= (N); q += 4) {                                        \
+            a1 = a1 + ((e[q] + e[q + 1]) + (e[q + 2] + e[q + 3]));                 \
+            a2 = a2 + ((e[q] * e[q] + e[q + 1] * e[q + 1])                         \
+                       + (e[q + 2] * e[q + 2] + e[q + 3] * e[q + 3]));             \
+        }                                                                          \
+        for (; q < (N); q++) {                                                     \
+            a1 = a1 + e[q];                                                        \
+            a2 = a2 + e[q] * e[q];                                                 \
+        }
+#define BNF_SHORT_SCALAR(N)                                                        \
+    for (; j < w; j++) {                                                           \
+        double v[8], e[8], kj, a1 = 0.0, a2 = 0.0;                                 \
+        int q;                                                                     \
+        BNF_SHIFTED_SUMS_SCALAR(N)                                                 \
+        k[j] = kj;                                                                 \
+        s1[j] = a1;                                                                \
+        s2[j] = a2;                                                                \
+    }
+#ifdef BNF_HALF
+#define BNF_SHIFTED_SUMS_VECTOR(LOAD, N)                                           \
+        for (q = 0; q < (N); q++) v[q] = LOAD(x + q * d + j);                      \
+        if ((N) == 8) {                                                            \
+            kv = bnf_mul(bnf_add(bnf_add(bnf_add(v[0], v[1]), bnf_add(v[2], v[3])), \
+                                 bnf_add(bnf_add(v[4], v[5]), bnf_add(v[6], v[7]))), \
+                         bnf_set1(0.125));                                         \
+        } else {                                                                   \
+            kv = v[0];                                                             \
+            for (q = 1; q < (N); q++) kv = bnf_add(kv, v[q]);                      \
+            kv = bnf_div(kv, bnf_set1((double)(N)));                               \
+        }                                                                          \
+        kv = bnf_finite_or_zero(kv);                                               \
+        for (q = 0; q < (N); q++) e[q] = bnf_sub(v[q], kv);                        \
+        for (q = 0; q + 4 <= (N); q += 4) {                                        \
+            a1 = bnf_add(a1, bnf_add(bnf_add(e[q], e[q + 1]), bnf_add(e[q + 2], e[q + 3]))); \
+            a2 = bnf_add(a2, bnf_add(bnf_fmadd(e[q], e[q], bnf_mul(e[q + 1], e[q + 1])), \
+                                     bnf_fmadd(e[q + 2], e[q + 2],                 \
+                                               bnf_mul(e[q + 3], e[q + 3]))));     \
+        }                                                                          \
+        for (; q < (N); q++) {                                                     \
+            a1 = bnf_add(a1, e[q]);                                                \
+            a2 = bnf_fmadd(e[q], e[q], a2);                                        \
+        }
+#define BNF_SHORT_VECTOR(LOAD, N)                                                  \
+    for (; j + BNF_HALF <= w; j += BNF_HALF) {                                     \
+        bnf_vd v[8], e[8], kv, a1 = bnf_set1(0.0), a2 = bnf_set1(0.0);             \
+        int q;                                                                     \
+        BNF_SHIFTED_SUMS_VECTOR(LOAD, N)                                           \
+        bnf_std(k + j, kv);                                                        \
+        bnf_std(s1 + j, a1);                                                       \
+        bnf_std(s2 + j, a2);                                                       \
+    }
+#else
+#define BNF_SHORT_VECTOR(LOAD, N)
+#endif
+#define BNF_SHORT_ROWS(LOAD, N) { BNF_SHORT_VECTOR(LOAD, N) BNF_SHORT_SCALAR(N) } break;
+#define BNF_SHORT_SUMS(NAME, T, LOAD)                                              \
+    static void NAME(const T* x, ptrdiff_t d, int n, ptrdiff_t w, double* k,       \
+                     double* s1, double* s2) {                                     \
+        ptrdiff_t j = 0;                                                           \
+        switch (n) {                                                               \
+        case 1: BNF_SHORT_ROWS(LOAD, 1)                                            \
+        case 2: BNF_SHORT_ROWS(LOAD, 2)                                            \
+        case 3: BNF_SHORT_ROWS(LOAD, 3)                                            \
+        case 4: BNF_SHORT_ROWS(LOAD, 4)                                            \
+        case 5: BNF_SHORT_ROWS(LOAD, 5)                                            \
+        case 6: BNF_SHORT_ROWS(LOAD, 6)                                            \
+        case 7: BNF_SHORT_ROWS(LOAD, 7)                                            \
+        default: BNF_SHORT_ROWS(LOAD, 8)                                           \
+        }                                                                          \
+    }
+BNF_SHORT_SUMS(bnfast_short_sums_f, float, bnf_ld)
+BNF_SHORT_SUMS(bnfast_short_sums_d, double, bnf_ldd)
+/* The corrected two-pass over rows b0..b1 of the column x points at
+   (row stride d), mean relative to k: the fallback for ill-conditioned
+   and non-finite shifted sums (see _column_two_pass). */
+#define BNF_TWO_PASS(NAME, T)                                                      \
+    static void NAME(const T* x, ptrdiff_t d, ptrdiff_t b0, ptrdiff_t b1, double k, \
+                     double* mean, double* m2) {                                   \
+        double nb = (double)(b1 - b0), s = 0.0, m0, e, sd = 0.0, sd2 = 0.0, q;     \
+        ptrdiff_t i;                                                               \
+        for (i = b0; i < b1; i++) s += x[i * d] - k;                               \
+        s = s / nb;                                                                \
+        m0 = k + s;                                                                \
+        for (i = b0; i < b1; i++) {                                                \
+            e = x[i * d] - m0;                                                     \
+            sd += e;                                                               \
+            sd2 += e * e;                                                          \
+        }                                                                          \
+        if (s - s == 0.0) {                                                        \
+            q = sd / nb;                                                           \
+            *mean = (m0 - k) + q;                                                  \
+            *m2 = sd2 - sd * q;                                                    \
+        } else {                                                                   \
+            *mean = s;                                                             \
+            *m2 = sd2;                                                             \
+        }                                                                          \
+    }
+BNF_TWO_PASS(bnfast_two_pass_f, float)
+BNF_TWO_PASS(bnfast_two_pass_d, double)
+/* A whole short-batch (n <= 8 rows) training strip in one read of x:
+   per feature the shift and shifted sums (as bnfast_short_sums), the
+   block's mean and M2 with the two-pass fallback, then mean, var,
+   invstd, the running statistics and y = (x - mean) * (invstd * gamma)
+   + beta, the rows held in registers throughout.  Every operation is
+   that of _short_stats, _finish_direct and _affine_rows, in their order
+   (tests/test_kernels.py compares the two routes bitwise).  T: x, y,
+   gamma and beta; S: the running statistics.  mean, var and invstd
+   point at the strip's first feature, the other arrays at x's. */
+#define BNF_POW2(N) (((N) & ((N) - 1)) == 0)
+#define BNF_TRAIN_SCALAR(N, T, S, TWO_PASS)                                        \
+    for (; j < w; j++) {                                                           \
+        double v[8], e[8], kj, a1 = 0.0, a2 = 0.0, mb, m2b, vj, m, r, sc, sh;      \
+        int q;                                                                     \
+        BNF_SHIFTED_SUMS_SCALAR(N)                                                 \
+        mb = BNF_POW2(N) ? a1 * (1.0 / (N)) : a1 / (double)(N);                    \
+        m2b = a2 - a1 * mb;                                                        \
+        if (!(m2b * 8.0 >= a2)) {                                                  \
+            TWO_PASS(x + j, d, 0, (N), kj, &mb, &m2b);                             \
+            if (m2b < 0.0) m2b = 0.0;                                              \
+        }                                                                          \
+        vj = BNF_POW2(N) ? m2b * (1.0 / (N)) : m2b / (double)(N);                  \
+        m = kj + mb;                                                               \
+        r = 1.0 / sqrt(vj + eps);                                                  \
+        mean[j] = m;                                                               \
+        var[j] = vj;                                                               \
+        invstd[j] = r;                                                             \
+        sc = r * (double)gamma[j];                                                 \
+        sh = (double)beta[j];                                                      \
+        rm_new[j] = (S)(mom * (double)rm_old[j] + rest * m);                       \
+        rv_new[j] = (S)(mom * (double)rv_old[j] + rest * (vj * corr));             \
+        for (q = 0; q < (N); q++) y[q * d + j] = (T)((v[q] - m) * sc + sh);        \
+    }
+#ifdef BNF_HALF
+#define BNF_TRAIN_VECTOR(N, LOAD, STORE, LOADS, STORES, TWO_PASS)                  \
+    for (; j + BNF_HALF <= w; j += BNF_HALF) {                                     \
+        bnf_vd v[8], e[8], kv, a1 = bnf_set1(0.0), a2 = bnf_set1(0.0), mb, m2b;    \
+        bnf_vd vv, m, r, sc, sh;                                                   \
+        int q;                                                                     \
+        BNF_SHIFTED_SUMS_VECTOR(LOAD, N)                                           \
+        mb = BNF_POW2(N) ? bnf_mul(a1, bnf_set1(1.0 / (N)))                        \
+                         : bnf_div(a1, bnf_set1((double)(N)));                     \
+        m2b = bnf_fnmadd(a1, mb, a2);                                              \
+        if (!bnf_all_ge(bnf_mul(m2b, bnf_set1(8.0)), a2)) {                        \
+            double lane_k[BNF_HALF], lane_s2[BNF_HALF], lane_m[BNF_HALF];          \
+            double lane_m2[BNF_HALF];                                              \
+            int l;                                                                 \
+            bnf_std(lane_k, kv);                                                   \
+            bnf_std(lane_s2, a2);                                                  \
+            bnf_std(lane_m, mb);                                                   \
+            bnf_std(lane_m2, m2b);                                                 \
+            for (l = 0; l < BNF_HALF; l++) {                                       \
+                if (!(lane_m2[l] * 8.0 >= lane_s2[l])) {                           \
+                    TWO_PASS(x + j + l, d, 0, (N), lane_k[l], &lane_m[l], &lane_m2[l]); \
+                    if (lane_m2[l] < 0.0) lane_m2[l] = 0.0;                        \
+                }                                                                  \
+            }                                                                      \
+            mb = bnf_ldd(lane_m);                                                  \
+            m2b = bnf_ldd(lane_m2);                                                \
+        }                                                                          \
+        vv = BNF_POW2(N) ? bnf_mul(m2b, bnf_set1(1.0 / (N)))                       \
+                         : bnf_div(m2b, bnf_set1((double)(N)));                    \
+        m = bnf_add(kv, mb);                                                       \
+        r = bnf_div(bnf_set1(1.0), bnf_sqrt(bnf_add(vv, bnf_set1(eps))));          \
+        bnf_std(mean + j, m);                                                      \
+        bnf_std(var + j, vv);                                                      \
+        bnf_std(invstd + j, r);                                                    \
+        sc = bnf_mul(r, LOAD(gamma + j));                                          \
+        sh = LOAD(beta + j);                                                       \
+        STORES(rm_new + j, bnf_fmadd(bnf_set1(mom), LOADS(rm_old + j),             \
+                                     bnf_mul(bnf_set1(rest), m)));                 \
+        STORES(rv_new + j, bnf_fmadd(bnf_set1(mom), LOADS(rv_old + j),             \
+                                     bnf_mul(bnf_set1(rest),                       \
+                                             bnf_mul(vv, bnf_set1(corr)))));       \
+        for (q = 0; q < (N); q++)                                                  \
+            STORE(y + q * d + j, bnf_fmadd(bnf_sub(v[q], m), sc, sh));             \
+    }
+#else
+#define BNF_TRAIN_VECTOR(N, LOAD, STORE, LOADS, STORES, TWO_PASS)
+#endif
+#define BNF_TRAIN_ROWS(N, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)          \
+    { BNF_TRAIN_VECTOR(N, LOAD, STORE, LOADS, STORES, TWO_PASS)                     \
+      BNF_TRAIN_SCALAR(N, T, S, TWO_PASS) } break;
+#define BNF_SHORT_TRAIN(NAME, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)         \
+    static void NAME(const T* x, ptrdiff_t d, int n, ptrdiff_t w, const T* gamma,  \
+                     const T* beta, const S* rm_old, const S* rv_old, S* rm_new,   \
+                     S* rv_new, double eps, double mom, double rest, double corr,  \
+                     double* mean, double* var, double* invstd, T* y) {            \
+        ptrdiff_t j = 0;                                                           \
+        switch (n) {                                                               \
+        case 1: BNF_TRAIN_ROWS(1, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)      \
+        case 2: BNF_TRAIN_ROWS(2, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)      \
+        case 3: BNF_TRAIN_ROWS(3, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)      \
+        case 4: BNF_TRAIN_ROWS(4, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)      \
+        case 5: BNF_TRAIN_ROWS(5, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)      \
+        case 6: BNF_TRAIN_ROWS(6, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)      \
+        case 7: BNF_TRAIN_ROWS(7, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)      \
+        default: BNF_TRAIN_ROWS(8, T, S, LOAD, STORE, LOADS, STORES, TWO_PASS)     \
+        }                                                                          \
+    }
+BNF_SHORT_TRAIN(bnfast_short_train_ff, float, float, bnf_ld, bnf_st, bnf_ld, bnf_st,
+                bnfast_two_pass_f)
+BNF_SHORT_TRAIN(bnfast_short_train_fd, float, double, bnf_ld, bnf_st, bnf_ldd, bnf_std,
+                bnfast_two_pass_f)
+BNF_SHORT_TRAIN(bnfast_short_train_df, double, float, bnf_ldd, bnf_std, bnf_ld, bnf_st,
+                bnfast_two_pass_d)
+BNF_SHORT_TRAIN(bnfast_short_train_dd, double, double, bnf_ldd, bnf_std, bnf_ldd, bnf_std,
+                bnfast_two_pass_d)
+/* One entry for the four (x and y, running statistics) dtype pairs,
+   float64 where x64 / s64; every array from feature 0, the strip from
+   feature c0. */
+#define BNF_SHORT_TRAIN_CALL(F, T, S)                                              \
+    F((const T*)x + c0, d, n, w, (const T*)gamma + c0, (const T*)beta + c0,        \
+      (const S*)rm_old + c0, (const S*)rv_old + c0, (S*)rm_new + c0, (S*)rv_new + c0, \
+      eps, mom, rest, corr, mean + c0, var + c0, invstd + c0, (T*)y + c0)
+static void bnfast_short_train(int x64, int s64, const void* x, ptrdiff_t d, int n,
+                               ptrdiff_t c0, ptrdiff_t w, const void* gamma,
+                               const void* beta, const void* rm_old, const void* rv_old,
+                               void* rm_new, void* rv_new, double eps, double mom,
+                               double rest, double corr, double* mean, double* var,
+                               double* invstd, void* y) {
+    if (x64 && s64) BNF_SHORT_TRAIN_CALL(bnfast_short_train_dd, double, double);
+    else if (x64) BNF_SHORT_TRAIN_CALL(bnfast_short_train_df, double, float);
+    else if (s64) BNF_SHORT_TRAIN_CALL(bnfast_short_train_fd, float, double);
+    else BNF_SHORT_TRAIN_CALL(bnfast_short_train_ff, float, float);
+}
+/* The same with one set of coefficients for all n values (a plane). */
+static inline void bnfast_grad_input_plane_ff(const float* x, const float* dy, float* o,
+                                              ptrdiff_t n, double c, double m, double q,
+                                              double k) {
+    ptrdiff_t j = 0;
+#ifdef BNF_HALF
+    bnf_vd vc = bnf_set1(c), vm = bnf_set1(m), vq = bnf_set1(q), vk = bnf_set1(k);
+    for (; j + BNF_HALF <= n; j += BNF_HALF)
+        bnf_st(o + j, bnf_mul(vk, bnf_fnmadd(vq, bnf_sub(bnf_ld(x + j), vc),
+                                             bnf_sub(bnf_ld(dy + j), vm))));
+#endif
+    for (; j < n; j++)
+        o[j] = (float)(k * (((double)dy[j] - m) - q * ((double)x[j] - c)));
+}
+
+#endif /* BNFAST_ROWS_H */
