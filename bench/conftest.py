@@ -19,6 +19,21 @@ import pytest
 from bnfast import bench
 
 
+@functools.lru_cache(maxsize=None)
+def _peer_status(peer: str) -> bench.PeerStatus:
+    return bench.load_peer(peer)
+
+
+@pytest.fixture
+def installed(peer: str) -> None:
+    """Skip an optional peer (torch, jax, numba) that is not installed; the
+    first use imports its library and sets it to bnfast's thread count."""
+    if peer in bench.OPTIONAL_PEERS:
+        status = _peer_status(peer)
+        if not status.available:
+            pytest.skip(status.reason)
+
+
 @functools.lru_cache(maxsize=1)
 def _case(shape: tuple[int, ...], dtype: str, layout: str) -> bench.Case:
     return bench.make_case(shape, dtype, layout)

@@ -3,10 +3,12 @@
 The cells are bnfast-bench's two grids: per-feature (the default) and
 per-channel (--per-channel; NCHW and channels-last).  Each test's group is its
 cell, e.g. "256x1024-float64-train" or "32x64x56x56-cl-float32-eval", so that
-``pytest bench --benchmark-group-by=group`` lists bnfast, reference, torch and
-floor side by side.  Every bnfast and torch result is checked against the
-reference twin before it is timed (the reference is the oracle, and the floor
-computes no batch normalization).  ``bnfast-bench`` times the same callables,
+``pytest bench --benchmark-group-by=group`` lists bnfast, reference, torch,
+jax, numba and floor side by side.  torch, jax and numba are skipped where
+they are not installed, and run on bnfast's thread count where they are.
+Every bnfast, torch, jax and numba result is checked against the reference
+twin before it is timed (the reference is the oracle, and the floor computes
+no batch normalization).  ``bnfast-bench`` times the same callables,
 interleaved; this suite gives pytest-benchmark's statistics and its saved,
 comparable runs.
 """
@@ -29,10 +31,8 @@ PARAMS = [(cell, peer) for cell in CELLS for peer in bench.PEERS]
 
 @pytest.mark.parametrize(("cell", "peer"), PARAMS,
                          ids=[f"{cell.label}-{peer}" for cell, peer in PARAMS])
-def test_peer(benchmark: Any, cell: bench.Cell, peer: str, case: bench.Case,
+def test_peer(benchmark: Any, cell: bench.Cell, peer: str, installed: None, case: bench.Case,
               expected: Any) -> None:
-    if peer == "torch":
-        pytest.importorskip("torch")
     call = bench.make_call(peer, case, cell.op)
     if peer in bench.CHECKED_PEERS:
         bench.check(peer, call(), expected, case, cell.op)

@@ -1,4 +1,4 @@
-"""Time bnfast against the NumPy reference, PyTorch and the memory-traffic floor.
+"""Time bnfast against the NumPy reference, PyTorch, JAX, Numba and the memory floor.
 
 Run as ``python -m bnfast.bench`` or ``bnfast-bench``.  Every cell of the grid
 (shape x dtype x operation) times these peers, interleaved in one process:
@@ -6,25 +6,91 @@ Run as ``python -m bnfast.bench`` or ``bnfast-bench``.  Every cell of the grid
   bnfast     bnfast.BatchNormalization
   reference  bnfast.reference.BatchNormalization, the pure-NumPy twin of the
              class in Deep Learning from Scratch (what bnfast replaces)
-  torch      torch.nn.functional.batch_norm on the flattened (N, D) view,
-             including the from_numpy/.numpy() conversions a NumPy user pays
-             (only when torch can be imported)
-  floor      the memory traffic the operation cannot avoid, done by NumPy: a
-             fresh output array written once plus the fewest whole-array reads
+  torch      torch.nn.functional.batch_norm; backward: aten's
+             native_batch_norm_backward from the forward's saved mean and
+             1/std.  Including the from_numpy/.numpy() conversions a NumPy
+             user pays (both are views: they copy nothing)
+  jax        the same math in jax.numpy under jax.jit, with jax_enable_x64
+             (float64 stays float64).  The inputs are placed on the CPU
+             device once with jax.device_put (a copy, not timed: a JAX user
+             keeps the batch there); each call waits for all of its results
+             (block_until_ready) and returns them as NumPy arrays
+             (np.asarray: a read-only view, no copy, as torch's .numpy() is).
+             Backward: jitted formulas from the forward's saved mean and 1/std
+  numba      bnfast._bench_numba: @njit(parallel=True) loops, row-major,
+             float64 sums, no fastmath, two passes (statistics, output);
+             compiled before timing.  Outputs are new arrays at every call
+  floor      the memory traffic the operation cannot avoid (below)
+
+torch, jax and numba run where they are installed (pip install torch jax
+numba); the table says "not installed" where they are not, and --peers picks
+the peers to run.  Layouts: per feature, every peer works on the flattened
+(N, D) view.  Per channel, no peer transposes: torch takes the strided
+tensor (a channels-last batch is a channels_last tensor), jax the NHWC array
+that a channels-last batch's memory is (and the NCHW array otherwise), and
+numba walks the batch's own memory (NCHW planes, or channels-last rows).
+
+Threads: every peer runs on bnfast's thread count (--threads N, or bnfast's
+default, normally one per core): torch.set_num_threads, numba.set_num_threads,
+the floor's thread pool, and for JAX the size of XLA's CPU thread pool, which
+the environment variable PJRT_NPROC sets before JAX starts its CPU client
+(bnfast-bench sets it unless it is set already, before importing jax; in a
+process that used JAX before, the pool it has stays).  The reference runs
+NumPy's loops, on one thread.
 
 Operations: train = forward(x, True); eval = forward(x, False); backward =
 backward(dout) after one training forward.  Inputs with more than two
-dimensions are normalized per flattened feature, D = prod(shape[1:]).
+dimensions are normalized per flattened feature, D = prod(shape[1:]) (per
+channel with --per-channel).  Every peer computes what the reference's
+operation computes: train the output with the batch mean and biased variance
+(and the running statistics), eval the output with the running statistics,
+backward dx, dgamma and dbeta.
 
 dtypes: x, dout, gamma, beta AND the running statistics all have the dtype
 being measured.  With float32 running statistics the eval output stays
 float32, as it does in the reference class (float64 running statistics would
 promote it, and the cell would measure a float64 output).
 
+The floor is the machine's limit for each operation's unavoidable memory
+traffic, counted in passes over an array of x's size:
+
+  train     2 reads + 2 writes.  Statistics pass: read x and write the
+            layer's private copy of x (the contract: changing x after
+            forward must not change the gradient, so the training forward
+            keeps its own copy); normalize pass: read x, write y.
+  eval      1 read + 1 write: read x, write y.
+  backward  4 reads + 1 write.  Sums pass: read x (the private copy) and
+            dout; dx pass: read both again, write dx.
+
+A second pass is needed because no output can be written before the batch's
+statistics (train) or the sums of dout and dout * xhat (backward) are known.
+The floor does exactly these passes with NumPy's whole-array loops (reads:
+np.maximum.reduce; a read and a write: np.copyto; two reads and a write:
+np.add), with what bnfast has: outputs allocated and touched when the cell
+is set up and reused by every call (bnfast's output cache does the same, so
+neither pays the OS's page faults), and the arrays' memory split into equal
+parts over bnfast's thread count (a thread pool; NumPy releases the GIL in
+these loops; one thread below FLOOR_PARALLEL_MIN_BYTES of x, where waking
+the pool costs more than it saves).  Each thread does its part in blocks of
+FLOOR_BLOCK_BYTES of x, every pass over a block before the next block, so
+that a second pass reads the block from cache, as bnfast's strips and row
+blocks can: the memory sees each array read once.  Parameters and
+statistics (D values each) are not counted.
+
 Each peer's time is the median over repeats of the per-call time; a repeat is
 a loop of enough calls to last ~3 ms.  speedup = peer time / bnfast time
 (higher is better); "x floor" = bnfast time / floor time (1.0 = at the floor).
 Data are seeded, so every run times the same numbers.
+
+Comparing two builds (--compare A.json B.json): timings move from run to
+run, so one run of each build says little.  Run the full grid with --json on
+one machine, alternating the builds: A, B, A, B.  --compare prints, for every
+cell both runs timed, the ratio of the two medians of each peer, A time /
+B time (> 1: B is faster), their geometric means and bnfast's worst cells.
+Compare the two runs of one build as well (A1 with A2): that is the noise of
+the machine, and the peers whose code did not change between A and B
+(reference, torch, jax, numba, floor) show it in every comparison; a
+difference between A and B is real only where it is larger.
 """
 from __future__ import annotations
 
@@ -37,10 +103,11 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterable, Optional, Sequence, TextIO
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, TextIO
 
 import numpy as np
 
@@ -49,9 +116,11 @@ from bnfast._timing import TARGET_REPEAT_S, Timing, interleaved
 from bnfast.reference import BatchNormalization as Reference
 
 __all__ = [
-    "CHECKED_PEERS", "DEFAULT_REPEATS", "DTYPES", "OPS", "PEERS", "QUICK_SHAPES", "SHAPES", "Case",
-    "Cell", "CellResult", "CheckFailed", "check", "expected_result", "grid", "load_torch", "main",
-    "make_call", "make_case", "measure", "parse_shapes",
+    "CHECKED_PEERS", "DEFAULT_REPEATS", "DTYPES", "FLOOR_PLANS", "FLOOR_TRAFFIC", "OPS",
+    "OPTIONAL_PEERS", "PEERS", "QUICK_SHAPES", "SHAPES", "Case", "Cell", "CellResult",
+    "CheckFailed", "Floor", "PeerStatus", "check", "compare_runs", "expected_result",
+    "floor_traffic", "format_comparison", "grid", "load_peer", "load_torch", "main", "make_call",
+    "make_case", "measure", "parse_shapes",
 ]
 
 SHAPES: tuple[tuple[int, ...], ...] = (
@@ -67,10 +136,13 @@ QUICK_CHANNEL_SHAPES: tuple[tuple[int, ...], ...] = ((8, 256, 14, 14), (64, 3, 6
 CHANNEL_LAYOUTS = ("nchw", "cl")
 DTYPES = ("float64", "float32")
 OPS = ("train", "eval", "backward")
-PEERS = ("bnfast", "reference", "torch", "floor")
+#: Every peer, in the order each repeat runs them and the table shows them.
+PEERS = ("bnfast", "reference", "torch", "jax", "numba", "floor")
+#: Peers that run only where their library is installed.
+OPTIONAL_PEERS = ("torch", "jax", "numba")
 #: Peers whose results are compared with the reference twin's.  The reference
 #: is the oracle itself, and the floor computes no batch normalization.
-CHECKED_PEERS = ("bnfast", "torch")
+CHECKED_PEERS = ("bnfast", "torch", "jax", "numba")
 
 EPS = 1e-6          # the book's 10e-7, bnfast's default
 MOMENTUM = 0.9      # the book's default; torch's momentum is 1 - this
@@ -80,6 +152,7 @@ DEFAULT_REPEATS = 7
 #: magnitude of the values compared.
 RTOL = {"float64": 1e-10, "float32": 2e-5}
 BENCH_EXTRA = 'pip install "bnfast[bench]"'
+PEER_INSTALL = "pip install torch jax numba"
 
 
 # --------------------------------------------------------------------------
@@ -224,50 +297,300 @@ def _torch_call(case: Case, op: str) -> Callable[[], Any]:
     return backward
 
 
-def _read(a: np.ndarray) -> Any:
-    """One read of every element of `a`, as fast as NumPy reads a whole array.
+@dataclass(frozen=True)
+class _Layout:
+    """How a peer that wants a plain row-major array sees a case's batch.
 
-    Measured on this project's 2-core AMD EPYC (median of 9 interleaved
-    repeats): NumPy's SIMD maximum loop matches or beats every other
-    candidate from 100x100 to 256x65536 in float32 and float64.  It reads each
-    element once, has no dependency chain between iterations and allocates
-    nothing.  np.add.reduce (and a.sum()) runs 1.8-3.6x slower on
-    cache-resident data (pairwise summation); np.dot with a ones vector is
-    ~0.5 us quicker on 10^4 elements but reads a second array as large as
-    `a`, so 1.7-2x slower from 32 MiB up; a bitwise-or reduce over an
-    integer view is no faster and needs a view per dtype.  a.max() is this
-    same loop behind an extra Python layer.
+    view(a): the array the peer works on, a view of a's memory (never a
+    copy); unview(r): a result of that shape back as a view of x's shape;
+    axes: the axes of view(x) that the statistics run over.
     """
-    return np.maximum.reduce(a, axis=None)
+    view: Callable[[np.ndarray], np.ndarray]
+    unview: Callable[[np.ndarray], np.ndarray]
+    axes: tuple[int, ...]
 
 
-def _floor_call(case: Case, op: str) -> Callable[[], Any]:
-    """The least memory traffic the operation needs, as one callable.
+def _layout(case: Case) -> _Layout:
+    x = case.x
+    n, c = x.shape[0], x.shape[1]
+    if case.layout == "cl":     # memory is (N, *spatial, C), row-major
+        rest = x.shape[2:]
+        return _Layout(lambda a: np.moveaxis(a, 1, -1),
+                       lambda r: np.moveaxis(r.reshape((n, *rest, c)), -1, 1),
+                       tuple(range(x.ndim - 1)))
+    if case.layout == "nchw":
+        return _Layout(lambda a: a, lambda r: r.reshape(x.shape), (0, *range(2, x.ndim)))
+    return _Layout(lambda a: a.reshape(n, -1), lambda r: r.reshape(x.shape), (0,))
 
-    One callable does all of an operation's pieces, so it is timed exactly
-    like the peers (same loop, same interleaving, same median), and it sees
-    the cache as they do: an input it read a moment ago is still cached when
-    it reads it again, which is also true of every peer's second pass.  A sum
-    of per-piece medians would be the median of nothing actually run.
+
+def _jax_call(case: Case, op: str) -> Callable[[], Any]:
+    """jax.numpy under jax.jit on the CPU, inputs placed beforehand (see the module doc)."""
+    import jax
+    import jax.numpy as jnp
+
+    if not jax.config.jax_enable_x64:
+        jax.config.update("jax_enable_x64", True)   # or float64 would run as float32
+    layout = _layout(case)
+    axes = layout.axes
+    xv = layout.view(case.x)
+    count = math.prod(xv.shape[i] for i in axes)
+    # Per-feature (or per-channel) vectors, shaped to broadcast against xv.
+    param_shape = tuple(1 if i in axes else size for i, size in enumerate(xv.shape))
+
+    def put(a: np.ndarray) -> Any:
+        return jax.device_put(a)
+
+    x = put(xv)
+    gamma, beta, running_mean, running_var = (
+        put(v.reshape(param_shape))
+        for v in (case.gamma, case.beta, case.running_mean, case.running_var))
+
+    def train(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: Any) -> Any:
+        mean = jnp.mean(x, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
+        invstd = jax.lax.rsqrt(var + EPS)
+        out = (x - mean) * (invstd * gamma) + beta
+        return (out, mean, invstd, MOMENTUM * running_mean + (1 - MOMENTUM) * mean,
+                MOMENTUM * running_var + (1 - MOMENTUM) * var)
+
+    def evaluate(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: Any) -> Any:
+        return (x - running_mean) * (jax.lax.rsqrt(running_var + EPS) * gamma) + beta
+
+    def backward(x: Any, dout: Any, mean: Any, invstd: Any, gamma: Any) -> Any:
+        xhat = (x - mean) * invstd
+        dbeta = jnp.sum(dout, axis=axes, keepdims=True)
+        dgamma = jnp.sum(dout * xhat, axis=axes, keepdims=True)
+        dx = (gamma * invstd) * (dout - (dbeta + xhat * dgamma) / count)
+        return dx, dgamma.reshape(-1), dbeta.reshape(-1)
+
+    params = (x, gamma, beta, running_mean, running_var)
+    call: Callable[[], Any]
+    if op == "train":
+        jitted = jax.jit(train)
+
+        def call() -> np.ndarray:
+            return layout.unview(np.asarray(jax.block_until_ready(jitted(*params))[0]))
+    elif op == "eval":
+        jitted = jax.jit(evaluate)
+
+        def call() -> np.ndarray:
+            return layout.unview(np.asarray(jax.block_until_ready(jitted(*params))))
+    else:
+        _, mean, invstd, _, _ = jax.block_until_ready(jax.jit(train)(*params))
+        args = (x, put(layout.view(case.dout)), mean, invstd, gamma)
+        jitted = jax.jit(backward)
+
+        def call() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            dx, dgamma, dbeta = jax.block_until_ready(jitted(*args))
+            return layout.unview(np.asarray(dx)), np.asarray(dgamma), np.asarray(dbeta)
+    call()      # compile before timing
+    return call
+
+
+def _numba_call(case: Case, op: str) -> Callable[[], Any]:
+    """The Numba kernels of bnfast._bench_numba, compiled before timing."""
+    from bnfast import _bench_numba as kernels
+
+    if not kernels.available():
+        raise ModuleNotFoundError("No module named 'numba'", name="numba")
+    layout = _layout(case)
+    xv = layout.view(case.x)
+    train: Callable[..., Any]
+    evaluate: Callable[..., Any]
+    backward: Callable[..., Any]
+    if case.layout == "nchw":   # planes: (N, C, S)
+        def view(a: np.ndarray) -> np.ndarray:
+            return a.reshape(a.shape[0], a.shape[1], -1)
+        train, evaluate, backward = (kernels.train_planes, kernels.eval_planes,
+                                     kernels.backward_planes)
+        chunks: tuple[int, ...] = ()
+    else:                       # rows: (values, features), the statistics down the columns
+        def view(a: np.ndarray) -> np.ndarray:
+            return a.reshape(-1, a.shape[-1])
+        train, evaluate, backward = (kernels.train_rows, kernels.eval_rows,
+                                     kernels.backward_rows)
+        chunks = (kernels.thread_count(),)
+    shape = xv.shape
+    x = view(xv)
+    params = (case.gamma, case.beta, case.running_mean, case.running_var)
+
+    def unview(r: np.ndarray) -> np.ndarray:
+        return layout.unview(r.reshape(shape))
+
+    call: Callable[[], Any]
+    if op == "train":
+        def call() -> np.ndarray:
+            return unview(train(x, *params, EPS, MOMENTUM, *chunks)[0])
+    elif op == "eval":
+        def call() -> np.ndarray:
+            return unview(evaluate(x, *params, EPS))
+    else:
+        _, mean, invstd, _, _ = train(x, *params, EPS, MOMENTUM, *chunks)
+        dout = view(layout.view(case.dout))
+        gamma = case.gamma
+
+        def call() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            dx, dgamma, dbeta = backward(x, dout, mean, invstd, gamma, *chunks)
+            return unview(dx), dgamma, dbeta
+    call()      # compile (or load from Numba's cache) before timing
+    return call
+
+
+# --------------------------------------------------------------------------
+# The floor
+
+
+#: Each operation's unavoidable traffic, in passes over an array of x's size:
+#: (reads, writes).  FLOOR_PLANS does exactly this (floor_traffic counts it).
+FLOOR_TRAFFIC: dict[str, tuple[int, int]] = {"train": (2, 2), "eval": (1, 1), "backward": (4, 1)}
+
+
+@dataclass(frozen=True)
+class FloorPass:
+    """One whole-array pass: reads the arrays named in `reads`, writes those in `writes`.
+
+    Names: "x" and "dout" are the case's inputs; any other name is an
+    output of x's shape and layout that the floor allocates.
     """
-    x, dout = case.x, case.dout
-    # order="K": the copy keeps a channels-last array's memory order, as the
-    # peers' outputs do (a C-order copy would be a transpose).
-    if op == "train":     # the output, plus the statistics pass over x
-        return lambda: (x.copy(order="K"), _read(x))
-    if op == "eval":      # the output, computed from x in one pass
-        return lambda: x.copy(order="K")
-    # dx, plus a statistics pass over x and dout (dgamma, dbeta need both)
-    # and a second pass over x for dx.
-    return lambda: (dout.copy(order="K"), _read(x), _read(x), _read(dout))
+    kind: str                       # "read", "copy" or "add": a key of FLOOR_LOOPS
+    reads: tuple[str, ...]
+    writes: tuple[str, ...] = ()
+
+
+FLOOR_PLANS: dict[str, tuple[FloorPass, ...]] = {
+    # statistics pass: x -> the private copy; normalize pass: x -> y
+    "train": (FloorPass("copy", ("x",), ("copy",)), FloorPass("copy", ("x",), ("y",))),
+    # x -> y
+    "eval": (FloorPass("copy", ("x",), ("y",)),),
+    # sums pass: x (the private copy) and dout; dx pass: x, dout -> dx
+    "backward": (FloorPass("read", ("x",)), FloorPass("read", ("dout",)),
+                 FloorPass("add", ("x", "dout"), ("dx",))),
+}
+
+
+def floor_traffic(op: str) -> tuple[int, int]:
+    """(reads, writes) of FLOOR_PLANS[op], in passes over an array of x's size."""
+    plan = FLOOR_PLANS[op]
+    return sum(len(p.reads) for p in plan), sum(len(p.writes) for p in plan)
+
+
+def _floor_read(a: np.ndarray) -> None:
+    """One read of every element, as fast as NumPy reads a whole array.
+
+    NumPy's SIMD maximum loop reads each element once, has no dependency
+    chain between iterations and allocates nothing.  np.add.reduce runs
+    1.8-3.6x slower on cache-resident data (pairwise summation).
+    """
+    np.maximum.reduce(a)
+
+
+def _floor_copy(out: np.ndarray, a: np.ndarray) -> None:
+    np.copyto(out, a)
+
+
+def _floor_add(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    np.add(a, b, out=out)
+
+
+#: The NumPy loop of each kind of pass, called as loop(*writes, *reads) on
+#: 1-D blocks of the arrays' memory.
+FLOOR_LOOPS: dict[str, Callable[..., None]] = {
+    "read": _floor_read, "copy": _floor_copy, "add": _floor_add}
+
+#: One thread below this many bytes of x: handing blocks to a thread pool
+#: costs more than it saves (bnfast's kernels stay on one thread below
+#: 256 KiB).
+FLOOR_PARALLEL_MIN_BYTES = 1 << 20
+#: Each thread does its part of the arrays in blocks of this many bytes of
+#: x, every pass over a block before the next block: the block's second
+#: read comes from cache (it fits in L2), as in bnfast's strips.
+FLOOR_BLOCK_BYTES = 1 << 18
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    pool = _pools.get(workers)
+    if pool is None:
+        pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="bnfast-floor")
+    return pool
+
+
+def _memory(a: np.ndarray) -> np.ndarray:
+    """a's elements as a 1-D view, in the order they lie in memory."""
+    flat = a.ravel(order="K")
+    if not np.may_share_memory(flat, a):
+        raise ValueError("the floor needs arrays that are contiguous in some axis order")
+    return flat
+
+
+def _run_blocks(blocks: Sequence[tuple[Callable[..., None], tuple[np.ndarray, ...]]]) -> None:
+    for loop, arrays in blocks:
+        loop(*arrays)
+
+
+class Floor:
+    """The floor of `op` on `case`: its outputs made and mapped, its work split; call it.
+
+    threads: bnfast's thread count by default.  The call returns the
+    outputs (always the same arrays; they hold no batch normalization).
+    """
+
+    def __init__(self, case: Case, op: str, threads: Optional[int] = None,
+                 block_bytes: int = FLOOR_BLOCK_BYTES,
+                 parallel_min_bytes: int = FLOOR_PARALLEL_MIN_BYTES) -> None:
+        plan = FLOOR_PLANS[op]
+        x = case.x
+        arrays = {"x": x, "dout": case.dout}
+        self.outputs: dict[str, np.ndarray] = {}
+        for step in plan:
+            for name in step.writes:
+                out = np.empty_like(x)      # x's layout, as the peers' outputs
+                out.fill(0)                 # mapped now, not in the timed calls
+                arrays[name] = self.outputs[name] = out
+        if threads is None:
+            threads = bnfast.get_num_threads()
+        self.threads = threads if x.nbytes >= parallel_min_bytes else 1
+        memory = {name: _memory(a) for name, a in arrays.items()}
+        size, itemsize = x.size, x.itemsize
+        # Equal parts, each (but the last) a whole number of 4 KiB pages.
+        page = max(1, 4096 // itemsize)
+        part = -(-size // (self.threads * page)) * page
+        block = max(page, block_bytes // itemsize // page * page)
+        #: Per thread, the (loop, arrays) calls that do its part, in order.
+        self.work: list[list[tuple[Callable[..., None], tuple[np.ndarray, ...]]]] = []
+        for first in range(0, part * self.threads, part):
+            calls = []
+            end = min(first + part, size)
+            for start in range(first, end, block):
+                stop = min(start + block, end)
+                for step in plan:
+                    calls.append((FLOOR_LOOPS[step.kind],
+                                  tuple(memory[name][start:stop]
+                                        for name in step.writes + step.reads)))
+            self.work.append(calls)
+
+    def __call__(self) -> tuple[np.ndarray, ...]:
+        if self.threads > 1:
+            pool = _pool(self.threads - 1)
+            others = [pool.submit(_run_blocks, blocks) for blocks in self.work[1:]]
+            _run_blocks(self.work[0])
+            for done in others:
+                done.result()
+        else:
+            for blocks in self.work:
+                _run_blocks(blocks)
+        return tuple(self.outputs.values())
 
 
 def make_call(peer: str, case: Case, op: str) -> Callable[[], Any]:
     """The callable timed for `peer` doing `op` on `case`, set up and ready.
 
     train and eval calls return the output array; backward calls return
-    (dx, dgamma, dbeta).  A floor call returns its pieces (not comparable).
-    Building a backward call runs one training forward.
+    (dx, dgamma, dbeta).  A floor call returns its outputs (not comparable).
+    Building a backward call runs one training forward; building a jax or
+    numba call compiles it.  An optional peer that is not installed raises
+    ImportError.
     """
     if op not in OPS:
         raise ValueError(f"unknown operation {op!r}; expected one of {', '.join(OPS)}")
@@ -277,9 +600,92 @@ def make_call(peer: str, case: Case, op: str) -> Callable[[], Any]:
         return _layer_call(Reference, case, op)
     if peer == "torch":
         return _torch_call(case, op)
+    if peer == "jax":
+        return _jax_call(case, op)
+    if peer == "numba":
+        return _numba_call(case, op)
     if peer == "floor":
-        return _floor_call(case, op)
+        return Floor(case, op)
     raise ValueError(f"unknown peer {peer!r}; expected one of {', '.join(PEERS)}")
+
+
+# --------------------------------------------------------------------------
+# The optional peers' libraries
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    """Whether an optional peer can run here, and on how many threads."""
+    name: str
+    version: Optional[str] = None   #: None: the peer cannot run
+    reason: str = ""                #: why it cannot
+    installed: bool = True
+    threads: Optional[int] = None
+
+    @property
+    def available(self) -> bool:
+        return self.version is not None
+
+    @property
+    def column(self) -> str:
+        """What the table's time column says when the peer cannot run."""
+        return "not installed" if not self.installed else "unavailable"
+
+    def as_json(self) -> dict[str, Any]:
+        if self.available:
+            return {"available": True, "version": self.version, "threads": self.threads}
+        return {"available": False, "installed": self.installed, "reason": self.reason}
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _load_torch(threads: int) -> PeerStatus:
+    import torch
+    torch.set_num_threads(threads)
+    return PeerStatus("torch", torch.__version__, threads=torch.get_num_threads())
+
+
+def _load_jax(threads: int) -> PeerStatus:
+    if "jax" not in sys.modules:
+        # The size of XLA's CPU thread pool, read when JAX makes its CPU client.
+        os.environ.setdefault("PJRT_NPROC", str(threads))
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    pool = os.environ.get("PJRT_NPROC", "")
+    return PeerStatus("jax", jax.__version__,
+                      threads=int(pool) if pool.isdigit() else _usable_cores())
+
+
+def _load_numba(threads: int) -> PeerStatus:
+    if "numba" not in sys.modules and threads > (os.cpu_count() or 1):
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))   # Numba's upper limit
+    import numba
+
+    from bnfast import _bench_numba
+    if not _bench_numba.available():    # numba imported only now, after _bench_numba
+        raise ImportError("bnfast._bench_numba was imported when numba could not be")
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    return PeerStatus("numba", numba.__version__, threads=numba.get_num_threads())
+
+
+_LOADERS: dict[str, Callable[[int], PeerStatus]] = {
+    "torch": _load_torch, "jax": _load_jax, "numba": _load_numba}
+
+
+def load_peer(name: str, threads: Optional[int] = None) -> PeerStatus:
+    """Import an optional peer's library and give it `threads` threads (bnfast's count)."""
+    if threads is None:
+        threads = bnfast.get_num_threads()
+    try:
+        return _LOADERS[name](threads)
+    except ModuleNotFoundError as exc:
+        return PeerStatus(name, reason=f"{name} is not installed ({exc})", installed=False)
+    except (ImportError, OSError) as exc:   # OSError: installed, but its libraries fail
+        return PeerStatus(name, reason=f"{name} cannot be imported ({exc})")
 
 
 def load_torch() -> tuple[Optional[ModuleType], str]:
@@ -360,7 +766,7 @@ def check(peer: str, result: Any, expected: Any, case: Case, op: str) -> None:
 
 @dataclass(frozen=True)
 class CellResult:
-    """The timings of one cell, by peer (torch absent when unavailable)."""
+    """The timings of one cell, by peer (peers that did not run are absent)."""
     cell: Cell
     timings: dict[str, Timing]
     checked: bool
@@ -376,9 +782,10 @@ class CellResult:
         return None if other is None else other / self.timings["bnfast"].median
 
     @property
-    def floor_multiple(self) -> float:
-        """bnfast time / floor time."""
-        return self.timings["bnfast"].median / self.timings["floor"].median
+    def floor_multiple(self) -> Optional[float]:
+        """bnfast time / floor time (None without the floor)."""
+        floor = self.time("floor")
+        return None if floor is None else self.timings["bnfast"].median / floor
 
 
 def format_time(seconds: Optional[float]) -> str:
@@ -395,8 +802,9 @@ def measure(cells: Sequence[Cell], peers: Sequence[str], repeats: int, check_res
             progress: Optional[TextIO] = None) -> list[CellResult]:
     """Time `peers` on every cell; check first if asked (raises CheckFailed).
 
-    `peers` must include bnfast and floor.  With `progress`, a line per cell
-    is written there as it completes.
+    `peers` must include bnfast, and every optional peer in it must be
+    installed.  With `progress`, a line per cell is written there as it
+    completes.
     """
     results = []
     started = time.perf_counter()
@@ -419,9 +827,11 @@ def measure(cells: Sequence[Cell], peers: Sequence[str], repeats: int, check_res
         del calls
         results.append(result)
         if progress is not None:
+            others = ", ".join(f"{peer} {format_time(result.time(peer))}"
+                               for peer in peers if peer != "bnfast")
             print(f"[{index:{len(str(len(cells)))}}/{len(cells)}] {cell.shape_label} "
-                  f"{cell.dtype} {cell.op}: bnfast {format_time(result.time('bnfast'))}, "
-                  f"reference {format_time(result.time('reference'))} "
+                  f"{cell.dtype} {cell.op}: bnfast {format_time(result.time('bnfast'))}"
+                  f"{'; ' + others if others else ''} "
                   f"({time.perf_counter() - started:.0f} s)", file=progress, flush=True)
     return results
 
@@ -432,10 +842,19 @@ def geomean(values: Iterable[Optional[float]]) -> Optional[float]:
     return math.exp(sum(logs) / len(logs)) if logs else None
 
 
+def _speedup_key(peer: str) -> str:
+    return f"speedup_vs_{peer}"
+
+
+#: The peers bnfast's speedup is reported against (JSON: speedup_vs_<peer>).
+SPEEDUP_PEERS = ("reference", "torch", "jax", "numba")
+
+
 def summary(results: Sequence[CellResult]) -> dict[str, Optional[float]]:
-    return {"speedup_vs_reference": geomean(r.speedup("reference") for r in results),
-            "speedup_vs_torch": geomean(r.speedup("torch") for r in results),
-            "floor_multiple": geomean(r.floor_multiple for r in results)}
+    means: dict[str, Optional[float]] = {
+        _speedup_key(peer): geomean(r.speedup(peer) for r in results) for peer in SPEEDUP_PEERS}
+    means["floor_multiple"] = geomean(r.floor_multiple for r in results)
+    return means
 
 
 # --------------------------------------------------------------------------
@@ -466,29 +885,43 @@ def _load_average() -> Optional[float]:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def machine_info(torch: Optional[ModuleType], load_before: Optional[float]) -> dict[str, Any]:
+def machine_info(statuses: Mapping[str, PeerStatus], load_before: Optional[float],
+                 threads: Optional[int] = None) -> dict[str, Any]:
     """The machine and the software that ran the benchmark.
 
-    `load_before`: the load average before measuring, a sign of other work
-    on the machine.
+    `statuses`: the optional peers loaded (see load_peer).  `load_before`:
+    the load average before measuring, a sign of other work on the machine.
+    `threads`: the floor's thread count (bnfast's by default).
     """
-    usable = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-              else os.cpu_count())
-    return {
+    def status(peer: str) -> Optional[PeerStatus]:
+        found = statuses.get(peer)
+        return found if found is not None and found.available else None
+
+    bnfast_threads = bnfast.get_num_threads()
+    info: dict[str, Any] = {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
-        "usable_cores": usable,
+        "usable_cores": _usable_cores(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "cython": _version("Cython"),
-        "torch": None if torch is None else torch.__version__,
+    }
+    for peer in OPTIONAL_PEERS:
+        found = status(peer)
+        info[peer] = None if found is None else found.version
+    threads_by_peer: dict[str, Optional[int]] = {"bnfast": bnfast_threads}
+    for peer in OPTIONAL_PEERS:
+        found = status(peer)
+        threads_by_peer[peer] = None if found is None else found.threads
+    threads_by_peer["floor"] = bnfast_threads if threads is None else threads
+    info.update({
         "bnfast": bnfast.__version__,
         "build_info": bnfast.build_info(),
-        "threads": {"bnfast": bnfast.get_num_threads(),
-                    "torch": None if torch is None else torch.get_num_threads()},
+        "threads": threads_by_peer,
         "load_average_before": load_before,
-    }
+    })
+    return info
 
 
 def _ratio(value: Optional[float]) -> str:
@@ -500,71 +933,114 @@ def _count(number: Optional[int], noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
-def format_table(results: Sequence[CellResult], machine: dict[str, Any], torch_note: str,
-                 repeats: int) -> str:
-    """The results table, with a header naming the machine and the method."""
+def _speedup_heading(peer: str) -> str:
+    return "vs ref" if peer == "reference" else f"vs {peer}"
+
+
+def format_table(results: Sequence[CellResult], machine: dict[str, Any], repeats: int,
+                 peers: Optional[Sequence[str]] = None,
+                 statuses: Optional[Mapping[str, PeerStatus]] = None) -> str:
+    """The results table, with a header naming the machine and the method.
+
+    peers: the peers asked for (default: those that ran), in PEERS order;
+    statuses: why an optional peer asked for did not run.
+    """
+    statuses = dict(statuses or {})
+    if peers is None:
+        peers = [p for p in PEERS if any(p in r.timings for r in results)]
+    peers = [p for p in PEERS if p in peers or p == "bnfast"]
     threads = machine["threads"]
-    torch_part = (f"torch {machine['torch']} ({_count(threads['torch'], 'thread')})"
-                  if machine["torch"] else f"torch not compared: {torch_note}")
+
+    def missing(peer: str) -> Optional[PeerStatus]:
+        found = statuses.get(peer)
+        return found if found is not None and not found.available else None
+
+    parts = [f"bnfast {machine['bnfast']} ({machine['build_info']['isa']}, "
+             f"{_count(threads['bnfast'], 'thread')})", f"numpy {machine['numpy']}"]
+    for peer in OPTIONAL_PEERS:
+        if peer not in peers:
+            continue
+        gone = missing(peer)
+        if gone is not None:
+            parts.append(f"{peer} not compared: {gone.reason}")
+        elif machine.get(peer):
+            parts.append(f"{peer} {machine[peer]} ({_count(threads.get(peer), 'thread')})")
+    if "floor" in peers:
+        parts.append(f"floor {_count(threads.get('floor'), 'thread')}")
     checked = ("results checked against the reference twin" if results and results[0].checked
                else "results not checked (--check checks them)")
     ops = list(dict.fromkeys(r.cell.op for r in results))
     groups = [(f"geomean {op}", [r for r in results if r.cell.op == op]) for op in ops]
     if len(ops) > 1:
         groups.append(("geomean all", list(results)))
-    first = max([len(name) for name, _ in groups]
-                + [len(r.cell.shape_label) for r in results] + [len("shape")])
-    # (heading, width) of each column; text columns are left-aligned.
-    columns = [("shape", first), ("dtype", 7), ("op", 8)] + [(peer, 9) for peer in PEERS] \
-        + [("vs ref", 7), ("vs torch", 8), ("x floor", 7)]
+    speedups = [p for p in peers if p in SPEEDUP_PEERS]
+
+    def time_text(r: CellResult, peer: str) -> str:
+        gone = missing(peer)
+        return gone.column if gone is not None else format_time(r.time(peer))
+
+    body = [[r.cell.shape_label, r.cell.dtype, r.cell.op]
+            + [time_text(r, peer) for peer in peers]
+            + [_ratio(r.speedup(peer)) for peer in speedups]
+            + ([_ratio(r.floor_multiple)] if "floor" in peers else [])
+            for r in results]
+    for name, members in groups:
+        means = summary(members)
+        body.append([name, "", ""] + [""] * len(peers)
+                    + [_ratio(means[_speedup_key(peer)]) for peer in speedups]
+                    + ([_ratio(means["floor_multiple"])] if "floor" in peers else []))
+    headings = (["shape", "dtype", "op"] + list(peers) + [_speedup_heading(p) for p in speedups]
+                + (["x floor"] if "floor" in peers else []))
+    minimum = [0, 7, 8] + [9] * len(peers) + [7] * len(speedups) + [7]
+    widths = [max([minimum[i], len(heading)] + [len(row[i]) for row in body])
+              for i, heading in enumerate(headings)]
 
     def row(values: Sequence[str]) -> str:
         cells = [f"{v:<{w}}" if i < 3 else f"{v:>{w}}"
-                 for i, (v, (_, w)) in enumerate(zip(values, columns))]
+                 for i, (v, w) in enumerate(zip(values, widths))]
         return "  ".join(cells).rstrip()
 
     def span(first_column: int, end_column: int) -> int:
         """Width of columns [first_column, end_column) with their separators."""
-        widths = [w for _, w in columns[first_column:end_column]]
-        return sum(widths) + 2 * (len(widths) - 1)
+        spanned = widths[first_column:end_column]
+        return sum(spanned) + 2 * (len(spanned) - 1)
 
     per_channel = any(r.cell.layout != "flat" for r in results)
     mode = ("per-channel statistics (over N and every spatial position); nchw = NCHW-"
-            "contiguous, cl = channels-last" if per_channel else
+            "contiguous, cl = channels-last; no peer transposes" if per_channel else
             "per-feature statistics (each sample flattened, as the book's class)")
+    times_end = 3 + len(peers)
+    titles = " " * (span(0, 3) + 2) + f"{'median time per call':^{span(3, times_end)}}"
+    if speedups:
+        titles += f"  {'bnfast speedup':^{span(times_end, times_end + len(speedups))}}"
+    if "floor" in peers:
+        titles += f"  {'bnfast':>{widths[-1]}}"
     lines = [
         mode,
-        f"bnfast {machine['bnfast']} ({machine['build_info']['isa']}, "
-        f"{_count(threads['bnfast'], 'thread')}) | numpy {machine['numpy']} | {torch_part}",
+        " | ".join(parts),
         f"{machine['cpu']}, {_count(machine['cores'], 'core')} | median of "
         f"{_count(repeats, 'interleaved repeat')} per peer | {checked}",
         "",
-        " " * (span(0, 3) + 2) + f"{'median time per call':^{span(3, 7)}}  "
-        f"{'bnfast speedup':^{span(7, 9)}}  {'bnfast':>{span(9, 10)}}",
-        row([name for name, _ in columns]),
+        titles.rstrip(),
+        row(headings),
     ]
-    for r in results:
-        lines.append(row([r.cell.shape_label, r.cell.dtype, r.cell.op]
-                         + [format_time(r.time(peer)) for peer in PEERS]
-                         + [_ratio(r.speedup("reference")), _ratio(r.speedup("torch")),
-                            _ratio(r.floor_multiple)]))
-    for name, members in groups:
-        means = summary(members)
-        lines.append(row([name, "", ""] + [""] * len(PEERS)
-                         + [_ratio(means["speedup_vs_reference"]),
-                            _ratio(means["speedup_vs_torch"]), _ratio(means["floor_multiple"])]))
+    lines += [row(values) for values in body]
     lines.append("")
-    lines.append("speedup = peer time / bnfast time (higher is better); x floor = bnfast time "
-                 "/ floor time (1.00 = at the memory-traffic floor)")
+    note = "speedup = peer time / bnfast time (higher is better)"
+    if "floor" in peers:
+        note += ("; x floor = bnfast time / floor time (1.00 = at the memory-traffic floor: "
+                 "train 2 reads + 2 writes of x's size, eval 1 + 1, backward 4 + 1)")
+    lines.append(note)
     return "\n".join(lines)
 
 
-def report(results: Sequence[CellResult], machine: dict[str, Any], torch_note: str,
-           settings: dict[str, Any]) -> dict[str, Any]:
+def report(results: Sequence[CellResult], machine: dict[str, Any], settings: dict[str, Any],
+           statuses: Optional[Mapping[str, PeerStatus]] = None) -> dict[str, Any]:
     """Everything measured, as JSON-ready data."""
+    statuses = dict(statuses or {})
     cells = []
     for r in results:
-        cells.append({
+        cell: dict[str, Any] = {
             "label": r.cell.label,
             "shape": list(r.cell.shape),
             "layout": r.cell.layout,
@@ -575,15 +1051,22 @@ def report(results: Sequence[CellResult], machine: dict[str, Any], torch_note: s
             "checked": r.checked,
             "peers": {peer: {"iterations": t.iterations, "seconds": list(t.seconds),
                              "median_s": t.median} for peer, t in r.timings.items()},
-            "speedup_vs_reference": r.speedup("reference"),
-            "speedup_vs_torch": r.speedup("torch"),
-            "floor_multiple": r.floor_multiple,
-        })
+        }
+        for peer in SPEEDUP_PEERS:
+            cell[_speedup_key(peer)] = r.speedup(peer)
+        cell["floor_multiple"] = r.floor_multiple
+        cells.append(cell)
     ops = list(dict.fromkeys(r.cell.op for r in results))
+    torch = statuses.get("torch")
     return {
         "machine": machine,
-        "torch": ({"available": True, "version": machine["torch"]} if machine["torch"]
-                  else {"available": False, "reason": torch_note}),
+        # "torch" as before the other optional peers came; "peers" has them all.
+        "torch": ({"available": True, "version": machine["torch"]} if machine.get("torch")
+                  else {"available": False,
+                        "reason": torch.reason if torch is not None else "not asked for"}),
+        "peers": {peer: (statuses[peer].as_json() if peer in statuses
+                         else {"available": False, "reason": "not asked for (--peers)"})
+                  for peer in OPTIONAL_PEERS},
         "settings": settings,
         "cells": cells,
         "geomean": {**summary(results),
@@ -605,11 +1088,11 @@ def plot(results: Sequence[CellResult], path: Path, machine: dict[str, Any]) -> 
     from matplotlib.ticker import FuncFormatter
 
     dtypes = list(dict.fromkeys(r.cell.dtype for r in results))
-    peers = [p for p in ("reference", "torch", "floor") if any(p in r.timings for r in results)]
-    legend = {"reference": "vs reference (NumPy twin)", "torch": "vs torch",
-              "floor": "vs floor (1 = at the floor)"}
+    peers = [p for p in (*SPEEDUP_PEERS, "floor") if any(p in r.timings for r in results)]
+    legend = {"reference": "vs reference (NumPy twin)", "torch": "vs torch", "jax": "vs jax",
+              "numba": "vs numba", "floor": "vs floor (1 = at the floor)"}
     columns = max(sum(r.cell.dtype == dtype for r in results) for dtype in dtypes)
-    fig = Figure(figsize=(max(8.0, 0.75 * columns + 1.5), 4.0 * len(dtypes)),
+    fig = Figure(figsize=(max(8.0, 0.15 * len(peers) * columns + 1.5), 4.0 * len(dtypes)),
                  layout="constrained")
     axes = fig.subplots(len(dtypes), 1, squeeze=False, sharey=True)[:, 0]
     width = 0.8 / len(peers)
@@ -621,7 +1104,7 @@ def plot(results: Sequence[CellResult], path: Path, machine: dict[str, Any]) -> 
             bars = ax.bar(positions + (k - (len(peers) - 1) / 2) * width,
                           [np.nan if v is None else v for v in values], width,
                           label=legend[peer])
-            ax.bar_label(bars, [_bar_label(v) for v in values], fontsize=6, padding=1)
+            ax.bar_label(bars, [_bar_label(v) for v in values], fontsize=5, padding=1)
         ax.set_yscale("log")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.grid(axis="y", which="both", alpha=0.3)
@@ -642,6 +1125,153 @@ def plot(results: Sequence[CellResult], path: Path, machine: dict[str, Any]) -> 
     fig.suptitle(f"bnfast {machine['bnfast']} speedup over each peer (log scale, higher is "
                  f"better) - {machine['cpu']}, {_count(machine['threads']['bnfast'], 'thread')}")
     fig.savefig(path, dpi=100)
+
+
+# --------------------------------------------------------------------------
+# Comparing two runs (--compare)
+
+
+@dataclass(frozen=True)
+class CellComparison:
+    """One cell both runs timed: each peer's medians in A and B."""
+    label: str
+    shape: str      # '256x1024' or '32x64x56x56 cl'
+    dtype: str
+    op: str
+    a: dict[str, float]
+    b: dict[str, float]
+
+    def ratio(self, peer: str) -> Optional[float]:
+        """A time / B time: > 1 where B is faster (None unless both timed `peer`)."""
+        if peer not in self.a or peer not in self.b:
+            return None
+        return self.a[peer] / self.b[peer]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Run B against run A, cell by cell."""
+    cells: list[CellComparison]
+    peers: list[str]
+    only_a: list[str] = field(default_factory=list)
+    only_b: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def geomean(self, peer: str, op: Optional[str] = None) -> Optional[float]:
+        return geomean(c.ratio(peer) for c in self.cells if op is None or c.op == op)
+
+    def worst(self, peer: str = "bnfast", count: int = 5) -> list[CellComparison]:
+        """The cells where B did worst against A (lowest ratio first)."""
+        timed = [c for c in self.cells if c.ratio(peer) is not None]
+        return sorted(timed, key=lambda c: c.ratio(peer) or 0.0)[:count]
+
+
+def _medians(run: Mapping[str, Any]) -> dict[str, tuple[dict[str, Any], dict[str, float]]]:
+    """label -> (the cell's JSON, {peer: median seconds}) of a --json file's data."""
+    found = {}
+    for cell in run["cells"]:
+        found[cell["label"]] = (cell, {peer: float(t["median_s"])
+                                       for peer, t in cell["peers"].items()})
+    return found
+
+
+def _run_summary(run: Mapping[str, Any]) -> str:
+    machine = run.get("machine", {})
+    threads = machine.get("threads", {}).get("bnfast")
+    isa = machine.get("build_info", {}).get("isa", "?")
+    settings = run.get("settings", {})
+    return (f"bnfast {machine.get('bnfast', '?')} ({isa}, {_count(threads, 'thread')}), "
+            f"{machine.get('cpu', '?')}, median of {settings.get('repeats', '?')} repeats, "
+            f"load average {machine.get('load_average_before', '?')} at the start")
+
+
+def compare_runs(a: Mapping[str, Any], b: Mapping[str, Any]) -> Comparison:
+    """B against A: the cells both runs timed, in A's order, and every peer in both."""
+    cells_a, cells_b = _medians(a), _medians(b)
+    cells = []
+    for label, (cell, medians) in cells_a.items():
+        if label in cells_b:
+            layout = cell.get("layout", "flat")
+            shape = format_shape(cell["shape"]) + ("" if layout == "flat" else f" {layout}")
+            cells.append(CellComparison(label, shape, cell["dtype"], cell["op"], medians,
+                                        cells_b[label][1]))
+    named = [p for p in PEERS if any(c.ratio(p) is not None for c in cells)]
+    others = sorted({p for c in cells for p in c.a if c.ratio(p) is not None} - set(named))
+    notes = []
+    floor_a = a.get("settings", {}).get("floor")
+    floor_b = b.get("settings", {}).get("floor")
+    if "floor" in named and floor_a != floor_b:
+        notes.append("A and B timed different floors (settings.floor differs): the floor's "
+                     "ratios compare two different things")
+    for key in ("cpu", "numpy"):
+        machine_a, machine_b = a.get("machine", {}).get(key), b.get("machine", {}).get(key)
+        if machine_a != machine_b:
+            notes.append(f"{key} differs: A {machine_a}, B {machine_b}")
+    return Comparison(cells, named + others, [l for l in cells_a if l not in cells_b],
+                      [l for l in cells_b if l not in cells_a], notes)
+
+
+def format_comparison(comparison: Comparison, name_a: str, name_b: str,
+                      run_a: Optional[Mapping[str, Any]] = None,
+                      run_b: Optional[Mapping[str, Any]] = None, worst: int = 5) -> str:
+    """The --compare table: per cell, bnfast's two medians and every peer's ratio."""
+    peers = comparison.peers
+    lines = [f"A: {name_a}" + (f" - {_run_summary(run_a)}" if run_a is not None else ""),
+             f"B: {name_b}" + (f" - {_run_summary(run_b)}" if run_b is not None else ""),
+             "ratio = A's median time / B's median time, per peer: > 1.00 means B is faster, "
+             "< 1.00 that B is slower", ""]
+    first = max([len("shape")] + [len(c.shape) for c in comparison.cells]
+                + [len(f"geomean {c.op}") for c in comparison.cells] + [len("geomean all")])
+    timed = "bnfast" in peers
+    headings = ["shape", "dtype", "op"] + (["bnfast A", "bnfast B"] if timed else []) + peers
+    widths = [first, 7, 8] + ([9, 9] if timed else []) + [max(9, len(p)) for p in peers]
+
+    def row(values: Sequence[str]) -> str:
+        return "  ".join(f"{v:<{w}}" if i < 3 else f"{v:>{w}}"
+                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+
+    lines.append(" " * (sum(widths[:3]) + 6 + (sum(widths[3:5]) + 4 if timed else 0))
+                 + "ratio (A / B)")
+    lines.append(row(headings))
+    for c in comparison.cells:
+        times = ([format_time(c.a.get("bnfast")), format_time(c.b.get("bnfast"))]
+                 if timed else [])
+        lines.append(row([c.shape, c.dtype, c.op] + times
+                         + [_ratio(c.ratio(p)) for p in peers]))
+    ops = list(dict.fromkeys(c.op for c in comparison.cells))
+    for op in ops + ([None] if len(ops) > 1 else []):
+        lines.append(row([f"geomean {op or 'all'}", "", ""] + (["", ""] if timed else [])
+                         + [_ratio(comparison.geomean(p, op)) for p in peers]))
+    lines.append("")
+    if timed and comparison.cells:
+        lines.append(f"bnfast's worst cells (B slowest against A):")
+        for c in comparison.worst("bnfast", worst):
+            lines.append(f"  {c.shape} {c.dtype} {c.op}: {_ratio(c.ratio('bnfast'))} "
+                         f"({format_time(c.a['bnfast'])} in A, {format_time(c.b['bnfast'])} "
+                         "in B)")
+    unchanged = [p for p in peers if p != "bnfast"]
+    if unchanged:
+        lines.append(f"{', '.join(unchanged)}: code that two builds of bnfast share; their "
+                     "ratios away from 1.00 are the noise between the runs")
+    if comparison.only_a or comparison.only_b:
+        lines.append(f"not compared: {len(comparison.only_a)} cells only in A, "
+                     f"{len(comparison.only_b)} only in B")
+    lines += [f"note: {note}" for note in comparison.notes]
+    return "\n".join(lines)
+
+
+def _comparison_json(comparison: Comparison, name_a: str, name_b: str) -> dict[str, Any]:
+    ops = list(dict.fromkeys(c.op for c in comparison.cells))
+    return {
+        "a": name_a, "b": name_b, "ratio": "A median / B median (> 1: B is faster)",
+        "cells": [{"label": c.label, "a_s": c.a, "b_s": c.b,
+                   "ratios": {p: c.ratio(p) for p in comparison.peers}}
+                  for c in comparison.cells],
+        "geomean": {p: comparison.geomean(p) for p in comparison.peers},
+        "geomean_by_op": {op: {p: comparison.geomean(p, op) for p in comparison.peers}
+                          for op in ops},
+        "only_a": comparison.only_a, "only_b": comparison.only_b, "notes": comparison.notes,
+    }
 
 
 # --------------------------------------------------------------------------
@@ -723,24 +1353,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--ops", type=_names("operation", OPS), default=OPS, metavar="OPS",
         help="comma-separated, from " + ", ".join(OPS) + " (default: all)")
     parser.add_argument(
+        "--peers", type=_names("peer", PEERS), default=PEERS, metavar="PEERS",
+        help="comma-separated, from " + ", ".join(PEERS) + " (default: all; bnfast always "
+             "runs; torch, jax and numba where installed: " + PEER_INSTALL + ")")
+    parser.add_argument(
         "--threads", type=_positive_int, metavar="N",
-        help="threads for bnfast and torch (default: each library's default, normally "
-             "one per core)")
+        help="threads for bnfast and every peer (torch, jax, numba, floor) (default: "
+             "bnfast's default, normally one per core)")
     parser.add_argument(
         "--repeats", type=_positive_int, default=DEFAULT_REPEATS, metavar="N",
         help=f"timed repeats per peer and cell; the median is reported "
              f"(default {DEFAULT_REPEATS})")
     parser.add_argument(
         "--check", action=argparse.BooleanOptionalAction, default=None,
-        help="compare bnfast's and torch's results with the reference twin before timing, "
-             "and stop if they differ (default: on with --quick, off otherwise)")
+        help="compare the results of " + ", ".join(CHECKED_PEERS) + " with the reference "
+             "twin before timing, and stop if they differ (default: on with --quick, off "
+             "otherwise)")
     parser.add_argument(
         "--sync-ranks", type=_rank_counts, metavar="K,K,...",
         help="instead of the grid: time SyncBatchNormalization's training step on 1 process "
              "and on K MPI ranks (e.g. 1,2,4), compute and communication apart (needs "
              "bnfast[mpi])")
+    parser.add_argument(
+        "--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
+        help="instead of timing: compare two runs saved with --json (same grid, one "
+             "machine): per cell, every peer's A time / B time (> 1: B is faster), the "
+             "geometric means and bnfast's worst cells.  Protocol: run the builds "
+             "alternately, A, B, A, B, and compare A1 with A2 too (the noise)")
     parser.add_argument("--json", type=Path, metavar="PATH",
-                        help="write every measurement and the machine's description here")
+                        help="write every measurement and the machine's description here "
+                             "(with --compare: the comparison)")
     parser.add_argument("--plot", type=Path, metavar="PATH",
                         help=f"write a PNG chart here (needs matplotlib: {BENCH_EXTRA})")
     return parser
@@ -753,18 +1395,25 @@ def _check_output_path(parser: argparse.ArgumentParser, option: str,
         parser.error(f"{option} {path}: directory {path.resolve().parent} does not exist")
 
 
-def _set_threads(parser: argparse.ArgumentParser, threads: int,
-                 torch: Optional[ModuleType]) -> None:
+def _set_threads(parser: argparse.ArgumentParser, threads: int) -> None:
     try:
         bnfast.set_num_threads(threads)
     except (RuntimeError, ValueError) as exc:    # e.g. a build without OpenMP
         parser.error(f"--threads {threads}: {exc}")
-    if torch is not None:
-        torch.set_num_threads(threads)
     cores = os.cpu_count() or 1
     if threads > cores:
         print(f"bnfast-bench: warning: {threads} threads on {cores} cores; the threads "
               "will compete and timings will be noisy", file=sys.stderr)
+
+
+def _floor_settings(threads: int) -> dict[str, Any]:
+    """How the floor was made: --compare tells runs with different floors apart."""
+    return {"traffic": {op: {"reads": r, "writes": w} for op, (r, w) in FLOOR_TRAFFIC.items()},
+            "plans": {op: [[p.kind, list(p.reads), list(p.writes)] for p in plan]
+                      for op, plan in FLOOR_PLANS.items()},
+            "outputs": "allocated and touched before timing, reused",
+            "threads": threads, "parallel_min_bytes": FLOOR_PARALLEL_MIN_BYTES,
+            "block_bytes": FLOOR_BLOCK_BYTES}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -773,6 +1422,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     _check_output_path(parser, "--json", args.json)
     _check_output_path(parser, "--plot", args.plot)
+    if args.compare is not None:
+        return _compare_main(parser, args)
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
@@ -788,13 +1439,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         layouts = ("flat",)
     check_results = args.quick if args.check is None else args.check
 
-    torch, torch_note = load_torch()
     if args.threads is not None:
-        _set_threads(parser, args.threads, torch)
-    peers = [p for p in PEERS if p != "torch" or torch is not None]
-    if torch is None:
-        print(f"bnfast-bench: {torch_note}; timing without it (pip install torch to "
-              "compare)", file=sys.stderr)
+        _set_threads(parser, args.threads)
+    threads = bnfast.get_num_threads()
+    asked = [p for p in PEERS if p in args.peers or p == "bnfast"]
+    statuses = {peer: load_peer(peer, threads) for peer in asked if peer in OPTIONAL_PEERS}
+    for status in statuses.values():
+        if not status.available:
+            print(f"bnfast-bench: {status.reason}; timing without it (pip install "
+                  f"{status.name} to compare)", file=sys.stderr)
+    peers = [p for p in asked if p not in statuses or statuses[p].available]
 
     load = _load_average()
     if load is not None and load >= 0.5:
@@ -803,7 +1457,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "ones most, suffer while they do", file=sys.stderr)
     cells = grid(shapes, args.dtypes, args.ops, layouts)
     print(f"bnfast-bench: {_count(len(cells), 'cell')} x {_count(len(peers), 'peer')} "
-          f"({', '.join(peers)}), {_count(args.repeats, 'repeat')} each", file=sys.stderr)
+          f"({', '.join(peers)}), {_count(args.repeats, 'repeat')} each, "
+          f"{_count(threads, 'thread')}", file=sys.stderr)
     started = time.perf_counter()
     try:
         results = measure(cells, peers, args.repeats, check_results, progress=sys.stderr)
@@ -819,18 +1474,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     print(f"bnfast-bench: done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
-    machine = machine_info(torch, load)
-    print(format_table(results, machine, torch_note, args.repeats))
+    machine = machine_info(statuses, load, threads)
+    print(format_table(results, machine, args.repeats, asked, statuses))
     settings = {"quick": args.quick, "repeats": args.repeats, "check": check_results,
                 "target_repeat_s": TARGET_REPEAT_S, "shapes": [list(s) for s in shapes],
                 "dtypes": list(args.dtypes), "ops": list(args.ops), "peers": peers,
-                "per_channel": args.per_channel, "layouts": list(layouts),
-                "seed": SEED, "eps": EPS, "momentum": MOMENTUM,
+                "peers_asked": asked, "per_channel": args.per_channel,
+                "layouts": list(layouts), "seed": SEED, "eps": EPS, "momentum": MOMENTUM,
+                "floor": _floor_settings(threads),
                 "statistic": "median of repeats of per-call time"}
     try:
         if args.json is not None:
             with open(args.json, "w", encoding="utf-8") as out:
-                json.dump(report(results, machine, torch_note, settings), out, indent=1)
+                json.dump(report(results, machine, settings, statuses), out, indent=1)
             print(f"bnfast-bench: wrote {args.json}", file=sys.stderr)
         if args.plot is not None:
             plot(results, args.plot, machine)
@@ -838,6 +1494,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as exc:
         print(f"bnfast-bench: error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _compare_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """--compare A.json B.json: print (and with --json, save) B against A."""
+    runs = []
+    for path in args.compare:
+        try:
+            with open(path, encoding="utf-8") as source:
+                data = json.load(source)
+            _medians(data)
+        except OSError as exc:
+            parser.error(f"--compare: cannot read {path}: {exc.strerror or exc}")
+        except (ValueError, KeyError, TypeError) as exc:
+            parser.error(f"--compare: {path} is not a bnfast-bench --json file ({exc!r})")
+        runs.append(data)
+    comparison = compare_runs(runs[0], runs[1])
+    if not comparison.cells:
+        print(f"bnfast-bench: error: --compare: {args.compare[0]} and {args.compare[1]} have "
+              "no cell in common", file=sys.stderr)
+        return 1
+    names = [str(path) for path in args.compare]
+    print(format_comparison(comparison, names[0], names[1], runs[0], runs[1]))
+    if args.json is not None:
+        try:
+            with open(args.json, "w", encoding="utf-8") as out:
+                json.dump(_comparison_json(comparison, names[0], names[1]), out, indent=1)
+        except OSError as exc:
+            print(f"bnfast-bench: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"bnfast-bench: wrote {args.json}", file=sys.stderr)
     return 0
 
 

@@ -60,7 +60,7 @@ def test_help_states_the_dtype_choice(capsys):
     assert status == 0
     assert "float32 running statistics" in " ".join(out.split())
     for option in ("--quick", "--json", "--plot", "--threads", "--shapes", "--dtypes", "--ops",
-                   "--check", "--no-check", "--repeats"):
+                   "--check", "--no-check", "--repeats", "--peers", "--compare"):
         assert option in out
 
 
@@ -84,6 +84,9 @@ def test_parse_shapes():
     (["--json", "/no/such/directory/r.json"], "does not exist"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["--sync-ranks", "1,0"], "--sync-ranks: expected a whole number >= 1, got '0'"),
+    (["--peers", "torch,tensorflow"], "unknown peer 'tensorflow'"),
+    (["--compare", "/no/such/a.json", "/no/such/b.json"], "cannot read /no/such/a.json"),
+    (["--compare", "a.json"], "--compare: expected 2 arguments"),
 ])
 def test_bad_arguments_exit_2_with_a_message(capsys, args, message):
     status, out, err = run(args, capsys)
@@ -111,7 +114,9 @@ def test_json_has_every_measurement(capsys, tmp_path):
     assert [c["label"] for c in cells] == [
         f"{shape}-{dtype}-{op}" for shape in ("4x3", "2x3x2x2")
         for dtype in ("float64", "float32") for op in ("train", "eval", "backward")]
-    peers = ["bnfast", "reference", "floor"] + (["torch"] if data["torch"]["available"] else [])
+    installed = [p for p in bench.OPTIONAL_PEERS if data["peers"][p]["available"]]
+    assert data["torch"]["available"] is data["peers"]["torch"]["available"]
+    peers = ["bnfast", "reference", "floor"] + installed
     for cell in cells:
         assert cell["checked"] is True
         assert cell["features"] == (3 if cell["shape"] == [4, 3] else 12)
@@ -123,14 +128,23 @@ def test_json_has_every_measurement(capsys, tmp_path):
         assert cell["speedup_vs_reference"] == pytest.approx(
             medians["reference"] / medians["bnfast"])
         assert cell["floor_multiple"] == pytest.approx(medians["bnfast"] / medians["floor"])
+        for peer in bench.OPTIONAL_PEERS:
+            expected = medians[peer] / medians["bnfast"] if peer in installed else None
+            assert cell[f"speedup_vs_{peer}"] == pytest.approx(expected)
     machine = data["machine"]
-    for key in ("cpu", "cores", "numpy", "cython", "torch", "bnfast", "threads"):
+    for key in ("cpu", "cores", "numpy", "cython", "torch", "jax", "numba", "bnfast", "threads"):
         assert key in machine
     assert machine["bnfast"] == bnfast.__version__
     assert {"isa", "build_flags"} <= set(machine["build_info"])
     assert data["settings"]["repeats"] == 2 and data["settings"]["check"] is True
     assert set(data["geomean"]) >= {"speedup_vs_reference", "speedup_vs_torch",
-                                    "floor_multiple", "by_op"}
+                                    "speedup_vs_jax", "speedup_vs_numba", "floor_multiple",
+                                    "by_op"}
+    # Every peer on bnfast's thread count.
+    threads = machine["threads"]
+    assert threads["floor"] == threads["bnfast"] == bnfast.get_num_threads()
+    assert all(threads[p] == threads["bnfast"] for p in installed)
+    assert data["settings"]["floor"]["traffic"]["backward"] == {"reads": 4, "writes": 1}
     # The table: one row per cell, then the geometric means.
     rows = [line for line in out.splitlines() if line.startswith(("4x3 ", "2x3x2x2 "))]
     assert len(rows) == len(cells)
@@ -268,3 +282,340 @@ def test_per_channel_grid_runs_both_layouts_and_checks(capsys, tmp_path, no_torc
     assert data["settings"]["per_channel"] is True
     case = bench.make_case((4, 3, 2, 2), "float32", "cl")
     assert np.moveaxis(case.x, 1, -1).flags.c_contiguous and case.gamma.shape == (3,)
+
+
+# --------------------------------------------------------------------------
+# The optional peers: selection, "not installed", threads, checks
+
+
+@pytest.fixture
+def no_optional_peers(monkeypatch):
+    """Make `import torch`, `import jax` and `import numba` fail."""
+    for name in bench.OPTIONAL_PEERS:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_peers_picks_the_peers(capsys, tmp_path):
+    path = tmp_path / "r.json"
+    status, out, err = run(TINY + ["--ops", "eval", "--peers", "floor,reference", "--json",
+                                   str(path)], capsys)
+    assert status == 0, err
+    data = json.loads(path.read_text())
+    assert data["settings"]["peers"] == ["bnfast", "reference", "floor"]  # bnfast always runs
+    assert all(sorted(c["peers"]) == ["bnfast", "floor", "reference"] for c in data["cells"])
+    assert all(c["speedup_vs_torch"] is None for c in data["cells"])
+    assert {name: p["reason"] for name, p in data["peers"].items()} == {
+        name: "not asked for (--peers)" for name in bench.OPTIONAL_PEERS}
+    header = next(line for line in out.splitlines() if line.startswith("shape"))
+    assert header.split() == ["shape", "dtype", "op", "bnfast", "reference", "floor", "vs",
+                              "ref", "x", "floor"]
+    assert "torch" not in out and "jax" not in out and "numba" not in out
+
+
+def test_peers_without_the_floor(capsys):
+    status, out, err = run(TINY + ["--ops", "eval", "--peers", "bnfast"], capsys)
+    assert status == 0, err
+    header = next(line for line in out.splitlines() if line.startswith("shape"))
+    assert header.split() == ["shape", "dtype", "op", "bnfast"]
+
+
+def test_missing_peers_say_not_installed(capsys, tmp_path, no_optional_peers):
+    path = tmp_path / "r.json"
+    status, out, err = run(TINY + ["--ops", "train", "--json", str(path)], capsys)
+    assert status == 0, err
+    for name in bench.OPTIONAL_PEERS:
+        assert f"{name} is not installed" in err and f"pip install {name}" in err
+        assert f"{name} not compared: {name} is not installed" in out
+    rows = [line for line in out.splitlines() if line.startswith(("4x3 ", "2x3x2x2 "))]
+    assert len(rows) == 4
+    # Each optional peer's time column says so, and its speedup is "-".
+    assert all(row.count("not installed") == 3 for row in rows)
+    header = next(line for line in out.splitlines() if line.startswith("shape")).split()
+    assert header[3:9] == list(bench.PEERS)
+    for row in rows:
+        speedups = row.split()[-5:]     # vs ref, vs torch, vs jax, vs numba, x floor
+        assert speedups[1:4] == ["-", "-", "-"] and speedups[0] != "-"
+    data = json.loads(path.read_text())
+    for name in bench.OPTIONAL_PEERS:
+        assert data["peers"][name]["available"] is False
+        assert data["peers"][name]["installed"] is False
+        assert data["machine"][name] is None and data["machine"]["threads"][name] is None
+    assert all(sorted(c["peers"]) == ["bnfast", "floor", "reference"] for c in data["cells"])
+    assert data["geomean"]["speedup_vs_jax"] is None
+
+
+def test_a_peer_that_fails_to_import_is_unavailable(capsys, monkeypatch):
+    def broken(threads):
+        raise OSError("libtorch_cpu.so: cannot open shared object file")
+    monkeypatch.setitem(bench._LOADERS, "torch", broken)
+    status = bench.load_peer("torch", 1)
+    assert not status.available and status.installed and status.column == "unavailable"
+    assert "torch cannot be imported (libtorch_cpu.so" in status.reason
+
+
+@pytest.mark.parametrize("peer", ["torch", "numba"])
+def test_optional_peers_run_on_bnfasts_thread_count(peer):
+    status = bench.load_peer(peer, 1)
+    if not status.available:
+        pytest.skip(status.reason)
+    assert status.threads == 1
+    assert sys.modules[peer].get_num_threads() == 1
+    if peer == "numba":
+        from bnfast import _bench_numba
+        assert _bench_numba.thread_count() == 1
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_jax_runs_on_bnfasts_thread_count(threads):
+    """XLA's CPU thread pool (threads named tf_XLAEigen) has bnfast's thread count."""
+    code = ("import os, sys\n"
+            "from bnfast import bench\n"
+            f"status = bench.load_peer('jax', {threads})\n"
+            "if not status.available: sys.exit(3)\n"
+            "import jax.numpy as jnp\n"
+            "(jnp.ones(3) * 2).block_until_ready()\n"
+            "names = [open(f'/proc/self/task/{t}/comm').read().strip()\n"
+            "         for t in os.listdir('/proc/self/task')]\n"
+            "print(status.threads, names.count('tf_XLAEigen'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PJRT_NPROC"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=120)
+    if ran.returncode == 3:
+        pytest.skip("jax is not installed")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.split() == [str(threads), str(threads)]
+
+
+def test_numba_module_imports_without_numba():
+    code = ("import sys; sys.modules['numba'] = None\n"
+            "from bnfast import _bench_numba, bench\n"
+            "assert not _bench_numba.available()\n"
+            "case = bench.make_case((4, 3), 'float64')\n"
+            "try:\n"
+            "    bench.make_call('numba', case, 'eval')\n"
+            "except ImportError as exc:\n"
+            "    print('raised', exc.name)\n"
+            "print(bench.load_peer('numba').column)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.split() == ["raised", "numba", "not", "installed"]
+
+
+@pytest.mark.parametrize("peer", ["jax", "numba"])
+def test_a_wrong_peer_result_fails_the_check(capsys, monkeypatch, peer):
+    """--check compares jax's and numba's results too (their calls replaced by wrong ones)."""
+    monkeypatch.setitem(bench._LOADERS, peer, lambda threads: bench.PeerStatus(
+        peer, "0.0", threads=threads))
+
+    def wrong(case, op):
+        return lambda: np.zeros_like(case.x)
+    monkeypatch.setattr(bench, f"_{peer}_call", wrong)
+    status, out, err = run(TINY + ["--ops", "eval", "--peers", peer, "--check"], capsys)
+    assert status == 1
+    assert f"check failed: {peer} eval output differs from the reference" in err
+
+
+@pytest.mark.parametrize("layout", ["flat", "nchw", "cl"])
+@pytest.mark.parametrize("peer", ["jax", "numba"])
+def test_peer_results_match_the_twin(peer, layout):
+    if not bench.load_peer(peer).available:
+        pytest.skip(f"{peer} is not installed")
+    shape = (6, 5) if layout == "flat" else (3, 4, 2, 5)
+    for dtype in bench.DTYPES:
+        case = bench.make_case(shape, dtype, layout)
+        for op in bench.OPS:
+            result = bench.make_call(peer, case, op)()
+            bench.check(peer, result, bench.expected_result(case, op), case, op)
+            out = result[0] if op == "backward" else result
+            assert out.shape == case.x.shape and out.strides == case.x.strides  # same layout
+
+
+# --------------------------------------------------------------------------
+# The floor
+
+
+def test_floor_traffic_is_the_ops_unavoidable_traffic():
+    """(reads, writes) in passes over x: train keeps bnfast's private copy of x."""
+    assert bench.FLOOR_TRAFFIC == {"train": (2, 2), "eval": (1, 1), "backward": (4, 1)}
+    for op in bench.OPS:
+        assert bench.floor_traffic(op) == bench.FLOOR_TRAFFIC[op]
+
+
+def _counting_loops(monkeypatch):
+    """Replace the floor's loops by ones that count the bytes they read and write."""
+    moved = {"read": 0, "written": 0, "threads": set()}
+    import threading
+
+    def counted(loop, writes):
+        def run_loop(*arrays):
+            moved["written"] += sum(a.nbytes for a in arrays[:writes])
+            moved["read"] += sum(a.nbytes for a in arrays[writes:])
+            moved["threads"].add(threading.get_ident())
+            loop(*arrays)
+        return run_loop
+    writes = {"read": 0, "copy": 1, "add": 1}
+    monkeypatch.setattr(bench, "FLOOR_LOOPS", {
+        kind: counted(loop, writes[kind]) for kind, loop in bench.FLOOR_LOOPS.items()})
+    return moved
+
+
+@pytest.mark.parametrize("layout", ["flat", "cl"])
+@pytest.mark.parametrize("op", bench.OPS)
+def test_floor_moves_its_traffic_on_bnfasts_threads(monkeypatch, op, layout):
+    """Every block of every pass, once: the bytes moved are FLOOR_TRAFFIC x x.nbytes."""
+    moved = _counting_loops(monkeypatch)
+    shape = (20, 3, 40, 50) if layout == "cl" else (64, 3000)
+    case = bench.make_case(shape, "float64", layout)
+    floor = bench.Floor(case, op, threads=2, block_bytes=16384, parallel_min_bytes=0)
+    assert floor.threads == 2 and len(floor.work) == 2
+    outputs = floor()
+    reads, writes = bench.FLOOR_TRAFFIC[op]
+    assert moved["read"] == reads * case.x.nbytes
+    assert moved["written"] == writes * case.x.nbytes
+    assert len(moved["threads"]) == 2
+    # Outputs in x's layout, written whole, and the same memory at every call.
+    assert len(outputs) == writes
+    for out in outputs:
+        assert out.shape == case.x.shape and out.strides == case.x.strides
+        assert np.array_equal(out, case.x + case.dout if op == "backward" else case.x)
+    again = floor()
+    assert all(a is b for a, b in zip(outputs, again))
+
+
+def test_floor_threads_follow_bnfast():
+    big = bench.make_case((256, 1024), "float64")      # 2 MiB
+    small = bench.make_case((32, 128), "float64")
+    saved = bnfast.get_num_threads()
+    try:
+        bnfast.set_num_threads(1)
+        assert bench.Floor(big, "eval").threads == 1
+        if bnfast.build_info()["openmp"]:
+            bnfast.set_num_threads(2)
+            assert bench.Floor(big, "eval").threads == 2
+            assert bench.Floor(small, "eval").threads == 1  # below FLOOR_PARALLEL_MIN_BYTES
+    finally:
+        bnfast.set_num_threads(saved)
+
+
+def test_floor_outputs_are_mapped_before_timing():
+    case = bench.make_case((64, 4096), "float32")
+    floor = bench.Floor(case, "train")
+    assert set(floor.outputs) == {"copy", "y"}
+    for out in floor.outputs.values():
+        assert out.flags.owndata and not np.shares_memory(out, case.x)
+        assert not out.any()        # filled (touched) at set-up
+
+
+# --------------------------------------------------------------------------
+# --compare
+
+
+def _run_json(medians, floor="v2", cpu="AMD EPYC"):
+    """A minimal --json file: {label: {peer: median seconds}}."""
+    cells = []
+    for label, peers in medians.items():
+        shape, dtype, op = label.rsplit("-", 2)
+        layout = "flat"
+        if shape.endswith(("-nchw", "-cl")):
+            shape, layout = shape.rsplit("-", 1)
+        cells.append({"label": label, "shape": [int(n) for n in shape.split("x")],
+                      "layout": layout, "dtype": dtype, "op": op,
+                      "peers": {p: {"iterations": 1, "seconds": [t], "median_s": t}
+                                for p, t in peers.items()}})
+    return {"machine": {"cpu": cpu, "numpy": "2.4.6", "bnfast": "0.1.0",
+                        "threads": {"bnfast": 2}, "build_info": {"isa": "avx2"}},
+            "settings": {"repeats": 7, "floor": floor}, "cells": cells}
+
+
+A_RUN = {"4x3-float64-train": {"bnfast": 1.0, "reference": 4.0, "floor": 0.5},
+         "4x3-float64-eval": {"bnfast": 2.0, "reference": 4.0, "floor": 0.5},
+         "2x3x2x2-cl-float32-backward": {"bnfast": 3.0, "reference": 6.0, "floor": 1.0},
+         "8x8-float64-train": {"bnfast": 1.0, "reference": 1.0}}
+B_RUN = {"4x3-float64-train": {"bnfast": 0.5, "reference": 4.0, "floor": 0.5},
+         "4x3-float64-eval": {"bnfast": 4.0, "reference": 5.0, "floor": 0.5},
+         "2x3x2x2-cl-float32-backward": {"bnfast": 3.0, "reference": 6.0, "floor": 1.0,
+                                         "numba": 2.0},
+         "9x9-float64-eval": {"bnfast": 1.0}}
+
+
+def test_compare_ratios_geomeans_and_worst_cells():
+    comparison = bench.compare_runs(_run_json(A_RUN), _run_json(B_RUN))
+    assert [c.label for c in comparison.cells] == [
+        "4x3-float64-train", "4x3-float64-eval", "2x3x2x2-cl-float32-backward"]
+    assert comparison.only_a == ["8x8-float64-train"]
+    assert comparison.only_b == ["9x9-float64-eval"]
+    assert comparison.peers == ["bnfast", "reference", "floor"]    # numba: only in B
+    ratios = [c.ratio("bnfast") for c in comparison.cells]
+    assert ratios == [2.0, 0.5, 1.0]            # A / B: 2.0 = B twice as fast
+    assert comparison.geomean("bnfast") == pytest.approx(1.0)
+    assert comparison.geomean("bnfast", "train") == pytest.approx(2.0)
+    assert comparison.geomean("reference") == pytest.approx((0.8) ** (1 / 3))
+    assert comparison.cells[2].shape == "2x3x2x2 cl"
+    assert [c.label for c in comparison.worst("bnfast", 2)] == [
+        "4x3-float64-eval", "2x3x2x2-cl-float32-backward"]
+    assert comparison.notes == []
+
+
+def test_compare_notes_different_floors_and_machines():
+    comparison = bench.compare_runs(_run_json(A_RUN, floor=None), _run_json(B_RUN, cpu="Xeon"))
+    assert any("different floors" in note for note in comparison.notes)
+    assert any(note.startswith("cpu differs") for note in comparison.notes)
+
+
+def test_compare_command_line(capsys, tmp_path):
+    a, b, out_json = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "cmp.json"
+    a.write_text(json.dumps(_run_json(A_RUN)))
+    b.write_text(json.dumps(_run_json(B_RUN)))
+    status, out, err = run(["--compare", str(a), str(b), "--json", str(out_json)], capsys)
+    assert status == 0, err
+    assert "> 1.00 means B is faster" in out
+    lines = out.splitlines()
+    row = next(line for line in lines if line.startswith("4x3 ") and " eval " in line)
+    assert row.split()[-3:] == ["0.50", "0.80", "1.00"]     # bnfast, reference, floor
+    assert "2.000 s" in row and "4.000 s" in row     # bnfast in A, in B
+    assert next(line for line in lines if line.startswith("geomean train")).split()[-3:] == [
+        "2.00", "1.00", "1.00"]
+    worst = lines.index("bnfast's worst cells (B slowest against A):")
+    assert lines[worst + 1].startswith("  4x3 float64 eval: 0.50")
+    assert "1 cells only in A, 1 only in B" in out
+    saved = json.loads(out_json.read_text())
+    assert saved["geomean"]["bnfast"] == pytest.approx(1.0)
+    assert saved["cells"][0]["ratios"]["bnfast"] == 2.0
+
+
+def test_compare_reads_the_published_runs(capsys):
+    """The JSON of earlier runs (docs/) compares, with itself at 1.00 everywhere."""
+    for name in ("benchmark.json", "benchmark_channels.json"):
+        path = str(REPO / "docs" / name)
+        status, out, err = run(["--compare", path, path], capsys)
+        assert status == 0, err
+        geomeans = [line for line in out.splitlines() if line.startswith("geomean all")]
+        assert geomeans and set(geomeans[0].split()[2:]) == {"1.00"}
+
+
+def test_compare_of_a_fresh_run_with_itself(capsys, tmp_path):
+    path = tmp_path / "r.json"
+    status, _, err = run(TINY + ["--ops", "eval", "--json", str(path)], capsys)
+    assert status == 0, err
+    status, out, err = run(["--compare", str(path), str(path)], capsys)
+    assert status == 0, err
+    assert "note:" not in out
+    assert len([line for line in out.splitlines() if line.startswith(("4x3 ", "2x3x2x2 "))]) == 4
+
+
+def test_compare_refuses_files_that_are_not_runs(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"sync_steps": []}')
+    status, _, err = run(["--compare", str(bad), str(bad)], capsys)
+    assert status == 2 and "is not a bnfast-bench --json file" in err
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_run_json({"5x5-float64-eval": {"bnfast": 1.0}})))
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(_run_json(A_RUN)))
+    status, _, err = run(["--compare", str(good), str(other)], capsys)
+    assert status == 1 and "no cell in common" in err
