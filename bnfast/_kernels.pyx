@@ -62,6 +62,14 @@ cdef extern from "stream.h":
                              size_t end) noexcept nogil
     void bnfast_fence() noexcept nogil
 
+# Steps of the statistics that every route shares (see that header).
+cdef extern from "stats.h":
+    bint bnfast_well_conditioned(double m2, double s2) noexcept nogil
+    void bnfast_two_pass_f(const float* x, Py_ssize_t stride, Py_ssize_t runs,
+                           Py_ssize_t length, double k, double* mean, double* m2) noexcept nogil
+    void bnfast_two_pass_d(const double* x, Py_ssize_t stride, Py_ssize_t runs,
+                           Py_ssize_t length, double k, double* mean, double* m2) noexcept nogil
+
 cdef extern from "rows.h":
     void bnfast_affine_ff(const float* x, float* o, Py_ssize_t d, int rows, Py_ssize_t w,
                           const double* c, const double* k, const double* b) noexcept nogil
@@ -89,10 +97,6 @@ cdef extern from "rows.h":
     void bnfast_affine_stream_dd(const double* x, double* o, Py_ssize_t d, Py_ssize_t rows,
                                  Py_ssize_t w, const double* c, const double* k,
                                  const double* b) noexcept nogil
-    void bnfast_two_pass_f(const float* x, Py_ssize_t d, Py_ssize_t b0, Py_ssize_t b1,
-                           double k, double* mean, double* m2) noexcept nogil
-    void bnfast_two_pass_d(const double* x, Py_ssize_t d, Py_ssize_t b0, Py_ssize_t b1,
-                           double k, double* mean, double* m2) noexcept nogil
     void bnfast_short_train(bint x64, bint s64, const void* x, Py_ssize_t d, int n,
                             Py_ssize_t c0, Py_ssize_t w, const void* gamma, const void* beta,
                             const void* rm_old, const void* rv_old, void* rm_new, void* rv_new,
@@ -683,15 +687,14 @@ cdef void _shift_of(const in_t* x, Py_ssize_t d, Py_ssize_t n, Py_ssize_t c0, Py
             shift[j] = v if v - v == 0.0 else 0.0
 
 
-cdef inline void _column_two_pass(const in_t* x, Py_ssize_t d, Py_ssize_t b0, Py_ssize_t b1,
-                                  double k, double* mean, double* m2) noexcept nogil:
-    """Corrected two-pass over rows b0..b1 of the column x points at; mean
-    relative to k.  The fallback for ill-conditioned and non-finite sums
-    (bnfast_two_pass, in C so that bnfast_short_train shares it)."""
+cdef inline void _two_pass(const in_t* x, Py_ssize_t stride, Py_ssize_t runs,
+                           Py_ssize_t length, double k, double* mean, double* m2) noexcept nogil:
+    """The exact fallback for ill-conditioned and non-finite sums: runs of
+    length contiguous values, stride apart; mean relative to k (stats.h)."""
     if in_t is float:
-        bnfast_two_pass_f(x, d, b0, b1, k, mean, m2)
+        bnfast_two_pass_f(x, stride, runs, length, k, mean, m2)
     else:
-        bnfast_two_pass_d(x, d, b0, b1, k, mean, m2)
+        bnfast_two_pass_d(x, stride, runs, length, k, mean, m2)
 
 
 cdef inline void _sq_sums4(const in_t* a, Py_ssize_t d, Py_ssize_t w, const double* shift,
@@ -765,7 +768,7 @@ cdef inline bint _block_moments(double s1, double s2, double mb, double* mean,
     and m2 = M2, or NaN where the sums are ill-conditioned or not finite
     (then returns True)."""
     cdef double m2b = s2 - s1 * mb
-    cdef bint bad = not (m2b * 8.0 >= s2)
+    cdef bint bad = not bnfast_well_conditioned(m2b, s2)
     mean[0] = mb
     m2[0] = NAN if bad else m2b
     return bad
@@ -869,8 +872,8 @@ cdef void _merge_block(const in_t* x, Py_ssize_t d, Py_ssize_t b0, Py_ssize_t b1
     if n_bad:
         for j in range(w):
             if block_m2[j] != block_m2[j]:
-                _column_two_pass(x + c0 + j, d, b0, b1, shift[j], &block_mean[j],
-                                 &block_m2[j])
+                _two_pass(x + b0 * d + c0 + j, d, b1 - b0, 1, shift[j], &block_mean[j],
+                          &block_m2[j])
                 if block_m2[j] < 0.0:
                     block_m2[j] = 0.0
     if na == 0.0:

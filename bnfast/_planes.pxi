@@ -193,34 +193,6 @@ cdef void _plane_moments_task(const Planes* p, Py_ssize_t t, const in_t* x,
         _lanes_total(&a2[b * LANES], t2[b], &part[(p.n_chunks + k) * p.c + c0 + b])
 
 
-cdef void _channel_two_pass(const Planes* p, const in_t* x, Py_ssize_t ch, double k,
-                            double* mean, double* m2) noexcept nogil:
-    """Corrected two-pass over one channel, mean relative to k: the fallback
-    for ill-conditioned and non-finite sums (see _column_two_pass)."""
-    cdef Py_ssize_t i, j
-    cdef double count = <double>(p.n * p.s), s = 0.0, m0, e, sd = 0.0, sd2 = 0.0, q
-    cdef const in_t* a
-    for i in range(p.n):
-        a = x + (i * p.c + ch) * p.s
-        for j in range(p.s):
-            s += a[j] - k
-    s = s / count
-    m0 = k + s
-    for i in range(p.n):
-        a = x + (i * p.c + ch) * p.s
-        for j in range(p.s):
-            e = a[j] - m0
-            sd += e
-            sd2 += e * e
-    if _finite(s):
-        q = sd / count
-        mean[0] = (m0 - k) + q
-        m2[0] = sd2 - sd * q
-    else:
-        mean[0] = s
-        m2[0] = sd2
-
-
 cdef int _planes_moments(const Planes* p, const in_t* x, double* shift, double* mean,
                          double* m2) noexcept nogil:
     """Per channel: shift, mean relative to it and M2."""
@@ -245,8 +217,8 @@ cdef int _planes_moments(const Planes* p, const in_t* x, double* shift, double* 
         mb = s1 / count
         m2[ch] = s2 - s1 * mb
         mean[ch] = mb
-        if not m2[ch] * 8.0 >= s2:      # ill-conditioned, or NaN
-            _channel_two_pass(p, x, ch, shift[ch], &mean[ch], &m2[ch])
+        if not bnfast_well_conditioned(m2[ch], s2):
+            _two_pass(x + ch * p.s, p.c * p.s, p.n, p.s, shift[ch], &mean[ch], &m2[ch])
         if m2[ch] < 0.0:
             m2[ch] = 0.0
     free(part)

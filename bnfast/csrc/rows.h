@@ -8,6 +8,7 @@
 #include <Python.h>
 #include "platform.h"
 #include "stream.h"
+#include "stats.h"
 
 /* Loops over float32 rows, arithmetic in float64: the affine and dx
    passes and the row sums.  Compilers vectorize them by loading 16
@@ -339,33 +340,6 @@ static inline void bnfast_rows_grad_sums_f(const float* x, const float* dy, ptrd
     }
 BNF_SHORT_SUMS(bnfast_short_sums_f, float, bnf_ld)
 BNF_SHORT_SUMS(bnfast_short_sums_d, double, bnf_ldd)
-/* The corrected two-pass over rows b0..b1 of the column x points at
-   (row stride d), mean relative to k: the fallback for ill-conditioned
-   and non-finite shifted sums (see _column_two_pass). */
-#define BNF_TWO_PASS(NAME, T)                                                      \
-    static void NAME(const T* x, ptrdiff_t d, ptrdiff_t b0, ptrdiff_t b1, double k, \
-                     double* mean, double* m2) {                                   \
-        double nb = (double)(b1 - b0), s = 0.0, m0, e, sd = 0.0, sd2 = 0.0, q;     \
-        ptrdiff_t i;                                                               \
-        for (i = b0; i < b1; i++) s += x[i * d] - k;                               \
-        s = s / nb;                                                                \
-        m0 = k + s;                                                                \
-        for (i = b0; i < b1; i++) {                                                \
-            e = x[i * d] - m0;                                                     \
-            sd += e;                                                               \
-            sd2 += e * e;                                                          \
-        }                                                                          \
-        if (s - s == 0.0) {                                                        \
-            q = sd / nb;                                                           \
-            *mean = (m0 - k) + q;                                                  \
-            *m2 = sd2 - sd * q;                                                    \
-        } else {                                                                   \
-            *mean = s;                                                             \
-            *m2 = sd2;                                                             \
-        }                                                                          \
-    }
-BNF_TWO_PASS(bnfast_two_pass_f, float)
-BNF_TWO_PASS(bnfast_two_pass_d, double)
 /* A whole short-batch (n <= 8 rows) training strip in one read of x:
    per feature the shift and shifted sums (as bnfast_short_sums), the
    block's mean and M2 with the two-pass fallback, then mean, var,
@@ -383,8 +357,8 @@ BNF_TWO_PASS(bnfast_two_pass_d, double)
         BNF_SHIFTED_SUMS_SCALAR(N)                                                 \
         mb = BNF_POW2(N) ? a1 * (1.0 / (N)) : a1 / (double)(N);                    \
         m2b = a2 - a1 * mb;                                                        \
-        if (!(m2b * 8.0 >= a2)) {                                                  \
-            TWO_PASS(x + j, d, 0, (N), kj, &mb, &m2b);                             \
+        if (!bnfast_well_conditioned(m2b, a2)) {                                   \
+            TWO_PASS(x + j, d, (N), 1, kj, &mb, &m2b);                             \
             if (m2b < 0.0) m2b = 0.0;                                              \
         }                                                                          \
         vj = BNF_POW2(N) ? m2b * (1.0 / (N)) : m2b / (double)(N);                  \
@@ -409,7 +383,7 @@ BNF_TWO_PASS(bnfast_two_pass_d, double)
         mb = BNF_POW2(N) ? bnf_mul(a1, bnf_set1(1.0 / (N)))                        \
                          : bnf_div(a1, bnf_set1((double)(N)));                     \
         m2b = bnf_fnmadd(a1, mb, a2);                                              \
-        if (!bnf_all_ge(bnf_mul(m2b, bnf_set1(8.0)), a2)) {                        \
+        if (!bnf_all_ge(bnf_mul(m2b, bnf_set1(BNFAST_COND_RATIO)), a2)) {          \
             double lane_k[BNF_HALF], lane_s2[BNF_HALF], lane_m[BNF_HALF];          \
             double lane_m2[BNF_HALF];                                              \
             int l;                                                                 \
@@ -418,8 +392,8 @@ BNF_TWO_PASS(bnfast_two_pass_d, double)
             bnf_std(lane_m, mb);                                                   \
             bnf_std(lane_m2, m2b);                                                 \
             for (l = 0; l < BNF_HALF; l++) {                                       \
-                if (!(lane_m2[l] * 8.0 >= lane_s2[l])) {                           \
-                    TWO_PASS(x + j + l, d, 0, (N), lane_k[l], &lane_m[l], &lane_m2[l]); \
+                if (!bnfast_well_conditioned(lane_m2[l], lane_s2[l])) {            \
+                    TWO_PASS(x + j + l, d, (N), 1, lane_k[l], &lane_m[l], &lane_m2[l]); \
                     if (lane_m2[l] < 0.0) lane_m2[l] = 0.0;                        \
                 }                                                                  \
             }                                                                      \
