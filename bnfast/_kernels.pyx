@@ -17,7 +17,7 @@
 #           batches) do a whole operation per task: the statistics read the
 #           strip from memory once and the output, or the backward's second
 #           pass, comes from L2.  Batches whose strips would be too
-#           narrow for that get row blocks (UNFUSED_STRIP_MAX_BYTES), and
+#           narrow for that get row blocks (FUSED_MIN_COLS), and
 #           so do batches of one strip that are big enough for a thread
 #           team (one strip is one task).
 #   blocks  otherwise (tall batches): a task is (row chunk, column block);
@@ -125,15 +125,12 @@ cdef enum:
     # that several threads share the work.
     MIN_STRIP_TASKS = 8
     # Strips at least this wide do statistics and output in one task (x read
-    # from memory once); narrower ones (tall batches) do better as two phases
-    # with address-ordered output: short row segments stream poorly.
+    # from memory once); batches whose strips would be narrower (tall
+    # batches) get row blocks: short row segments stream poorly.  (Doing
+    # such strips' statistics in two phases instead was slower than row
+    # blocks at every size measured: 256 x 1024 to 256 x 65536, 1568 x 256,
+    # 512 x 512; training forward 3-40 %, eval 10-20 %.)
     FUSED_MIN_COLS = 1024
-    # Strips too narrow to fuse could still do the statistics in two phases,
-    # for batches smaller than this; row blocks do better at every size
-    # measured (256 x 1024 to 256 x 65536, 1568 x 256, 512 x 512: training
-    # forward 3-40 % faster, eval 10-20 %, backward within +-10 %), so none
-    # do: such batches get row blocks.  (A knob, for measuring.)
-    UNFUSED_STRIP_MAX_BYTES = 0
     # Narrower strips than this make row segments too short to stream well;
     # such batches are cut into row blocks instead.
     MIN_STRIP = 32
@@ -200,10 +197,7 @@ cdef Py_ssize_t _cache_stream_min_bytes = CACHE_STREAM_MIN_BYTES
 cdef Py_ssize_t _col_block = COL_BLOCK
 cdef Py_ssize_t _max_strip_cols = MAX_STRIP_COLS
 cdef Py_ssize_t _fused_min_cols = FUSED_MIN_COLS
-cdef bint _fused_strips = True
 cdef Py_ssize_t _elem_tasks_per_thread = ELEM_TASKS_PER_THREAD
-cdef Py_ssize_t _unfused_strip_max_bytes = UNFUSED_STRIP_MAX_BYTES
-cdef bint _stream_pages = False          # force streaming page outputs (a knob)
 cdef Py_ssize_t _stream_pages_max_cols = STREAM_PAGES_MAX_COLS
 cdef Py_ssize_t _page_bytes = PAGE_BYTES
 cdef Py_ssize_t _fold_max_cols = FOLD_MAX_COLS
@@ -296,18 +290,16 @@ cdef Grid _make_grid(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize,
         g.chunk_rows = n
         g.n_chunks = 1
         g.n_col_blocks = _ceil_div(d, g.col_block)
-        g.fused = (_fused_strips
-                   and (g.col_block >= _fused_min_cols or g.n_col_blocks == 1))
         # Narrow full-height strips of a large batch run row by row at a
         # large stride: worse for the caches than row blocks.
-        use_strips = g.fused or n * d * itemsize < _unfused_strip_max_bytes
+        use_strips = g.col_block >= _fused_min_cols or g.n_col_blocks == 1
         # One strip is one task, so one thread: a batch big enough for a
         # team gets row blocks (measured, 2 threads, 256-512 KiB batches of
         # 8-100 features: 35-45 % faster in every op; one thread: even).
         if g.n_col_blocks == 1 and n * d * itemsize >= PARALLEL_MIN_BYTES:
             use_strips = False
+    g.fused = use_strips
     if not use_strips:
-        g.fused = False
         # blocks: row chunks x column blocks
         g.col_block = d if d < _col_block else _col_block
         g.n_col_blocks = _ceil_div(d, g.col_block)
@@ -323,7 +315,7 @@ cdef Grid _make_grid(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize,
     g.n_tasks = g.n_chunks * g.n_col_blocks
     g.stream = out_bytes >= _stream_min_bytes
     g.stream_cache = n * d * itemsize >= _cache_stream_min_bytes
-    g.stream_pages = g.stream and (_stream_pages or d <= _stream_pages_max_cols)
+    g.stream_pages = g.stream and d <= _stream_pages_max_cols
     g.n_threads = 1
     if n * d * itemsize >= PARALLEL_MIN_BYTES and _num_threads > 1:
         g.n_threads = _num_threads if _num_threads < g.n_tasks else <int>g.n_tasks
@@ -1365,7 +1357,7 @@ cdef int _train_forward(const Grid* g, const in_t* x, in_t* cache, out_t* y,
                 bnfast_fence()
         free(scratch)
         return 0
-    # Row blocks (or two-phase strips, when tuned so): statistics; the merge
+    # Row blocks: statistics; the merge
     # and coefficients per column block; output.  One thread team for all
     # three phases (each prange ends in a barrier): waking a team costs
     # microseconds, a real share of a mid-size call.
@@ -2588,40 +2580,36 @@ _stream_min_bytes = DEFAULT_STREAM_MIN_BYTES
 
 
 def _set_tuning(strip_bytes=STRIP_BYTES, min_strip=MIN_STRIP,
-                stream_min_bytes=DEFAULT_STREAM_MIN_BYTES, col_block=COL_BLOCK, fused_strips=True,
-                page_bytes=PAGE_BYTES, stream_pages=False, max_strip_cols=MAX_STRIP_COLS,
-                fused_min_cols=FUSED_MIN_COLS,
-                unfused_strip_max_bytes=UNFUSED_STRIP_MAX_BYTES,
-                elem_tasks_per_thread=ELEM_TASKS_PER_THREAD,
+                stream_min_bytes=DEFAULT_STREAM_MIN_BYTES, col_block=COL_BLOCK,
+                page_bytes=PAGE_BYTES, max_strip_cols=MAX_STRIP_COLS,
+                fused_min_cols=FUSED_MIN_COLS, elem_tasks_per_thread=ELEM_TASKS_PER_THREAD,
                 cache_stream_min_bytes=CACHE_STREAM_MIN_BYTES,
                 stream_pages_max_cols=STREAM_PAGES_MAX_COLS, fold_max_cols=FOLD_MAX_COLS,
                 short_max_rows=SHORT_MAX_ROWS, short_train=True):
-    """Work-partition knobs, for measuring the kernels (not a public API)."""
-    global _strip_bytes, _min_strip, _stream_min_bytes, _col_block, _fused_strips, _page_bytes
-    global _stream_pages, _max_strip_cols, _fused_min_cols, _unfused_strip_max_bytes
-    global _elem_tasks_per_thread, _cache_stream_min_bytes, _stream_pages_max_cols
-    global _fold_max_cols, _short_max_rows, _short_train_on
+    """Work-partition knobs, for measuring the kernels (not a public API).
+    Every call sets all of them (the defaults where not given); a rejected
+    call changes none."""
+    global _strip_bytes, _min_strip, _stream_min_bytes, _col_block, _page_bytes
+    global _max_strip_cols, _fused_min_cols, _elem_tasks_per_thread, _cache_stream_min_bytes
+    global _stream_pages_max_cols, _fold_max_cols, _short_max_rows, _short_train_on
     if not 0 <= fold_max_cols <= FOLD_LANES:
         raise ValueError(f"fold_max_cols must be in 0..{FOLD_LANES}")
     if not 0 <= short_max_rows <= SHORT_MAX_ROWS:
         raise ValueError(f"short_max_rows must be in 0..{SHORT_MAX_ROWS}")
+    if not 16 <= max_strip_cols <= MAX_STRIP_COLS:
+        raise ValueError(f"max_strip_cols must be in 16..{MAX_STRIP_COLS}")
+    if not 16 <= col_block <= COL_BLOCK:
+        raise ValueError(f"col_block must be in 16..{COL_BLOCK}")
     _short_max_rows = short_max_rows
     _short_train_on = bool(short_train)
     _fold_max_cols = fold_max_cols
     _stream_pages_max_cols = stream_pages_max_cols
     _cache_stream_min_bytes = cache_stream_min_bytes
-    _unfused_strip_max_bytes = unfused_strip_max_bytes
     _elem_tasks_per_thread = elem_tasks_per_thread
     _fused_min_cols = fused_min_cols
-    _stream_pages = stream_pages
-    if not 16 <= max_strip_cols <= MAX_STRIP_COLS:
-        raise ValueError(f"max_strip_cols must be in 16..{MAX_STRIP_COLS}")
     _max_strip_cols = max_strip_cols
-    if not 16 <= col_block <= COL_BLOCK:
-        raise ValueError(f"col_block must be in 16..{COL_BLOCK}")
     _strip_bytes, _min_strip, _stream_min_bytes, _col_block = (
         strip_bytes, max(1, min_strip), stream_min_bytes, col_block)
-    _fused_strips = fused_strips
     _page_bytes = max(1, page_bytes)
 
 

@@ -150,9 +150,12 @@ KNOBS = [
     dict(col_block=16, page_bytes=64),          # many small tasks
     dict(stream_min_bytes=0),                   # streaming stores for every output
     dict(cache_stream_min_bytes=0),             # ... and for every cached copy of x
-    dict(stream_min_bytes=0, stream_pages=True, fused_strips=False),
+    dict(stream_min_bytes=0, stream_pages_max_cols=1 << 30, strip_bytes=1),  # streamed pages
     dict(fused_min_cols=16),                    # every strip does whole operations
-    dict(fused_min_cols=1 << 20, unfused_strip_max_bytes=1 << 40),  # two-phase strips
+    dict(fused_min_cols=1 << 20),               # narrow strips give way to row blocks
+    dict(max_strip_cols=16),                    # many narrow strips
+    dict(elem_tasks_per_thread=1, page_bytes=1 << 30),  # one element task per thread
+    dict(elem_tasks_per_thread=0),              # element tasks by page size alone
     dict(fold_max_cols=0),                      # short rows never folded
     dict(fold_max_cols=0, stream_min_bytes=0, cache_stream_min_bytes=0),
     dict(short_max_rows=0),                     # short batches read twice for statistics
