@@ -5,17 +5,24 @@ installed NumPy's promotion rules (NEP 50 on NumPy 2, value-based casting on
 NumPy 1).  Rather than restating those rules, each resolver runs the twin once
 on a 2 x 1 batch whose operands promote exactly like the caller's: arrays are
 replaced by one-element arrays of the same dtype, scalars are kept as they are.
-Results are memoized on the operands' types and dtypes.
+Results are memoized on the operands' types and dtypes; `uniform` answers
+the commonest case (gamma and beta arrays of x's float dtype) from a memo
+keyed on two dtypes, for the planner's fast path.
 """
 from __future__ import annotations
 
 import sys
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from ._checks import result_float
 from .reference import BatchNormalization as _Twin
+
+F16 = np.dtype(np.float16)
+F32 = np.dtype(np.float32)
+F64 = np.dtype(np.float64)
+#: The dtypes the kernels read and write.
+KERNEL_FLOATS = (F32, F64)
 
 # NumPy 1 promotes by value for scalars and 0-d arrays, so their value is part
 # of the memo key there; NumPy 2 promotes by type alone.
@@ -26,6 +33,20 @@ _BY_VALUE = int(np.__version__.split(".")[0]) < 2
 #: Python int, which NumPy 1 promotes by value (65536 and up is a uint32,
 #: and float32 with uint32 gives float64).  NumPy 2 never widens.
 WIDENING_COUNT = 65536 if _BY_VALUE else sys.maxsize
+
+
+def result_float(dt: np.dtype, what: str) -> np.dtype:
+    """dt if it is float16/32/64 (as NumPy's own instance of it, so that the
+    planner may compare it with F16 etc. by identity), else a TypeError."""
+    if dt.kind != "f" or dt.itemsize > 8:
+        raise TypeError(f"{what} would have dtype {dt}; bnfast computes float16, float32 "
+                        "and float64 results only (check the dtypes of the parameters)")
+    return np.dtype(dt.char)
+
+
+def kernel_dtype(dt: np.dtype) -> np.dtype:
+    """Kernels read and write float32 (for float16/32 data) or float64 (all else)."""
+    return F32 if dt.kind == "f" and dt.itemsize <= 4 else F64
 
 
 class TrainDtypes(NamedTuple):
@@ -89,13 +110,13 @@ def _run_twin(train: bool, x_dtype: np.dtype, gamma: Any, beta: Any, momentum: A
                 dx = twin.backward(np.ones((2, 1), dout_dtype))
                 return GradDtypes(result_float(dx.dtype, "dx"),
                                   result_float(twin.dgamma.dtype, "dgamma"),
-                                  np.asarray(twin.dbeta).dtype)
+                                  np.dtype(np.asarray(twin.dbeta).dtype.char))
         except TypeError as exc:  # NumPy cannot combine these dtypes at all
             raise TypeError(f"these operands cannot be combined: {exc}") from None
     out_dt = result_float(out.dtype, "the output")
     if not train:
         return EvalDtypes(out_dt)
-    return TrainDtypes(twin.xn.dtype, out_dt,
+    return TrainDtypes(np.dtype(twin.xn.dtype.char), out_dt,
                        result_float(np.asarray(twin.running_mean).dtype, "running_mean"),
                        result_float(np.asarray(twin.running_var).dtype, "running_var"))
 
@@ -137,3 +158,41 @@ def grads(train: bool, x_dtype: np.dtype, gamma: Any, dout_dtype: np.dtype,
     found: GradDtypes = _resolve(train, x_dtype, gamma, 0.0, 0.9, running_mean, running_var,
                                  dout_dtype, count if train else 2)
     return found
+
+
+def uniform(training: bool, x_dtype: np.dtype, running_dtype: np.dtype) -> Any:
+    """train(...) or evaluate(...) for float32/float64 x with gamma and beta
+    arrays of x's dtype and running statistics arrays of running_dtype
+    (float32/float64): the planner's fast path.  Memoized in UNIFORM, which
+    the planner reads directly: UNIFORM[training][x is F64][running is F64]."""
+    row = UNIFORM[bool(training)][x_dtype is F64]
+    found = row[running_dtype is F64]
+    if found is None:
+        params, running = np.ones(1, x_dtype), np.ones(1, running_dtype)
+        found = (train(x_dtype, params, params, 0.9, running, running) if training
+                 else evaluate(x_dtype, params, params, running, running))
+        row[running_dtype is F64] = found
+    return found
+
+
+def uniform_grads(training: bool, x_dtype: np.dtype, running_dtype: np.dtype) -> GradDtypes:
+    """grads(...) for x, dout and a gamma array all of x's dtype
+    (float32/float64) and, after an eval-mode forward, running statistics
+    arrays of running_dtype, for a batch count NumPy 1 does not widen (below
+    WIDENING_COUNT, or float64); memoized in UNIFORM_GRADS, read as
+    UNIFORM_GRADS[training][x is F64][running is F64]."""
+    row = UNIFORM_GRADS[bool(training)][x_dtype is F64]
+    found: Optional[GradDtypes] = row[running_dtype is F64]
+    if found is None:
+        params, running = np.ones(1, x_dtype), np.ones(1, running_dtype)
+        found = (grads(True, x_dtype, params, x_dtype, count=2) if training
+                 else grads(False, x_dtype, params, x_dtype, running, running, count=2))
+        row[running_dtype is F64] = found
+    return found
+
+
+# The memos of uniform() and uniform_grads(): nested lists indexed by bools
+# (hashing a dtype for a dict key costs more than the rest of a lookup).
+UNIFORM: list[list[list[Any]]] = [[[None, None], [None, None]] for _ in range(2)]
+UNIFORM_GRADS: list[list[list[Optional[GradDtypes]]]] = [
+    [[None, None], [None, None]] for _ in range(2)]
