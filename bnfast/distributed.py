@@ -26,12 +26,10 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from . import _channels, _checks, _dtypes
+from . import _channels, _checks
 from ._checks import F64
-from .functional import (GradSums, Moments, Shard, backward_eval, grads_as, merge_grad_sums,
-                         merge_moments, running_update, shard_dout, shard_finish,
-                         shard_grad_input, shard_grad_sums, shard_moments, shard_normalize,
-                         shard_result, split_shard)
+from .functional import (GradSums, Moments, grad_input_into, grad_sums_of, merge_grad_sums,
+                         merge_moments, moments_of, normalize_into)
 from .layer import BatchNormalization
 
 __all__ = ["SyncBatchNormalization", "RankError"]
@@ -92,8 +90,7 @@ class SyncBatchNormalization(BatchNormalization):
                                 f"{type(comm).__name__}, which has no {method}()")
         self.comm = comm
         self.global_batch_size: Optional[int] = None
-        self._global: Optional[Moments] = None
-        self._shard: Optional[Shard] = None
+        self._global: Optional[Moments] = None     # the last training forward's merged moments
 
     def __getstate__(self) -> dict[str, Any]:
         # A communicator cannot be pickled; an unpickled layer gets COMM_WORLD.
@@ -154,69 +151,52 @@ class SyncBatchNormalization(BatchNormalization):
         """Normalize this rank's shard x; training mode uses the whole batch's statistics."""
         if not train_flg:
             return super().forward(x, False)
-        prepared: dict[str, Any] = {}
+        planned: list[_checks.ForwardCall] = []
 
         def local() -> tuple[tuple[Any, ...], int, np.ndarray]:
-            prepared.update(self._prepare_train(x))
-            moments: Moments = prepared["moments"]
-            meta = ("train", prepared["x"].shape[1:], str(prepared["x"].dtype),
-                    prepared["eps"], float(self.momentum), self.per_channel)
+            # The layer's plan, carried out in split phases.  New buffers for
+            # the copy of x and the statistics: if another rank fails, those
+            # of the last training forward (a backward may still read them)
+            # are intact.
+            call: _checks.ForwardCall = _checks.plan_forward(
+                x, self.gamma, self.beta, self.running_mean, self.running_var, self._eps,
+                self._momentum, self._rate, True, self.per_channel, self.running_var_unbiased,
+                True, run=False)
+            plan, source = call[0], call[5]
+            moments = moments_of(_channels.with_array(_checks.batch_of(plan), source),
+                                 plan[_checks.ARRAY] if plan[_checks.COPIED] else None)
+            planned.append(call)
+            meta = ("train", plan[_checks.SHAPE][1:], str(plan[_checks.X_DTYPE]),
+                    plan[_checks.EPS], self._rate, self.per_channel)
             return meta, moments.count, np.concatenate([moments.mean, moments.m2])
 
         shares = self._exchange("forward(train_flg=True)", local)
-        d = prepared["shard"].d
-        merged = merge_moments(Moments(s.rows, s.data[:d], s.data[d:])  # type: ignore[index]
+        plan, _, _, out, _, source, target, gk, bk = planned[0]
+        b = _checks.batch_of(plan)
+        c, eps, stats = b.c, plan[_checks.EPS], plan[_checks.STATS]
+        merged = merge_moments(Moments(s.rows, s.data[:c], s.data[c:])  # type: ignore[index]
                                for s in shares)
-        return self._finish_train(prepared, merged)
-
-    def _prepare_train(self, x: Any) -> dict[str, Any]:
-        """Validation, dtypes and this shard's moments (and cached copy); no state changes."""
-        x, sh = split_shard(x, self.per_channel)
-        eps = _checks.check_eps(self.eps)
-        momentum = self.momentum
-        _checks.check_momentum(momentum)
-        per_channel = self.per_channel
-        gamma = _checks.operand(self.gamma, "gamma", sh.d, x.shape, per_channel=per_channel)
-        beta = _checks.operand(self.beta, "beta", sh.d, x.shape, per_channel=per_channel)
-        running = self._running(sh.d, x.shape)
-        dts = _dtypes.train(x.dtype, gamma, beta, momentum, *running)
-        cache = None
-        if np.may_share_memory(sh.array, x):
-            # the caller's memory: keep a copy, made in the statistics pass
-            cache = self._buffer
-            if cache is None or cache.shape != sh.array.shape or cache.dtype != sh.array.dtype:
-                cache = np.empty(sh.array.shape, sh.array.dtype)
-        moments = shard_moments(sh, cache)
-        return dict(x=x, shard=sh, eps=eps, gamma=gamma, beta=beta, dts=dts, cache=cache,
-                    moments=moments, running=running)
-
-    def _finish_train(self, p: dict[str, Any], merged: Moments) -> np.ndarray:
-        x, sh, eps, dts = p["x"], p["shard"], p["eps"], p["dts"]
-        correction = _channels.var_correction(self.running_var_unbiased, merged.count,
-                                              "channel" if self.per_channel else "feature")
+        correction = _checks.var_correction(self.running_var_unbiased, merged.count,
+                                            "channel" if self.per_channel else "feature")
         var = merged.var
-        invstd = 1.0 / np.sqrt(var + eps)
-        result, target = shard_result(sh, dts.out)
-        shard_normalize(sh, target, merged, p["gamma"], p["beta"], eps)
-        running_mean, running_var = p["running"]
-        rm_new, rv_new = running_update(self.momentum, running_mean, running_var, merged.mean,
-                                        var * correction, dts.stat)
-        rm_new = self._laid_out(rm_new.astype(dts.running_mean, copy=False), self.running_mean,
-                                sh.d, x.ndim)
-        rv_new = self._laid_out(rv_new.astype(dts.running_var, copy=False), self.running_var,
-                                sh.d, x.ndim)
-        stats = np.stack([merged.mean, var, invstd])
-        cache = p["cache"]
-        if cache is not None:
-            self._buffer = cache
-            sh = _with_array(sh, cache)
-        kept: Any = sh.array if sh.channels is None else sh.channels
-        self._commit_train((kept, x.dtype, x.shape[0], sh.d, x.shape, stats, dts.stat, eps),
-                           rm_new, rv_new)
-        self._shard = sh
+        assert stats is not None
+        stats[0][...] = merged.mean
+        stats[1][...] = var
+        stats[2][...] = 1.0 / np.sqrt(var + eps)
+        normalize_into(_channels.with_array(b, source), target, merged, gk, bk, eps)
+        if target.dtype != out.dtype:     # a float16 output from its float32 stand-in
+            np.copyto(_channels.kernel_view(b.layout, out), target, casting="unsafe")
+        # (the running statistics as the planner checked them; it has made
+        # their new arrays, laid out as the old ones)
+        old = _checks.running_pair(self.running_mean, self.running_var, c, b.shape,
+                                   self.per_channel) or (np.zeros(c), np.zeros(c))
+        _checks.update_running(plan[_checks.RUNNING_MEAN], plan[_checks.RUNNING_VAR],
+                               self.momentum, old, merged.mean, var * correction,
+                               plan[_checks.STAT_DTYPE])
+        self._commit(plan)
         self._global = merged
-        self.global_batch_size = merged.count // (sh.count // x.shape[0])   # samples
-        return shard_finish(sh, result, target)
+        self.global_batch_size = merged.count // b.s      # samples
+        return out
 
     # -- backward
 
@@ -225,76 +205,56 @@ class SyncBatchNormalization(BatchNormalization):
         last_train = self._last_train
         if last_train is None:
             raise RuntimeError("backward() called before any forward(); call forward(x) first")
-        if last_train:
-            return self._backward_train(dout)
-        return self._backward_eval(dout)
-
-    def _backward_train(self, dout: Any) -> np.ndarray:
-        assert self._train is not None and self._global is not None and self._shard is not None
-        x_dtype, eps = self._train[1], self._train[7]
-        sh, merged = self._shard, self._global
-        d = sh.d
-        prepared: dict[str, Any] = {}
-        given_gamma, beta = self.gamma, self.beta
-
-        def local() -> tuple[tuple[Any, ...], int, np.ndarray]:
-            checked = _checks.as_array(dout, "dout")
-            shard, dk = shard_dout(sh, checked)
-            gamma = _checks.operand(given_gamma, "gamma", d, sh.shape,
-                                    per_channel=self.per_channel)
-            dts = _dtypes.grads(True, x_dtype, gamma, checked.dtype, count=merged.count)
-            sums = shard_grad_sums(shard, dk, merged, eps)
-            prepared.update(shard=shard, dk=dk, gamma=gamma, dts=dts)
-            return ("backward", d), sums.count, np.concatenate([sums.sum_dout,
-                                                                sums.sum_dout_xhat])
-
-        shares = self._exchange("backward (after a training forward)", local)
-        total = merge_grad_sums(GradSums(s.rows, s.data[:d], s.data[d:])  # type: ignore[index]
-                                for s in shares)
-        dts, shard = prepared["dts"], prepared["shard"]
-        result, target = shard_result(shard, dts.dx)
-        dgamma, dbeta = shard_grad_input(shard, prepared["dk"], target, merged,
-                                         _checks.kernel_vector(prepared["gamma"]), total, eps)
-        self.dgamma, self.dbeta = self._grads_laid_out(*grads_as(dgamma, dbeta, dts), given_gamma,
-                                                       beta, d, len(sh.shape))
-        return shard_finish(shard, result, target)
-
-    def _backward_eval(self, dout: Any) -> np.ndarray:
-        assert self._eval is not None
-        x, _, n, d, shape, running_mean, running_var, eps = self._eval
-        if isinstance(x, _channels.Batch):      # per channel: x's own layout
-            x = x.array if x.layout == _channels.PLANES else _channels.channels_to_second(x.array)
-        prepared: dict[str, Any] = {}
+        plan = self._train if last_train else self._eval
+        assert plan is not None
         gamma, beta = self.gamma, self.beta
+        c, eps = plan[_checks.C], plan[_checks.EPS]
+        merged = self._global
+        if last_train:
+            assert merged is not None
+            planned: list[_checks.BackwardCall] = []
 
-        def local() -> tuple[tuple[Any, ...], int, np.ndarray]:
-            dx, dgamma, dbeta = backward_eval(dout, x.reshape(shape), gamma, running_mean,
-                                              running_var, eps=eps, per_channel=self.per_channel)
-            prepared.update(dx=dx, dgamma_dtype=dgamma.dtype, dbeta_dtype=dbeta.dtype)
-            return (("backward", d), n,
-                    np.concatenate([dgamma.astype(F64), dbeta.astype(F64)]))
+            def local() -> tuple[tuple[Any, ...], int, np.ndarray]:
+                assert plan is not None and merged is not None
+                call: _checks.BackwardCall = _checks.plan_backward(
+                    plan, dout, gamma, beta, None, self.per_channel, count=merged.count,
+                    run=False)
+                sums = grad_sums_of(_channels.with_array(_checks.batch_of(plan), call[6]),
+                                    call[7], merged, eps)
+                planned.append(call)
+                return ("backward", c), sums.count, np.concatenate([sums.sum_dout,
+                                                                    sums.sum_dout_xhat])
 
-        shares = self._exchange("backward (after an eval-mode forward)", local)
-        dgamma = np.zeros(d)
-        dbeta = np.zeros(d)
-        for share in shares:      # rank order
-            assert share.data is not None
-            dgamma += share.data[:d]
-            dbeta += share.data[d:]
-        self.dgamma, self.dbeta = self._grads_laid_out(
-            dgamma.astype(prepared["dgamma_dtype"], copy=False),
-            dbeta.astype(prepared["dbeta_dtype"], copy=False), gamma, beta, d, len(shape))
-        result: np.ndarray = prepared["dx"]
-        return result
+            shares = self._exchange("backward (after a training forward)", local)
+            total = merge_grad_sums(GradSums(s.rows, s.data[:c], s.data[c:])  # type: ignore
+                                    for s in shares)
+            grad_input_into(plan, planned[0], merged, total, eps)
+            dx, dgamma, dbeta = planned[0][2], planned[0][4], planned[0][5]
+        else:
+            grads: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
+            def local() -> tuple[tuple[Any, ...], int, np.ndarray]:
+                # the eval-mode backward is local; only dgamma and dbeta are summed
+                assert plan is not None
+                grads.append(_checks.plan_backward(plan, dout, gamma, beta, None,
+                                                   self.per_channel))
+                return (("backward", c), plan[_checks.N],
+                        np.concatenate([grads[0][1].astype(F64).reshape(-1),
+                                        grads[0][2].astype(F64).reshape(-1)]))
 
-def _with_array(sh: Shard, array: np.ndarray) -> Shard:
-    """sh reading `array` (same layout and dims) instead."""
-    channels = None
-    if sh.channels is not None:
-        b = sh.channels
-        channels = _channels.Batch(array, b.layout, b.shape, b.n, b.c, b.s)
-    return Shard(array, sh.n, sh.d, sh.s, sh.count, sh.shape, channels)
+            shares = self._exchange("backward (after an eval-mode forward)", local)
+            dx, dgamma, dbeta = grads[0]
+            dgamma_sum = np.zeros(c)
+            dbeta_sum = np.zeros(c)
+            for share in shares:      # rank order
+                assert share.data is not None
+                dgamma_sum += share.data[:c]
+                dbeta_sum += share.data[c:]
+            np.copyto(dgamma.reshape(-1), dgamma_sum, casting="unsafe")
+            np.copyto(dbeta.reshape(-1), dbeta_sum, casting="unsafe")
+        self.dgamma = dgamma
+        self.dbeta = dbeta
+        return dx
 
 
 def _describe_meta(meta: Optional[Sequence[Any]]) -> str:

@@ -10,11 +10,14 @@ per-feature (per-channel) operands are numbers or arrays of D (C) values
 shaped (D,) or (1, D) ((C,), or laid out along x's channel axis such as
 (1, C, 1, 1)).  Result dtypes follow the reference class's NumPy arithmetic
 (see README, "The contract"); new running statistics keep the layout of the
-given ones, and batch statistics, dgamma and dbeta are (D,) ((C,)) vectors.  ``out=`` takes an array of x's shape and
-exactly the result dtype, C-contiguous (per channel: laid out like x), not
-overlapping any input; the per-feature results are always fresh arrays.
+given ones, and batch statistics, dgamma and dbeta are (D,) ((C,)) vectors.
+``out=`` takes an array of x's shape and exactly the result dtype,
+C-contiguous (per channel: laid out like x), not overlapping any input; the
+per-feature results are always fresh arrays.
 
-``BatchNormalization`` (bnfast.layer) is built on the same internals.
+Each function is one plan (bnfast._checks: validation, dtypes, layout and
+results decided at once) carried out by one kernel call;
+``BatchNormalization`` (bnfast.layer) runs the same plans.
 """
 from __future__ import annotations
 
@@ -23,9 +26,10 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from . import _channels, _checks, _dtypes, _outputs
+from . import _channels, _checks
+from ._channels import Batch
+from ._checks import F64
 from ._native import kernels as _kernels
-from ._checks import F16, F32, F64
 
 __all__ = ["TrainResult", "forward_train", "forward_eval", "backward_train", "backward_eval",
            "Moments", "GradSums", "batch_moments", "merge_moments", "normalize", "grad_sums",
@@ -41,62 +45,6 @@ class TrainResult(NamedTuple):
     running_var: Optional[np.ndarray]    #: updated running variance (new array), if given
 
 
-def result_buffers(shape: tuple[int, ...], dt: np.dtype, out: Any, what: str,
-                   inputs: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """(result, kernel target).  float16 results are computed in a float32 buffer."""
-    if out is None:
-        result = _outputs.empty(shape, dt)
-    else:
-        result = _checks.check_out(out, shape, dt, what, inputs)
-    return result, (np.empty(shape, F32) if dt == F16 else result)
-
-
-def finish(result: np.ndarray, target: np.ndarray) -> np.ndarray:
-    if target is not result:
-        np.copyto(result, target, casting="unsafe")
-    return result
-
-
-def grad_buffers(d: int, dts: _dtypes.GradDtypes) -> tuple[np.ndarray, np.ndarray]:
-    """dgamma, dbeta as the kernel writes them (one float dtype for both)."""
-    if dts.dgamma == dts.dbeta and dts.dgamma in (F32, F64):
-        return np.empty(d, dts.dgamma), np.empty(d, dts.dbeta)
-    return np.empty(d, F64), np.empty(d, F64)
-
-
-def grads_as(dgamma: np.ndarray, dbeta: np.ndarray,
-             dts: _dtypes.GradDtypes) -> tuple[np.ndarray, np.ndarray]:
-    return dgamma.astype(dts.dgamma, copy=False), dbeta.astype(dts.dbeta, copy=False)
-
-
-def same_kernel_dtype(x: np.ndarray, dout: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x and dout laid out for the backward kernels, which read both in one dtype."""
-    kx = _checks.kernel_dtype(x.dtype)
-    kd = _checks.kernel_dtype(dout.dtype)
-    k = kx if kx == kd else F64
-    return _checks.for_kernel(x, k), _checks.for_kernel(dout, k)
-
-
-def running_update(momentum: Any, running_mean: Any, running_var: Any, mean: np.ndarray,
-                   var: np.ndarray, stat: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """The reference's update, in NumPy, for the running statistics whose
-    result dtype the kernel does not write (float16)."""
-    keep = 1 - momentum
-    new_mean = momentum * running_mean + keep * mean.astype(stat)
-    new_var = momentum * running_var + keep * var.astype(stat)
-    return np.asarray(new_mean), np.asarray(new_var)
-
-
-def check_dout(dout: Any, shape: tuple[int, ...], n: int, d: int) -> np.ndarray:
-    """dout must have the forward input's shape (or its flattened (N, D) view)."""
-    arr = _checks.as_array(dout, "dout")
-    _checks.check_real_dtype(arr.dtype, "dout")
-    if arr.shape != shape and arr.shape != (n, d):
-        raise ValueError(f"dout has shape {arr.shape}; the forward input had shape {shape} "
-                         f"(dout must have that shape or its flattened shape {(n, d)})")
-    return arr
-
-
 def forward_train(x: Any, gamma: Any, beta: Any, *, eps: float = 1e-6,
                   running_mean: Any = None, running_var: Any = None, momentum: float = 0.9,
                   out: Optional[np.ndarray] = None, per_channel: bool = False,
@@ -110,50 +58,13 @@ def forward_train(x: Any, gamma: Any, beta: Any, *, eps: float = 1e-6,
     per_channel: statistics per channel of (N, C, *spatial) input, over N and
     all spatial positions; mean and var then have shape (C,).
     """
-    if per_channel:
-        return _channel_forward_train(x, gamma, beta, eps, running_mean, running_var, momentum,
-                                      out, running_var_unbiased)
-    x, n, d = _checks.batch(x)
-    eps = _checks.check_eps(eps)
-    gamma = _checks.operand(gamma, "gamma", d, x.shape)
-    beta = _checks.operand(beta, "beta", d, x.shape)
-    _checks.check_momentum(momentum)
-    given = running_mean, running_var
-    running = _checks.running_pair(running_mean, running_var, d, x.shape)
-    updating = running is not None
-    if running is not None:
-        running_mean, running_var = running
-    correction = _channels.var_correction(running_var_unbiased, n, "feature")
-    dts = _dtypes.train(x.dtype, gamma, beta, momentum, running_mean, running_var)
-    result, target = result_buffers(x.shape, dts.out, out, "out",
-                                    (x, gamma, beta, running_mean, running_var))
-    xk = _checks.for_kernel(x, _checks.kernel_dtype(x.dtype))
-    mean = np.empty(d)
-    var = np.empty(d)
-    in_kernel = updating and dts.running_mean in (F32, F64) and dts.running_var in (F32, F64)
-    rm_old = _checks.kernel_vector(running_mean) if in_kernel else None
-    rv_old = _checks.kernel_vector(running_var) if in_kernel else None
-    rm_new = np.empty(d, dts.running_mean) if in_kernel else None
-    rv_new = np.empty(d, dts.running_var) if in_kernel else None
-    _kernels.train_forward(xk, None, target, n, d, _checks.kernel_vector(gamma),
-                           _checks.kernel_vector(beta), eps, mean, var, None,
-                           rm_old, rm_new, rv_old, rv_new,
-                           float(momentum), float(1 - momentum), correction)
-    if updating and not in_kernel:
-        rm_new, rv_new = running_update(momentum, running_mean, running_var, mean,
-                                        var * correction, dts.stat)
-    rm_new, rv_new = _running_laid_out(rm_new, rv_new, given, d, x.ndim, False)
-    return TrainResult(finish(result, target), mean, var, rm_new, rv_new)
-
-
-def _running_laid_out(rm_new: Optional[np.ndarray], rv_new: Optional[np.ndarray],
-                      given: tuple[Any, Any], d: int, x_ndim: int,
-                      per_channel: bool) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
-    """New running statistics in the layout of the given ones ((1, D) stays (1, D))."""
-    if rm_new is None or rv_new is None:
-        return rm_new, rv_new
-    return (rm_new.reshape(_checks.unit_shape(given[0], d, x_ndim, per_channel)),
-            rv_new.reshape(_checks.unit_shape(given[1], d, x_ndim, per_channel)))
+    result, plan, _ = _checks.plan_forward(
+        x, gamma, beta, running_mean, running_var, _checks.check_eps(eps), momentum,
+        _checks.check_momentum(momentum), True, _checks.check_flag(per_channel, "per_channel"),
+        running_var_unbiased, out=out, running="optional")
+    stats = plan[_checks.STATS]
+    return TrainResult(result, stats[0], stats[1], plan[_checks.RUNNING_MEAN],
+                       plan[_checks.RUNNING_VAR])
 
 
 def forward_eval(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: Any, *,
@@ -161,35 +72,17 @@ def forward_eval(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
                  per_channel: bool = False) -> np.ndarray:
     """gamma * (x - running_mean) / sqrt(running_var + eps) + beta (per
     feature, or per channel of (N, C, *spatial) input)."""
-    if per_channel:
-        return _channel_forward_eval(x, gamma, beta, running_mean, running_var, eps, out)
-    x, n, d = _checks.batch(x)
-    eps = _checks.check_eps(eps)
-    gamma = _checks.operand(gamma, "gamma", d, x.shape)
-    beta = _checks.operand(beta, "beta", d, x.shape)
-    running_mean = _checks.operand(running_mean, "running_mean", d, x.shape)
-    running_var = _checks.operand(running_var, "running_var", d, x.shape)
-    dts = _dtypes.evaluate(x.dtype, gamma, beta, running_mean, running_var)
-    result, target = result_buffers(x.shape, dts.out, out, "out",
-                                    (x, gamma, beta, running_mean, running_var))
-    _kernels.eval_forward(_checks.for_kernel(x, _checks.kernel_dtype(x.dtype)), target, n, d,
-                          _checks.kernel_vector(gamma), _checks.kernel_vector(beta),
-                          _checks.kernel_vector(running_mean), _checks.kernel_vector(running_var),
-                          eps)
-    return finish(result, target)
+    result: np.ndarray = _checks.plan_forward(
+        x, gamma, beta, running_mean, running_var, _checks.check_eps(eps), None, 0.0, False,
+        _checks.check_flag(per_channel, "per_channel"), out=out, running="required")[0]
+    return result
 
 
-def _batch_stats(mean: Any, var: Any, d: int, shape: tuple[int, ...],
-                 unit: str) -> list[np.ndarray]:
-    stats = []
-    for value, what in ((mean, "mean"), (var, "var")):
-        arr = _checks.as_array(value, what)
-        _checks.check_real_dtype(arr.dtype, what)
-        if arr.shape != (d,):
-            raise ValueError(f"{what} has shape {arr.shape}; expected ({d},), one value per "
-                             f"{unit} of x (shape {shape})")
-        stats.append(arr)
-    return stats
+def _backward(plan: _checks.Plan, dout: Any, gamma: Any, out: Any,
+              inputs: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    grads: tuple[np.ndarray, np.ndarray, np.ndarray] = _checks.plan_backward(
+        plan, dout, gamma, out=out, inputs=inputs)
+    return grads
 
 
 def backward_train(dout: Any, x: Any, mean: Any, var: Any, gamma: Any, *, eps: float = 1e-6,
@@ -199,24 +92,11 @@ def backward_train(dout: Any, x: Any, mean: Any, var: Any, gamma: Any, *, eps: f
 
     ``mean`` and ``var`` are the batch statistics that forward_train returned
     for this x (any real dtype; used in float64), ``dout`` the gradient of
-    its output.
+    its output.  dgamma and dbeta are (D,) ((C,)) vectors.
     """
-    if per_channel:
-        return _channel_backward_train(dout, x, mean, var, gamma, eps, out)
-    x, n, d = _checks.batch(x)
-    dout = check_dout(dout, x.shape, n, d)
-    eps = _checks.check_eps(eps)
-    gamma = _checks.operand(gamma, "gamma", d, x.shape)
-    stats = _batch_stats(mean, var, d, x.shape, "feature")
-    dts = _dtypes.grads(True, x.dtype, gamma, dout.dtype, count=n)
-    result, target = result_buffers(x.shape, dts.dx, out, "out", (x, dout, gamma, *stats))
-    mean = np.ascontiguousarray(stats[0], dtype=F64)
-    invstd = 1.0 / np.sqrt(np.asarray(stats[1], dtype=F64) + eps)
-    xk, dk = same_kernel_dtype(x, dout)
-    dgamma, dbeta = grad_buffers(d, dts)
-    _kernels.train_backward(xk, dk, target, n, d, mean, invstd,
-                            _checks.kernel_vector(gamma), dgamma, dbeta)
-    return (finish(result, target), *grads_as(dgamma, dbeta, dts))
+    plan = _checks.train_plan_of(x, mean, var, eps,
+                                 _checks.check_flag(per_channel, "per_channel"))
+    return _backward(plan, dout, gamma, out, (x, mean, var))
 
 
 def backward_eval(dout: Any, x: Any, gamma: Any, running_mean: Any, running_var: Any, *,
@@ -225,124 +105,9 @@ def backward_eval(dout: Any, x: Any, gamma: Any, running_mean: Any, running_var:
     """Gradients (dx, dgamma, dbeta) of forward_eval, statistics held constant:
     dx = dout * gamma / sqrt(running_var + eps), dgamma = sum(dout * xn),
     dbeta = sum(dout)."""
-    if per_channel:
-        return _channel_backward_eval(dout, x, gamma, running_mean, running_var, eps, out)
-    x, n, d = _checks.batch(x)
-    dout = check_dout(dout, x.shape, n, d)
-    eps = _checks.check_eps(eps)
-    gamma = _checks.operand(gamma, "gamma", d, x.shape)
-    running_mean = _checks.operand(running_mean, "running_mean", d, x.shape)
-    running_var = _checks.operand(running_var, "running_var", d, x.shape)
-    dts = _dtypes.grads(False, x.dtype, gamma, dout.dtype, running_mean, running_var, count=n)
-    result, target = result_buffers(x.shape, dts.dx, out, "out",
-                                    (x, dout, gamma, running_mean, running_var))
-    xk, dk = same_kernel_dtype(x, dout)
-    dgamma, dbeta = grad_buffers(d, dts)
-    _kernels.eval_backward(xk, dk, target, n, d, _checks.kernel_vector(gamma),
-                           _checks.kernel_vector(running_mean), _checks.kernel_vector(running_var),
-                           eps, dgamma, dbeta)
-    return (finish(result, target), *grads_as(dgamma, dbeta, dts))
-
-
-# --------------------------------------------------------------------------
-# Per-channel forms (per_channel=True): x is (N, C, *spatial), statistics and
-# parameters are per channel; NCHW and channels-last input run without a copy
-# and results keep x's layout (see _channels).
-
-
-def _channel_operands(gamma: Any, beta: Any, c: int,
-                      shape: tuple[int, ...]) -> tuple[Any, Any]:
-    return (_checks.operand(gamma, "gamma", c, shape, per_channel=True),
-            _checks.operand(beta, "beta", c, shape, per_channel=True))
-
-
-def _channel_forward_train(x: Any, gamma: Any, beta: Any, eps: float, running_mean: Any,
-                           running_var: Any, momentum: float, out: Optional[np.ndarray],
-                           unbiased: bool) -> TrainResult:
-    x, n, c, s = _channels.batch(x)
-    eps = _checks.check_eps(eps)
-    gamma, beta = _channel_operands(gamma, beta, c, x.shape)
-    _checks.check_momentum(momentum)
-    given = running_mean, running_var
-    running = _checks.running_pair(running_mean, running_var, c, x.shape, per_channel=True)
-    updating = running is not None
-    if running is not None:
-        running_mean, running_var = running
-    correction = _channels.var_correction(unbiased, n * s, "channel")
-    dts = _dtypes.train(x.dtype, gamma, beta, momentum, running_mean, running_var)
-    b = _channels.for_kernel(x, n, c, s)
-    result, target = _channels.result_buffers(b, dts.out, out, "out",
-                                              (x, gamma, beta, running_mean, running_var))
-    stats = np.empty((3, c))
-    in_kernel = updating and dts.running_mean in (F32, F64) and dts.running_var in (F32, F64)
-    rm_new = np.empty(c, dts.running_mean) if in_kernel else None
-    rv_new = np.empty(c, dts.running_var) if in_kernel else None
-    _channels.train_forward(
-        b, None, target, _checks.kernel_vector(gamma), _checks.kernel_vector(beta), eps, stats,
-        _checks.kernel_vector(running_mean) if in_kernel else None, rm_new,
-        _checks.kernel_vector(running_var) if in_kernel else None, rv_new, float(momentum),
-        correction)
-    if updating and not in_kernel:
-        rm_new, rv_new = running_update(momentum, running_mean, running_var, stats[0],
-                                        stats[1] * correction, dts.stat)
-    rm_new, rv_new = _running_laid_out(rm_new, rv_new, given, c, x.ndim, True)
-    return TrainResult(_channels.finish(b, result, target), stats[0], stats[1], rm_new, rv_new)
-
-
-def _channel_forward_eval(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: Any,
-                          eps: float, out: Optional[np.ndarray]) -> np.ndarray:
-    x, n, c, s = _channels.batch(x)
-    eps = _checks.check_eps(eps)
-    gamma, beta = _channel_operands(gamma, beta, c, x.shape)
-    running_mean, running_var = _channel_operands(running_mean, running_var, c, x.shape)
-    dts = _dtypes.evaluate(x.dtype, gamma, beta, running_mean, running_var)
-    b = _channels.for_kernel(x, n, c, s)
-    result, target = _channels.result_buffers(b, dts.out, out, "out",
-                                              (x, gamma, beta, running_mean, running_var))
-    _channels.eval_forward(b, target, _checks.kernel_vector(gamma), _checks.kernel_vector(beta),
-                           _checks.kernel_vector(running_mean),
-                           _checks.kernel_vector(running_var), eps)
-    return _channels.finish(b, result, target)
-
-
-def _channel_backward_train(dout: Any, x: Any, mean: Any, var: Any, gamma: Any, eps: float,
-                            out: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray,
-                                                                np.ndarray]:
-    x, n, c, s = _channels.batch(x)
-    dout = _channels.check_dout(dout, x.shape)
-    eps = _checks.check_eps(eps)
-    gamma = _checks.operand(gamma, "gamma", c, x.shape, per_channel=True)
-    stats = _batch_stats(mean, var, c, x.shape, "channel")
-    dts = _dtypes.grads(True, x.dtype, gamma, dout.dtype, count=n * s)
-    b, dk = _channels.same_dtype(_channels.for_kernel(x, n, c, s), dout)
-    result, target = _channels.result_buffers(b, dts.dx, out, "out", (x, dout, gamma, *stats))
-    mean = np.ascontiguousarray(stats[0], dtype=F64)
-    invstd = 1.0 / np.sqrt(np.asarray(stats[1], dtype=F64) + eps)
-    dgamma, dbeta = grad_buffers(c, dts)
-    _channels.train_backward(b, dk, target, mean, invstd, _checks.kernel_vector(gamma),
-                             dgamma, dbeta)
-    return (_channels.finish(b, result, target), *grads_as(dgamma, dbeta, dts))
-
-
-def _channel_backward_eval(dout: Any, x: Any, gamma: Any, running_mean: Any, running_var: Any,
-                           eps: float, out: Optional[np.ndarray]) -> tuple[np.ndarray,
-                                                                           np.ndarray,
-                                                                           np.ndarray]:
-    x, n, c, s = _channels.batch(x)
-    dout = _channels.check_dout(dout, x.shape)
-    eps = _checks.check_eps(eps)
-    gamma = _checks.operand(gamma, "gamma", c, x.shape, per_channel=True)
-    running_mean, running_var = _channel_operands(running_mean, running_var, c, x.shape)
-    dts = _dtypes.grads(False, x.dtype, gamma, dout.dtype, running_mean, running_var,
-                        count=n * s)
-    b, dk = _channels.same_dtype(_channels.for_kernel(x, n, c, s), dout)
-    result, target = _channels.result_buffers(b, dts.dx, out, "out",
-                                              (x, dout, gamma, running_mean, running_var))
-    dgamma, dbeta = grad_buffers(c, dts)
-    _channels.eval_backward(b, dk, target, _checks.kernel_vector(gamma),
-                            _checks.kernel_vector(running_mean),
-                            _checks.kernel_vector(running_var), eps, dgamma, dbeta)
-    return (_channels.finish(b, result, target), *grads_as(dgamma, dbeta, dts))
+    plan = _checks.eval_plan_of(x, running_mean, running_var, eps,
+                                _checks.check_flag(per_channel, "per_channel"))
+    return _backward(plan, dout, gamma, out, (x, running_mean, running_var))
 
 
 # --------------------------------------------------------------------------
@@ -429,70 +194,14 @@ def _invstd(moments: Moments, eps: float) -> np.ndarray:
     return result
 
 
-@dataclass(frozen=True)
-class Shard:
-    """A batch (or shard) as the split-phase kernels read it."""
-    array: np.ndarray                  #: kernel-ready x
-    n: int                             #: kernel dims: (n, d) rows if s == 0,
-    d: int                             #: ... (n, d, s) NCHW planes if s > 0
-    s: int
-    count: int                         #: values per feature (channel)
-    shape: tuple[int, ...]             #: the caller's x.shape
-    channels: Optional[_channels.Batch]   #: per-channel layout, None per feature
-
-    @property
-    def dims(self) -> tuple[int, int, int]:
-        return self.n, self.d, self.s
-
-
-def split_shard(x: Any, per_channel: bool) -> tuple[np.ndarray, Shard]:
-    """x checked (ndim >= 2, real dtype, not empty) and laid out for the kernels."""
-    if per_channel:
-        x, n, c, s = _channels.batch(x)
-        b = _channels.for_kernel(x, n, c, s)
-        if b.layout == _channels.PLANES:
-            return x, Shard(b.array, n, c, s, n * s, x.shape, b)
-        return x, Shard(b.array, b.rows, c, 0, b.rows, x.shape, b)
-    x, n, d = _checks.batch(x)
-    return x, Shard(_checks.for_kernel(x, _checks.kernel_dtype(x.dtype)), n, d, 0, n, x.shape,
-                    None)
-
-
-def _shard_operand(value: Any, what: str, sh: Shard) -> Any:
-    return _checks.operand(value, what, sh.d, sh.shape, per_channel=sh.channels is not None)
-
-
-def shard_result(sh: Shard, dt: np.dtype, out: Any = None,
-                 inputs: tuple[Any, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
-    """(result in the shard's layout, the kernels' target view)."""
-    if sh.channels is None:
-        return result_buffers(sh.shape, dt, out, "out", inputs)
-    return _channels.result_buffers(sh.channels, dt, out, "out", inputs)
-
-
-def shard_finish(sh: Shard, result: np.ndarray, target: np.ndarray) -> np.ndarray:
-    if sh.channels is None:
-        return finish(result, target)
-    return _channels.finish(sh.channels, result, target)
-
-
-def shard_dout(sh: Shard, dout: Any) -> tuple[Shard, np.ndarray]:
-    """dout checked against the shard, and both in one kernel dtype and layout."""
-    if sh.channels is None:
-        dout = check_dout(dout, sh.shape, sh.n, sh.d)
-        xk, dk = same_kernel_dtype(sh.array, dout)
-        return Shard(xk, sh.n, sh.d, 0, sh.count, sh.shape, None), dk
-    dout = _channels.check_dout(dout, sh.shape)
-    b, dk = _channels.same_dtype(sh.channels, dout)
-    return Shard(b.array, sh.n, sh.d, sh.s, sh.count, sh.shape, b), dk
-
-
-def shard_moments(sh: Shard, cache: Optional[np.ndarray] = None) -> Moments:
-    """batch_moments of a shard; cache = the shard's array unless None."""
-    mean = np.empty(sh.d)
-    m2 = np.empty(sh.d)
-    _kernels.moments(sh.array, cache, sh.n, sh.d, mean, m2, sh.s)
-    return Moments(sh.count, mean, m2)
+def moments_of(b: Batch, cache: Optional[np.ndarray] = None) -> Moments:
+    """batch_moments of a laid-out batch; the kernel copies it into cache
+    unless that is None."""
+    mean = np.empty(b.c)
+    m2 = np.empty(b.c)
+    n, c, s = _channels.split_dims(b)
+    _kernels.moments(b.array, cache, n, c, mean, m2, s)
+    return Moments(b.n * b.s, mean, m2)
 
 
 def batch_moments(x: Any, *, per_channel: bool = False) -> Moments:
@@ -502,7 +211,7 @@ def batch_moments(x: Any, *, per_channel: bool = False) -> Moments:
     Computed as the training forward computes its statistics (one pass of
     shifted sums with an exact fallback, float64 accumulation).
     """
-    return shard_moments(split_shard(x, per_channel)[1])
+    return moments_of(_checks.layout(x, _checks.check_flag(per_channel, "per_channel"))[1])
 
 
 def merge_moments(parts: Any) -> Moments:
@@ -541,23 +250,38 @@ def normalize(x: Any, moments: Any, gamma: Any, beta: Any, *, eps: float = 1e-6,
     """gamma * (x - mean) / sqrt(var + eps) + beta with the given (merged)
     statistics: the training forward's output for this shard.  dtype as
     forward_train's output."""
-    x, sh = split_shard(x, per_channel)
-    moments = _moments_for(moments, sh.d)
-    eps = _checks.check_eps(eps)
-    gamma = _shard_operand(gamma, "gamma", sh)
-    beta = _shard_operand(beta, "beta", sh)
-    dts = _dtypes.train(x.dtype, gamma, beta)
-    result, target = shard_result(sh, dts.out, out, (x, gamma, beta, moments.mean, moments.m2))
-    shard_normalize(sh, target, moments, gamma, beta, eps)
-    return shard_finish(sh, result, target)
+    # A training forward's plan, without running statistics; the affine
+    # kernel carries it out with the given statistics instead of the batch's.
+    call: _checks.ForwardCall = _checks.plan_forward(
+        x, gamma, beta, None, None, _checks.check_eps(eps), 0.9, 0.9, True,
+        _checks.check_flag(per_channel, "per_channel"), out=out, running="optional", run=False)
+    plan, _, _, result, after, source, target, gk, bk = call
+    b = _checks.batch_of(plan)
+    moments = _moments_for(moments, b.c)
+    normalize_into(_channels.with_array(b, source), target, moments, gk, bk, plan[_checks.EPS])
+    if after is not None:
+        after()
+    return result
 
 
-def shard_normalize(sh: Shard, target: np.ndarray, moments: Moments, gamma: Any, beta: Any,
-                    eps: float) -> None:
-    """normalize's output for a shard, into the kernels' target view."""
-    scale = _invstd(moments, eps) * np.broadcast_to(np.asarray(gamma, dtype=F64), (sh.d,))
-    shift = np.ascontiguousarray(np.broadcast_to(np.asarray(beta, dtype=F64), (sh.d,)))
-    _kernels.affine(sh.array, target, sh.n, sh.d, moments.mean, scale, shift, sh.s)
+def normalize_into(b: Batch, target: np.ndarray, moments: Moments, gamma: np.ndarray,
+                   beta: np.ndarray, eps: float) -> None:
+    """normalize's output for a laid-out batch into the kernels' target view
+    (gamma, beta: kernel vectors)."""
+    c = b.c
+    scale = _invstd(moments, eps) * np.broadcast_to(gamma.astype(F64, copy=False), (c,))
+    shift = np.ascontiguousarray(np.broadcast_to(beta.astype(F64, copy=False), (c,)))
+    n, c, s = _channels.split_dims(b)
+    _kernels.affine(b.array, target, n, c, moments.mean, scale, shift, s)
+
+
+def _from_moments(x: Any, moments: Any, eps: Any,
+                  per_channel: Any) -> tuple[_checks.Plan, Moments]:
+    """The plan of a training forward with these (merged) statistics."""
+    per_channel = _checks.check_flag(per_channel, "per_channel")
+    arr, b = _checks.layout(x, per_channel)
+    moments = _moments_for(moments, b.c)
+    return _checks.train_plan_of(arr, moments.mean, moments.var, eps, per_channel), moments
 
 
 def grad_sums(dout: Any, x: Any, moments: Any, *, eps: float = 1e-6,
@@ -565,19 +289,19 @@ def grad_sums(dout: Any, x: Any, moments: Any, *, eps: float = 1e-6,
     """Per-feature (per-channel) sums of dout and dout * xhat over this shard,
     float64, where xhat = (x - mean) / sqrt(var + eps) with the given (merged)
     statistics."""
-    x, sh = split_shard(x, per_channel)
-    sh, dk = shard_dout(sh, dout)
-    moments = _moments_for(moments, sh.d)
-    eps = _checks.check_eps(eps)
-    return shard_grad_sums(sh, dk, moments, eps)
+    plan, moments = _from_moments(x, moments, eps, per_channel)
+    xk, dk = _checks.with_dout(plan, dout)
+    return grad_sums_of(_channels.with_array(_checks.batch_of(plan), xk), dk, moments,
+                        plan[_checks.EPS])
 
 
-def shard_grad_sums(sh: Shard, dk: np.ndarray, moments: Moments, eps: float) -> GradSums:
-    """grad_sums of a shard and its kernel-ready dout."""
-    sum_dout = np.empty(sh.d)
-    sum_dout_xc = np.empty(sh.d)
-    _kernels.grad_sums(sh.array, dk, sh.n, sh.d, moments.mean, sum_dout, sum_dout_xc, sh.s)
-    return GradSums(sh.count, sum_dout, sum_dout_xc * _invstd(moments, eps))
+def grad_sums_of(b: Batch, dk: np.ndarray, moments: Moments, eps: float) -> GradSums:
+    """grad_sums of a laid-out batch and its laid-out dout."""
+    sum_dout = np.empty(b.c)
+    sum_dout_xc = np.empty(b.c)
+    n, c, s = _channels.split_dims(b)
+    _kernels.grad_sums(b.array, dk, n, c, moments.mean, sum_dout, sum_dout_xc, s)
+    return GradSums(b.n * b.s, sum_dout, sum_dout_xc * _invstd(moments, eps))
 
 
 def merge_grad_sums(parts: Any) -> GradSums:
@@ -605,30 +329,33 @@ def grad_input(dout: Any, x: Any, moments: Any, gamma: Any, sums: Any, *, eps: f
     the merged count; dgamma = sum_dout_xhat and dbeta = sum_dout (the whole
     batch's, the same on every shard).  dtypes as backward_train's.
     """
-    x, sh = split_shard(x, per_channel)
-    dout = _checks.as_array(dout, "dout")
-    sh, dk = shard_dout(sh, dout)
-    moments = _moments_for(moments, sh.d)
-    sums = _grad_sums_for(sums, sh.d)
+    plan, moments = _from_moments(x, moments, eps, per_channel)
+    sums = _grad_sums_for(sums, plan[_checks.C])
     if sums.count != moments.count:
         raise ValueError(f"sums.count is {sums.count} but moments.count is {moments.count}; "
                          f"both must count the whole (merged) batch")
-    eps = _checks.check_eps(eps)
-    gamma = _shard_operand(gamma, "gamma", sh)
-    dts = _dtypes.grads(True, x.dtype, gamma, dout.dtype, count=moments.count)
-    result, target = shard_result(sh, dts.dx, out, (x, dout, gamma, moments.mean, moments.m2))
-    dgamma, dbeta = shard_grad_input(sh, dk, target, moments, gamma, sums, eps)
-    return (shard_finish(sh, result, target), *grads_as(dgamma, dbeta, dts))
+    call: _checks.BackwardCall = _checks.plan_backward(
+        plan, dout, gamma, out=out, inputs=(x, moments.mean, moments.m2), count=moments.count,
+        run=False)
+    grad_input_into(plan, call, moments, sums, plan[_checks.EPS])
+    return call[2], call[4], call[5]
 
 
-def shard_grad_input(sh: Shard, dk: np.ndarray, target: np.ndarray, moments: Moments,
-                     gamma: Any, sums: GradSums, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """dx of a shard into target; (dgamma, dbeta) as float64."""
+def grad_input_into(plan: _checks.Plan, call: _checks.BackwardCall, moments: Moments,
+                    sums: GradSums, eps: float) -> None:
+    """Carry out a backward plan with merged statistics and sums (the split
+    phases' last step) instead of the shard's own: dx, dgamma and dbeta (the
+    sums) into the plan's results."""
+    _, _, dx, _, dgamma, dbeta, xk, dk, target, gk = call
+    b = _checks.batch_of(plan)
     invstd = _invstd(moments, eps)
     count = float(sums.count)
-    k = np.broadcast_to(np.asarray(gamma, dtype=F64), (sh.d,)) * invstd
+    k = np.broadcast_to(gk.astype(F64, copy=False), (b.c,)) * invstd
     k_xc = invstd * (sums.sum_dout_xhat / count)
     mean_dout = sums.sum_dout / count
-    _kernels.grad_input(sh.array, dk, target, sh.n, sh.d, moments.mean, mean_dout, k_xc, k,
-                        sh.s)
-    return sums.sum_dout_xhat.copy(), sums.sum_dout.copy()
+    n, c, s = _channels.split_dims(b)
+    _kernels.grad_input(xk, dk, target, n, c, moments.mean, mean_dout, k_xc, k, s)
+    if target.dtype != dx.dtype:       # a float16 dx, from its float32 stand-in
+        np.copyto(_channels.kernel_view(b.layout, dx), target, casting="unsafe")
+    np.copyto(dgamma.reshape(-1), sums.sum_dout_xhat, casting="unsafe")
+    np.copyto(dbeta.reshape(-1), sums.sum_dout, casting="unsafe")

@@ -300,45 +300,6 @@ def test_matches_torch_batch_norm(rng, layout, shape):
     assert_close(eval_out, et.numpy())
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_fast_path_equals_the_general_path_bitwise(rng, layout, dtype):
-    """Plain float arrays take the layer's fast path; an eps that is a NumPy
-    scalar sends the same call down the validating path."""
-    x = (rng.standard_normal((6, 5, 4, 3)) * 2 + 1).astype(dtype)
-    dout = rng.standard_normal(x.shape).astype(dtype)
-    if layout == "channels_last":
-        x, dout = channels_last(x), channels_last(dout)
-    gamma, beta = params(rng, 5, dtype)
-    results = []
-    for eps in (1e-6, np.float64(1e-6)):
-        layer = bnfast.BatchNormalization(gamma, beta, running_mean=np.zeros(5, dtype),
-                                          running_var=np.ones(5, dtype), eps=eps,
-                                          per_channel=True)
-        results.append(full_round(layer, x, dout))
-    for key in results[0]:
-        assert np.array_equal(results[0][key], results[1][key]), key
-        assert results[0][key].dtype == results[1][key].dtype, key
-        assert results[0][key].strides == results[1][key].strides, key
-
-
-def test_plain_channels_recognizes_the_two_layouts():
-    from bnfast._native import kernels
-    x = np.zeros((4, 3, 5, 6))
-    assert kernels.plain_channels(x) == 2 * 3
-    assert kernels.plain_channels(channels_last(x)) == 2 * 3 + 1
-    # one value per plane: NCHW is (N, C) rows too, run as channels-last
-    assert kernels.plain_channels(np.zeros((4, 3))) == 2 * 3 + 1
-    assert kernels.plain_channels(np.zeros((4, 3, 1, 1))) == 2 * 3 + 1
-    assert kernels.plain_channels(np.zeros((4, 3, 5, 6), np.float32)[:, :, ::2]) == 0
-    assert kernels.plain_channels(np.asfortranarray(x)) == 0
-    assert kernels.plain_channels(x.astype(np.int64)) == 0
-    assert kernels.plain_channels(np.zeros((0, 3, 2))) == 0
-    assert kernels.plain_channels([[1.0, 2.0]]) == 0
-    swapped = x.astype(x.dtype.newbyteorder())
-    assert kernels.plain_channels(swapped) == 0
-
-
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("param_shape", [(1, 3, 1, 1), (3, 1, 1)])

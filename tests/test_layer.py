@@ -423,6 +423,10 @@ def test_pickle_and_deepcopy_round_trip(rng, clone_of, last_train):
         x2 = rng.standard_normal((10, d))
         assert np.array_equal(clone.forward(x2), layer.forward(x2))
         assert np.array_equal(clone.running_var, layer.running_var)
+        # the clone's buffers, reused by that forward, are its own and consistent
+        assert np.array_equal(clone.xn, layer.xn) and np.array_equal(clone.std, layer.std)
+        assert np.array_equal(clone.backward(dout), layer.backward(dout))
+        assert np.array_equal(clone.dgamma, layer.dgamma)
         assert clone.gamma is not layer.gamma
 
 
