@@ -458,7 +458,7 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
     # dtypes; that memo assumes a Python float momentum).
     r: Optional[np.dtype] = None
     laid: Any = None
-    if out is None and (not train or momentum is rate):
+    if out is None and (not train or type(momentum) is float):
         if per_channel:
             laid = _ready_batch(x, True)
             c = 0 if laid is None else laid[4]
