@@ -486,7 +486,12 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
         checked = vectors = None if unset else (running_mean, running_var)
         given = None     # 1-D running statistics: the new ones are 1-D too
         private = False
-        inputs: tuple[Any, ...] = ()
+        # (the commonest results inline: a call costs as much as the allocation)
+        after = None
+        if lay is not ROWS:
+            result = target = _new_output(shape, dts.out)
+        else:
+            result, target, _ = results(lay, shape, source.shape, dts.out, None, ())
     else:
         # The general plan: validate, convert, resolve.
         arr, b = layout(x, per_channel)
@@ -506,15 +511,10 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
                    else (kernel_vector(checked[0]), kernel_vector(checked[1])))
         given = (running_mean, running_var)
         private = source is not arr and not np.may_share_memory(source, arr)
-        inputs = (arr, gamma, beta) + (checked or ())
-        gamma, beta = kernel_vector(gamma), kernel_vector(beta)
-    if out is None and lay is not ROWS and dts.out is not F16:
-        # (the commonest results inline: a call costs as much as the allocation)
-        result = target = _new_output(shape, dts.out)
-        after = None
-    else:
-        result, target, f16_view = results(lay, shape, source.shape, dts.out, out, inputs)
+        result, target, f16_view = results(lay, shape, source.shape, dts.out, out,
+                                           (arr, gamma, beta) + (checked or ()))
         after = None if f16_view is None else _copier(f16_view, target)
+        gamma, beta = kernel_vector(gamma), kernel_vector(beta)
     args: tuple[Any, ...]
     plan: Plan
     if not train:
