@@ -64,18 +64,23 @@ traffic, counted in passes over an array of x's size:
 
 A second pass is needed because no output can be written before the batch's
 statistics (train) or the sums of dout and dout * xhat (backward) are known.
-The floor does exactly these passes with NumPy's whole-array loops (reads:
-np.maximum.reduce; a read and a write: np.copyto; two reads and a write:
-np.add), with what bnfast has: outputs allocated and touched when the cell
-is set up and reused by every call (bnfast's output cache does the same, so
-neither pays the OS's page faults), and the arrays' memory split into equal
-parts over bnfast's thread count (a thread pool; NumPy releases the GIL in
-these loops; one thread below FLOOR_PARALLEL_MIN_BYTES of x, where waking
-the pool costs more than it saves).  Each thread does its part in blocks of
-FLOOR_BLOCK_BYTES of x, every pass over a block before the next block, so
-that a second pass reads the block from cache, as bnfast's strips and row
-blocks can: the memory sees each array read once.  Parameters and
-statistics (D values each) are not counted.
+The floor moves exactly this traffic and computes nothing.  It has what
+bnfast has: outputs allocated and touched when the cell is set up and reused
+by every call (bnfast's output cache does the same, so neither pays the OS's
+page faults); the arrays' memory split into equal parts over bnfast's thread
+count (a thread pool; the loops release the GIL; one thread below
+FLOOR_PARALLEL_MIN_BYTES of x, where waking the pool costs more than it
+saves); and each part done block by block (FLOOR_BLOCK_BYTES), every pass
+over a block before the next, so that a second read comes from cache, as it
+can in bnfast's strips and row tiles.  Two ways to move the bytes, and the
+floor times both when a cell is set up and keeps the faster (JSON:
+cells[].floor_strategy): "fused", NumPy loops that read and write in one
+pass (np.copyto, np.add with out=; reads alone: np.maximum.reduce), whose
+writes read each line first (read-for-ownership) but keep cached data
+cached; and "split", the reads alone, then each output written by the C
+library's memset (ctypes), which writes whole lines without reading them,
+as bnfast's streaming stores do.  Parameters and statistics (D values each)
+are not counted.
 
 Each peer's time is the median over repeats of the per-call time; a repeat is
 a loop of enough calls to last ~3 ms.  speedup = peer time / bnfast time
@@ -95,6 +100,7 @@ difference between A and B is real only where it is larger.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.metadata
 import json
 import math
@@ -118,7 +124,7 @@ from bnfast.reference import BatchNormalization as Reference
 __all__ = [
     "CHECKED_PEERS", "DEFAULT_REPEATS", "DTYPES", "FLOOR_PLANS", "FLOOR_TRAFFIC", "OPS",
     "OPTIONAL_PEERS", "PEERS", "QUICK_SHAPES", "SHAPES", "Case", "Cell", "CellResult",
-    "CheckFailed", "Floor", "PeerStatus", "check", "compare_runs", "expected_result",
+    "CheckFailed", "Floor", "FloorPass", "PeerStatus", "check", "compare_runs", "expected_result",
     "floor_traffic", "format_comparison", "grid", "load_peer", "load_torch", "main", "make_call",
     "make_case", "measure", "parse_shapes",
 ]
@@ -452,19 +458,16 @@ class FloorPass:
     Names: "x" and "dout" are the case's inputs; any other name is an
     output of x's shape and layout that the floor allocates.
     """
-    kind: str                       # "read", "copy" or "add": a key of FLOOR_LOOPS
     reads: tuple[str, ...]
     writes: tuple[str, ...] = ()
 
 
 FLOOR_PLANS: dict[str, tuple[FloorPass, ...]] = {
-    # statistics pass: x -> the private copy; normalize pass: x -> y
-    "train": (FloorPass("copy", ("x",), ("copy",)), FloorPass("copy", ("x",), ("y",))),
-    # x -> y
-    "eval": (FloorPass("copy", ("x",), ("y",)),),
-    # sums pass: x (the private copy) and dout; dx pass: x, dout -> dx
-    "backward": (FloorPass("read", ("x",)), FloorPass("read", ("dout",)),
-                 FloorPass("add", ("x", "dout"), ("dx",))),
+    # statistics pass: read x, write the private copy; normalize pass: read x, write y
+    "train": (FloorPass(("x",), ("copy",)), FloorPass(("x",), ("y",))),
+    "eval": (FloorPass(("x",), ("y",)),),
+    # sums pass: read x (the private copy) and dout; dx pass: read both, write dx
+    "backward": (FloorPass(("x",)), FloorPass(("dout",)), FloorPass(("x", "dout"), ("dx",))),
 }
 
 
@@ -484,6 +487,18 @@ def _floor_read(a: np.ndarray) -> None:
     np.maximum.reduce(a)
 
 
+def _floor_write(out: np.ndarray) -> None:
+    """One write of every byte, as fast as the C library writes memory.
+
+    glibc's memset (`rep stosb`) writes whole cache lines without reading
+    them first, as bnfast's streaming stores do; NumPy's stores read each
+    line before writing it (read-for-ownership).  Measured on this
+    project's 2-core AMD EPYC: 2.7x ndarray.fill on 128 MiB.  ctypes
+    releases the GIL for the call.
+    """
+    ctypes.memset(out.ctypes.data, 0, out.nbytes)
+
+
 def _floor_copy(out: np.ndarray, a: np.ndarray) -> None:
     np.copyto(out, a)
 
@@ -492,21 +507,35 @@ def _floor_add(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
     np.add(a, b, out=out)
 
 
-#: The NumPy loop of each kind of pass, called as loop(*writes, *reads) on
-#: 1-D blocks of the arrays' memory.
+#: The loops the floor is made of, called as loop(*writes, *reads) on 1-D
+#: views of the arrays' memory: reads and writes alone, and the passes that
+#: read and write at once (one read and one write: copy; two and one: add).
 FLOOR_LOOPS: dict[str, Callable[..., None]] = {
-    "read": _floor_read, "copy": _floor_copy, "add": _floor_add}
+    "read": _floor_read, "write": _floor_write, "copy": _floor_copy, "add": _floor_add}
+_FUSED_LOOP = {(1, 0): "read", (1, 1): "copy", (2, 1): "add"}
 
-#: One thread below this many bytes of x: handing blocks to a thread pool
+#: Two ways to do a plan's passes, both moving the same bytes; the floor
+#: times both when it is set up and keeps the faster.  "fused": NumPy loops
+#: that read and write in one pass (np.copyto, np.add(out=)), the way the
+#: operation itself does them; they pay a read-for-ownership per line
+#: written, but a pass over cached data stays in cache.  "split": every
+#: read alone (np.maximum.reduce), then every write alone (memset), which
+#: skips the read-for-ownership, as bnfast's streaming stores do (faster
+#: on arrays far larger than the cache).
+FLOOR_STRATEGIES = ("fused", "split")
+#: One thread below this many bytes of x: handing work to a thread pool
 #: costs more than it saves (bnfast's kernels stay on one thread below
 #: 256 KiB).
 FLOOR_PARALLEL_MIN_BYTES = 1 << 20
-#: Each thread does its part of the arrays in blocks of this many bytes of
-#: x, every pass over a block before the next block: the block's second
-#: read comes from cache (it fits in L2), as in bnfast's strips.
-FLOOR_BLOCK_BYTES = 1 << 18
+#: Each thread does its part block by block, every pass over a block before
+#: the next block, so that a second read of a block (train, backward) comes
+#: from cache, as it can in bnfast's strips and row tiles.  ("split" writes
+#: whole parts: memset's line writes need long runs.)
+FLOOR_BLOCK_BYTES = 1 << 20
 
 _pools: dict[int, ThreadPoolExecutor] = {}
+
+_Calls = list[tuple[Callable[..., None], tuple[np.ndarray, ...]]]
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
@@ -524,20 +553,23 @@ def _memory(a: np.ndarray) -> np.ndarray:
     return flat
 
 
-def _run_blocks(blocks: Sequence[tuple[Callable[..., None], tuple[np.ndarray, ...]]]) -> None:
-    for loop, arrays in blocks:
+def _run_loops(calls: _Calls) -> None:
+    for loop, arrays in calls:
         loop(*arrays)
 
 
 class Floor:
-    """The floor of `op` on `case`: its outputs made and mapped, its work split; call it.
+    """The floor of `op` on `case`: outputs made and mapped, work split; call it.
 
-    threads: bnfast's thread count by default.  The call returns the
-    outputs (always the same arrays; they hold no batch normalization).
+    Each thread gets an equal part of every array's memory.  threads:
+    bnfast's thread count by default.  strategy: one of FLOOR_STRATEGIES,
+    or None to time both (a few calls each) and keep the faster.  A call
+    returns the outputs (the same arrays every time; no batch normalization
+    is in them).
     """
 
     def __init__(self, case: Case, op: str, threads: Optional[int] = None,
-                 block_bytes: int = FLOOR_BLOCK_BYTES,
+                 strategy: Optional[str] = None, block_bytes: int = FLOOR_BLOCK_BYTES,
                  parallel_min_bytes: int = FLOOR_PARALLEL_MIN_BYTES) -> None:
         plan = FLOOR_PLANS[op]
         x = case.x
@@ -557,29 +589,53 @@ class Floor:
         page = max(1, 4096 // itemsize)
         part = -(-size // (self.threads * page)) * page
         block = max(page, block_bytes // itemsize // page * page)
-        #: Per thread, the (loop, arrays) calls that do its part, in order.
-        self.work: list[list[tuple[Callable[..., None], tuple[np.ndarray, ...]]]] = []
+        loops = FLOOR_LOOPS
+        #: Per strategy and thread, the (loop, arrays) calls that do its part.
+        self.plans: dict[str, list[_Calls]] = {name: [] for name in FLOOR_STRATEGIES}
         for first in range(0, part * self.threads, part):
-            calls = []
             end = min(first + part, size)
-            for start in range(first, end, block):
-                stop = min(start + block, end)
-                for step in plan:
-                    calls.append((FLOOR_LOOPS[step.kind],
-                                  tuple(memory[name][start:stop]
-                                        for name in step.writes + step.reads)))
-            self.work.append(calls)
+            blocks = [(start, min(start + block, end)) for start in range(first, end, block)]
+            self.plans["fused"].append([
+                (loops[_FUSED_LOOP[len(step.reads), len(step.writes)]],
+                 tuple(memory[name][start:stop] for name in step.writes + step.reads))
+                for start, stop in blocks for step in plan])
+            self.plans["split"].append(
+                [(loops["read"], (memory[name][start:stop],))
+                 for start, stop in blocks for step in plan for name in step.reads]
+                + [(loops["write"], (memory[name][first:end],))
+                   for step in plan for name in step.writes])
+        self.strategy = strategy if strategy is not None else self._fastest()
+        self.work = self.plans[self.strategy]
 
-    def __call__(self) -> tuple[np.ndarray, ...]:
+    def _run(self, work: list[_Calls]) -> None:
         if self.threads > 1:
             pool = _pool(self.threads - 1)
-            others = [pool.submit(_run_blocks, blocks) for blocks in self.work[1:]]
-            _run_blocks(self.work[0])
+            others = [pool.submit(_run_loops, calls) for calls in work[1:]]
+            _run_loops(work[0])
             for done in others:
                 done.result()
         else:
-            for blocks in self.work:
-                _run_blocks(blocks)
+            for calls in work:
+                _run_loops(calls)
+
+    def _fastest(self, budget_s: float = 0.02) -> str:
+        """The strategy whose best call, over turns taken in alternation, is fastest."""
+        best = {name: math.inf for name in self.plans}
+        for name, work in self.plans.items():
+            self._run(work)     # first-touch and warm-up
+        spent, turns = 0.0, 0
+        while turns < 3 or (spent < budget_s * len(best) and turns < 20):
+            for name, work in self.plans.items():
+                start = time.perf_counter()
+                self._run(work)
+                took = time.perf_counter() - start
+                best[name] = min(best[name], took)
+                spent += took
+            turns += 1
+        return min(best, key=lambda name: best[name])
+
+    def __call__(self) -> tuple[np.ndarray, ...]:
+        self._run(self.work)
         return tuple(self.outputs.values())
 
 
@@ -770,6 +826,7 @@ class CellResult:
     cell: Cell
     timings: dict[str, Timing]
     checked: bool
+    floor_strategy: Optional[str] = None    #: how the floor moved its bytes (Floor.strategy)
 
     def time(self, peer: str) -> Optional[float]:
         """Median seconds per call of `peer`, or None if it did not run."""
@@ -823,8 +880,10 @@ def measure(cells: Sequence[Cell], peers: Sequence[str], repeats: int, check_res
                 if peer in calls:
                     check(peer, calls[peer](), expected, case, cell.op)
             del expected
-        result = CellResult(cell, interleaved(calls, repeats), check_results)
-        del calls
+        floor = calls.get("floor")
+        result = CellResult(cell, interleaved(calls, repeats), check_results,
+                            floor.strategy if isinstance(floor, Floor) else None)
+        del calls, floor
         results.append(result)
         if progress is not None:
             others = ", ".join(f"{peer} {format_time(result.time(peer))}"
@@ -1055,6 +1114,7 @@ def report(results: Sequence[CellResult], machine: dict[str, Any], settings: dic
         for peer in SPEEDUP_PEERS:
             cell[_speedup_key(peer)] = r.speedup(peer)
         cell["floor_multiple"] = r.floor_multiple
+        cell["floor_strategy"] = r.floor_strategy
         cells.append(cell)
     ops = list(dict.fromkeys(r.cell.op for r in results))
     torch = statuses.get("torch")
@@ -1180,9 +1240,17 @@ def _run_summary(run: Mapping[str, Any]) -> str:
     threads = machine.get("threads", {}).get("bnfast")
     isa = machine.get("build_info", {}).get("isa", "?")
     settings = run.get("settings", {})
+    load = machine.get("load_average_before")
     return (f"bnfast {machine.get('bnfast', '?')} ({isa}, {_count(threads, 'thread')}), "
             f"{machine.get('cpu', '?')}, median of {settings.get('repeats', '?')} repeats, "
-            f"load average {machine.get('load_average_before', '?')} at the start")
+            f"load average {'?' if load is None else f'{load:.2f}'} at the start")
+
+
+def _ratio_of_runs(value: Optional[float]) -> str:
+    """Two decimals; two significant digits below 0.1 (not a bare 0.00)."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value >= 0.095 else f"{value:.2g}"
 
 
 def compare_runs(a: Mapping[str, Any], b: Mapping[str, Any]) -> Comparison:
@@ -1203,10 +1271,16 @@ def compare_runs(a: Mapping[str, Any], b: Mapping[str, Any]) -> Comparison:
     if "floor" in named and floor_a != floor_b:
         notes.append("A and B timed different floors (settings.floor differs): the floor's "
                      "ratios compare two different things")
-    for key in ("cpu", "numpy"):
-        machine_a, machine_b = a.get("machine", {}).get(key), b.get("machine", {}).get(key)
-        if machine_a != machine_b:
-            notes.append(f"{key} differs: A {machine_a}, B {machine_b}")
+    def machine(run: Mapping[str, Any], key: str) -> Any:
+        found = run.get("machine", {})
+        if key == "isa":
+            return found.get("build_info", {}).get("isa")
+        if key == "threads":
+            return found.get("threads", {}).get("bnfast")
+        return found.get(key)
+    for key in ("cpu", "isa", "threads", "numpy"):
+        if machine(a, key) != machine(b, key):
+            notes.append(f"{key} differs: A {machine(a, key)}, B {machine(b, key)}")
     return Comparison(cells, named + others, [l for l in cells_a if l not in cells_b],
                       [l for l in cells_b if l not in cells_a], notes)
 
@@ -1237,16 +1311,16 @@ def format_comparison(comparison: Comparison, name_a: str, name_b: str,
         times = ([format_time(c.a.get("bnfast")), format_time(c.b.get("bnfast"))]
                  if timed else [])
         lines.append(row([c.shape, c.dtype, c.op] + times
-                         + [_ratio(c.ratio(p)) for p in peers]))
+                         + [_ratio_of_runs(c.ratio(p)) for p in peers]))
     ops = list(dict.fromkeys(c.op for c in comparison.cells))
     for op in ops + ([None] if len(ops) > 1 else []):
         lines.append(row([f"geomean {op or 'all'}", "", ""] + (["", ""] if timed else [])
-                         + [_ratio(comparison.geomean(p, op)) for p in peers]))
+                         + [_ratio_of_runs(comparison.geomean(p, op)) for p in peers]))
     lines.append("")
     if timed and comparison.cells:
-        lines.append(f"bnfast's worst cells (B slowest against A):")
+        lines.append("bnfast's worst cells (B slowest against A):")
         for c in comparison.worst("bnfast", worst):
-            lines.append(f"  {c.shape} {c.dtype} {c.op}: {_ratio(c.ratio('bnfast'))} "
+            lines.append(f"  {c.shape} {c.dtype} {c.op}: {_ratio_of_runs(c.ratio('bnfast'))} "
                          f"({format_time(c.a['bnfast'])} in A, {format_time(c.b['bnfast'])} "
                          "in B)")
     unchanged = [p for p in peers if p != "bnfast"]
@@ -1409,9 +1483,11 @@ def _set_threads(parser: argparse.ArgumentParser, threads: int) -> None:
 def _floor_settings(threads: int) -> dict[str, Any]:
     """How the floor was made: --compare tells runs with different floors apart."""
     return {"traffic": {op: {"reads": r, "writes": w} for op, (r, w) in FLOOR_TRAFFIC.items()},
-            "plans": {op: [[p.kind, list(p.reads), list(p.writes)] for p in plan]
+            "plans": {op: [[list(p.reads), list(p.writes)] for p in plan]
                       for op, plan in FLOOR_PLANS.items()},
             "outputs": "allocated and touched before timing, reused",
+            "strategies": {"fused": "np.maximum.reduce, np.copyto, np.add(out=); blocks",
+                           "split": "np.maximum.reduce in blocks, then ctypes.memset"},
             "threads": threads, "parallel_min_bytes": FLOOR_PARALLEL_MIN_BYTES,
             "block_bytes": FLOOR_BLOCK_BYTES}
 

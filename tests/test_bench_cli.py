@@ -6,6 +6,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -145,6 +146,7 @@ def test_json_has_every_measurement(capsys, tmp_path):
     assert threads["floor"] == threads["bnfast"] == bnfast.get_num_threads()
     assert all(threads[p] == threads["bnfast"] for p in installed)
     assert data["settings"]["floor"]["traffic"]["backward"] == {"reads": 4, "writes": 1}
+    assert {c["floor_strategy"] for c in cells} <= set(bench.FLOOR_STRATEGIES)
     # The table: one row per cell, then the geometric means.
     rows = [line for line in out.splitlines() if line.startswith(("4x3 ", "2x3x2x2 "))]
     assert len(rows) == len(cells)
@@ -444,47 +446,102 @@ def test_floor_traffic_is_the_ops_unavoidable_traffic():
     assert bench.FLOOR_TRAFFIC == {"train": (2, 2), "eval": (1, 1), "backward": (4, 1)}
     for op in bench.OPS:
         assert bench.floor_traffic(op) == bench.FLOOR_TRAFFIC[op]
+    writes = [name for step in bench.FLOOR_PLANS["train"] for name in step.writes]
+    assert writes == ["copy", "y"]
+
+
+#: (writes, reads) of each floor loop's arguments.
+LOOP_ARGS = {"read": (0, 1), "write": (1, 0), "copy": (1, 1), "add": (1, 2)}
 
 
 def _counting_loops(monkeypatch):
-    """Replace the floor's loops by ones that count the bytes they read and write."""
-    moved = {"read": 0, "written": 0, "threads": set()}
+    """Replace the floor's loops by ones that record what they read and write."""
     import threading
+    moved = {"read": [], "write": [], "threads": set()}
 
-    def counted(loop, writes):
+    def counted(kind, loop):
         def run_loop(*arrays):
-            moved["written"] += sum(a.nbytes for a in arrays[:writes])
-            moved["read"] += sum(a.nbytes for a in arrays[writes:])
+            writes, reads = LOOP_ARGS[kind]
+            assert len(arrays) == writes + reads
+            moved["write"] += arrays[:writes]
+            moved["read"] += arrays[writes:]
             moved["threads"].add(threading.get_ident())
             loop(*arrays)
         return run_loop
-    writes = {"read": 0, "copy": 1, "add": 1}
     monkeypatch.setattr(bench, "FLOOR_LOOPS", {
-        kind: counted(loop, writes[kind]) for kind, loop in bench.FLOOR_LOOPS.items()})
+        kind: counted(kind, loop) for kind, loop in bench.FLOOR_LOOPS.items()})
     return moved
 
 
+def _coverage(blocks, array):
+    """How many times each element of `array` is in `blocks`."""
+    flat = bench._memory(array)
+    count = np.zeros(flat.size, int)
+    for block in blocks:
+        if np.shares_memory(block, flat):
+            offset = (block.ctypes.data - flat.ctypes.data) // flat.itemsize
+            count[offset:offset + block.size] += 1
+    return count
+
+
+@pytest.mark.parametrize("strategy", bench.FLOOR_STRATEGIES)
 @pytest.mark.parametrize("layout", ["flat", "cl"])
 @pytest.mark.parametrize("op", bench.OPS)
-def test_floor_moves_its_traffic_on_bnfasts_threads(monkeypatch, op, layout):
-    """Every block of every pass, once: the bytes moved are FLOOR_TRAFFIC x x.nbytes."""
+def test_floor_moves_its_traffic_on_bnfasts_threads(monkeypatch, op, layout, strategy):
+    """Every pass over every block, once: the bytes moved are FLOOR_TRAFFIC x x.nbytes."""
     moved = _counting_loops(monkeypatch)
     shape = (20, 3, 40, 50) if layout == "cl" else (64, 3000)
     case = bench.make_case(shape, "float64", layout)
-    floor = bench.Floor(case, op, threads=2, block_bytes=16384, parallel_min_bytes=0)
-    assert floor.threads == 2 and len(floor.work) == 2
+    floor = bench.Floor(case, op, threads=2, strategy=strategy, block_bytes=16384,
+                        parallel_min_bytes=0)
+    assert floor.threads == 2 and len(floor.work) == 2 and floor.strategy == strategy
     outputs = floor()
     reads, writes = bench.FLOOR_TRAFFIC[op]
-    assert moved["read"] == reads * case.x.nbytes
-    assert moved["written"] == writes * case.x.nbytes
+    assert sum(a.nbytes for a in moved["read"]) == reads * case.x.nbytes
+    assert sum(a.nbytes for a in moved["write"]) == writes * case.x.nbytes
     assert len(moved["threads"]) == 2
-    # Outputs in x's layout, written whole, and the same memory at every call.
+    assert max(a.nbytes for a in moved["read"]) == 16384        # reads go in blocks
+    # Each input read as often as the plan says, every element of it.
+    times = {name: sum(step.reads.count(name) for step in bench.FLOOR_PLANS[op])
+             for name in ("x", "dout")}
+    assert set(_coverage(moved["read"], case.x)) == {times["x"]}
+    assert set(_coverage(moved["read"], case.dout)) == {times["dout"]}
+    # The second read of a block follows the first before the next block.
+    first = [arrays for _, arrays in floor.work[0]]
+    if op == "train":
+        assert first[0][-1].ctypes.data == first[1][-1].ctypes.data
+    # Outputs in x's layout, every byte written once, the same memory every call.
     assert len(outputs) == writes
     for out in outputs:
         assert out.shape == case.x.shape and out.strides == case.x.strides
-        assert np.array_equal(out, case.x + case.dout if op == "backward" else case.x)
+        assert not np.shares_memory(out, case.x)
+        assert set(_coverage(moved["write"], out)) == {1}
     again = floor()
     assert all(a is b for a, b in zip(outputs, again))
+
+
+@pytest.mark.parametrize("strategy", bench.FLOOR_STRATEGIES)
+def test_floor_writes_really_write(strategy):
+    case = bench.make_case((64, 3000), "float32")
+    floor = bench.Floor(case, "train", threads=2, strategy=strategy, parallel_min_bytes=0)
+    for out in floor.outputs.values():
+        out.fill(7.0)
+    outputs = floor()
+    assert all(not np.any(out == 7.0) for out in outputs)
+
+
+def test_floor_keeps_the_faster_strategy(monkeypatch):
+    def slow_write(out):
+        time.sleep(0.002)
+    monkeypatch.setitem(bench.FLOOR_LOOPS, "write", slow_write)
+    case = bench.make_case((64, 300), "float64")
+    assert bench.Floor(case, "eval").strategy == "fused"
+    monkeypatch.undo()
+
+    def slow_copy(out, a):
+        time.sleep(0.002)
+    monkeypatch.setitem(bench.FLOOR_LOOPS, "copy", slow_copy)
+    assert bench.Floor(case, "eval").strategy == "split"
 
 
 def test_floor_threads_follow_bnfast():
@@ -504,7 +561,7 @@ def test_floor_threads_follow_bnfast():
 
 def test_floor_outputs_are_mapped_before_timing():
     case = bench.make_case((64, 4096), "float32")
-    floor = bench.Floor(case, "train")
+    floor = bench.Floor(case, "train", strategy="fused")
     assert set(floor.outputs) == {"copy", "y"}
     for out in floor.outputs.values():
         assert out.flags.owndata and not np.shares_memory(out, case.x)
