@@ -187,7 +187,11 @@ def _wants_variants():
         return False
     if _env_flag("BNFAST_SANITIZE", False) or os.name == "nt":
         return False
-    return platform.machine().lower() in ("x86_64", "amd64")
+    # The target's machine: platform.machine() is the build host's, so a cross
+    # build names its target in _PYTHON_HOST_PLATFORM (e.g. linux-aarch64), as
+    # sysconfig and the wheel tag read it (tools/check_aarch64.sh).
+    target = os.environ.get("_PYTHON_HOST_PLATFORM", "").rpartition("-")[2]
+    return (target or platform.machine()).lower() in ("x86_64", "amd64")
 
 
 def _extension(name):
