@@ -85,7 +85,11 @@ are not counted.
 Each peer's time is the median over repeats of the per-call time; a repeat is
 a loop of enough calls to last ~3 ms.  speedup = peer time / bnfast time
 (higher is better); "x floor" = bnfast time / floor time (1.0 = at the floor).
-Data are seeded, so every run times the same numbers.
+Below the table: the cells where each peer beats bnfast, and the cells whose
+x has 8 MiB or more (too large for a core's caches) where bnfast takes less
+than 1/1.1 of the floor's time, which should be none: a floor that bnfast
+beats by more than noise is not a limit, and is to be fixed.  Data are
+seeded, so every run times the same numbers.
 
 Comparing two builds (--compare A.json B.json): timings move from run to
 run, so one run of each build says little.  Run the full grid with --json on
@@ -1085,12 +1089,45 @@ def format_table(results: Sequence[CellResult], machine: dict[str, Any], repeats
     ]
     lines += [row(values) for values in body]
     lines.append("")
+    lines += _findings(results, speedups, "floor" in peers)
     note = "speedup = peer time / bnfast time (higher is better)"
     if "floor" in peers:
         note += ("; x floor = bnfast time / floor time (1.00 = at the memory-traffic floor: "
                  "train 2 reads + 2 writes of x's size, eval 1 + 1, backward 4 + 1)")
     lines.append(note)
     return "\n".join(lines)
+
+
+#: Cells whose x has at least this many bytes do not fit in a core's caches:
+#: there bnfast should not beat the floor by more than noise.
+FLOOR_CHECK_MIN_BYTES = 8 << 20
+#: ... where "more than noise" is bnfast taking less than this x the floor's time.
+FLOOR_CHECK_MULTIPLE = 1 / 1.1
+
+
+def _cell_bytes(cell: Cell) -> int:
+    return math.prod(cell.shape) * np.dtype(cell.dtype).itemsize
+
+
+def _findings(results: Sequence[CellResult], speedups: Sequence[str],
+              floor: bool) -> list[str]:
+    """Where a peer beats bnfast, and where bnfast beats the floor on a large batch."""
+    def cells(members: Iterable[tuple[CellResult, Optional[float]]]) -> str:
+        return ", ".join(f"{r.cell.shape_label} {r.cell.dtype} {r.cell.op} ({value:.2f})"
+                         for r, value in members if value is not None)
+    lines = []
+    for peer in speedups:
+        faster = [(r, r.speedup(peer)) for r in results if (r.speedup(peer) or math.inf) < 1.0]
+        lines.append(f"{peer} faster than bnfast (speedup < 1.00): "
+                     + (f"{len(faster)} of {len(results)} cells: {cells(faster)}"
+                        if faster else "no cell"))
+    if floor:
+        under = [(r, r.floor_multiple) for r in results
+                 if _cell_bytes(r.cell) >= FLOOR_CHECK_MIN_BYTES
+                 and (r.floor_multiple or math.inf) < FLOOR_CHECK_MULTIPLE]
+        lines.append("bnfast more than 10% under the floor, x of 8 MiB or more: "
+                     + (cells(under) if under else "no cell"))
+    return lines + ([""] if lines else [])
 
 
 def report(results: Sequence[CellResult], machine: dict[str, Any], settings: dict[str, Any],

@@ -676,3 +676,28 @@ def test_compare_refuses_files_that_are_not_runs(capsys, tmp_path):
     good.write_text(json.dumps(_run_json(A_RUN)))
     status, _, err = run(["--compare", str(good), str(other)], capsys)
     assert status == 1 and "no cell in common" in err
+
+
+def _result(shape, dtype, op, **medians):
+    from bnfast._timing import Timing
+    return bench.CellResult(bench.Cell(shape, dtype, op),
+                            {peer: Timing(1, (t,)) for peer, t in medians.items()}, False)
+
+
+def test_table_says_where_peers_win_and_where_the_floor_is_beaten():
+    results = [
+        _result((1024, 4096), "float32", "eval", bnfast=1.0, torch=0.5, floor=1.25),  # 16 MiB
+        _result((1024, 4096), "float32", "train", bnfast=1.0, torch=2.0, floor=1.05),
+        _result((100, 100), "float64", "eval", bnfast=1.0, torch=3.0, floor=2.0),     # small
+    ]
+    machine = {"bnfast": "0", "numpy": "0", "cpu": "cpu", "cores": 2, "torch": "2",
+               "build_info": {"isa": "avx2"}, "threads": {"bnfast": 2, "torch": 2, "floor": 2}}
+    table = bench.format_table(results, machine, 3, ["bnfast", "torch", "floor"])
+    assert ("torch faster than bnfast (speedup < 1.00): 1 of 3 cells: "
+            "1024x4096 float32 eval (0.50)") in table
+    # 0.80x the floor on 16 MiB is listed; 0.95x (noise) and a small cell are not.
+    assert ("bnfast more than 10% under the floor, x of 8 MiB or more: "
+            "1024x4096 float32 eval (0.80)") in table
+    clean = bench.format_table(results[1:], machine, 3, ["bnfast", "torch", "floor"])
+    assert "torch faster than bnfast (speedup < 1.00): no cell" in clean
+    assert "under the floor, x of 8 MiB or more: no cell" in clean
