@@ -67,20 +67,28 @@ statistics (train) or the sums of dout and dout * xhat (backward) are known.
 The floor moves exactly this traffic and computes nothing.  It has what
 bnfast has: outputs allocated and touched when the cell is set up and reused
 by every call (bnfast's output cache does the same, so neither pays the OS's
-page faults); the arrays' memory split into equal parts over bnfast's thread
-count (a thread pool; the loops release the GIL; one thread below
+page faults), and the arrays' memory split into equal parts over bnfast's
+thread count (a thread pool; the loops release the GIL; one thread below
 FLOOR_PARALLEL_MIN_BYTES of x, where waking the pool costs more than it
-saves); and each part done block by block (FLOOR_BLOCK_BYTES), every pass
-over a block before the next, so that a second read comes from cache, as it
-can in bnfast's strips and row tiles.  Two ways to move the bytes, and the
-floor times both when a cell is set up and keeps the faster (JSON:
-cells[].floor_strategy): "fused", NumPy loops that read and write in one
-pass (np.copyto, np.add with out=; reads alone: np.maximum.reduce), whose
-writes read each line first (read-for-ownership) but keep cached data
-cached; and "split", the reads alone, then each output written by the C
-library's memset (ctypes), which writes whole lines without reading them,
-as bnfast's streaming stores do.  Parameters and statistics (D values each)
-are not counted.
+saves).  There are several ways to move the same bytes, and the floor times
+them when a cell is set up and keeps the fastest (JSON:
+cells[].floor_strategy):
+
+  fused   NumPy loops that read and write in one pass (x + 0 into the
+          output, np.add; reads alone: np.maximum.reduce), in blocks of
+          FLOOR_BLOCK_BYTES, every pass over a block before the next, so
+          that a second read comes from cache, as it can in bnfast's strips
+          and row tiles.  Their stores read each line before writing it
+          (read-for-ownership).
+  whole   the same passes, each over a thread's whole part.
+  split   the reads alone, in blocks, then each output written by the C
+          library's memset (ctypes), which writes whole lines without
+          reading them first, as bnfast's streaming stores do.
+
+Parameters and statistics (D values each) are not counted.  Timing waits
+between turns until the threads of the peer before have stopped spinning
+(bnfast._timing.settle): otherwise every multi-threaded peer shares a core
+with the previous peer's idle OpenMP threads on a 2-core machine.
 
 Each peer's time is the median over repeats of the per-call time; a repeat is
 a loop of enough calls to last ~3 ms.  speedup = peer time / bnfast time
@@ -504,7 +512,9 @@ def _floor_write(out: np.ndarray) -> None:
 
 
 def _floor_copy(out: np.ndarray, a: np.ndarray) -> None:
-    np.copyto(out, a)
+    """A read and a write: a + 0 (measured on this project's 2-core AMD EPYC,
+    2 threads on 8-16 MiB: up to 18% faster than np.copyto)."""
+    np.add(a, a.dtype.type(0), out=out)
 
 
 def _floor_add(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
@@ -518,15 +528,16 @@ FLOOR_LOOPS: dict[str, Callable[..., None]] = {
     "read": _floor_read, "write": _floor_write, "copy": _floor_copy, "add": _floor_add}
 _FUSED_LOOP = {(1, 0): "read", (1, 1): "copy", (2, 1): "add"}
 
-#: Two ways to do a plan's passes, both moving the same bytes; the floor
-#: times both when it is set up and keeps the faster.  "fused": NumPy loops
-#: that read and write in one pass (np.copyto, np.add(out=)), the way the
-#: operation itself does them; they pay a read-for-ownership per line
-#: written, but a pass over cached data stays in cache.  "split": every
-#: read alone (np.maximum.reduce), then every write alone (memset), which
-#: skips the read-for-ownership, as bnfast's streaming stores do (faster
-#: on arrays far larger than the cache).
-FLOOR_STRATEGIES = ("fused", "split")
+#: Ways to do a plan's passes, all moving the same bytes; the floor times
+#: them when it is set up and keeps the fastest.  "fused": NumPy loops that
+#: read and write in one pass (copy, add), block by block; their stores read
+#: each line before writing it (read-for-ownership), but a block's second
+#: read comes from cache.  "whole": the same passes, each over a thread's
+#: whole part (faster where an op makes one pass).  "split": every read
+#: alone, block by block, then every write alone (memset), which skips the
+#: read-for-ownership, as bnfast's streaming stores do (faster on arrays far
+#: larger than the cache).
+FLOOR_STRATEGIES = ("fused", "whole", "split")
 #: One thread below this many bytes of x: handing work to a thread pool
 #: costs more than it saves (bnfast's kernels stay on one thread below
 #: 256 KiB).
@@ -567,7 +578,7 @@ class Floor:
 
     Each thread gets an equal part of every array's memory.  threads:
     bnfast's thread count by default.  strategy: one of FLOOR_STRATEGIES,
-    or None to time both (a few calls each) and keep the faster.  A call
+    or None to time them all (a few calls each) and keep the fastest.  A call
     returns the outputs (the same arrays every time; no batch normalization
     is in them).
     """
@@ -599,10 +610,11 @@ class Floor:
         for first in range(0, part * self.threads, part):
             end = min(first + part, size)
             blocks = [(start, min(start + block, end)) for start in range(first, end, block)]
-            self.plans["fused"].append([
-                (loops[_FUSED_LOOP[len(step.reads), len(step.writes)]],
-                 tuple(memory[name][start:stop] for name in step.writes + step.reads))
-                for start, stop in blocks for step in plan])
+            for name, spans in (("fused", blocks), ("whole", [(first, end)])):
+                self.plans[name].append([
+                    (loops[_FUSED_LOOP[len(step.reads), len(step.writes)]],
+                     tuple(memory[array][start:stop] for array in step.writes + step.reads))
+                    for start, stop in spans for step in plan])
             self.plans["split"].append(
                 [(loops["read"], (memory[name][start:stop],))
                  for start, stop in blocks for step in plan for name in step.reads]
@@ -623,7 +635,10 @@ class Floor:
                 _run_loops(calls)
 
     def _fastest(self, budget_s: float = 0.02) -> str:
-        """The strategy whose best call, over turns taken in alternation, is fastest."""
+        """The strategy whose best call, over turns taken in alternation, is fastest.
+
+        Best, not median: this only ranks the strategies, and a turn can only
+        be slowed down by noise."""
         best = {name: math.inf for name in self.plans}
         for name, work in self.plans.items():
             self._run(work)     # first-touch and warm-up
@@ -1523,7 +1538,8 @@ def _floor_settings(threads: int) -> dict[str, Any]:
             "plans": {op: [[list(p.reads), list(p.writes)] for p in plan]
                       for op, plan in FLOOR_PLANS.items()},
             "outputs": "allocated and touched before timing, reused",
-            "strategies": {"fused": "np.maximum.reduce, np.copyto, np.add(out=); blocks",
+            "strategies": {"fused": "np.maximum.reduce, np.add(out=), in blocks",
+                           "whole": "np.maximum.reduce, np.add(out=), whole parts",
                            "split": "np.maximum.reduce in blocks, then ctypes.memset"},
             "threads": threads, "parallel_min_bytes": FLOOR_PARALLEL_MIN_BYTES,
             "block_bytes": FLOOR_BLOCK_BYTES}
