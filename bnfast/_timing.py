@@ -11,6 +11,8 @@ one lucky repeat and the mean is dragged by one unlucky one, while the median
 is what a typical call costs.  All repeats are kept so that other statistics
 can be computed from a saved run.
 
+Each turn starts with one untimed call, so that every callable is timed in
+the state it leaves the caches in, not in the state its predecessor left.
 Between turns the timing waits until the process's other threads have gone
 quiet (``settle``).  OpenMP runtimes keep a finished parallel region's
 threads spinning for a while before they sleep (libgomp's default, measured
@@ -134,7 +136,10 @@ def interleaved(calls: Mapping[str, Callable[[], Any]], repeats: int,
     collector is off while timing, as in ``timeit``, so that a collection
     one callable's garbage triggers is not charged to another.  Each turn
     (and each calibration) starts once the other threads have settled, for
-    at most `settle_s` (0: no wait).
+    at most `settle_s` (0: no wait), and with one untimed call: a turn of a
+    large cell is one or two calls, and its first call would otherwise find
+    the caches as the previous callable left them (its arrays, not this
+    one's), a cost that depends on the order of the callables.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -151,6 +156,7 @@ def interleaved(calls: Mapping[str, Callable[[], Any]], repeats: int,
             for name, call in calls.items():
                 if settle_s > 0:
                     settle(settle_s)
+                call()      # untimed: the caches as this callable leaves them
                 seconds[name].append(_per_call(call, iterations[name]))
     finally:
         if collecting:
