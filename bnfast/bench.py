@@ -68,11 +68,11 @@ The floor moves exactly this traffic and computes nothing.  It has what
 bnfast has: outputs allocated and touched when the cell is set up and reused
 by every call (bnfast's output cache does the same, so neither pays the OS's
 page faults), and the arrays' memory split into equal parts over bnfast's
-thread count (a thread pool; the loops release the GIL; one thread below
-FLOOR_PARALLEL_MIN_BYTES of x, where waking the pool costs more than it
-saves).  There are several ways to move the same bytes, and the floor times
-them when a cell is set up and keeps the fastest (JSON:
-cells[].floor_strategy):
+thread count (a thread pool; the loops release the GIL).  There are several
+ways to move the same bytes, and the floor times them when a cell is set
+up, on bnfast's thread count and on one thread (handing work to a thread
+costs ~0.1 ms here, more than it saves below a few MiB), and keeps the
+fastest (JSON: cells[].floor_strategy, e.g. "whole, 2 threads"):
 
   fused   NumPy loops that read and write in one pass (x + 0 into the
           output, np.add; reads alone: np.maximum.reduce), in blocks of
@@ -85,10 +85,17 @@ cells[].floor_strategy):
           library's memset (ctypes), which writes whole lines without
           reading them first, as bnfast's streaming stores do.
 
-Parameters and statistics (D values each) are not counted.  Timing waits
-between turns until the threads of the peer before have stopped spinning
-(bnfast._timing.settle): otherwise every multi-threaded peer shares a core
-with the previous peer's idle OpenMP threads on a 2-core machine.
+Parameters and statistics (D values each) are not counted.  Where x fits in
+the last-level cache, bnfast can still come in under the floor: its
+streaming stores leave x cached from one call to the next, while every
+store NumPy and the C library have (here) evicts it; the table lists such
+cells of 8 MiB or more.
+
+Timing (bnfast._timing.interleaved): each turn waits until the threads of
+the peer before have stopped spinning (otherwise every multi-threaded peer
+shares a core with the previous peer's idle OpenMP threads on a 2-core
+machine), then makes one untimed call (so that a peer is timed in the
+state of the caches it leaves, not the state its predecessor left).
 
 Each peer's time is the median over repeats of the per-call time; a repeat is
 a loop of enough calls to last ~3 ms.  speedup = peer time / bnfast time
@@ -538,10 +545,6 @@ _FUSED_LOOP = {(1, 0): "read", (1, 1): "copy", (2, 1): "add"}
 #: read-for-ownership, as bnfast's streaming stores do (faster on arrays far
 #: larger than the cache).
 FLOOR_STRATEGIES = ("fused", "whole", "split")
-#: One thread below this many bytes of x: handing work to a thread pool
-#: costs more than it saves (bnfast's kernels stay on one thread below
-#: 256 KiB).
-FLOOR_PARALLEL_MIN_BYTES = 1 << 20
 #: Each thread does its part block by block, every pass over a block before
 #: the next block, so that a second read of a block (train, backward) comes
 #: from cache, as it can in bnfast's strips and row tiles.  ("split" writes
@@ -578,14 +581,17 @@ class Floor:
 
     Each thread gets an equal part of every array's memory.  threads:
     bnfast's thread count by default.  strategy: one of FLOOR_STRATEGIES,
-    or None to time them all (a few calls each) and keep the fastest.  A call
-    returns the outputs (the same arrays every time; no batch normalization
-    is in them).
+    run on `threads` threads; or None to time every strategy on `threads`
+    threads and on one (handing work to a thread pool costs ~0.1 ms on this
+    project's 2-core VM, more than it saves below a few MiB, where bnfast
+    itself stays on one thread up to 256 KiB), a few calls each, and keep
+    the fastest: `strategy` and `threads` say which.  A call returns the
+    outputs (the same arrays every time; no batch normalization is in them).
     """
 
     def __init__(self, case: Case, op: str, threads: Optional[int] = None,
-                 strategy: Optional[str] = None, block_bytes: int = FLOOR_BLOCK_BYTES,
-                 parallel_min_bytes: int = FLOOR_PARALLEL_MIN_BYTES) -> None:
+                 strategy: Optional[str] = None,
+                 block_bytes: int = FLOOR_BLOCK_BYTES) -> None:
         plan = FLOOR_PLANS[op]
         x = case.x
         arrays = {"x": x, "dout": case.dout}
@@ -597,61 +603,79 @@ class Floor:
                 arrays[name] = self.outputs[name] = out
         if threads is None:
             threads = bnfast.get_num_threads()
-        self.threads = threads if x.nbytes >= parallel_min_bytes else 1
-        memory = {name: _memory(a) for name, a in arrays.items()}
-        size, itemsize = x.size, x.itemsize
-        # Equal parts, each (but the last) a whole number of 4 KiB pages.
-        page = max(1, 4096 // itemsize)
-        part = -(-size // (self.threads * page)) * page
-        block = max(page, block_bytes // itemsize // page * page)
-        loops = FLOOR_LOOPS
-        #: Per strategy and thread, the (loop, arrays) calls that do its part.
-        self.plans: dict[str, list[_Calls]] = {name: [] for name in FLOOR_STRATEGIES}
-        for first in range(0, part * self.threads, part):
+        self._memory = {name: _memory(a) for name, a in arrays.items()}
+        self._plan = plan
+        self._block = max(1, block_bytes // x.itemsize)
+        #: The (loop, arrays) calls of each thread, by (strategy, threads).
+        self.plans: dict[tuple[str, int], list[_Calls]] = {}
+        counts = (threads,) if strategy is not None or threads == 1 else (threads, 1)
+        for count in counts:
+            for name in (FLOOR_STRATEGIES if strategy is None else (strategy,)):
+                work = self._work(name, count)
+                self.plans[name, len(work)] = work   # arrays too small to split: fewer
+        self.strategy, self.threads = (
+            self._fastest() if strategy is None else next(iter(self.plans)))
+        self.work = self.plans[self.strategy, self.threads]
+
+    def _work(self, strategy: str, threads: int) -> list[_Calls]:
+        """Each thread's calls: equal parts, each (but the last) whole 4 KiB pages
+        (fewer parts than threads where x has fewer pages)."""
+        memory, plan, loops = self._memory, self._plan, FLOOR_LOOPS
+        size = memory["x"].size
+        page = max(1, 4096 // memory["x"].itemsize)
+        part = -(-size // (threads * page)) * page
+        block = max(page, self._block // page * page)
+        work = []
+        for first in range(0, size, part):
             end = min(first + part, size)
             blocks = [(start, min(start + block, end)) for start in range(first, end, block)]
-            for name, spans in (("fused", blocks), ("whole", [(first, end)])):
-                self.plans[name].append([
-                    (loops[_FUSED_LOOP[len(step.reads), len(step.writes)]],
-                     tuple(memory[array][start:stop] for array in step.writes + step.reads))
-                    for start, stop in spans for step in plan])
-            self.plans["split"].append(
-                [(loops["read"], (memory[name][start:stop],))
-                 for start, stop in blocks for step in plan for name in step.reads]
-                + [(loops["write"], (memory[name][first:end],))
-                   for step in plan for name in step.writes])
-        self.strategy = strategy if strategy is not None else self._fastest()
-        self.work = self.plans[self.strategy]
+            calls: _Calls
+            if strategy == "split":
+                calls = ([(loops["read"], (memory[name][start:stop],))
+                          for start, stop in blocks for step in plan for name in step.reads]
+                         + [(loops["write"], (memory[name][first:end],))
+                            for step in plan for name in step.writes])
+            else:
+                spans = blocks if strategy == "fused" else [(first, end)]
+                calls = [(loops[_FUSED_LOOP[len(step.reads), len(step.writes)]],
+                          tuple(memory[name][start:stop] for name in step.writes + step.reads))
+                         for start, stop in spans for step in plan]
+            work.append(calls)
+        return work
 
-    def _run(self, work: list[_Calls]) -> None:
-        if self.threads > 1:
-            pool = _pool(self.threads - 1)
+    @staticmethod
+    def _run(work: list[_Calls]) -> None:
+        if len(work) > 1:
+            pool = _pool(len(work) - 1)
             others = [pool.submit(_run_loops, calls) for calls in work[1:]]
             _run_loops(work[0])
             for done in others:
                 done.result()
         else:
-            for calls in work:
-                _run_loops(calls)
+            _run_loops(work[0])
 
-    def _fastest(self, budget_s: float = 0.02) -> str:
-        """The strategy whose best call, over turns taken in alternation, is fastest.
-
-        Best, not median: this only ranks the strategies, and a turn can only
-        be slowed down by noise."""
-        best = {name: math.inf for name in self.plans}
-        for name, work in self.plans.items():
-            self._run(work)     # first-touch and warm-up
+    def _fastest(self, budget_s: float = 0.02) -> tuple[str, int]:
+        """The (strategy, threads) whose best call, over turns taken in alternation,
+        is fastest.  Best, not median: this only ranks them, and noise can
+        only slow a turn down."""
+        best = {key: math.inf for key in self.plans}
+        for work in self.plans.values():
+            self._run(work)     # warm-up
         spent, turns = 0.0, 0
         while turns < 3 or (spent < budget_s * len(best) and turns < 20):
-            for name, work in self.plans.items():
+            for key, work in self.plans.items():
                 start = time.perf_counter()
                 self._run(work)
                 took = time.perf_counter() - start
-                best[name] = min(best[name], took)
+                best[key] = min(best[key], took)
                 spent += took
             turns += 1
-        return min(best, key=lambda name: best[name])
+        return min(best, key=lambda key: best[key])
+
+    @property
+    def label(self) -> str:
+        """'whole, 2 threads': how this floor moves its bytes."""
+        return f"{self.strategy}, {_count(self.threads, 'thread')}"
 
     def __call__(self) -> tuple[np.ndarray, ...]:
         self._run(self.work)
@@ -901,7 +925,7 @@ def measure(cells: Sequence[Cell], peers: Sequence[str], repeats: int, check_res
             del expected
         floor = calls.get("floor")
         result = CellResult(cell, interleaved(calls, repeats), check_results,
-                            floor.strategy if isinstance(floor, Floor) else None)
+                            floor.label if isinstance(floor, Floor) else None)
         del calls, floor
         results.append(result)
         if progress is not None:
@@ -1541,8 +1565,7 @@ def _floor_settings(threads: int) -> dict[str, Any]:
             "strategies": {"fused": "np.maximum.reduce, np.add(out=), in blocks",
                            "whole": "np.maximum.reduce, np.add(out=), whole parts",
                            "split": "np.maximum.reduce in blocks, then ctypes.memset"},
-            "threads": threads, "parallel_min_bytes": FLOOR_PARALLEL_MIN_BYTES,
-            "block_bytes": FLOOR_BLOCK_BYTES}
+            "threads": threads, "block_bytes": FLOOR_BLOCK_BYTES}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

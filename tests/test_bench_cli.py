@@ -146,7 +146,7 @@ def test_json_has_every_measurement(capsys, tmp_path):
     assert threads["floor"] == threads["bnfast"] == bnfast.get_num_threads()
     assert all(threads[p] == threads["bnfast"] for p in installed)
     assert data["settings"]["floor"]["traffic"]["backward"] == {"reads": 4, "writes": 1}
-    assert {c["floor_strategy"] for c in cells} <= set(bench.FLOOR_STRATEGIES)
+    assert {c["floor_strategy"].split(",")[0] for c in cells} <= set(bench.FLOOR_STRATEGIES)
     # The table: one row per cell, then the geometric means.
     rows = [line for line in out.splitlines() if line.startswith(("4x3 ", "2x3x2x2 "))]
     assert len(rows) == len(cells)
@@ -530,8 +530,7 @@ def test_floor_moves_its_traffic_on_bnfasts_threads(monkeypatch, op, layout, str
     moved = _counting_loops(monkeypatch)
     shape = (20, 3, 40, 50) if layout == "cl" else (64, 3000)
     case = bench.make_case(shape, "float64", layout)
-    floor = bench.Floor(case, op, threads=2, strategy=strategy, block_bytes=16384,
-                        parallel_min_bytes=0)
+    floor = bench.Floor(case, op, threads=2, strategy=strategy, block_bytes=16384)
     assert floor.threads == 2 and len(floor.work) == 2 and floor.strategy == strategy
     outputs = floor()
     reads, writes = bench.FLOOR_TRAFFIC[op]
@@ -565,7 +564,7 @@ def test_floor_moves_its_traffic_on_bnfasts_threads(monkeypatch, op, layout, str
 @pytest.mark.parametrize("strategy", bench.FLOOR_STRATEGIES)
 def test_floor_writes_really_write(strategy):
     case = bench.make_case((64, 3000), "float32")
-    floor = bench.Floor(case, "train", threads=2, strategy=strategy, parallel_min_bytes=0)
+    floor = bench.Floor(case, "train", threads=2, strategy=strategy)
     for out in floor.outputs.values():
         out.fill(7.0)
     outputs = floor()
@@ -587,16 +586,23 @@ def test_floor_keeps_the_faster_strategy(monkeypatch):
 
 
 def test_floor_threads_follow_bnfast():
-    big = bench.make_case((256, 1024), "float64")      # 2 MiB
-    small = bench.make_case((32, 128), "float64")
+    """bnfast's thread count, or one thread where that moves the bytes faster."""
+    case = bench.make_case((256, 1024), "float64")      # 2 MiB
     saved = bnfast.get_num_threads()
     try:
         bnfast.set_num_threads(1)
-        assert bench.Floor(big, "eval").threads == 1
+        floor = bench.Floor(case, "eval")
+        assert floor.threads == 1 and set(floor.plans) == {
+            (name, 1) for name in bench.FLOOR_STRATEGIES}
         if bnfast.build_info()["openmp"]:
             bnfast.set_num_threads(2)
-            assert bench.Floor(big, "eval").threads == 2
-            assert bench.Floor(small, "eval").threads == 1  # below FLOOR_PARALLEL_MIN_BYTES
+            floor = bench.Floor(case, "eval")
+            assert set(floor.plans) == {(name, count) for name in bench.FLOOR_STRATEGIES
+                                        for count in (1, 2)}
+            assert (floor.strategy, floor.threads) in floor.plans
+            assert floor.label == f"{floor.strategy}, {floor.threads} thread" + (
+                "s" if floor.threads > 1 else "")
+            assert len(floor.work) == floor.threads
     finally:
         bnfast.set_num_threads(saved)
 
