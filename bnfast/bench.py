@@ -1255,9 +1255,9 @@ def plot(results: Sequence[CellResult], path: Path, machine: dict[str, Any]) -> 
     axes[0].set_ylim(10 ** math.floor(math.log10(min(speedups))), 2 * max(speedups))
     for ax in axes:
         ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    # Above the first panel, right of its title, where it covers no bar.
-    axes[0].legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(peers),
-                   fontsize=8, frameon=False)
+    # Below the last panel's tick labels, where it covers no bar and no title.
+    axes[-1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(peers),
+                    fontsize=8, frameon=False)
     fig.suptitle(f"bnfast {machine['bnfast']} speedup over each peer (log scale, higher is "
                  f"better) - {machine['cpu']}, {_count(machine['threads']['bnfast'], 'thread')}")
     fig.savefig(path, dpi=100)
