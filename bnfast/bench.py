@@ -1347,6 +1347,12 @@ def compare_runs(a: Mapping[str, Any], b: Mapping[str, Any]) -> Comparison:
     if "floor" in named and floor_a != floor_b:
         notes.append("A and B timed different floors (settings.floor differs): the floor's "
                      "ratios compare two different things")
+    elif "floor" in named:
+        changed = [label for label, (cell, _) in cells_a.items() if label in cells_b
+                   and cell.get("floor_strategy") != cells_b[label][0].get("floor_strategy")]
+        if changed:
+            notes.append(f"the floor moved its bytes another way in B (floor_strategy) in "
+                         f"{_count(len(changed), 'cell')}: {', '.join(changed)}")
     def machine(run: Mapping[str, Any], key: str) -> Any:
         found = run.get("machine", {})
         if key == "isa":

@@ -670,6 +670,12 @@ def test_compare_notes_different_floors_and_machines():
     comparison = bench.compare_runs(_run_json(A_RUN, floor=None), _run_json(B_RUN, cpu="Xeon"))
     assert any("different floors" in note for note in comparison.notes)
     assert any(note.startswith("cpu differs") for note in comparison.notes)
+    a, b = _run_json(A_RUN), _run_json(B_RUN)
+    a["cells"][1]["floor_strategy"] = "whole, 2 threads"
+    b["cells"][1]["floor_strategy"] = "split, 2 threads"
+    assert bench.compare_runs(a, b).notes == [
+        "the floor moved its bytes another way in B (floor_strategy) in 1 cell: "
+        "4x3-float64-eval"]
 
 
 def test_compare_command_line(capsys, tmp_path):
