@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import statistics
 import subprocess
 import sys
@@ -14,7 +15,10 @@ import pytest
 import bnfast
 from bnfast import bench
 from bnfast._timing import calls_per_repeat, interleaved
-from conftest import REPO
+
+# Not `from conftest import REPO`: with `pytest tests bench` in one session,
+# "conftest" may be bench/conftest.py.
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Two shapes, one of them NCHW, small enough that a whole run takes a moment.
 TINY = ["--shapes", "4x3,2x3x2x2", "--repeats", "2"]
