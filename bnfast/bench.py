@@ -69,10 +69,11 @@ bnfast has: outputs allocated and touched when the cell is set up and reused
 by every call (bnfast's output cache does the same, so neither pays the OS's
 page faults), and the arrays' memory split into equal parts over bnfast's
 thread count (a thread pool; the loops release the GIL).  There are several
-ways to move the same bytes, and the floor times them when a cell is set
-up, on bnfast's thread count and on one thread (handing work to a thread
-costs ~0.1 ms here, more than it saves below a few MiB), and keeps the
-fastest (JSON: cells[].floor_strategy, e.g. "whole, 2 threads"):
+ways to move the same bytes, each on bnfast's thread count and on one
+thread (handing work to a thread costs ~0.1 ms here, more than it saves
+below a few MiB); every way is timed among the peers, in the same turns,
+and the floor is the fastest way's median (JSON: cells[].floor_strategy,
+e.g. "whole, 2 threads", and cells[].floor_ways, every way's median):
 
   fused   NumPy loops that read and write in one pass (x + 0 into the
           output, np.add; reads alone: np.maximum.reduce), in blocks of
@@ -581,17 +582,20 @@ class Floor:
 
     Each thread gets an equal part of every array's memory.  threads:
     bnfast's thread count by default.  strategy: one of FLOOR_STRATEGIES,
-    run on `threads` threads; or None to time every strategy on `threads`
+    run on `threads` threads; or None for every strategy on `threads`
     threads and on one (handing work to a thread pool costs ~0.1 ms on this
     project's 2-core VM, more than it saves below a few MiB, where bnfast
-    itself stays on one thread up to 256 KiB), a few calls each, and keep
-    the fastest: `strategy` and `threads` say which.  A call returns the
-    outputs (the same arrays every time; no batch normalization is in them).
+    itself stays on one thread up to 256 KiB): `plans` holds them all, and
+    with `choose` the floor times them (a few calls each) and keeps the
+    fastest, which `strategy` and `threads` then name.  (bnfast-bench times
+    every plan among the peers instead, with runner(), and reports the
+    fastest.)  A call returns the outputs (the same arrays every time; no
+    batch normalization is in them).
     """
 
     def __init__(self, case: Case, op: str, threads: Optional[int] = None,
-                 strategy: Optional[str] = None,
-                 block_bytes: int = FLOOR_BLOCK_BYTES) -> None:
+                 strategy: Optional[str] = None, block_bytes: int = FLOOR_BLOCK_BYTES,
+                 choose: bool = True) -> None:
         plan = FLOOR_PLANS[op]
         x = case.x
         arrays = {"x": x, "dout": case.dout}
@@ -614,8 +618,23 @@ class Floor:
                 work = self._work(name, count)
                 self.plans[name, len(work)] = work   # arrays too small to split: fewer
         self.strategy, self.threads = (
-            self._fastest() if strategy is None else next(iter(self.plans)))
+            self._fastest() if strategy is None and choose else next(iter(self.plans)))
         self.work = self.plans[self.strategy, self.threads]
+
+    @staticmethod
+    def describe(key: tuple[str, int]) -> str:
+        """('whole', 2) -> 'whole, 2 threads'."""
+        return f"{key[0]}, {_count(key[1], 'thread')}"
+
+    def runner(self, key: tuple[str, int]) -> Callable[[], tuple[np.ndarray, ...]]:
+        """A call of the plan `key` (a key of `plans`), as a callable to time."""
+        work = self.plans[key]
+        outputs = tuple(self.outputs.values())
+
+        def run() -> tuple[np.ndarray, ...]:
+            Floor._run(work)
+            return outputs
+        return run
 
     def _work(self, strategy: str, threads: int) -> list[_Calls]:
         """Each thread's calls: equal parts, each (but the last) whole 4 KiB pages
@@ -675,7 +694,7 @@ class Floor:
     @property
     def label(self) -> str:
         """'whole, 2 threads': how this floor moves its bytes."""
-        return f"{self.strategy}, {_count(self.threads, 'thread')}"
+        return self.describe((self.strategy, self.threads))
 
     def __call__(self) -> tuple[np.ndarray, ...]:
         self._run(self.work)
@@ -869,7 +888,9 @@ class CellResult:
     cell: Cell
     timings: dict[str, Timing]
     checked: bool
-    floor_strategy: Optional[str] = None    #: how the floor moved its bytes (Floor.strategy)
+    floor_strategy: Optional[str] = None    #: the floor's fastest way ('whole, 2 threads')
+    #: Median seconds of each way the floor has (the floor is the fastest).
+    floor_ways: dict[str, float] = field(default_factory=dict)
 
     def time(self, peer: str) -> Optional[float]:
         """Median seconds per call of `peer`, or None if it did not run."""
@@ -886,6 +907,9 @@ class CellResult:
         """bnfast time / floor time (None without the floor)."""
         floor = self.time("floor")
         return None if floor is None else self.timings["bnfast"].median / floor
+
+
+_FLOOR_PREFIX = "floor: "
 
 
 def format_time(seconds: Optional[float]) -> str:
@@ -916,17 +940,30 @@ def measure(cells: Sequence[Cell], peers: Sequence[str], repeats: int, check_res
             case = make_case(cell.shape, cell.dtype, cell.layout)
             case_of = (cell.shape, cell.dtype, cell.layout)
         assert case is not None
-        calls = {peer: make_call(peer, case, cell.op) for peer in peers}
+        calls: dict[str, Callable[[], Any]] = {}
+        for peer in peers:
+            if peer == "floor":     # every way the floor has, timed among the peers
+                floor = Floor(case, cell.op, choose=False)
+                for key in floor.plans:
+                    calls[_FLOOR_PREFIX + Floor.describe(key)] = floor.runner(key)
+                del floor
+            else:
+                calls[peer] = make_call(peer, case, cell.op)
         if check_results:
             expected = expected_result(case, cell.op)
             for peer in CHECKED_PEERS:
                 if peer in calls:
                     check(peer, calls[peer](), expected, case, cell.op)
             del expected
-        floor = calls.get("floor")
-        result = CellResult(cell, interleaved(calls, repeats), check_results,
-                            floor.label if isinstance(floor, Floor) else None)
-        del calls, floor
+        timings = interleaved(calls, repeats)
+        del calls
+        ways = {name[len(_FLOOR_PREFIX):]: timings.pop(name) for name in list(timings)
+                if name.startswith(_FLOOR_PREFIX)}
+        fastest = min(ways, key=lambda way: ways[way].median) if ways else None
+        if fastest is not None:
+            timings["floor"] = ways[fastest]
+        result = CellResult(cell, timings, check_results, fastest,
+                            {way: timing.median for way, timing in ways.items()})
         results.append(result)
         if progress is not None:
             others = ", ".join(f"{peer} {format_time(result.time(peer))}"
@@ -1191,6 +1228,7 @@ def report(results: Sequence[CellResult], machine: dict[str, Any], settings: dic
             cell[_speedup_key(peer)] = r.speedup(peer)
         cell["floor_multiple"] = r.floor_multiple
         cell["floor_strategy"] = r.floor_strategy
+        cell["floor_ways"] = r.floor_ways
         cells.append(cell)
     ops = list(dict.fromkeys(r.cell.op for r in results))
     torch = statuses.get("torch")

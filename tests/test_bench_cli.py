@@ -150,7 +150,11 @@ def test_json_has_every_measurement(capsys, tmp_path):
     assert threads["floor"] == threads["bnfast"] == bnfast.get_num_threads()
     assert all(threads[p] == threads["bnfast"] for p in installed)
     assert data["settings"]["floor"]["traffic"]["backward"] == {"reads": 4, "writes": 1}
-    assert {c["floor_strategy"].split(",")[0] for c in cells} <= set(bench.FLOOR_STRATEGIES)
+    for cell in cells:     # the floor: the fastest of the ways timed among the peers
+        ways = cell["floor_ways"]
+        assert {way.split(",")[0] for way in ways} == set(bench.FLOOR_STRATEGIES)
+        assert cell["peers"]["floor"]["median_s"] == ways[cell["floor_strategy"]] == min(
+            ways.values())
     # The table: one row per cell, then the geometric means.
     rows = [line for line in out.splitlines() if line.startswith(("4x3 ", "2x3x2x2 "))]
     assert len(rows) == len(cells)
