@@ -85,6 +85,8 @@ e.g. "whole, 2 threads", and cells[].floor_ways, every way's median):
   split   the reads alone, in blocks, then each output written by the C
           library's memset (ctypes), which writes whole lines without
           reading them first, as bnfast's streaming stores do.
+  overlap the reads of split on all threads but one, which meanwhile
+          writes every output whole (two or more threads).
 
 Parameters and statistics (D values each) are not counted.  Where x fits in
 the last-level cache, bnfast can still come in under the floor: its
@@ -544,8 +546,10 @@ _FUSED_LOOP = {(1, 0): "read", (1, 1): "copy", (2, 1): "add"}
 #: whole part (faster where an op makes one pass).  "split": every read
 #: alone, block by block, then every write alone (memset), which skips the
 #: read-for-ownership, as bnfast's streaming stores do (faster on arrays far
-#: larger than the cache).
-FLOOR_STRATEGIES = ("fused", "whole", "split")
+#: larger than the cache).  "overlap": the reads of "split" on all threads
+#: but one, which meanwhile writes every output whole (memset's writes skip
+#: the cache only in long runs: one memset of 48 MiB or more, measured).
+FLOOR_STRATEGIES = ("fused", "whole", "split", "overlap")
 #: Each thread does its part block by block, every pass over a block before
 #: the next block, so that a second read of a block (train, backward) comes
 #: from cache, as it can in bnfast's strips and row tiles.  ("split" writes
@@ -615,6 +619,8 @@ class Floor:
         counts = (threads,) if strategy is not None or threads == 1 else (threads, 1)
         for count in counts:
             for name in (FLOOR_STRATEGIES if strategy is None else (strategy,)):
+                if name == "overlap" and count < 2:
+                    continue
                 work = self._work(name, count)
                 self.plans[name, len(work)] = work   # arrays too small to split: fewer
         self.strategy, self.threads = (
@@ -640,6 +646,12 @@ class Floor:
         """Each thread's calls: equal parts, each (but the last) whole 4 KiB pages
         (fewer parts than threads where x has fewer pages)."""
         memory, plan, loops = self._memory, self._plan, FLOOR_LOOPS
+        if strategy == "overlap":   # threads - 1 readers (split), and one writer
+            writes: _Calls = [(loops["write"], (memory[name],))
+                              for step in plan for name in step.writes]
+            readers = [[call for call in calls if call[0] is loops["read"]]
+                       for calls in self._work("split", threads - 1)]
+            return readers + [writes]
         size = memory["x"].size
         page = max(1, 4096 // memory["x"].itemsize)
         part = -(-size // (threads * page)) * page
