@@ -2613,6 +2613,26 @@ def _set_tuning(strip_bytes=STRIP_BYTES, min_strip=MIN_STRIP,
     _page_bytes = max(1, page_bytes)
 
 
+def _stream_copy(cnp.ndarray dst not None, cnp.ndarray src not None):
+    """dst = src, byte for byte, written with the kernels' streaming stores on
+    the calling thread, the GIL released: the benchmark floor's way to write
+    memory as bnfast does (no read-for-ownership, nothing left in the cache).
+    Not a public API."""
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(dst) and cnp.PyArray_IS_C_CONTIGUOUS(src)):
+        raise ValueError("_stream_copy needs C-contiguous arrays")
+    if not cnp.PyArray_ISWRITEABLE(dst):
+        raise ValueError("_stream_copy: dst is read-only")
+    if cnp.PyArray_NBYTES(dst) != cnp.PyArray_NBYTES(src):
+        raise ValueError(f"_stream_copy: dst has {cnp.PyArray_NBYTES(dst)} bytes, "
+                         f"src {cnp.PyArray_NBYTES(src)}")
+    cdef void* d = cnp.PyArray_DATA(dst)
+    cdef const void* s = cnp.PyArray_DATA(src)
+    cdef size_t nbytes = <size_t>cnp.PyArray_NBYTES(dst)
+    with nogil:
+        bnfast_stream(d, s, nbytes)
+        bnfast_fence()
+
+
 def _grid_info(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize, Py_ssize_t out_itemsize):
     """The work grid the kernels use for an (n, d) batch, as a dict (for tests)."""
     _check_nd(n, d)

@@ -87,12 +87,14 @@ e.g. "whole, 2 threads", and cells[].floor_ways, every way's median):
           reading them first, as bnfast's streaming stores do.
   overlap the reads of split on all threads but one, which meanwhile
           writes every output whole (two or more threads).
+  stream  the passes of whole, each write made with bnfast's own streaming
+          stores (bnfast._kernels._stream_copy): no read-for-ownership, and
+          the output does not evict x from the cache, as in bnfast's own
+          large outputs.
 
-Parameters and statistics (D values each) are not counted.  Where x fits in
-the last-level cache, bnfast can still come in under the floor: its
-streaming stores leave x cached from one call to the next, while every
-store NumPy and the C library have (here) evicts it; the table lists such
-cells of 8 MiB or more.
+Parameters and statistics (D values each) are not counted.  The table lists
+the cells of 8 MiB or more where bnfast still comes in more than 10% under
+the floor.
 
 Timing (bnfast._timing.interleaved): each turn waits until the threads of
 the peer before have stopped spinning (otherwise every multi-threaded peer
@@ -140,6 +142,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, TextIO
 import numpy as np
 
 import bnfast
+from bnfast import _native
 from bnfast._timing import TARGET_REPEAT_S, Timing, interleaved
 from bnfast.reference import BatchNormalization as Reference
 
@@ -531,12 +534,28 @@ def _floor_add(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
     np.add(a, b, out=out)
 
 
+def _floor_stream_copy(out: np.ndarray, a: np.ndarray) -> None:
+    """A read and a write with bnfast's own streaming stores (one thread, the
+    GIL released): no read-for-ownership, and the output does not evict
+    the input from the cache, as in bnfast's large outputs.  NumPy and
+    glibc (below ~192 MiB here) cannot write memory that way."""
+    _native.kernels._stream_copy(out, a)
+
+
+def _floor_stream_add(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Two reads and a write, the write streamed (see _floor_stream_copy)."""
+    np.maximum.reduce(a)
+    _native.kernels._stream_copy(out, b)
+
+
 #: The loops the floor is made of, called as loop(*writes, *reads) on 1-D
 #: views of the arrays' memory: reads and writes alone, and the passes that
 #: read and write at once (one read and one write: copy; two and one: add).
 FLOOR_LOOPS: dict[str, Callable[..., None]] = {
-    "read": _floor_read, "write": _floor_write, "copy": _floor_copy, "add": _floor_add}
+    "read": _floor_read, "write": _floor_write, "copy": _floor_copy, "add": _floor_add,
+    "stream_copy": _floor_stream_copy, "stream_add": _floor_stream_add}
 _FUSED_LOOP = {(1, 0): "read", (1, 1): "copy", (2, 1): "add"}
+_STREAM_LOOP = {(1, 0): "read", (1, 1): "stream_copy", (2, 1): "stream_add"}
 
 #: Ways to do a plan's passes, all moving the same bytes; the floor times
 #: them when it is set up and keeps the fastest.  "fused": NumPy loops that
@@ -549,7 +568,10 @@ _FUSED_LOOP = {(1, 0): "read", (1, 1): "copy", (2, 1): "add"}
 #: larger than the cache).  "overlap": the reads of "split" on all threads
 #: but one, which meanwhile writes every output whole (memset's writes skip
 #: the cache only in long runs: one memset of 48 MiB or more, measured).
-FLOOR_STRATEGIES = ("fused", "whole", "split", "overlap")
+#: "stream": the passes of "whole", each write with bnfast's streaming
+#: stores, which keep a batch that fits in the last-level cache there from
+#: one call to the next, as bnfast's own streamed outputs do.
+FLOOR_STRATEGIES = ("fused", "whole", "split", "overlap", "stream")
 #: Each thread does its part block by block, every pass over a block before
 #: the next block, so that a second read of a block (train, backward) comes
 #: from cache, as it can in bnfast's strips and row tiles.  ("split" writes
@@ -668,7 +690,8 @@ class Floor:
                             for step in plan for name in step.writes])
             else:
                 spans = blocks if strategy == "fused" else [(first, end)]
-                calls = [(loops[_FUSED_LOOP[len(step.reads), len(step.writes)]],
+                kind = _STREAM_LOOP if strategy == "stream" else _FUSED_LOOP
+                calls = [(loops[kind[len(step.reads), len(step.writes)]],
                           tuple(memory[name][start:stop] for name in step.writes + step.reads))
                          for start, stop in spans for step in plan]
             work.append(calls)

@@ -497,7 +497,8 @@ def test_floor_traffic_is_the_ops_unavoidable_traffic():
 
 
 #: (writes, reads) of each floor loop's arguments.
-LOOP_ARGS = {"read": (0, 1), "write": (1, 0), "copy": (1, 1), "add": (1, 2)}
+LOOP_ARGS = {"read": (0, 1), "write": (1, 0), "copy": (1, 1), "add": (1, 2),
+             "stream_copy": (1, 1), "stream_add": (1, 2)}
 
 
 def _counting_loops(monkeypatch):
@@ -546,7 +547,7 @@ def test_floor_moves_its_traffic_on_bnfasts_threads(monkeypatch, op, layout, str
     assert sum(a.nbytes for a in moved["write"]) == writes * case.x.nbytes
     assert len(moved["threads"]) == 2
     blocks = {a.nbytes for a in moved["read"]}
-    if strategy == "whole":     # one pass over each thread's part (whole pages)
+    if strategy in ("whole", "stream"):     # one pass over each thread's part (whole pages)
         assert len(blocks) <= 2 and min(blocks) > case.x.nbytes // 3
     else:
         assert max(blocks) == 16384
@@ -579,18 +580,27 @@ def test_floor_writes_really_write(strategy):
     assert all(not np.any(out == 7.0) for out in outputs)
 
 
+def test_the_streamed_floor_copies_x_with_bnfasts_streaming_stores():
+    """The "stream" way writes what the "whole" way writes: x, byte for byte."""
+    case = bench.make_case((64, 3000), "float32")
+    streamed = bench.Floor(case, "train", threads=2, strategy="stream")()
+    for out in streamed:
+        assert out.tobytes() == case.x.tobytes()
+
+
 def test_floor_keeps_the_faster_strategy(monkeypatch):
     def slow_write(out):
         time.sleep(0.002)
     monkeypatch.setitem(bench.FLOOR_LOOPS, "write", slow_write)
     case = bench.make_case((64, 300), "float64")
-    assert bench.Floor(case, "eval").strategy in ("fused", "whole")
+    assert bench.Floor(case, "eval").strategy in ("fused", "whole", "stream")
     monkeypatch.undo()
 
     def slow_copy(out, a):
         time.sleep(0.002)
     monkeypatch.setitem(bench.FLOOR_LOOPS, "copy", slow_copy)
-    assert bench.Floor(case, "eval").strategy == "split"
+    monkeypatch.setitem(bench.FLOOR_LOOPS, "stream_copy", slow_copy)
+    assert bench.Floor(case, "eval").strategy in ("split", "overlap")
 
 
 def test_floor_threads_follow_bnfast():
