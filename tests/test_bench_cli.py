@@ -152,7 +152,10 @@ def test_json_has_every_measurement(capsys, tmp_path):
     assert data["settings"]["floor"]["traffic"]["backward"] == {"reads": 4, "writes": 1}
     for cell in cells:     # the floor: the fastest of the ways timed among the peers
         ways = cell["floor_ways"]
-        assert {way.split(",")[0] for way in ways} == set(bench.FLOOR_STRATEGIES)
+        # ("overlap" needs two threads: a serial build has one)
+        expected = set(bench.FLOOR_STRATEGIES) - ({"overlap"} if bnfast.get_num_threads() == 1
+                                                   else set())
+        assert {way.split(",")[0] for way in ways} == expected
         assert cell["peers"]["floor"]["median_s"] == ways[cell["floor_strategy"]] == min(
             ways.values())
     # The table: one row per cell, then the geometric means.
