@@ -19,8 +19,8 @@ validated, converted and resolved in full; both end in the same code.
 
 Kernel-ready means an aligned, native-byte-order, C-contiguous float32 or
 float64 ndarray: what the kernels' entry points accept as they are.  The
-kernels define it and this module asks them (plain_batch, plain_vector), so
-the definition has one home.
+kernels define it and this module asks them (ready_rows, ready_vector,
+ready_operands), so the definition has one home.
 """
 from __future__ import annotations
 
@@ -42,9 +42,13 @@ _INF = math.inf
 
 # The kernels' readiness queries: D = prod(shape[1:]) if x is a kernel-ready
 # ndarray of ndim >= 2 with N, D >= 1, else 0; whether v is a kernel-ready
-# 1-D ndarray of d elements with like's dtype.
-_ready_rows = _kernels.plain_batch
-_ready_vector = _kernels.plain_vector
+# 1-D ndarray of d elements with like's dtype; the dtype of a trivial
+# forward's (backward's) running statistics, or None if its operands are
+# not trivial.
+_ready_rows = _kernels.ready_rows
+_ready_vector = _kernels.ready_vector
+_ready_operands = _kernels.ready_operands
+_ready_grads = _kernels.ready_grads
 _F64_LIKE = np.empty(0, F64)
 _new_output = _outputs.empty     # batch-sized results: large ones reuse freed memory
 # The memos of the trivial plans' dtypes, and the batch count from which
@@ -465,17 +469,11 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
         else:
             c = _ready_rows(x)
         if c:
-            x_dtype = x.dtype
-            if ((x_dtype is F32 or x_dtype is F64) and _ready_vector(gamma, c, x)
-                    and _ready_vector(beta, c, x)):
-                if unset:        # new zeros (or, not updated, nothing the dtypes see)
-                    r = F64 if running != "required" else None
-                elif _ready_vector(running_mean, c, x) and _ready_vector(running_var, c, x):
-                    r = x_dtype
-                elif (_ready_vector(running_mean, c, _F64_LIKE)
-                      and _ready_vector(running_var, c, _F64_LIKE)):
-                    r = F64
+            r = _ready_operands(x, c, gamma, beta, running_mean, running_var)
+            if unset and running == "required":
+                r = None
     if r is not None:
+        x_dtype = x.dtype
         if per_channel:
             source, lay, shape, n, c, s = laid
         else:
@@ -520,17 +518,19 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
     if not train:
         # Eval mode keeps x by reference, not a copy (documented).
         fresh = checked is None
-        if checked is None:     # unset, not required: new float64 zeros, used and kept (book)
+        if fresh:     # unset, not required: new float64 zeros, used and kept (book)
             checked = vectors = (np.zeros(c), np.zeros(c))
-        assert vectors is not None
-        plan = (source, lay, shape, n, c, s, False, x_dtype, None, dts.out, eps, checked[0],
-                checked[1], fresh, False)
+        assert checked is not None and vectors is not None
+        rm_used, rv_used = checked
+        rm_k, rv_k = vectors
+        plan = (source, lay, shape, n, c, s, False, x_dtype, None, dts.out, eps, rm_used,
+                rv_used, fresh, False)
         if lay is PLANES:
             kernel = _planes_eval_forward
-            args = (source, target, n, c, s, gamma, beta, vectors[0], vectors[1], eps)
+            args = (source, target, n, c, s, gamma, beta, rm_k, rv_k, eps)
         else:
             kernel = _eval_forward
-            args = (source, target, n * s, c, gamma, beta, vectors[0], vectors[1], eps)
+            args = (source, target, n * s, c, gamma, beta, rm_k, rv_k, eps)
     else:
         # (the common False skips the call; any other value is checked there)
         correction = 1.0 if unbiased is False else var_correction(
@@ -552,8 +552,8 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
         if checked is not None:
             assert vectors is not None
             if given is None:
-                new_mean = np.empty(c, dts.running_mean)
-                new_var = np.empty(c, dts.running_var)
+                new_mean = _new_output((c,), dts.running_mean)
+                new_var = _new_output((c,), dts.running_var)
             else:
                 x_ndim = len(shape)
                 new_mean = np.empty(unit_shape(given[0], c, x_ndim, per_channel),
@@ -671,36 +671,26 @@ def plan_backward(plan: Plan, dout: Any, gamma: Any, beta: Any = None, out: Any 
     batch's; the split-phase layer's are the whole batch's)."""
     (xk, lay, shape, n, c, s, train, x_dtype, stats, _, eps, running_mean, running_var,
      _, _) = plan
-    t = xk.dtype
     if count is None:
         count = n * s
     # The trivial plan: x float32/float64 as the caller gave it, dout and
     # gamma (and after an eval-mode forward, the running statistics) ready
     # in x's dtype and layout, the dtypes from the memo.
-    dk = None
     r = None
-    if (out is None and x_dtype is t and (t is F32 or t is F64) and type(dout) is np.ndarray
-            and dout.dtype is t and _ready_vector(gamma, c, xk)):
+    if out is None:
         if lay is FLAT:
-            if _ready_rows(dout) == c and (dout.shape == shape or dout.shape == (n, c)):
-                dk = dout
-        elif dout.shape == shape:
-            view = _channels.kernel_view(lay, dout)
-            if _ready_rows(view):
-                dk = view
-        if dk is None:
-            pass
-        elif train:
-            if count < _WIDENING or t is F64:
-                r = t
-        elif _ready_vector(running_mean, c, xk) and _ready_vector(running_var, c, xk):
-            r = t
-        elif (_ready_vector(running_mean, c, _F64_LIKE)
-              and _ready_vector(running_var, c, _F64_LIKE)):
-            r = F64
+            dk = dout
+        else:
+            dk = (_channels.kernel_view(lay, dout) if type(dout) is np.ndarray
+                  and dout.shape == shape else None)
+        r = _ready_grads(xk, x_dtype, dk, lay is FLAT, c, gamma,
+                         None if train else running_mean, None if train else running_var)
+        if r is F32 and train and count >= _WIDENING:
+            r = None
     if r is not None:
         # (the memo holds the dtypes of batches that NumPy 1 does not widen:
         # the trivial plan's)
+        t = x_dtype
         dts = _UNIFORM_GRADS[train][t is F64][r is F64] or _dtypes.uniform_grads(train, t, r)
         given_gamma = gk = gamma
         after = None
@@ -729,8 +719,8 @@ def plan_backward(plan: Plan, dout: Any, gamma: Any, beta: Any = None, out: Any 
         dgamma = np.empty(unit_shape(given_gamma, c, len(shape), True), dts.dgamma)
         dbeta = np.empty(unit_shape(beta, c, len(shape), True), dts.dbeta)
     else:
-        dgamma = np.empty(c, dts.dgamma)
-        dbeta = np.empty(c, dts.dbeta)
+        dgamma = _new_output((c,), dts.dgamma)
+        dbeta = _new_output((c,), dts.dbeta)
     # The kernels write dgamma and dbeta in one float dtype (as the trivial
     # plan's are); others are copied from float64 after.
     kg, kb = dgamma, dbeta

@@ -46,6 +46,10 @@ cimport numpy as cnp
 
 cnp.import_array()
 
+# NumPy's float dtypes (the instances np.dtype returns), for ready_operands.
+cdef object _F64 = cnp.PyArray_DescrFromType(cnp.NPY_DOUBLE)
+cdef object _F32 = cnp.PyArray_DescrFromType(cnp.NPY_FLOAT)
+
 # CPU detection (bnfast/csrc/cpu.h), shared with the variants' entry points.
 cdef extern from "cpu.h":
     int bnfast_cpu_level() noexcept nogil
@@ -1797,13 +1801,28 @@ cdef inline bint _is_f64(cnp.ndarray a) noexcept:
     return cnp.PyArray_TYPE(a) == cnp.NPY_DOUBLE
 
 
-cdef int _require(cnp.ndarray a, Py_ssize_t size, str name, bint writeable) except -1:
-    """a: an aligned, native, C-contiguous float32/float64 block of `size`."""
+cdef inline bint _ready(cnp.ndarray a) noexcept:
+    """Kernel-ready: an aligned, native-byte-order, C-contiguous float32 or
+    float64 array.  The one definition: the entry points require it and the
+    planner asks for it (ready_rows, ready_vector, ready_operands)."""
     cdef int t = cnp.PyArray_TYPE(a)
-    if t != cnp.NPY_DOUBLE and t != cnp.NPY_FLOAT:
-        raise TypeError(f"{name}: kernel needs float32 or float64, got {a.dtype}")
-    if not cnp.PyArray_ISCARRAY_RO(a) or not cnp.PyArray_ISNOTSWAPPED(a):
-        raise ValueError(f"{name}: kernel needs an aligned, native, C-contiguous array")
+    return ((t == cnp.NPY_DOUBLE or t == cnp.NPY_FLOAT) and cnp.PyArray_ISCARRAY_RO(a)
+            and cnp.PyArray_ISNOTSWAPPED(a))
+
+
+cdef int _require(cnp.ndarray a, Py_ssize_t size, str name, bint writeable) except -1:
+    """a: kernel-ready (see _ready), of `size` elements, writeable if asked."""
+    cdef int t
+    if not _ready(a):
+        t = cnp.PyArray_TYPE(a)
+        if t != cnp.NPY_DOUBLE and t != cnp.NPY_FLOAT:
+            raise TypeError(f"{name}: kernel needs float32 or float64, got {a.dtype}")
+        if not cnp.PyArray_ISNOTSWAPPED(a):
+            raise ValueError(f"{name}: kernel needs native byte order, got {a.dtype}")
+        if not cnp.PyArray_ISALIGNED(a):
+            raise ValueError(f"{name}: kernel needs an aligned array")
+        raise ValueError(f"{name}: kernel needs a C-contiguous array, got strides "
+                         f"{(<object>a).strides} for shape {(<object>a).shape}")
     if cnp.PyArray_SIZE(a) != size:
         raise ValueError(f"{name}: kernel needs {size} elements, got {cnp.PyArray_SIZE(a)}")
     if writeable and not cnp.PyArray_ISWRITEABLE(a):
@@ -2424,24 +2443,18 @@ def planes_eval_backward(cnp.ndarray x not None, cnp.ndarray dy not None,
 
 
 # ---------------------------------------------------------------------------
-# Layout queries for the layer's fast path (no validation: a False only sends
-# the caller down the general, validating path).
+# Readiness queries for the planner's trivial plan (no validation: False or
+# 0 only sends the caller to the general, validating plan).
 
-cdef inline bint _plain(cnp.ndarray a) noexcept:
-    cdef int t = cnp.PyArray_TYPE(a)
-    return ((t == cnp.NPY_DOUBLE or t == cnp.NPY_FLOAT) and cnp.PyArray_ISCARRAY_RO(a)
-            and cnp.PyArray_ISNOTSWAPPED(a))
-
-
-def plain_batch(object x):
-    """D = prod(x.shape[1:]) if x is an aligned, native, C-contiguous float32 or
-    float64 ndarray of ndim >= 2 with N, D >= 1; otherwise 0."""
+def ready_rows(object x):
+    """D = prod(x.shape[1:]) if x is a kernel-ready ndarray of ndim >= 2 with
+    N, D >= 1; otherwise 0."""
     cdef cnp.ndarray a
     cdef Py_ssize_t n
     if type(x) is not cnp.ndarray:
         return 0
     a = <cnp.ndarray>x
-    if cnp.PyArray_NDIM(a) < 2 or not _plain(a):
+    if cnp.PyArray_NDIM(a) < 2 or not _ready(a):
         return 0
     n = cnp.PyArray_DIMS(a)[0]
     if n < 1 or cnp.PyArray_SIZE(a) < n:
@@ -2449,93 +2462,83 @@ def plain_batch(object x):
     return cnp.PyArray_SIZE(a) // n
 
 
-cdef inline bint _plain_vector(object v, Py_ssize_t d, int typenum) noexcept:
+cdef inline bint _ready_vector(object v, Py_ssize_t d, int typenum) noexcept:
     cdef cnp.ndarray a
     if type(v) is not cnp.ndarray:
         return False
     a = <cnp.ndarray>v
-    return (cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_DIMS(a)[0] == d and _plain(a)
+    return (cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_DIMS(a)[0] == d and _ready(a)
             and cnp.PyArray_TYPE(a) == typenum)
 
 
-def plain_vector(object v, Py_ssize_t d, cnp.ndarray like not None):
-    """Whether v is an aligned, native, contiguous 1-D ndarray of d elements
-    with like's dtype."""
-    return _plain_vector(v, d, cnp.PyArray_TYPE(like))
+def ready_vector(object v, Py_ssize_t d, cnp.ndarray like not None):
+    """Whether v is a kernel-ready 1-D ndarray of d elements with like's dtype."""
+    return _ready_vector(v, d, cnp.PyArray_TYPE(like))
 
 
-def plain_channels(object x):
-    """2 * C + channels_last if x is an aligned, native float32/float64
-    ndarray (N, C, *spatial) of ndim >= 2 with N, C and S >= 1 that is
-    NCHW-contiguous (channels_last = 0) or whose memory is ordered
-    (N, *spatial, C) (channels_last = 1; also for C-contiguous x with S = 1,
-    which is both); otherwise 0."""
-    cdef cnp.ndarray a
-    cdef int nd, k, t
-    cdef Py_ssize_t expected, c
-    if type(x) is not cnp.ndarray:
-        return 0
-    a = <cnp.ndarray>x
-    nd = cnp.PyArray_NDIM(a)
-    t = cnp.PyArray_TYPE(a)
-    if (nd < 2 or (t != cnp.NPY_DOUBLE and t != cnp.NPY_FLOAT) or not cnp.PyArray_ISALIGNED(a)
-            or not cnp.PyArray_ISNOTSWAPPED(a) or cnp.PyArray_SIZE(a) == 0):
-        return 0
-    c = cnp.PyArray_DIMS(a)[1]
-    if cnp.PyArray_IS_C_CONTIGUOUS(a):
-        # one value per plane (no spatial extent): the memory is (N, C) rows,
-        # which the channels-last (flat) kernels handle far better
-        return 2 * c + (cnp.PyArray_SIZE(a) == cnp.PyArray_DIMS(a)[0] * c)
-    if nd == 2:
-        return 0
-    expected = cnp.PyArray_ITEMSIZE(a)
-    if cnp.PyArray_STRIDES(a)[1] != expected and c > 1:
-        return 0
-    expected *= c
-    for k in range(nd - 1, 1, -1):
-        if cnp.PyArray_STRIDES(a)[k] != expected and cnp.PyArray_DIMS(a)[k] > 1:
-            return 0
-        expected *= cnp.PyArray_DIMS(a)[k]
-    if cnp.PyArray_STRIDES(a)[0] != expected and cnp.PyArray_DIMS(a)[0] > 1:
-        return 0
-    return 2 * c + 1
-
-
-def plain_call(object x, object gamma, object beta, object rm, object rv,
-               bint per_channel=False):
-    """The layer's fast path in one call: 0 unless x is a plain batch (see
-    plain_batch) with D features, gamma and beta plain vectors of x's dtype
-    with D elements, and rm, rv both None or both plain vectors of one dtype
-    (x's or float64).  Otherwise 2 * D + wide, where wide is 1 when x or the
-    running statistics are float64 (or None: they will be float64 zeros),
-    which makes the eval output and the updated running statistics float64.
-    per_channel: x may also be channels-last (see plain_channels), vectors
-    have C elements, and the result is 4 * C + 2 * channels_last + wide."""
-    cdef Py_ssize_t d, code = 0
-    cdef int t
-    cdef bint wide
-    if per_channel:
-        code = plain_channels(x)
-        d = code >> 1
-    else:
-        d = plain_batch(x)
-    if d == 0:
-        return 0
-    t = cnp.PyArray_TYPE(<cnp.ndarray>x)
-    if not (_plain_vector(gamma, d, t) and _plain_vector(beta, d, t)):
-        return 0
-    wide = t == cnp.NPY_DOUBLE
+cdef object _running_ready(Py_ssize_t d, int t, object rm, object rv):
+    """The dtype of running statistics rm, rv if both are None (float64: new
+    zeros) or both kernel-ready vectors of d elements in dtype t or float64;
+    otherwise None."""
     if rm is None and rv is None:
-        wide = True
-    elif _plain_vector(rm, d, t) and _plain_vector(rv, d, t):
-        pass
-    elif _plain_vector(rm, d, cnp.NPY_DOUBLE) and _plain_vector(rv, d, cnp.NPY_DOUBLE):
-        wide = True
-    else:
-        return 0
-    if per_channel:
-        return 2 * code + wide
-    return 2 * d + wide
+        return _F64
+    if _ready_vector(rm, d, t) and _ready_vector(rv, d, t):
+        return _F64 if t == cnp.NPY_DOUBLE else _F32
+    if _ready_vector(rm, d, cnp.NPY_DOUBLE) and _ready_vector(rv, d, cnp.NPY_DOUBLE):
+        return _F64
+    return None
+
+
+cdef inline bint _own_float(cnp.ndarray a, int t) noexcept:
+    """a's dtype is NumPy's own instance of float32/float64 t (the planner's
+    memo of dtypes keys on those instances)."""
+    return <object>cnp.PyArray_DESCR(a) is (_F64 if t == cnp.NPY_DOUBLE else _F32)
+
+
+def ready_operands(cnp.ndarray x not None, Py_ssize_t d, object gamma, object beta,
+                   object rm, object rv):
+    """A forward's per-feature operands, in one query: for x of NumPy's own
+    float32 or float64 dtype instance, the running statistics' dtype (x's
+    or float64; float64 where both are None: new zeros) if gamma and beta
+    are kernel-ready vectors of d elements in x's dtype and rm, rv both None
+    or both such vectors of one of those dtypes; otherwise None."""
+    cdef int t = cnp.PyArray_TYPE(x)
+    if not _own_float(x, t):     # (x's layout is the caller's to check: it may be channels-last)
+        return None
+    if not (_ready_vector(gamma, d, t) and _ready_vector(beta, d, t)):
+        return None
+    return _running_ready(d, t, rm, rv)
+
+
+def ready_grads(cnp.ndarray x not None, object x_dtype, object dy, bint flat, Py_ssize_t d,
+                object gamma, object rm, object rv):
+    """A backward's operands, in one query, beside x as the kernels read it
+    (its rows of d values): the running statistics' dtype as ready_operands
+    gives it (x's where rm and rv are None: after a training forward) if x
+    is of x_dtype, NumPy's own float32/float64 instance; dy a kernel-ready
+    ndarray of that dtype and x's shape (or, flat, the (N, d) view of it);
+    and gamma a kernel-ready vector of d in that dtype.  Otherwise None."""
+    cdef int t = cnp.PyArray_TYPE(x)
+    cdef cnp.ndarray a
+    cdef int k, nd
+    if type(dy) is not cnp.ndarray or <object>cnp.PyArray_DESCR(x) is not x_dtype:
+        return None
+    a = <cnp.ndarray>dy
+    if not (_ready(x) and _own_float(x, t) and _ready(a) and cnp.PyArray_TYPE(a) == t
+            and _own_float(a, t) and _ready_vector(gamma, d, t)):
+        return None
+    nd = cnp.PyArray_NDIM(a)
+    if cnp.PyArray_SIZE(a) != cnp.PyArray_SIZE(x) or nd < 2:
+        return None
+    if nd == cnp.PyArray_NDIM(x):
+        for k in range(nd):
+            if cnp.PyArray_DIMS(a)[k] != cnp.PyArray_DIMS(x)[k]:
+                return None
+    elif not (flat and nd == 2 and cnp.PyArray_DIMS(a)[0] == cnp.PyArray_DIMS(x)[0]):
+        return None
+    if rm is None and rv is None:
+        return x_dtype
+    return _running_ready(d, t, rm, rv) if (rm is not None and rv is not None) else None
 
 
 # ---------------------------------------------------------------------------

@@ -12,14 +12,13 @@ from ._kernels import grad_input as grad_input
 from ._kernels import grad_sums as grad_sums
 from ._kernels import moments as moments
 from ._kernels import openmp_enabled as openmp_enabled
-from ._kernels import plain_batch as plain_batch
-from ._kernels import plain_call as plain_call
-from ._kernels import plain_channels as plain_channels
-from ._kernels import plain_vector as plain_vector
 from ._kernels import planes_eval_backward as planes_eval_backward
 from ._kernels import planes_eval_forward as planes_eval_forward
 from ._kernels import planes_train_backward as planes_train_backward
 from ._kernels import planes_train_forward as planes_train_forward
+from ._kernels import ready_operands as ready_operands
+from ._kernels import ready_rows as ready_rows
+from ._kernels import ready_vector as ready_vector
 from ._kernels import set_num_threads as set_num_threads
 from ._kernels import train_backward as train_backward
 from ._kernels import train_forward as train_forward

@@ -14,6 +14,7 @@
 # oldest blocks are freed first), and the limit can be set to 0.
 
 from cpython.pycapsule cimport PyCapsule_New
+from cpython.ref cimport PyObject, Py_INCREF
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport uint64_t
 
@@ -31,6 +32,8 @@ cdef extern from "outputs.h":
 
 cdef extern from "numpy/arrayobject.h":
     object PyDataMem_SetHandler(object handler)
+    # (steals a reference to descr)
+    object PyArray_Empty(int nd, cnp.npy_intp* dims, PyObject* descr, int fortran)
 
 #: Outputs smaller than this come from NumPy's own allocator: the C heap
 #: keeps blocks this small mapped, so they have no page faults to save.
@@ -52,20 +55,32 @@ cdef Py_ssize_t _limit = 0
 cdef object _np_empty = np.empty
 
 
-def empty(shape, dtype):
-    """A new uninitialized array (dtype: a numpy.dtype); one of MIN_BYTES or
-    more takes its memory from the output cache (and returns it there when
-    it dies)."""
-    cdef Py_ssize_t nbytes = (<cnp.dtype?>dtype).itemsize
-    cdef Py_ssize_t extent
-    if _limit == 0:
-        return _np_empty(shape, dtype)
-    for extent in ((shape,) if isinstance(shape, int) else shape):
+def empty(shape, cnp.dtype dtype not None):
+    """A new uninitialized array of a shape tuple; one of MIN_BYTES or more
+    takes its memory from the output cache (and returns it there when it
+    dies).  Made here, in C, because for the small outputs of a small call
+    np.empty's own argument parsing costs more than the allocation."""
+    cdef cnp.npy_intp dims[32]
+    cdef Py_ssize_t nbytes = dtype.itemsize, extent
+    cdef Py_ssize_t nd, k
+    if type(shape) is not tuple or len(<tuple>shape) > 32:
+        return _np_empty(shape, dtype)     # (not a planner's shape: NumPy decides)
+    nd = len(<tuple>shape)
+    for k in range(nd):
+        item = (<tuple>shape)[k]
+        if type(item) is not int:
+            return _np_empty(shape, dtype)
+        try:
+            extent = item
+        except OverflowError:
+            return _np_empty(shape, dtype)    # NumPy's error for a bad shape
         if extent <= 0 or nbytes > PY_SSIZE_T_MAX // extent:
             return _np_empty(shape, dtype)    # empty, or NumPy's error for a bad shape
         nbytes *= extent
-    if nbytes < MIN_BYTES:
-        return _np_empty(shape, dtype)
+        dims[k] = extent
+    if _limit == 0 or nbytes < MIN_BYTES:
+        Py_INCREF(dtype)     # (PyArray_Empty steals a reference to it)
+        return PyArray_Empty(<int>nd, dims, <PyObject*>dtype, 0)
     previous = PyDataMem_SetHandler(_handler)
     try:
         return _np_empty(shape, dtype)

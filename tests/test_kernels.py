@@ -387,6 +387,47 @@ def test_entry_points_refuse_unsafe_arguments():
                               None, None, None, None, 0.9, 0.1)
     with pytest.raises(TypeError, match="same dtype"):
         kernels.train_backward(x, x.astype(np.float32), y, 4, 3, mean, var, v, v.copy(), v.copy())
+    with pytest.raises(ValueError, match="native byte order"):
+        kernels.eval_forward(x.astype(">f8"), y, 4, 3, v, v, v, v, 1e-6)
+    misaligned = np.zeros(4 * 3 * 8 + 1, np.uint8)[1:].view(np.float64).reshape(4, 3)
+    with pytest.raises(ValueError, match="aligned"):
+        kernels.eval_forward(misaligned, y, 4, 3, v, v, v, v, 1e-6)
+
+
+def test_readiness_queries_accept_exactly_what_the_entry_points_take_as_is():
+    x = np.zeros((4, 3))
+    v = np.ones(3)
+    assert kernels.ready_rows(x) == 3
+    assert kernels.ready_rows(np.zeros((4, 3, 2), np.float32)) == 6
+    for not_ready in (x.T, x.astype(">f8"), x.astype(np.int64), np.zeros(3), [[0.0]],
+                      np.zeros((0, 3))):
+        assert kernels.ready_rows(not_ready) == 0
+    assert kernels.ready_vector(v, 3, x) and not kernels.ready_vector(v, 3, x.astype(np.float32))
+    assert not kernels.ready_vector(np.ones(6)[::2], 3, x)
+    # the running statistics' dtype: x's, float64, or float64 for new zeros
+    f32 = x.astype(np.float32)
+    v32 = v.astype(np.float32)
+    assert kernels.ready_operands(f32, 3, v32, v32, v32, v32) is np.dtype(np.float32)
+    assert kernels.ready_operands(f32, 3, v32, v32, v, v) is np.dtype(np.float64)
+    assert kernels.ready_operands(f32, 3, v32, v32, None, None) is np.dtype(np.float64)
+    assert kernels.ready_operands(f32, 3, v32, v32, v32, v) is None      # mixed pair
+    assert kernels.ready_operands(f32, 3, v, v32, None, None) is None    # gamma not x's dtype
+    assert kernels.ready_operands(f32, 3, v32, v32, v32, None) is None
+    # a float64 dtype that is not NumPy's own instance (the planner's memo keys on those)
+    tagged = x.view(np.dtype(np.float64, metadata={"tag": 1}))
+    assert kernels.ready_operands(tagged, 3, v, v, None, None) is None
+    f64 = np.dtype(np.float64)
+    # dout: x's shape, or per feature its (N, D) view; nothing else of that size
+    x4 = np.zeros((4, 3, 1, 1))
+    assert kernels.ready_grads(x4, f64, np.ones((4, 3, 1, 1)), False, 3, v, None, None) is f64
+    assert kernels.ready_grads(x4, f64, np.ones((4, 3)), True, 3, v, None, None) is f64
+    assert kernels.ready_grads(x4, f64, np.ones((4, 3)), False, 3, v, None, None) is None
+    assert kernels.ready_grads(x4, f64, np.ones((4, 1, 3, 1)), True, 3, v, None, None) is None
+    assert kernels.ready_grads(x4, f64, np.ones((2, 6)), True, 3, v, None, None) is None
+    assert kernels.ready_grads(x, f64, x.astype(np.float32), True, 3, v, None, None) is None
+    assert kernels.ready_grads(x, np.dtype(np.float32), x, True, 3, v, None, None) is None
+    assert kernels.ready_grads(x, f64, x, True, 3, v, v32, v32) is None      # not x's dtype
+    assert kernels.ready_grads(f32, np.dtype(np.float32), f32, True, 3, v32, v, v) is f64
 
 
 @pytest.mark.parametrize("s", [0, 7])

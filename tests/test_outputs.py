@@ -115,6 +115,28 @@ def test_small_outputs_do_not_touch_the_cache():
     assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
 
 
+@pytest.mark.parametrize("shape", [(3, 4), (5,), (2, 1, 3), (BIG[0] * 2, BIG[1]), [3, 4], 7])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, ">f8"])
+def test_empty_makes_the_array_np_empty_would(shape, dtype):
+    """Small outputs are made in C (np.empty's argument parsing costs more
+    than the allocation), large ones in the cache: both as np.empty's."""
+    dt = np.dtype(dtype)
+    got = _outputs.empty(shape, dt)
+    want = np.empty(shape, dt)
+    assert (got.shape, got.dtype, got.strides) == (want.shape, want.dtype, want.strides)
+    assert got.flags.c_contiguous and got.flags.owndata and got.flags.writeable
+    assert got.flags.aligned and got.base is None
+
+
+def test_empty_refuses_what_np_empty_refuses():
+    for shape, error in (((-1, 3), ValueError), ((2, "3"), TypeError),
+                         ((2**62, 2**62), ValueError), ((2**70, 1), ValueError)):
+        with pytest.raises(error):
+            np.empty(shape)
+        with pytest.raises(error):
+            _outputs.empty(shape, np.dtype(np.float64))
+
+
 def test_the_cache_holds_at_most_its_limit_and_zero_empties_it():
     nbytes = BIG[0] * BIG[1] * 8
     bnfast.set_output_cache_limit(2 * nbytes)
