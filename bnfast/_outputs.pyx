@@ -14,7 +14,7 @@
 # oldest blocks are freed first), and the limit can be set to 0.
 
 from cpython.pycapsule cimport PyCapsule_New
-from cpython.ref cimport PyObject, Py_INCREF
+from cpython.ref cimport Py_INCREF
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport uint64_t
 
@@ -33,7 +33,7 @@ cdef extern from "outputs.h":
 cdef extern from "numpy/arrayobject.h":
     object PyDataMem_SetHandler(object handler)
     # (steals a reference to descr)
-    object PyArray_Empty(int nd, cnp.npy_intp* dims, PyObject* descr, int fortran)
+    object PyArray_Empty(int nd, cnp.npy_intp* dims, cnp.dtype descr, int fortran)
 
 #: Outputs smaller than this come from NumPy's own allocator: the C heap
 #: keeps blocks this small mapped, so they have no page faults to save.
@@ -80,7 +80,7 @@ def empty(shape, cnp.dtype dtype not None):
         dims[k] = extent
     if _limit == 0 or nbytes < MIN_BYTES:
         Py_INCREF(dtype)     # (PyArray_Empty steals a reference to it)
-        return PyArray_Empty(<int>nd, dims, <PyObject*>dtype, 0)
+        return PyArray_Empty(<int>nd, dims, dtype, 0)
     previous = PyDataMem_SetHandler(_handler)
     try:
         return _np_empty(shape, dtype)

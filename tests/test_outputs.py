@@ -128,6 +128,15 @@ def test_empty_makes_the_array_np_empty_would(shape, dtype):
     assert got.flags.aligned and got.base is None
 
 
+def test_empty_keeps_the_dtypes_reference_count():
+    dt = np.dtype(np.float64, metadata={"tag": 1})     # a dtype of its own, not a singleton
+    before = sys.getrefcount(dt)
+    arrays = [_outputs.empty((3, 2), dt) for _ in range(100)]
+    assert sys.getrefcount(dt) == before + 100
+    del arrays
+    assert sys.getrefcount(dt) == before
+
+
 def test_empty_refuses_what_np_empty_refuses():
     for shape, error in (((-1, 3), ValueError), ((2, "3"), TypeError),
                          ((2**62, 2**62), ValueError), ((2**70, 1), ValueError)):

@@ -17,8 +17,8 @@
 #      _PYTHON_HOST_PLATFORM=linux-aarch64 names the target (setup.py then
 #      builds no x86 variant; the wheel is tagged linux_aarch64).  NumPy's
 #      headers come from the aarch64 wheel (CPPFLAGS), the build's NumPy is
-#      the same version.  OpenMP on (BNFAST_OPENMP=1), CFLAGS=-g0 as the
-#      release wheels (pyproject's cibuildwheel table).
+#      the same version.  OpenMP on (BNFAST_OPENMP=1), as the release
+#      wheels (pyproject's cibuildwheel table).
 #   4. an emulated environment: a 3-line aarch64 `python` (Py_BytesMain,
 #      linked to Debian's arm64 libpython3.11) in a venv layout whose
 #      site-packages gets NumPy, the test extra and the bnfast wheel, started
@@ -154,7 +154,7 @@ fi
 (
     cd "$WORK/src"
     export _PYTHON_HOST_PLATFORM=linux-aarch64 _PYTHON_SYSCONFIGDATA_NAME=$SYSCONFIG
-    export CPPFLAGS="-I$NUMPY_INCLUDE" CFLAGS=-g0 BNFAST_OPENMP=1
+    export CPPFLAGS="-I$NUMPY_INCLUDE" BNFAST_OPENMP=1
     unset CC CXX LDSHARED LDFLAGS        # the arm64 sysconfig data's, not a caller's
     "$WORK/build/bin/python" -m pip wheel -v --no-build-isolation --no-deps --no-cache-dir \
         --disable-pip-version-check -w "$WORK/dist" . > "$WORK/build.log" 2>&1
