@@ -463,22 +463,21 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
     r: Optional[np.dtype] = None
     laid: Any = None
     if out is None and (not train or type(momentum) is float):
-        if per_channel:
-            laid = _ready_batch(x, True)
-            c = 0 if laid is None else laid[4]
+        if not per_channel:
+            r = _ready_operands(x, 0, gamma, beta, running_mean, running_var)
         else:
-            c = _ready_rows(x)
-        if c:
-            r = _ready_operands(x, c, gamma, beta, running_mean, running_var)
-            if unset and running == "required":
-                r = None
+            laid = _ready_batch(x, True)
+            if laid is not None:
+                r = _ready_operands(x, laid[4], gamma, beta, running_mean, running_var)
+        if unset and running == "required":
+            r = None
     if r is not None:
         x_dtype = x.dtype
         if per_channel:
             source, lay, shape, n, c, s = laid
         else:
             source, lay, shape, s = x, FLAT, x.shape, 1
-            n = shape[0]
+            n, c = shape[0], len(gamma)     # (gamma: a vector of x's features)
         dts = (_UNIFORM[train][x_dtype is F64][r is F64]
                or _dtypes.uniform(train, x_dtype, r))
         checked = vectors = None if unset else (running_mean, running_var)

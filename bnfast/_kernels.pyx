@@ -2495,15 +2495,24 @@ cdef inline bint _own_float(cnp.ndarray a, int t) noexcept:
     return <object>cnp.PyArray_DESCR(a) is (_F64 if t == cnp.NPY_DOUBLE else _F32)
 
 
-def ready_operands(cnp.ndarray x not None, Py_ssize_t d, object gamma, object beta,
-                   object rm, object rv):
-    """A forward's per-feature operands, in one query: for x of NumPy's own
-    float32 or float64 dtype instance, the running statistics' dtype (x's
-    or float64; float64 where both are None: new zeros) if gamma and beta
-    are kernel-ready vectors of d elements in x's dtype and rm, rv both None
-    or both such vectors of one of those dtypes; otherwise None."""
-    cdef int t = cnp.PyArray_TYPE(x)
-    if not _own_float(x, t):     # (x's layout is the caller's to check: it may be channels-last)
+def ready_operands(object x, Py_ssize_t d, object gamma, object beta, object rm, object rv):
+    """A forward's operands, in one query: the running statistics' dtype
+    (x's or float64; float64 where both are None: new zeros) if x is an
+    ndarray of NumPy's own float32 or float64 dtype instance, gamma and beta
+    are kernel-ready vectors of d elements in x's dtype, and rm, rv are both
+    None or both such vectors of one of those dtypes; otherwise None.
+    d = 0: x must also be a kernel-ready batch (see ready_rows), and d is
+    its features.  (Otherwise x's layout is the caller's to check: a
+    per-channel batch may be channels-last.)"""
+    cdef int t
+    if d == 0:
+        d = ready_rows(x)
+        if d == 0:
+            return None
+    elif type(x) is not cnp.ndarray:
+        return None
+    t = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    if not _own_float(<cnp.ndarray>x, t):
         return None
     if not (_ready_vector(gamma, d, t) and _ready_vector(beta, d, t)):
         return None

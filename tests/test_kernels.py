@@ -413,6 +413,10 @@ def test_readiness_queries_accept_exactly_what_the_entry_points_take_as_is():
     assert kernels.ready_operands(f32, 3, v32, v32, v32, v) is None      # mixed pair
     assert kernels.ready_operands(f32, 3, v, v32, None, None) is None    # gamma not x's dtype
     assert kernels.ready_operands(f32, 3, v32, v32, v32, None) is None
+    assert kernels.ready_operands(f32, 0, v32, v32, None, None) is np.dtype(np.float64)
+    assert kernels.ready_operands(f32.T, 0, v32, v32, None, None) is None     # not a ready batch
+    assert kernels.ready_operands(f32.T, 3, v32, v32, None, None) is np.dtype(np.float64)
+    assert kernels.ready_operands([[0.0]], 0, v, v, None, None) is None
     # a float64 dtype that is not NumPy's own instance (the planner's memo keys on those)
     tagged = x.view(np.dtype(np.float64, metadata={"tag": 1}))
     assert kernels.ready_operands(tagged, 3, v, v, None, None) is None
