@@ -189,14 +189,9 @@ SWEEPS: tuple[Sweep, ...] = (
     Sweep("short_max_rows", "SHORT_MAX_ROWS",
           lambda d: [("off", 0), ("half", d // 2)],
           ((_flat(8, 16384), "float32"), (_flat(8, 150528), "float32"),
-           (_flat(8, 16384), "float64")),
+           (_flat(8, 16384), "float64"), (_flat(4, 65536), "float32")),
           ops=("train",),
-          why="batches of 8 rows (the short-batch statistics route)"),
-    Sweep("short_train", None, lambda d: [("off", not d)],
-          ((_flat(8, 16384), "float32"), (_flat(4, 65536), "float32"),
-           (_flat(8, 16384), "float64")),
-          ops=("train",),
-          why="batches of up to 8 rows (the one-read training forward)"),
+          why="batches of up to 8 rows (the short-batch statistics route)"),
 )
 
 
@@ -314,7 +309,7 @@ def route(shape: Shape, dtype: str, op: str, settings: dict[str, Any],
         grid = dict(kernels._grid_info(n, c, itemsize, itemsize))
     finally:
         restore_defaults()
-    # Switches replicated from _kernels.pyx (_fold_rows, _train_strip, _short_train).
+    # Switches replicated from _kernels.pyx (_fold_rows, _train_strip).
     whole_rows = grid.get("n_col_blocks", 1) == 1
     fold_max = settings.get("fold_max_cols", 0)
     folded = whole_rows and c < fold_max and c < constants.get("FOLD_LANES", 128)
@@ -325,12 +320,10 @@ def route(shape: Shape, dtype: str, op: str, settings: dict[str, Any],
     if grid.get("fused"):
         for f in _PAGE_FIELDS:
             grid.pop(f, None)
-    short = short_train = False
+    short = False
     if op == "train" and grid.get("fused") and not folded:
         short = n <= settings.get("short_max_rows", 0)
-        short_train = short and bool(settings.get("short_train", False)) \
-            and not grid.get("stream")
-    return (op, folded, short, short_train) + tuple(sorted(grid.items()))
+    return (op, folded, short) + tuple(sorted(grid.items()))
 
 
 def _planes_route(n: int, c: int, s: int, itemsize: int, op: str, settings: dict[str, Any],

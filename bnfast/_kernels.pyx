@@ -101,11 +101,6 @@ cdef extern from "rows.h":
     void bnfast_affine_stream_dd(const double* x, double* o, Py_ssize_t d, Py_ssize_t rows,
                                  Py_ssize_t w, const double* c, const double* k,
                                  const double* b) noexcept nogil
-    void bnfast_short_train(bint x64, bint s64, const void* x, Py_ssize_t d, int n,
-                            Py_ssize_t c0, Py_ssize_t w, const void* gamma, const void* beta,
-                            const void* rm_old, const void* rv_old, void* rm_new, void* rv_new,
-                            double eps, double mom, double rest, double corr, double* mean,
-                            double* var, double* invstd, void* y) noexcept nogil
 
 ctypedef fused in_t:
     float
@@ -187,14 +182,14 @@ cdef enum:
     FOLD_MAX_LANES = 256
     # Strips of batches this short take their shift and shifted sums in one
     # read, held in registers (bnfast_short_sums; the shift is the mean of
-    # up to 8 rows); in the layer's usual training forward, the per-feature
-    # set-up and the output too (bnfast_short_train).
+    # up to 8 rows).  (A one-read training strip that also set up and wrote
+    # the output was removed: 20-37 % slower than this route on Zen 3, on
+    # AVX2 and the baseline alike; bench/tuning.py measured it.)
     SHORT_MAX_ROWS = 8
 
 cdef int _num_threads = 1
 # Tunables (see _set_tuning); start at the compile-time defaults.
 cdef Py_ssize_t _strip_bytes = STRIP_BYTES
-cdef bint _short_train_on = True
 cdef Py_ssize_t _min_strip = MIN_STRIP
 cdef Py_ssize_t _stream_min_bytes = STREAM_MIN_BYTES   # set at import, below
 cdef Py_ssize_t _cache_stream_min_bytes = CACHE_STREAM_MIN_BYTES
@@ -1252,36 +1247,6 @@ cdef inline double* _scratch_alloc(const Grid* g, int rows) noexcept nogil:
     return <double*>malloc(g.n_threads * rows * g.col_block * sizeof(double))
 
 
-cdef bint _short_train(const Grid* g, Py_ssize_t c0, Py_ssize_t w, const in_t* x, in_t* cache,
-                       out_t* y, const TrainArgs* a) noexcept nogil:
-    """A short-batch strip's whole training forward in one read of x
-    (bnfast_short_train) where the operands allow it: y, gamma and beta of
-    x's dtype, the running statistics updated and of one dtype, invstd
-    wanted and y not streamed (the layer's usual cases).  False: not done."""
-    cdef Py_ssize_t i, n = g.n_rows, d = g.n_cols
-    cdef bint param64 = in_t is double
-    cdef bint same_dtype = (in_t is float and out_t is float) or (in_t is double
-                                                                  and out_t is double)
-    if (not _short_train_on or not same_dtype or g.stream or a.invstd == NULL
-            or a.rm_new.data == NULL):
-        return False
-    if not (_contiguous_pair(a.gamma, a.beta) and a.gamma.is_f64 == param64
-             and _contiguous_pair(a.rm_old, a.rv_old) and a.rm_old.is_f64 == a.rm_new.is_f64
-             and a.rv_new.is_f64 == a.rm_new.is_f64):
-        return False
-    if cache != NULL:
-        if g.stream_cache:
-            _stream_rows(x, cache, n, d, 0, n, c0, w)
-        else:
-            for i in range(n):
-                memcpy(cache + i * d + c0, x + i * d + c0, w * sizeof(in_t))
-    bnfast_short_train(in_t is double, a.rm_new.is_f64, <const void*>x, d, <int>n, c0, w,
-                       a.gamma.data, a.beta.data, a.rm_old.data, a.rv_old.data, a.rm_new.data,
-                       a.rv_new.data, a.eps, a.momentum, a.one_minus_momentum,
-                       a.var_correction, a.mean, a.var, a.invstd, <void*>y)
-    return True
-
-
 cdef void _train_strip(const Grid* g, Py_ssize_t t, const in_t* x, in_t* cache, out_t* y,
                        const TrainArgs* a, double* mine) noexcept nogil:
     """Strip task: statistics, coefficients and output of whole columns.
@@ -1289,8 +1254,6 @@ cdef void _train_strip(const Grid* g, Py_ssize_t t, const in_t* x, in_t* cache, 
     cdef Task task = _task(g, t)
     cdef Py_ssize_t cb = g.col_block
     if g.n_rows <= _short_max_rows and _fold_rows(g.n_cols, task.w) == 1:
-        if _short_train(g, task.c0, task.w, x, cache, y, a):
-            return
         _short_stats(x, cache, g.stream_cache, g.n_rows, g.n_cols, task.c0, task.w, mine,
                      a.mean + task.c0, a.var + task.c0, mine + cb, mine + 2 * cb)
     else:
@@ -2597,13 +2560,13 @@ def _set_tuning(strip_bytes=STRIP_BYTES, min_strip=MIN_STRIP,
                 fused_min_cols=FUSED_MIN_COLS, elem_tasks_per_thread=ELEM_TASKS_PER_THREAD,
                 cache_stream_min_bytes=CACHE_STREAM_MIN_BYTES,
                 stream_pages_max_cols=STREAM_PAGES_MAX_COLS, fold_max_cols=FOLD_MAX_COLS,
-                short_max_rows=SHORT_MAX_ROWS, short_train=True):
+                short_max_rows=SHORT_MAX_ROWS):
     """Work-partition knobs, for measuring the kernels (not a public API).
     Every call sets all of them (the defaults where not given); a rejected
     call changes none."""
     global _strip_bytes, _min_strip, _stream_min_bytes, _col_block, _page_bytes
     global _max_strip_cols, _fused_min_cols, _elem_tasks_per_thread, _cache_stream_min_bytes
-    global _stream_pages_max_cols, _fold_max_cols, _short_max_rows, _short_train_on
+    global _stream_pages_max_cols, _fold_max_cols, _short_max_rows
     if not 0 <= fold_max_cols <= FOLD_LANES:
         raise ValueError(f"fold_max_cols must be in 0..{FOLD_LANES}")
     if not 0 <= short_max_rows <= SHORT_MAX_ROWS:
@@ -2613,7 +2576,6 @@ def _set_tuning(strip_bytes=STRIP_BYTES, min_strip=MIN_STRIP,
     if not 16 <= col_block <= COL_BLOCK:
         raise ValueError(f"col_block must be in 16..{COL_BLOCK}")
     _short_max_rows = short_max_rows
-    _short_train_on = bool(short_train)
     _fold_max_cols = fold_max_cols
     _stream_pages_max_cols = stream_pages_max_cols
     _cache_stream_min_bytes = cache_stream_min_bytes

@@ -159,7 +159,6 @@ KNOBS = [
     dict(fold_max_cols=0),                      # short rows never folded
     dict(fold_max_cols=0, stream_min_bytes=0, cache_stream_min_bytes=0),
     dict(short_max_rows=0),                     # short batches read twice for statistics
-    dict(short_train=False),                    # ... read once, set up and output apart
 ]
 
 
@@ -224,12 +223,10 @@ def test_the_one_loop_set_up_equals_the_general_one_bitwise(rng, shape, param_dt
 @pytest.mark.parametrize("stat_dtype", [np.float32, np.float64])
 def test_short_batch_statistics_in_one_read_equal_the_two_pass_ones_bitwise(rng, n, dtype,
                                                                             stat_dtype):
-    """Batches of up to 8 rows take their whole training forward in one read
-    (bnfast_short_train); with that off, the shift and shifted sums in one
-    read (bnfast_short_sums) and the set-up and output in passes of their
-    own; with both off, _shift_of and _stats_rows.  All three must give the
-    same bits, in the vector body and the scalar tail (2003 features), for
-    features that are constant, offset far from zero, or hold an infinity
+    """Batches of up to 8 rows take their shift and shifted sums in one read
+    (bnfast_short_sums); with that off, _shift_of and _stats_rows.  Both
+    must give the same bits, in the vector body and the scalar tail (2003
+    features), for features that are constant, offset far from zero, or hold an infinity
     or a NaN (the exact fallback), with running statistics of either dtype."""
     d = 2003
     x = rng.standard_normal((n, d)) * 3 + 1
@@ -246,12 +243,9 @@ def test_short_batch_statistics_in_one_read_equal_the_two_pass_ones_bitwise(rng,
     rv_old = rng.random(d).astype(stat_dtype)
     with np.errstate(invalid="ignore", over="ignore"):
         one_read = _train_outputs(x, gamma, beta, rm_old, rv_old, stat_dtype)
-        with tuning(short_train=False):
-            sums_apart = _train_outputs(x, gamma, beta, rm_old, rv_old, stat_dtype)
         with tuning(short_max_rows=0):
             two_pass = _train_outputs(x, gamma, beta, rm_old, rv_old, stat_dtype)
-    for a, b, c in zip(one_read, sums_apart, two_pass):
-        assert np.array_equal(a, b, equal_nan=True)
+    for a, c in zip(one_read, two_pass):
         assert np.array_equal(a, c, equal_nan=True)
     mean = one_read[1]
     assert mean[5] == 7.25 and one_read[2][5] == 0.0
