@@ -1757,6 +1757,110 @@ cdef int _grad_input(const Grid* g, const Planes* p, const in_t* x, const in_t* 
 
 
 # ---------------------------------------------------------------------------
+# The dtype dispatch, written once.  An entry point describes its operation
+# in a Call (untyped data pointers and the operation's arguments);
+# _dispatch picks the fused instantiation for the (input, output) dtype pair
+# in the one place that does, and _run casts the pointers and calls the
+# operation's driver.  A new operation adds an Op, its Call fields if it
+# needs new ones, and one case in _run.
+
+cdef enum Op:
+    OP_TRAIN_FORWARD
+    OP_EVAL_FORWARD
+    OP_TRAIN_BACKWARD
+    OP_EVAL_BACKWARD
+    OP_MOMENTS
+    OP_AFFINE
+    OP_GRAD_SUMS
+    OP_GRAD_INPUT
+    OP_PLANES_TRAIN_FORWARD
+    OP_PLANES_EVAL_FORWARD
+    OP_PLANES_TRAIN_BACKWARD
+    OP_PLANES_EVAL_BACKWARD
+
+
+cdef struct Call:
+    Op op
+    const Grid* grid            # rows operations (and the split phases' rows layout)
+    const Planes* planes        # per-channel operations (the split phases' planes, or NULL)
+    const void* x               # the batch, in the input dtype
+    const void* dy              # backward: dout, in the input dtype
+    void* cache                 # a copy of x to write (input dtype), or NULL
+    void* y                     # the output (y or dx), in the output dtype
+    const void* args            # TrainArgs, GradArgs or EvalArgs, by operation
+    const Vec* vec[4]           # eval forward: gamma, beta, running mean, running var
+    double eps
+    OutVec* dgamma              # eval backward
+    OutVec* dbeta
+    double* sums[2]             # moments: mean, M2; grad_sums: sum(dy), sum(dy * xc)
+    const double* coef[4]       # affine: center, scale, shift; grad_sums: center;
+                                # grad_input: center, mean(dy), k_xc, k
+
+
+cdef inline Call _call(Op op, const Grid* grid, const Planes* planes, const void* x,
+                       const void* dy, void* cache, void* y) noexcept nogil:
+    cdef Call c
+    memset(&c, 0, sizeof(c))
+    c.op = op
+    c.grid = grid
+    c.planes = planes
+    c.x = x
+    c.dy = dy
+    c.cache = cache
+    c.y = y
+    return c
+
+
+cdef int _run(const Call* c, const in_t* in_type, out_t* out_type) noexcept nogil:
+    """c's operation on input in_t and output out_t (in_type and out_type
+    only name the pair: NULL)."""
+    cdef const in_t* x = <const in_t*>c.x
+    cdef const in_t* dy = <const in_t*>c.dy
+    cdef in_t* cache = <in_t*>c.cache
+    cdef out_t* y = <out_t*>c.y
+    if c.op == OP_TRAIN_FORWARD:
+        return _train_forward(c.grid, x, cache, y, <const TrainArgs*>c.args)
+    if c.op == OP_EVAL_FORWARD:
+        return _eval_forward(c.grid, x, y, c.vec[0], c.vec[1], c.vec[2], c.vec[3], c.eps)
+    if c.op == OP_TRAIN_BACKWARD:
+        return _train_backward(c.grid, x, dy, y, <const GradArgs*>c.args)
+    if c.op == OP_EVAL_BACKWARD:
+        return _eval_backward(c.grid, x, dy, y, <const EvalArgs*>c.args, c.dgamma, c.dbeta)
+    if c.op == OP_MOMENTS:
+        return _moments(c.grid, c.planes, x, cache, c.sums[0], c.sums[1])
+    if c.op == OP_AFFINE:
+        return _affine(c.grid, c.planes, x, y, c.coef[0], c.coef[1], c.coef[2])
+    if c.op == OP_GRAD_SUMS:
+        return _grad_sums(c.grid, c.planes, x, dy, c.coef[0], c.sums[0], c.sums[1])
+    if c.op == OP_GRAD_INPUT:
+        return _grad_input(c.grid, c.planes, x, dy, y, c.coef[0], c.coef[1], c.coef[2],
+                           c.coef[3])
+    if c.op == OP_PLANES_TRAIN_FORWARD:
+        return _planes_train_forward(c.planes, x, cache, y, <const TrainArgs*>c.args)
+    if c.op == OP_PLANES_EVAL_FORWARD:
+        return _planes_eval_forward(c.planes, x, y, c.vec[0], c.vec[1], c.vec[2], c.vec[3],
+                                    c.eps)
+    if c.op == OP_PLANES_TRAIN_BACKWARD:
+        return _planes_train_backward(c.planes, x, dy, y, <const GradArgs*>c.args)
+    if c.op == OP_PLANES_EVAL_BACKWARD:
+        return _planes_eval_backward(c.planes, x, dy, y, <const EvalArgs*>c.args, c.dgamma,
+                                     c.dbeta)
+    return -1
+
+
+cdef int _dispatch(const Call* c, bint in64, bint out64) noexcept nogil:
+    """Run c on float64 (in64) or float32 input, writing float64 (out64) or
+    float32 output.  Non-zero: the driver could not allocate work space."""
+    if in64:
+        if out64:
+            return _run[double, double](c, NULL, NULL)
+        return _run[double, float](c, NULL, NULL)
+    if out64:
+        return _run[float, double](c, NULL, NULL)
+    return _run[float, float](c, NULL, NULL)
+
+
+# ---------------------------------------------------------------------------
 # Thin typed entry points.  Arrays arrive validated and laid out by Python;
 # these checks only guard memory safety and cost a few nanoseconds each.
 
@@ -1918,19 +2022,10 @@ def train_forward(cnp.ndarray x not None, cnp.ndarray cache, cnp.ndarray y not N
     cdef Grid grid = _grid_for(x, y, n, d)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* py = cnp.PyArray_DATA(y)
+    cdef Call call = _call(OP_TRAIN_FORWARD, &grid, NULL, px, NULL, pcache, py)
+    call.args = &a
     with nogil:
-        if in64 and out64:
-            status = _train_forward[double, double](&grid, <const double*>px, <double*>pcache,
-                                                    <double*>py, &a)
-        elif out64:
-            status = _train_forward[float, double](&grid, <const float*>px, <float*>pcache,
-                                                   <double*>py, &a)
-        elif in64:
-            status = _train_forward[double, float](&grid, <const double*>px, <double*>pcache,
-                                                   <float*>py, &a)
-        else:
-            status = _train_forward[float, float](&grid, <const float*>px, <float*>pcache,
-                                                  <float*>py, &a)
+        status = _dispatch(&call, in64, out64)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 
@@ -1957,19 +2052,11 @@ def eval_forward(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t n, P
     cdef Grid grid = _grid_for(x, y, n, d)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* py = cnp.PyArray_DATA(y)
+    cdef Call call = _call(OP_EVAL_FORWARD, &grid, NULL, px, NULL, NULL, py)
+    call.vec[0], call.vec[1], call.vec[2], call.vec[3] = &g, &b, &m, &v
+    call.eps = eps
     with nogil:
-        if in64 and out64:
-            status = _eval_forward[double, double](&grid, <const double*>px, <double*>py,
-                                                   &g, &b, &m, &v, eps)
-        elif out64:
-            status = _eval_forward[float, double](&grid, <const float*>px, <double*>py,
-                                                  &g, &b, &m, &v, eps)
-        elif in64:
-            status = _eval_forward[double, float](&grid, <const double*>px, <float*>py,
-                                                  &g, &b, &m, &v, eps)
-        else:
-            status = _eval_forward[float, float](&grid, <const float*>px, <float*>py,
-                                                 &g, &b, &m, &v, eps)
+        status = _dispatch(&call, in64, out64)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 
@@ -2016,19 +2103,10 @@ def train_backward(cnp.ndarray x not None, cnp.ndarray dy not None, cnp.ndarray 
     a.gamma = &g
     a.dgamma = &dg
     a.dbeta = &db
+    cdef Call call = _call(OP_TRAIN_BACKWARD, &grid, NULL, px, pdy, NULL, pdx)
+    call.args = &a
     with nogil:
-        if in64 and out64:
-            status = _train_backward[double, double](&grid, <const double*>px,
-                                                     <const double*>pdy, <double*>pdx, &a)
-        elif out64:
-            status = _train_backward[float, double](&grid, <const float*>px,
-                                                    <const float*>pdy, <double*>pdx, &a)
-        elif in64:
-            status = _train_backward[double, float](&grid, <const double*>px,
-                                                    <const double*>pdy, <float*>pdx, &a)
-        else:
-            status = _train_backward[float, float](&grid, <const float*>px,
-                                                   <const float*>pdy, <float*>pdx, &a)
+        status = _dispatch(&call, in64, out64)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 
@@ -2061,19 +2139,11 @@ def eval_backward(cnp.ndarray x not None, cnp.ndarray dy not None, cnp.ndarray d
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* pdy = cnp.PyArray_DATA(dy)
     cdef void* pdx = cnp.PyArray_DATA(dx)
+    cdef Call call = _call(OP_EVAL_BACKWARD, &grid, NULL, px, pdy, NULL, pdx)
+    call.args = &a
+    call.dgamma, call.dbeta = &dg, &db
     with nogil:
-        if in64 and out64:
-            status = _eval_backward[double, double](&grid, <const double*>px,
-                                                    <const double*>pdy, <double*>pdx, &a, &dg, &db)
-        elif out64:
-            status = _eval_backward[float, double](&grid, <const float*>px,
-                                                   <const float*>pdy, <double*>pdx, &a, &dg, &db)
-        elif in64:
-            status = _eval_backward[double, float](&grid, <const double*>px,
-                                                   <const double*>pdy, <float*>pdx, &a, &dg, &db)
-        else:
-            status = _eval_backward[float, float](&grid, <const float*>px,
-                                                  <const float*>pdy, <float*>pdx, &a, &dg, &db)
+        status = _dispatch(&call, in64, out64)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 
@@ -2130,11 +2200,10 @@ def moments(cnp.ndarray x not None, cnp.ndarray cache, Py_ssize_t n, Py_ssize_t 
     cdef Grid grid
     cdef Planes* pp = _split_layout(&grid, &planes, n, d, s, x, x)
     cdef void* px = cnp.PyArray_DATA(x)
+    cdef Call call = _call(OP_MOMENTS, &grid, pp, px, NULL, pcache, NULL)
+    call.sums[0], call.sums[1] = pmean, pm2
     with nogil:
-        if in64:
-            status = _moments[double](&grid, pp, <const double*>px, <double*>pcache, pmean, pm2)
-        else:
-            status = _moments[float](&grid, pp, <const float*>px, <float*>pcache, pmean, pm2)
+        status = _dispatch(&call, in64, in64)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 
@@ -2157,18 +2226,10 @@ def affine(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t n, Py_ssiz
     cdef Planes* pp = _split_layout(&grid, &planes, n, d, s, x, y)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* py = cnp.PyArray_DATA(y)
+    cdef Call call = _call(OP_AFFINE, &grid, pp, px, NULL, NULL, py)
+    call.coef[0], call.coef[1], call.coef[2] = pc, ps, pb
     with nogil:
-        if in64 and out64:
-            status = _affine[double, double](&grid, pp, <const double*>px, <double*>py, pc, ps,
-                                             pb)
-        elif out64:
-            status = _affine[float, double](&grid, pp, <const float*>px, <double*>py, pc, ps,
-                                            pb)
-        elif in64:
-            status = _affine[double, float](&grid, pp, <const double*>px, <float*>py, pc, ps,
-                                            pb)
-        else:
-            status = _affine[float, float](&grid, pp, <const float*>px, <float*>py, pc, ps, pb)
+        status = _dispatch(&call, in64, out64)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 
@@ -2193,13 +2254,11 @@ def grad_sums(cnp.ndarray x not None, cnp.ndarray dy not None, Py_ssize_t n, Py_
     cdef Planes* pp = _split_layout(&grid, &planes, n, d, s, x, x)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* pdy = cnp.PyArray_DATA(dy)
+    cdef Call call = _call(OP_GRAD_SUMS, &grid, pp, px, pdy, NULL, NULL)
+    call.coef[0] = pc
+    call.sums[0], call.sums[1] = ps, psx
     with nogil:
-        if in64:
-            status = _grad_sums[double](&grid, pp, <const double*>px, <const double*>pdy, pc,
-                                        ps, psx)
-        else:
-            status = _grad_sums[float](&grid, pp, <const float*>px, <const float*>pdy, pc,
-                                       ps, psx)
+        status = _dispatch(&call, in64, in64)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 
@@ -2224,19 +2283,10 @@ def grad_input(cnp.ndarray x not None, cnp.ndarray dy not None, cnp.ndarray dx n
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* pdy = cnp.PyArray_DATA(dy)
     cdef void* pdx = cnp.PyArray_DATA(dx)
+    cdef Call call = _call(OP_GRAD_INPUT, &grid, pp, px, pdy, NULL, pdx)
+    call.coef[0], call.coef[1], call.coef[2], call.coef[3] = pc, pm, pq, pk
     with nogil:
-        if in64 and out64:
-            status = _grad_input[double, double](&grid, pp, <const double*>px,
-                                                 <const double*>pdy, <double*>pdx, pc, pm, pq, pk)
-        elif out64:
-            status = _grad_input[float, double](&grid, pp, <const float*>px, <const float*>pdy,
-                                                <double*>pdx, pc, pm, pq, pk)
-        elif in64:
-            status = _grad_input[double, float](&grid, pp, <const double*>px,
-                                                <const double*>pdy, <float*>pdx, pc, pm, pq, pk)
-        else:
-            status = _grad_input[float, float](&grid, pp, <const float*>px, <const float*>pdy,
-                                               <float*>pdx, pc, pm, pq, pk)
+        status = _dispatch(&call, in64, out64)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 
@@ -2276,19 +2326,10 @@ def planes_train_forward(cnp.ndarray x not None, cnp.ndarray cache, cnp.ndarray 
     cdef Planes p = _make_planes(n, c, s, cnp.PyArray_ITEMSIZE(x))
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* py = cnp.PyArray_DATA(y)
+    cdef Call call = _call(OP_PLANES_TRAIN_FORWARD, NULL, &p, px, NULL, pcache, py)
+    call.args = &a
     with nogil:
-        if in64 and out64:
-            status = _planes_train_forward[double, double](&p, <const double*>px,
-                                                           <double*>pcache, <double*>py, &a)
-        elif out64:
-            status = _planes_train_forward[float, double](&p, <const float*>px,
-                                                          <float*>pcache, <double*>py, &a)
-        elif in64:
-            status = _planes_train_forward[double, float](&p, <const double*>px,
-                                                          <double*>pcache, <float*>py, &a)
-        else:
-            status = _planes_train_forward[float, float](&p, <const float*>px,
-                                                         <float*>pcache, <float*>py, &a)
+        status = _dispatch(&call, in64, out64)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 
@@ -2308,19 +2349,11 @@ def planes_eval_forward(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize
     cdef Planes p = _make_planes(n, c, s, cnp.PyArray_ITEMSIZE(x))
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* py = cnp.PyArray_DATA(y)
+    cdef Call call = _call(OP_PLANES_EVAL_FORWARD, NULL, &p, px, NULL, NULL, py)
+    call.vec[0], call.vec[1], call.vec[2], call.vec[3] = &g, &b, &m, &v
+    call.eps = eps
     with nogil:
-        if in64 and out64:
-            status = _planes_eval_forward[double, double](&p, <const double*>px, <double*>py,
-                                                          &g, &b, &m, &v, eps)
-        elif out64:
-            status = _planes_eval_forward[float, double](&p, <const float*>px, <double*>py,
-                                                         &g, &b, &m, &v, eps)
-        elif in64:
-            status = _planes_eval_forward[double, float](&p, <const double*>px, <float*>py,
-                                                         &g, &b, &m, &v, eps)
-        else:
-            status = _planes_eval_forward[float, float](&p, <const float*>px, <float*>py,
-                                                        &g, &b, &m, &v, eps)
+        status = _dispatch(&call, in64, out64)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 
@@ -2349,19 +2382,10 @@ def planes_train_backward(cnp.ndarray x not None, cnp.ndarray dy not None,
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* pdy = cnp.PyArray_DATA(dy)
     cdef void* pdx = cnp.PyArray_DATA(dx)
+    cdef Call call = _call(OP_PLANES_TRAIN_BACKWARD, NULL, &p, px, pdy, NULL, pdx)
+    call.args = &a
     with nogil:
-        if in64 and out64:
-            status = _planes_train_backward[double, double](
-                &p, <const double*>px, <const double*>pdy, <double*>pdx, &a)
-        elif out64:
-            status = _planes_train_backward[float, double](
-                &p, <const float*>px, <const float*>pdy, <double*>pdx, &a)
-        elif in64:
-            status = _planes_train_backward[double, float](
-                &p, <const double*>px, <const double*>pdy, <float*>pdx, &a)
-        else:
-            status = _planes_train_backward[float, float](
-                &p, <const float*>px, <const float*>pdy, <float*>pdx, &a)
+        status = _dispatch(&call, in64, out64)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 
@@ -2388,19 +2412,11 @@ def planes_eval_backward(cnp.ndarray x not None, cnp.ndarray dy not None,
     cdef void* px = cnp.PyArray_DATA(x)
     cdef void* pdy = cnp.PyArray_DATA(dy)
     cdef void* pdx = cnp.PyArray_DATA(dx)
+    cdef Call call = _call(OP_PLANES_EVAL_BACKWARD, NULL, &p, px, pdy, NULL, pdx)
+    call.args = &a
+    call.dgamma, call.dbeta = &dg, &db
     with nogil:
-        if in64 and out64:
-            status = _planes_eval_backward[double, double](
-                &p, <const double*>px, <const double*>pdy, <double*>pdx, &a, &dg, &db)
-        elif out64:
-            status = _planes_eval_backward[float, double](
-                &p, <const float*>px, <const float*>pdy, <double*>pdx, &a, &dg, &db)
-        elif in64:
-            status = _planes_eval_backward[double, float](
-                &p, <const double*>px, <const double*>pdy, <float*>pdx, &a, &dg, &db)
-        else:
-            status = _planes_eval_backward[float, float](
-                &p, <const float*>px, <const float*>pdy, <float*>pdx, &a, &dg, &db)
+        status = _dispatch(&call, in64, out64)
     if status != 0:
         raise MemoryError("bnfast: could not allocate kernel work space")
 
