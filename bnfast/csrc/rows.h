@@ -1,6 +1,7 @@
 /* Vector loops over rows of float32 (arithmetic in float64) and the
- * short-batch sums, for the ISA the file is compiled for
- * (AVX-512, AVX2, or the portable C fallbacks); bnfast/_kernels.pyx.
+ * short-batch sums, written once over the vector operations of simd.h
+ * (AVX-512, AVX2, NEON), with portable C tails and fallbacks;
+ * bnfast/_kernels.pyx.
  */
 #ifndef BNFAST_ROWS_H
 #define BNFAST_ROWS_H
@@ -9,75 +10,28 @@
 #include "platform.h"
 #include "stream.h"
 #include "stats.h"
+#include "simd.h"
 
 /* Loops over float32 rows, arithmetic in float64: the affine and dx
    passes and the row sums.  Compilers vectorize them by loading 16
    floats and splitting them with cross-lane extract/insert
    instructions, the bottleneck of these loops once the data is cached
    (Zen 4: a plane's y = (x - c) * k + b 25 % slower than here); these
-   convert 8 (AVX-512) or 4 (AVX2) floats straight from and to memory.
+   convert BNF_VL floats (8 AVX-512, 4 AVX2, 2 NEON) straight from and to
+   memory.
    The vector part and the scalar tail do the same operations in the
    same order, fused multiply-adds included (GCC and Clang contract the
    tail's expressions to the same ones; the variants that have these
    paths are built by them), so a value's rounding does not depend on
    where a loop splits (tests/test_kernels.py checks it). */
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define BNF_HALF 8
-typedef __m512d bnf_vd;
-#define bnf_ld(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
-#define bnf_st(p, v) _mm256_storeu_ps((p), _mm512_cvtpd_ps(v))
-#define bnf_ldd _mm512_loadu_pd
-#define bnf_set1 _mm512_set1_pd
-#define bnf_sub _mm512_sub_pd
-#define bnf_add _mm512_add_pd
-#define bnf_std _mm512_storeu_pd
-#define bnf_mul _mm512_mul_pd
-#define bnf_fmadd _mm512_fmadd_pd
-#define bnf_fnmadd _mm512_fnmadd_pd
-#define bnf_div _mm512_div_pd
-#define bnf_sqrt _mm512_sqrt_pd
-/* streaming stores: two float64 vectors as one line of floats; a vector */
-#define bnf_stf_nt2(p, lo, hi) _mm512_stream_ps((p), _mm512_insertf32x8(              \
-    _mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1))
-#define bnf_std_nt _mm512_stream_pd
-/* every lane a >= b (ordered) */
-#define bnf_all_ge(a, b) (_mm512_cmp_pd_mask((a), (b), _CMP_GE_OQ) == 0xFF)
-/* v where v - v == 0 (finite), else +0 */
-#define bnf_finite_or_zero(v) \
-    _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(_mm512_sub_pd(v, v), _mm512_setzero_pd(), \
-                                           _CMP_EQ_OQ), v)
-#elif defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define BNF_HALF 4
-typedef __m256d bnf_vd;
-#define bnf_ld(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
-#define bnf_st(p, v) _mm_storeu_ps((p), _mm256_cvtpd_ps(v))
-#define bnf_ldd _mm256_loadu_pd
-#define bnf_set1 _mm256_set1_pd
-#define bnf_sub _mm256_sub_pd
-#define bnf_add _mm256_add_pd
-#define bnf_std _mm256_storeu_pd
-#define bnf_mul _mm256_mul_pd
-#define bnf_fmadd _mm256_fmadd_pd
-#define bnf_fnmadd _mm256_fnmadd_pd
-#define bnf_div _mm256_div_pd
-#define bnf_sqrt _mm256_sqrt_pd
-#define bnf_stf_nt2(p, lo, hi) _mm256_stream_ps((p), _mm256_insertf128_ps(            \
-    _mm256_castps128_ps256(_mm256_cvtpd_ps(lo)), _mm256_cvtpd_ps(hi), 1))
-#define bnf_std_nt _mm256_stream_pd
-#define bnf_all_ge(a, b) (_mm256_movemask_pd(_mm256_cmp_pd((a), (b), _CMP_GE_OQ)) == 0xF)
-#define bnf_finite_or_zero(v) \
-    _mm256_and_pd(_mm256_cmp_pd(_mm256_sub_pd(v, v), _mm256_setzero_pd(), _CMP_EQ_OQ), v)
-#endif
 /* o = (x - c) * k + b over `rows` rows (row stride d) of w features. */
 static inline void bnfast_affine_ff(const float* x, float* o, ptrdiff_t d, int rows,
                                     ptrdiff_t w, const double* c, const double* k,
                                     const double* b) {
     ptrdiff_t j = 0;
     int r;
-#ifdef BNF_HALF
-    for (; j + BNF_HALF <= w; j += BNF_HALF) {
+#ifdef BNF_OPS
+    for (; j + BNF_VL <= w; j += BNF_VL) {
         bnf_vd vc = bnf_ldd(c + j), vk = bnf_ldd(k + j), vb = bnf_ldd(b + j);
         for (r = 0; r < rows; r++)
             bnf_st(o + r * d + j, bnf_fmadd(bnf_sub(bnf_ld(x + r * d + j), vc), vk, vb));
@@ -94,7 +48,7 @@ static inline void bnfast_affine_ff(const float* x, float* o, ptrdiff_t d, int r
    went through a staging row, one more store and load per value. */
 static inline int bnfast_lines_fit(const void* o, ptrdiff_t stride_bytes,
                                    ptrdiff_t w_bytes) {
-#ifdef BNF_HALF
+#ifdef BNF_OPS
     return ((uintptr_t)o & 63) == 0 && (stride_bytes & 63) == 0 && (w_bytes & 63) == 0;
 #else
     return 0;   /* no vector path: the staging row (bnfast_stream) instead */
@@ -106,13 +60,13 @@ static inline int bnfast_lines_fit(const void* o, ptrdiff_t stride_bytes,
 static inline void bnfast_affine_stream_ff(const float* x, float* o, ptrdiff_t d,
                                            ptrdiff_t rows, ptrdiff_t w, const double* c,
                                            const double* k, const double* b) {
-#ifdef BNF_HALF
+#ifdef BNF_OPS
     ptrdiff_t j, r;
     for (r = 0; r < rows; r++, x += d, o += d)
-        for (j = 0; j + 2 * BNF_HALF <= w; j += 2 * BNF_HALF) {
+        for (j = 0; j + 2 * BNF_VL <= w; j += 2 * BNF_VL) {
             bnf_vd lo = bnf_fmadd(bnf_sub(bnf_ld(x + j), bnf_ldd(c + j)), bnf_ldd(k + j),
                                   bnf_ldd(b + j));
-            ptrdiff_t h = j + BNF_HALF;
+            ptrdiff_t h = j + BNF_VL;
             bnf_vd hi = bnf_fmadd(bnf_sub(bnf_ld(x + h), bnf_ldd(c + h)), bnf_ldd(k + h),
                                   bnf_ldd(b + h));
             bnf_stf_nt2(o + j, lo, hi);
@@ -122,10 +76,10 @@ static inline void bnfast_affine_stream_ff(const float* x, float* o, ptrdiff_t d
 static inline void bnfast_affine_stream_dd(const double* x, double* o, ptrdiff_t d,
                                            ptrdiff_t rows, ptrdiff_t w, const double* c,
                                            const double* k, const double* b) {
-#ifdef BNF_HALF
+#ifdef BNF_OPS
     ptrdiff_t j, r;
     for (r = 0; r < rows; r++, x += d, o += d)
-        for (j = 0; j + BNF_HALF <= w; j += BNF_HALF)
+        for (j = 0; j + BNF_VL <= w; j += BNF_VL)
             bnf_std_nt(o + j, bnf_fmadd(bnf_sub(bnf_ldd(x + j), bnf_ldd(c + j)),
                                         bnf_ldd(k + j), bnf_ldd(b + j)));
 #endif
@@ -134,9 +88,9 @@ static inline void bnfast_affine_stream_dd(const double* x, double* o, ptrdiff_t
 static inline void bnfast_affine_plane_ff(const float* x, float* o, ptrdiff_t n, double c,
                                           double k, double b) {
     ptrdiff_t j = 0;
-#ifdef BNF_HALF
+#ifdef BNF_OPS
     bnf_vd vc = bnf_set1(c), vk = bnf_set1(k), vb = bnf_set1(b);
-    for (; j + BNF_HALF <= n; j += BNF_HALF)
+    for (; j + BNF_VL <= n; j += BNF_VL)
         bnf_st(o + j, bnf_fmadd(bnf_sub(bnf_ld(x + j), vc), vk, vb));
 #endif
     for (; j < n; j++)
@@ -149,8 +103,8 @@ static inline void bnfast_grad_input_ff(const float* x, const float* dy, float* 
                                         const double* q, const double* k) {
     ptrdiff_t j = 0;
     int r;
-#ifdef BNF_HALF
-    for (; j + BNF_HALF <= w; j += BNF_HALF) {
+#ifdef BNF_OPS
+    for (; j + BNF_VL <= w; j += BNF_VL) {
         bnf_vd vc = bnf_ldd(c + j), vm = bnf_ldd(m + j), vq = bnf_ldd(q + j);
         bnf_vd vk = bnf_ldd(k + j);
         for (r = 0; r < rows; r++)
@@ -170,8 +124,8 @@ static inline void bnfast_rows_sq_sums_f(const float* x, ptrdiff_t d, int rows,
                                          ptrdiff_t w, const double* k, double* s1,
                                          double* s2) {
     ptrdiff_t j = 0;
-#ifdef BNF_HALF
-    for (; j + BNF_HALF <= w; j += BNF_HALF) {
+#ifdef BNF_OPS
+    for (; j + BNF_VL <= w; j += BNF_VL) {
         bnf_vd vk = bnf_ldd(k + j), a1 = bnf_ldd(s1 + j), a2 = bnf_ldd(s2 + j);
         bnf_vd e0 = bnf_sub(bnf_ld(x + j), vk);
         if (rows == 4) {
@@ -207,8 +161,8 @@ static inline void bnfast_rows_grad_sums_f(const float* x, const float* dy, ptrd
                                            int rows, ptrdiff_t w, const double* c,
                                            double* s1, double* s2) {
     ptrdiff_t j = 0;
-#ifdef BNF_HALF
-    for (; j + BNF_HALF <= w; j += BNF_HALF) {
+#ifdef BNF_OPS
+    for (; j + BNF_VL <= w; j += BNF_VL) {
         bnf_vd vc = bnf_ldd(c + j), a1 = bnf_ldd(s1 + j), a2 = bnf_ldd(s2 + j);
         bnf_vd g0 = bnf_ld(dy + j), t0 = bnf_sub(bnf_ld(x + j), vc);
         if (rows == 4) {
@@ -255,7 +209,7 @@ static inline void bnfast_rows_grad_sums_f(const float* x, const float* dy, ptrd
    tail's squares as the vector part's explicit multiply-adds). */
 /* The shift and shifted sums of feature j's N rows (N a constant):
    v[] the rows, e[] the rows less the shift kj, a1 and a2 the sums;
-   the vector form below does the same per BNF_HALF features. */
+   the vector form below does the same per BNF_VL features. */
 #define BNF_SHIFTED_SUMS_SCALAR(N)                                                 \
         for (q = 0; q < (N); q++) v[q] = (double)x[q * d + j];                     \
         if ((N) == 8) {                                                            \
@@ -286,7 +240,7 @@ static inline void bnfast_rows_grad_sums_f(const float* x, const float* dy, ptrd
         s1[j] = a1;                                                                \
         s2[j] = a2;                                                                \
     }
-#ifdef BNF_HALF
+#ifdef BNF_OPS
 #define BNF_SHIFTED_SUMS_VECTOR(LOAD, N)                                           \
         for (q = 0; q < (N); q++) v[q] = LOAD(x + q * d + j);                      \
         if ((N) == 8) {                                                            \
@@ -311,7 +265,7 @@ static inline void bnfast_rows_grad_sums_f(const float* x, const float* dy, ptrd
             a2 = bnf_fmadd(e[q], e[q], a2);                                        \
         }
 #define BNF_SHORT_VECTOR(LOAD, N)                                                  \
-    for (; j + BNF_HALF <= w; j += BNF_HALF) {                                     \
+    for (; j + BNF_VL <= w; j += BNF_VL) {                                     \
         bnf_vd v[8], e[8], kv, a1 = bnf_set1(0.0), a2 = bnf_set1(0.0);             \
         int q;                                                                     \
         BNF_SHIFTED_SUMS_VECTOR(LOAD, N)                                           \
@@ -345,9 +299,9 @@ static inline void bnfast_grad_input_plane_ff(const float* x, const float* dy, f
                                               ptrdiff_t n, double c, double m, double q,
                                               double k) {
     ptrdiff_t j = 0;
-#ifdef BNF_HALF
+#ifdef BNF_OPS
     bnf_vd vc = bnf_set1(c), vm = bnf_set1(m), vq = bnf_set1(q), vk = bnf_set1(k);
-    for (; j + BNF_HALF <= n; j += BNF_HALF)
+    for (; j + BNF_VL <= n; j += BNF_VL)
         bnf_st(o + j, bnf_mul(vk, bnf_fnmadd(vq, bnf_sub(bnf_ld(x + j), vc),
                                              bnf_sub(bnf_ld(dy + j), vm))));
 #endif
