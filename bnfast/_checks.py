@@ -49,7 +49,6 @@ _ready_rows = _kernels.ready_rows
 _ready_vector = _kernels.ready_vector
 _ready_operands = _kernels.ready_operands
 _ready_grads = _kernels.ready_grads
-_F64_LIKE = np.empty(0, F64)
 _new_output = _outputs.empty     # batch-sized results: large ones reuse freed memory
 # The memos of the trivial plans' dtypes, and the batch count from which
 # NumPy 1 widens a float32 backward.
@@ -689,8 +688,8 @@ def plan_backward(plan: Plan, dout: Any, gamma: Any, beta: Any = None, out: Any 
     if r is not None:
         # (the memo holds the dtypes of batches that NumPy 1 does not widen:
         # the trivial plan's)
-        t = x_dtype
-        dts = _UNIFORM_GRADS[train][t is F64][r is F64] or _dtypes.uniform_grads(train, t, r)
+        dts = (_UNIFORM_GRADS[train][x_dtype is F64][r is F64]
+               or _dtypes.uniform_grads(train, x_dtype, r))
         given_gamma = gk = gamma
         after = None
         # (the commonest results inline: a call costs as much as an allocation)
