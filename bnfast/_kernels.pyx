@@ -2425,9 +2425,7 @@ def planes_eval_backward(cnp.ndarray x not None, cnp.ndarray dy not None,
 # Readiness queries for the planner's trivial plan (no validation: False or
 # 0 only sends the caller to the general, validating plan).
 
-def ready_rows(object x):
-    """D = prod(x.shape[1:]) if x is a kernel-ready ndarray of ndim >= 2 with
-    N, D >= 1; otherwise 0."""
+cdef Py_ssize_t _ready_rows(object x) noexcept:
     cdef cnp.ndarray a
     cdef Py_ssize_t n
     if type(x) is not cnp.ndarray:
@@ -2439,6 +2437,12 @@ def ready_rows(object x):
     if n < 1 or cnp.PyArray_SIZE(a) < n:
         return 0
     return cnp.PyArray_SIZE(a) // n
+
+
+def ready_rows(object x):
+    """D = prod(x.shape[1:]) if x is a kernel-ready ndarray of ndim >= 2 with
+    N, D >= 1; otherwise 0."""
+    return _ready_rows(x)
 
 
 cdef inline bint _ready_vector(object v, Py_ssize_t d, int typenum) noexcept:
@@ -2485,7 +2489,7 @@ def ready_operands(object x, Py_ssize_t d, object gamma, object beta, object rm,
     per-channel batch may be channels-last.)"""
     cdef int t
     if d == 0:
-        d = ready_rows(x)
+        d = _ready_rows(x)
         if d == 0:
             return None
     elif type(x) is not cnp.ndarray:
