@@ -2459,6 +2459,11 @@ def ready_vector(object v, Py_ssize_t d, cnp.ndarray like not None):
     return _ready_vector(v, d, cnp.PyArray_TYPE(like))
 
 
+cdef inline object _float_dtype(int t):
+    """NumPy's own float64 or float32 dtype instance for typenum t."""
+    return _F64 if t == cnp.NPY_DOUBLE else _F32
+
+
 cdef object _running_ready(Py_ssize_t d, int t, object rm, object rv):
     """The dtype of running statistics rm, rv if both are None (float64: new
     zeros) or both kernel-ready vectors of d elements in dtype t or float64;
@@ -2466,7 +2471,7 @@ cdef object _running_ready(Py_ssize_t d, int t, object rm, object rv):
     if rm is None and rv is None:
         return _F64
     if _ready_vector(rm, d, t) and _ready_vector(rv, d, t):
-        return _F64 if t == cnp.NPY_DOUBLE else _F32
+        return _float_dtype(t)
     if _ready_vector(rm, d, cnp.NPY_DOUBLE) and _ready_vector(rv, d, cnp.NPY_DOUBLE):
         return _F64
     return None
@@ -2475,7 +2480,7 @@ cdef object _running_ready(Py_ssize_t d, int t, object rm, object rv):
 cdef inline bint _own_float(cnp.ndarray a, int t) noexcept:
     """a's dtype is NumPy's own instance of float32/float64 t (the planner's
     memo of dtypes keys on those instances)."""
-    return <object>cnp.PyArray_DESCR(a) is (_F64 if t == cnp.NPY_DOUBLE else _F32)
+    return <object>cnp.PyArray_DESCR(a) is _float_dtype(t)
 
 
 def ready_operands(object x, Py_ssize_t d, object gamma, object beta, object rm, object rv):
@@ -2530,7 +2535,7 @@ def ready_grads(cnp.ndarray x not None, object x_dtype, object dy, bint flat, Py
         return None
     if rm is None and rv is None:
         return x_dtype
-    return _running_ready(d, t, rm, rv) if (rm is not None and rv is not None) else None
+    return _running_ready(d, t, rm, rv)
 
 
 # ---------------------------------------------------------------------------
