@@ -3,8 +3,8 @@
 A call is validated (a TypeError or ValueError that names the argument, its
 shape and its dtype), its result dtypes are resolved (_dtypes) and its memory
 layout is chosen (_channels), into a plan: what the call decided and what it
-leaves for a backward (see "Plans" below), with the kernel entry point that
-carries it out, its arguments and the freshly allocated results.  Making a
+leaves for a backward (see "Plans" below), with the freshly allocated
+results.  Making a
 plan changes no state and writes to no caller array, so a rejected call
 leaves everything as it was.  plan_forward and plan_backward then make the
 one kernel call (and, for float16 results, the NumPy steps the kernels
@@ -424,14 +424,13 @@ def batch_of(plan: Plan) -> Batch:
     return Batch(*plan[:6])
 
 
-#: A forward planned but not run (run=False): the plan; the one kernel call
-#: that carries it out (entry point, arguments); the result; NumPy steps to
-#: run after the kernel (float16 results and running statistics) or None; x
-#: as the kernels read it (the plan's array is its copy, if any); the
-#: kernels' target for the result; gamma and beta as the kernels read them.
-ForwardCall = tuple[Plan, Callable[..., None], tuple[Any, ...], np.ndarray,
-                    Optional[Callable[[], None]], np.ndarray, np.ndarray, np.ndarray,
-                    np.ndarray]
+#: A forward planned but not run (run=False), for callers that carry it
+#: out in split phases: the plan; the result; NumPy steps to run after the
+#: kernels (float16 results and running statistics) or None; x as the
+#: kernels read it (the plan's array is its copy, if any); the kernels'
+#: target for the result; gamma and beta as the kernels read them.
+ForwardCall = tuple[Plan, np.ndarray, Optional[Callable[[], None]], np.ndarray, np.ndarray,
+                    np.ndarray, np.ndarray]
 
 
 def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: Any,
@@ -455,10 +454,11 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
     zeros, as in the book), "optional" (functional training: no update) or
     "required" (functional eval: an error)."""
     train = True if train else False
-    unset = running_mean is None and running_var is None
     # Inputs.  The trivial plan: everything kernel-ready in one float dtype
     # (NumPy's own float32 or float64 instance, which indexes the memo of
-    # dtypes; that memo assumes a Python float momentum).
+    # dtypes; that memo assumes a Python float momentum).  It converts
+    # nothing, so the running statistics it uses are the caller's, and the
+    # kernels read them as they are.
     r: Optional[np.dtype] = None
     laid: Any = None
     if out is None and (not train or type(momentum) is float):
@@ -468,18 +468,24 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
             laid = _ready_batch(x, True)
             if laid is not None:
                 r = _ready_operands(x, laid[4], gamma, beta, running_mean, running_var)
-        if unset and running == "required":
+        if running_mean is None and running == "required":
             r = None
     if r is not None:
         x_dtype = x.dtype
         if per_channel:
             source, lay, shape, n, c, s = laid
         else:
-            source, lay, shape, s = x, FLAT, x.shape, 1
-            n, c = shape[0], len(gamma)     # (gamma: a vector of x's features)
+            source = x
+            lay = FLAT
+            shape = x.shape
+            n = shape[0]
+            c = len(gamma)     # (gamma: a vector of x's features)
+            s = 1
         dts = (_UNIFORM[train][x_dtype is F64][r is F64]
                or _dtypes.uniform(train, x_dtype, r))
-        checked = vectors = None if unset else (running_mean, running_var)
+        # running statistics: as checked (None: unset), and as the kernels read them
+        rm_used = rm_k = running_mean
+        rv_used = rv_k = running_var
         given = None     # 1-D running statistics: the new ones are 1-D too
         private = False
         # (the commonest results inline: a call costs as much as the allocation)
@@ -496,39 +502,37 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
         gamma = operand(gamma, "gamma", c, shape, per_channel)
         beta = operand(beta, "beta", c, shape, per_channel)
         checked = running_pair(running_mean, running_var, c, shape, per_channel)
-        if checked is None and running == "required":
-            operand(running_mean, "running_mean", c, shape, per_channel)     # raises
-        # (None running statistics: the twin makes float64 zeros, as the layer does)
-        if train:
-            dts = _dtypes.train(x_dtype, gamma, beta, momentum, *(checked or (None, None)))
+        if checked is None:
+            if running == "required":
+                operand(running_mean, "running_mean", c, shape, per_channel)     # raises
+            # (unset running statistics: the twin makes float64 zeros, as the layer does)
+            rm_used = rv_used = rm_k = rv_k = None
         else:
-            dts = _dtypes.evaluate(x_dtype, gamma, beta, *(checked or (None, None)))
-        vectors = (None if checked is None
-                   else (kernel_vector(checked[0]), kernel_vector(checked[1])))
+            rm_used, rv_used = checked
+            rm_k, rv_k = kernel_vector(rm_used), kernel_vector(rv_used)
+        if train:
+            dts = _dtypes.train(x_dtype, gamma, beta, momentum, rm_used, rv_used)
+        else:
+            dts = _dtypes.evaluate(x_dtype, gamma, beta, rm_used, rv_used)
         given = (running_mean, running_var)
         private = source is not arr and not np.may_share_memory(source, arr)
         result, target, f16_view = results(lay, shape, source.shape, dts.out, out,
                                            (arr, gamma, beta) + (checked or ()))
         after = None if f16_view is None else _copier(f16_view, target)
         gamma, beta = kernel_vector(gamma), kernel_vector(beta)
-    args: tuple[Any, ...]
     plan: Plan
     if not train:
         # Eval mode keeps x by reference, not a copy (documented).
-        fresh = checked is None
+        fresh = rm_used is None
         if fresh:     # unset, not required: new float64 zeros, used and kept (book)
-            checked = vectors = (np.zeros(c), np.zeros(c))
-        assert checked is not None and vectors is not None
-        rm_used, rv_used = checked
-        rm_k, rv_k = vectors
+            rm_used = rm_k = np.zeros(c)
+            rv_used = rv_k = np.zeros(c)
         plan = (source, lay, shape, n, c, s, False, x_dtype, None, dts.out, eps, rm_used,
                 rv_used, fresh, False)
-        if lay is PLANES:
-            kernel = _planes_eval_forward
-            args = (source, target, n, c, s, gamma, beta, rm_k, rv_k, eps)
-        else:
-            kernel = _eval_forward
-            args = (source, target, n * s, c, gamma, beta, rm_k, rv_k, eps)
+        if run and lay is PLANES:
+            _planes_eval_forward(source, target, n, c, s, gamma, beta, rm_k, rv_k, eps)
+        elif run:
+            _eval_forward(source, target, n * s, c, gamma, beta, rm_k, rv_k, eps)
     else:
         # (the common False skips the call; any other value is checked there)
         correction = 1.0 if unbiased is False else var_correction(
@@ -544,11 +548,11 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
             if cache is None or cache.shape != source.shape or cache.dtype is not source.dtype:
                 cache = np.empty(source.shape, source.dtype)
             kept = cache
-        if checked is None and running == "zeros":     # unset: the book's new float64 zeros
-            checked = vectors = (np.zeros(c), np.zeros(c))
+        if rm_used is None and running == "zeros":     # unset: the book's new float64 zeros
+            rm_used = rm_k = np.zeros(c)
+            rv_used = rv_k = np.zeros(c)
         rm_old = rv_old = new_mean = new_var = rm_new = rv_new = None
-        if checked is not None:
-            assert vectors is not None
+        if rm_used is not None:
             if given is None:
                 new_mean = _new_output((c,), dts.running_mean)
                 new_var = _new_output((c,), dts.running_var)
@@ -559,24 +563,23 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
                 new_var = np.empty(unit_shape(given[1], c, x_ndim, per_channel),
                                    dts.running_var)
             if dts.running_mean in KERNEL_FLOATS and dts.running_var in KERNEL_FLOATS:
-                rm_old, rv_old = vectors
+                rm_old, rv_old = rm_k, rv_k
                 rm_new, rv_new = new_mean, new_var
             else:     # float16 running statistics: the reference's NumPy update, after
-                after = _numpy_update_after(after, new_mean, new_var, momentum, checked,
-                                            stats, correction, dts.stat)
+                after = _numpy_update_after(after, new_mean, new_var, momentum,
+                                            (rm_used, rv_used), stats, correction, dts.stat)
         plan = (kept, lay, shape, n, c, s, True, x_dtype, stats, dts.stat, eps, new_mean,
                 new_var, False, cache is not None)
-        if lay is PLANES:
-            kernel = _planes_train_forward
-            args = (source, cache, target, n, c, s, gamma, beta, eps, stats[0], stats[1],
-                    stats[2], rm_old, rm_new, rv_old, rv_new, rate, 1 - rate, correction)
-        else:
-            kernel = _train_forward
-            args = (source, cache, target, n * s, c, gamma, beta, eps, stats[0], stats[1],
-                    stats[2], rm_old, rm_new, rv_old, rv_new, rate, 1 - rate, correction)
+        if run and lay is PLANES:
+            _planes_train_forward(source, cache, target, n, c, s, gamma, beta, eps, stats[0],
+                                  stats[1], stats[2], rm_old, rm_new, rv_old, rv_new, rate,
+                                  1 - rate, correction)
+        elif run:
+            _train_forward(source, cache, target, n * s, c, gamma, beta, eps, stats[0],
+                           stats[1], stats[2], rm_old, rm_new, rv_old, rv_new, rate, 1 - rate,
+                           correction)
     if not run:
-        return plan, kernel, args, result, after, source, target, gamma, beta
-    kernel(*args)
+        return plan, result, after, source, target, gamma, beta
     if after is not None:
         after()
     return result, plan, stats
@@ -647,13 +650,12 @@ def eval_plan_of(x: Any, running_mean: Any, running_var: Any, eps: Any,
 # --------------------------------------------------------------------------
 # Backward
 
-#: A backward planned but not run (run=False): the one kernel call (entry
-#: point, arguments); dx; NumPy steps to run after the kernel or None;
+#: A backward planned but not run (run=False), for callers that carry it
+#: out in split phases: dx; NumPy steps to run after the kernels or None;
 #: dgamma and dbeta; x and dout as the kernels read them (in the plan's
 #: layout, one dtype); the kernels' target for dx; gamma as the kernels read it.
-BackwardCall = tuple[Callable[..., None], tuple[Any, ...], np.ndarray,
-                     Optional[Callable[[], None]], np.ndarray, np.ndarray, np.ndarray,
-                     np.ndarray, np.ndarray, np.ndarray]
+BackwardCall = tuple[np.ndarray, Optional[Callable[[], None]], np.ndarray, np.ndarray,
+                     np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 def plan_backward(plan: Plan, dout: Any, gamma: Any, beta: Any = None, out: Any = None,
@@ -725,28 +727,22 @@ def plan_backward(plan: Plan, dout: Any, gamma: Any, beta: Any = None, out: Any 
     if r is None and not (dts.dgamma is dts.dbeta and dts.dgamma in KERNEL_FLOATS):
         kg, kb = np.empty(c), np.empty(c)
         after = _grads_after(after, kg, kb, dgamma, dbeta)
-    args: tuple[Any, ...]
+    if not run:
+        return result, after, dgamma, dbeta, xk, dk, target, gk
     if train:
         assert stats is not None
         if lay is PLANES:
-            kernel = _planes_train_backward
-            args = (xk, dk, target, n, c, s, stats[0], stats[2], gk, kg, kb)
+            _planes_train_backward(xk, dk, target, n, c, s, stats[0], stats[2], gk, kg, kb)
         else:
-            kernel = _train_backward
-            args = (xk, dk, target, n * s, c, stats[0], stats[2], gk, kg, kb)
+            _train_backward(xk, dk, target, n * s, c, stats[0], stats[2], gk, kg, kb)
     else:
         # (the trivial plan's are kernel-ready)
         rm, rv = ((running_mean, running_var) if r is not None
                   else (kernel_vector(running_mean), kernel_vector(running_var)))
         if lay is PLANES:
-            kernel = _planes_eval_backward
-            args = (xk, dk, target, n, c, s, gk, rm, rv, eps, kg, kb)
+            _planes_eval_backward(xk, dk, target, n, c, s, gk, rm, rv, eps, kg, kb)
         else:
-            kernel = _eval_backward
-            args = (xk, dk, target, n * s, c, gk, rm, rv, eps, kg, kb)
-    if not run:
-        return kernel, args, result, after, dgamma, dbeta, xk, dk, target, gk
-    kernel(*args)
+            _eval_backward(xk, dk, target, n * s, c, gk, rm, rv, eps, kg, kb)
     if after is not None:
         after()
     return result, dgamma, dbeta

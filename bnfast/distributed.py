@@ -162,7 +162,7 @@ class SyncBatchNormalization(BatchNormalization):
                 x, self.gamma, self.beta, self.running_mean, self.running_var, self._eps,
                 self._momentum, self._rate, True, self.per_channel, self.running_var_unbiased,
                 True, run=False)
-            plan, source = call[0], call[5]
+            plan, source = call[0], call[3]
             moments = moments_of(_channels.with_array(_checks.batch_of(plan), source),
                                  plan[_checks.ARRAY] if plan[_checks.COPIED] else None)
             planned.append(call)
@@ -171,7 +171,7 @@ class SyncBatchNormalization(BatchNormalization):
             return meta, moments.count, np.concatenate([moments.mean, moments.m2])
 
         shares = self._exchange("forward(train_flg=True)", local)
-        plan, _, _, out, _, source, target, gk, bk = planned[0]
+        plan, out, _, source, target, gk, bk = planned[0]
         b = _checks.batch_of(plan)
         c, eps, stats = b.c, plan[_checks.EPS], plan[_checks.STATS]
         merged = merge_moments(Moments(s.rows, s.data[:c], s.data[c:])  # type: ignore[index]
@@ -219,8 +219,8 @@ class SyncBatchNormalization(BatchNormalization):
                 call: _checks.BackwardCall = _checks.plan_backward(
                     plan, dout, gamma, beta, None, self.per_channel, count=merged.count,
                     run=False)
-                sums = grad_sums_of(_channels.with_array(_checks.batch_of(plan), call[6]),
-                                    call[7], merged, eps)
+                sums = grad_sums_of(_channels.with_array(_checks.batch_of(plan), call[4]),
+                                    call[5], merged, eps)
                 planned.append(call)
                 return ("backward", c), sums.count, np.concatenate([sums.sum_dout,
                                                                     sums.sum_dout_xhat])
@@ -229,7 +229,7 @@ class SyncBatchNormalization(BatchNormalization):
             total = merge_grad_sums(GradSums(s.rows, s.data[:c], s.data[c:])  # type: ignore
                                     for s in shares)
             grad_input_into(plan, planned[0], merged, total, eps)
-            dx, dgamma, dbeta = planned[0][2], planned[0][4], planned[0][5]
+            dx, dgamma, dbeta = planned[0][0], planned[0][2], planned[0][3]
         else:
             grads: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 

@@ -255,7 +255,7 @@ def normalize(x: Any, moments: Any, gamma: Any, beta: Any, *, eps: float = 1e-6,
     call: _checks.ForwardCall = _checks.plan_forward(
         x, gamma, beta, None, None, _checks.check_eps(eps), 0.9, 0.9, True,
         _checks.check_flag(per_channel, "per_channel"), out=out, running="optional", run=False)
-    plan, _, _, result, after, source, target, gk, bk = call
+    plan, result, after, source, target, gk, bk = call
     b = _checks.batch_of(plan)
     moments = _moments_for(moments, b.c)
     normalize_into(_channels.with_array(b, source), target, moments, gk, bk, plan[_checks.EPS])
@@ -338,7 +338,7 @@ def grad_input(dout: Any, x: Any, moments: Any, gamma: Any, sums: Any, *, eps: f
         plan, dout, gamma, out=out, inputs=(x, moments.mean, moments.m2), count=moments.count,
         run=False)
     grad_input_into(plan, call, moments, sums, plan[_checks.EPS])
-    return call[2], call[4], call[5]
+    return call[0], call[2], call[3]
 
 
 def grad_input_into(plan: _checks.Plan, call: _checks.BackwardCall, moments: Moments,
@@ -346,7 +346,7 @@ def grad_input_into(plan: _checks.Plan, call: _checks.BackwardCall, moments: Mom
     """Carry out a backward plan with merged statistics and sums (the split
     phases' last step) instead of the shard's own: dx, dgamma and dbeta (the
     sums) into the plan's results."""
-    _, _, dx, _, dgamma, dbeta, xk, dk, target, gk = call
+    dx, _, dgamma, dbeta, xk, dk, target, gk = call
     b = _checks.batch_of(plan)
     invstd = _invstd(moments, eps)
     count = float(sums.count)

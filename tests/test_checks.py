@@ -117,10 +117,10 @@ def test_ready_inputs_take_the_trivial_plan(rng, monkeypatch, dtype, running):
     layer = bnfast.BatchNormalization(np.ones(5, dtype), np.zeros(5, dtype), **kwargs)
     layer.forward(x), layer.backward(x), layer.forward(x, False)   # warm the memo
     calls = _spy_resolver(monkeypatch)
-    plan, _, args, _, after, source, _, gamma, _ = _checks.plan_forward(
+    plan, _, after, source, _, gamma, _ = _checks.plan_forward(
         x, layer.gamma, layer.beta, layer.running_mean, layer.running_var, layer.eps,
         layer.momentum, layer.momentum, True, run=False)
-    assert source is x and args[0] is x and after is None and gamma is layer.gamma
+    assert source is x and after is None and gamma is layer.gamma
     layer.forward(x), layer.backward(x), layer.forward(x, False)
     assert calls == []
 
