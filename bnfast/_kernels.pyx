@@ -77,9 +77,14 @@ cdef extern from "stats.h":
 cdef extern from "rows.h":
     void bnfast_affine_ff(const float* x, float* o, Py_ssize_t d, int rows, Py_ssize_t w,
                           const double* c, const double* k, const double* b) noexcept nogil
+    void bnfast_affine_dd(const double* x, double* o, Py_ssize_t d, int rows, Py_ssize_t w,
+                          const double* c, const double* k, const double* b) noexcept nogil
     void bnfast_affine_plane_ff(const float* x, float* o, Py_ssize_t n, double c, double k,
                                 double b) noexcept nogil
     void bnfast_grad_input_ff(const float* x, const float* dy, float* o, Py_ssize_t d,
+                              int rows, Py_ssize_t w, const double* c, const double* m,
+                              const double* q, const double* k) noexcept nogil
+    void bnfast_grad_input_dd(const double* x, const double* dy, double* o, Py_ssize_t d,
                               int rows, Py_ssize_t w, const double* c, const double* m,
                               const double* q, const double* k) noexcept nogil
     void bnfast_rows_sq_sums_f(const float* x, Py_ssize_t d, int rows, Py_ssize_t w,
@@ -972,6 +977,8 @@ cdef void _affine_rows(const in_t* x, out_t* y, bint stream, Py_ssize_t d,
             o = y + i * d + c0
             if in_t is float and out_t is float:
                 bnfast_affine_ff(a, o, d, 4, w, center, scale, shift)
+            elif in_t is double and out_t is double:
+                bnfast_affine_dd(a, o, d, 4, w, center, scale, shift)
             else:
                 for j in range(w):
                     c = center[j]
@@ -987,6 +994,8 @@ cdef void _affine_rows(const in_t* x, out_t* y, bint stream, Py_ssize_t d,
         o = staging if stream else y + i * d + c0
         if in_t is float and out_t is float:
             bnfast_affine_ff(a, o, d, 1, w, center, scale, shift)
+        elif in_t is double and out_t is double:
+            bnfast_affine_dd(a, o, d, 1, w, center, scale, shift)
         else:
             for j in range(w):
                 o[j] = <out_t>((a[j] - center[j]) * scale[j] + shift[j])
@@ -1123,6 +1132,8 @@ cdef void _grad_input_rows(const in_t* x, const in_t* dy, out_t* dx, bint stream
             o = dx + i * d + c0
             if in_t is float and out_t is float:
                 bnfast_grad_input_ff(a, g, o, d, 4, w, center, mean_dy, k_xc, k)
+            elif in_t is double and out_t is double:
+                bnfast_grad_input_dd(a, g, o, d, 4, w, center, mean_dy, k_xc, k)
             else:
                 for j in range(w):
                     c = center[j]
@@ -1140,6 +1151,8 @@ cdef void _grad_input_rows(const in_t* x, const in_t* dy, out_t* dx, bint stream
         o = staging if stream else dx + i * d + c0
         if in_t is float and out_t is float:
             bnfast_grad_input_ff(a, g, o, d, 1, w, center, mean_dy, k_xc, k)
+        elif in_t is double and out_t is double:
+            bnfast_grad_input_dd(a, g, o, d, 1, w, center, mean_dy, k_xc, k)
         else:
             for j in range(w):
                 o[j] = <out_t>(k[j] * ((g[j] - mean_dy[j]) - k_xc[j] * (a[j] - center[j])))

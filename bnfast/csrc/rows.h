@@ -41,6 +41,23 @@ static inline void bnfast_affine_ff(const float* x, float* o, ptrdiff_t d, int r
         for (r = 0; r < rows; r++)
             o[r * d + j] = (float)(((double)x[r * d + j] - c[j]) * k[j] + b[j]);
 }
+/* bnfast_affine_ff's float64 twin. */
+static inline void bnfast_affine_dd(const double* x, double* o, ptrdiff_t d, int rows,
+                                    ptrdiff_t w, const double* c, const double* k,
+                                    const double* b) {
+    ptrdiff_t j = 0;
+    int r;
+#ifdef BNF_OPS
+    for (; j + BNF_VL <= w; j += BNF_VL) {
+        bnf_vd vc = bnf_ldd(c + j), vk = bnf_ldd(k + j), vb = bnf_ldd(b + j);
+        for (r = 0; r < rows; r++)
+            bnf_std(o + r * d + j, bnf_fmadd(bnf_sub(bnf_ldd(x + r * d + j), vc), vk, vb));
+    }
+#endif
+    for (; j < w; j++)
+        for (r = 0; r < rows; r++)
+            o[r * d + j] = (x[r * d + j] - c[j]) * k[j] + b[j];
+}
 /* bnfast_affine_ff and its float64 twin written with streaming stores
    straight from the registers, for rows whose destination starts on a
    64-byte line, with line-sized row strides and w a whole number of
@@ -117,6 +134,27 @@ static inline void bnfast_grad_input_ff(const float* x, const float* dy, float* 
         for (r = 0; r < rows; r++)
             o[r * d + j] = (float)(k[j] * (((double)dy[r * d + j] - m[j])
                                            - q[j] * ((double)x[r * d + j] - c[j])));
+}
+/* bnfast_grad_input_ff's float64 twin. */
+static inline void bnfast_grad_input_dd(const double* x, const double* dy, double* o,
+                                        ptrdiff_t d, int rows, ptrdiff_t w,
+                                        const double* c, const double* m,
+                                        const double* q, const double* k) {
+    ptrdiff_t j = 0;
+    int r;
+#ifdef BNF_OPS
+    for (; j + BNF_VL <= w; j += BNF_VL) {
+        bnf_vd vc = bnf_ldd(c + j), vm = bnf_ldd(m + j), vq = bnf_ldd(q + j);
+        bnf_vd vk = bnf_ldd(k + j);
+        for (r = 0; r < rows; r++)
+            bnf_std(o + r * d + j,
+                    bnf_mul(vk, bnf_fnmadd(vq, bnf_sub(bnf_ldd(x + r * d + j), vc),
+                                           bnf_sub(bnf_ldd(dy + r * d + j), vm))));
+    }
+#endif
+    for (; j < w; j++)
+        for (r = 0; r < rows; r++)
+            o[r * d + j] = k[j] * ((dy[r * d + j] - m[j]) - q[j] * (x[r * d + j] - c[j]));
 }
 /* s1 += the sum of e = x - k over `rows` rows (1 or 4), s2 += that of
    e * e, paired as the Cython loops they replace: (e0 + e1) + (e2 + e3). */
