@@ -133,10 +133,15 @@ cdef enum:
     # batches) get row blocks: short row segments stream poorly.  (Doing
     # such strips' statistics in two phases instead was slower than row
     # blocks at every size measured: 256 x 1024 to 256 x 65536, 1568 x 256,
-    # 512 x 512; training forward 3-40 %, eval 10-20 %.)
+    # 512 x 512; training forward 3-40 %, eval 10-20 %.)  Compiled in: half
+    # won 6 % on one cell on Zen 3 AVX2, double 12 % on one on the baseline
+    # kernels, each losing elsewhere, so tuning it did not pay on both.
     FUSED_MIN_COLS = 1024
     # Narrower strips than this make row segments too short to stream well;
-    # such batches are cut into row blocks instead.
+    # such batches are cut into row blocks instead.  (Compiled in: the sweep
+    # of half, double, 1 and x64 found the default best on Zen 3 AVX2, and
+    # one cell of 21 % for x64 on the baseline kernels, so tuning it at run
+    # time did not pay on both.)
     MIN_STRIP = 32
     # Row-block tiles (tall batches) of this many bytes are read twice from L2.
     TILE_BYTES = 131072
@@ -176,6 +181,8 @@ cdef enum:
     # ... but at least this many rows per element-pass task.
     ELEM_MIN_ROWS = 16
     # ... and small enough that each thread gets this many row tasks.
+    # (Compiled in: off, half and double won at most 6-7 % on one cell per
+    # kernel and lost up to 73 % elsewhere.)
     ELEM_TASKS_PER_THREAD = 4
     # Whole rows shorter than this (channels-last batches with few channels,
     # narrow flat batches) are taken m at a time as one row of m * d lanes,
@@ -195,13 +202,10 @@ cdef enum:
 cdef int _num_threads = 1
 # Tunables (see _set_tuning); start at the compile-time defaults.
 cdef Py_ssize_t _strip_bytes = STRIP_BYTES
-cdef Py_ssize_t _min_strip = MIN_STRIP
 cdef Py_ssize_t _stream_min_bytes = STREAM_MIN_BYTES   # set at import, below
 cdef Py_ssize_t _cache_stream_min_bytes = CACHE_STREAM_MIN_BYTES
 cdef Py_ssize_t _col_block = COL_BLOCK
 cdef Py_ssize_t _max_strip_cols = MAX_STRIP_COLS
-cdef Py_ssize_t _fused_min_cols = FUSED_MIN_COLS
-cdef Py_ssize_t _elem_tasks_per_thread = ELEM_TASKS_PER_THREAD
 cdef Py_ssize_t _stream_pages_max_cols = STREAM_PAGES_MAX_COLS
 cdef Py_ssize_t _page_bytes = PAGE_BYTES
 cdef Py_ssize_t _fold_max_cols = FOLD_MAX_COLS
@@ -281,7 +285,7 @@ cdef Grid _make_grid(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize,
     g.n_rows = n
     g.n_cols = d
     strip = _strip_bytes // (n * itemsize)
-    use_strips = strip >= _min_strip or strip >= d
+    use_strips = strip >= MIN_STRIP or strip >= d
     if use_strips:
         # strips: whole columns per task
         g.col_block = d if d < _max_strip_cols else _max_strip_cols
@@ -296,7 +300,7 @@ cdef Grid _make_grid(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize,
         g.n_col_blocks = _ceil_div(d, g.col_block)
         # Narrow full-height strips of a large batch run row by row at a
         # large stride: worse for the caches than row blocks.
-        use_strips = g.col_block >= _fused_min_cols or g.n_col_blocks == 1
+        use_strips = g.col_block >= FUSED_MIN_COLS or g.n_col_blocks == 1
         # One strip is one task, so one thread: a batch big enough for a
         # team gets row blocks (measured, 2 threads, 256-512 KiB batches of
         # 8-100 features: 35-45 % faster in every op; one thread: even).
@@ -329,9 +333,9 @@ cdef Grid _make_grid(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize,
     # when that leaves too few tasks.  (These tasks only write, so their
     # split may follow the thread count.)
     g.page_rows = _page_bytes // (d * (out_bytes // (n * d)))
-    if _elem_tasks_per_thread > 0 and g.n_threads > 1:
+    if g.n_threads > 1:
         # several row tasks a thread balance better than column splits
-        rows_tasks = _ceil_div(n, _elem_tasks_per_thread * g.n_threads)
+        rows_tasks = _ceil_div(n, ELEM_TASKS_PER_THREAD * g.n_threads)
         if g.page_rows > rows_tasks:
             g.page_rows = rows_tasks
     if g.page_rows < ELEM_MIN_ROWS:
@@ -2592,18 +2596,16 @@ DEFAULT_STREAM_MIN_BYTES = _default_stream_min_bytes(_last_level_cache_bytes())
 _stream_min_bytes = DEFAULT_STREAM_MIN_BYTES
 
 
-def _set_tuning(strip_bytes=STRIP_BYTES, min_strip=MIN_STRIP,
-                stream_min_bytes=DEFAULT_STREAM_MIN_BYTES, col_block=COL_BLOCK,
-                page_bytes=PAGE_BYTES, max_strip_cols=MAX_STRIP_COLS,
-                fused_min_cols=FUSED_MIN_COLS, elem_tasks_per_thread=ELEM_TASKS_PER_THREAD,
+def _set_tuning(strip_bytes=STRIP_BYTES, stream_min_bytes=DEFAULT_STREAM_MIN_BYTES,
+                col_block=COL_BLOCK, page_bytes=PAGE_BYTES, max_strip_cols=MAX_STRIP_COLS,
                 cache_stream_min_bytes=CACHE_STREAM_MIN_BYTES,
                 stream_pages_max_cols=STREAM_PAGES_MAX_COLS, fold_max_cols=FOLD_MAX_COLS,
                 short_max_rows=SHORT_MAX_ROWS):
     """Work-partition knobs, for measuring the kernels (not a public API).
     Every call sets all of them (the defaults where not given); a rejected
     call changes none."""
-    global _strip_bytes, _min_strip, _stream_min_bytes, _col_block, _page_bytes
-    global _max_strip_cols, _fused_min_cols, _elem_tasks_per_thread, _cache_stream_min_bytes
+    global _strip_bytes, _stream_min_bytes, _col_block, _page_bytes
+    global _max_strip_cols, _cache_stream_min_bytes
     global _stream_pages_max_cols, _fold_max_cols, _short_max_rows
     if not 0 <= fold_max_cols <= FOLD_LANES:
         raise ValueError(f"fold_max_cols must be in 0..{FOLD_LANES}")
@@ -2617,11 +2619,8 @@ def _set_tuning(strip_bytes=STRIP_BYTES, min_strip=MIN_STRIP,
     _fold_max_cols = fold_max_cols
     _stream_pages_max_cols = stream_pages_max_cols
     _cache_stream_min_bytes = cache_stream_min_bytes
-    _elem_tasks_per_thread = elem_tasks_per_thread
-    _fused_min_cols = fused_min_cols
     _max_strip_cols = max_strip_cols
-    _strip_bytes, _min_strip, _stream_min_bytes, _col_block = (
-        strip_bytes, max(1, min_strip), stream_min_bytes, col_block)
+    _strip_bytes, _stream_min_bytes, _col_block = strip_bytes, stream_min_bytes, col_block
     _page_bytes = max(1, page_bytes)
 
 

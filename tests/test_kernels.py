@@ -146,16 +146,13 @@ def test_a_positions_eval_output_does_not_depend_on_where_it_is(rng, dtype, layo
 
 KNOBS = [
     dict(strip_bytes=1),                        # never strips: row blocks everywhere
-    dict(min_strip=1, strip_bytes=1 << 30),     # always strips
+    dict(strip_bytes=1 << 30),                  # always strips
     dict(col_block=16, page_bytes=64),          # many small tasks
     dict(stream_min_bytes=0),                   # streaming stores for every output
     dict(cache_stream_min_bytes=0),             # ... and for every cached copy of x
     dict(stream_min_bytes=0, stream_pages_max_cols=1 << 30, strip_bytes=1),  # streamed pages
-    dict(fused_min_cols=16),                    # every strip does whole operations
-    dict(fused_min_cols=1 << 20),               # narrow strips give way to row blocks
     dict(max_strip_cols=16),                    # many narrow strips
-    dict(elem_tasks_per_thread=1, page_bytes=1 << 30),  # one element task per thread
-    dict(elem_tasks_per_thread=0),              # element tasks by page size alone
+    dict(page_bytes=1 << 30),                   # element tasks by thread count alone
     dict(fold_max_cols=0),                      # short rows never folded
     dict(fold_max_cols=0, stream_min_bytes=0, cache_stream_min_bytes=0),
     dict(short_max_rows=0),                     # short batches read twice for statistics
@@ -469,7 +466,7 @@ def _train_with_cache(x, cache, planes):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("knobs", [dict(strip_bytes=1), dict(min_strip=1, strip_bytes=1 << 30),
+@pytest.mark.parametrize("knobs", [dict(strip_bytes=1), dict(strip_bytes=1 << 30),
                                    dict(col_block=16)], ids=["row blocks", "strips", "narrow"])
 @pytest.mark.parametrize("shape", [(9, 4096), (13, 1024), (6, 4100), (40, 96)])
 def test_streamed_outputs_equal_cached_ones_at_any_alignment(rng, dtype, knobs, shape):
@@ -501,7 +498,7 @@ def test_streamed_outputs_equal_cached_ones_at_any_alignment(rng, dtype, knobs, 
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("knobs", [dict(strip_bytes=1), dict(min_strip=1, strip_bytes=1 << 30),
+@pytest.mark.parametrize("knobs", [dict(strip_bytes=1), dict(strip_bytes=1 << 30),
                                    dict(col_block=16), dict(page_bytes=64)],
                          ids=["row blocks", "strips", "narrow", "planes"])
 @pytest.mark.parametrize("shape", [(37, 203), (9, 4102), (5, 4102), (300, 56)])
