@@ -94,7 +94,7 @@ def test_constants_table_is_read(tuning: ModuleType) -> None:
 def test_tiny_sweep_report(tuning: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                            defaults_restored: None) -> None:
     out = tmp_path / "docs" / "tuning.md"
-    knobs = ["fold_max_cols", "short_max_rows"]    # in SWEEPS order
+    knobs = ["stream_pages_max_cols", "fold_max_cols"]    # in SWEEPS order
     assert tuning.main(TINY + ["--knobs", ",".join(knobs), "--out", str(out)]) == 0
     text = out.read_text()
     assert capsys.readouterr().out.strip() == text.strip()     # printed and written
@@ -135,10 +135,9 @@ def test_tiny_sweep_report(tuning: ModuleType, tmp_path: Path, capsys: pytest.Ca
             else:
                 assert ratio == "same grid — not timed" and not noise and not time
 
-    # short_max_rows is timed (a batch of 8 rows takes its statistics by
-    # another route without it)
-    timed = [_cells(line) for line in sections["short_max_rows"]
-             if line.startswith("| 8x16384 | float32 | train |")]
+    # fold_max_cols is timed (rows of 48 features are folded only with it)
+    timed = [_cells(line) for line in sections["fold_max_cols"]
+             if line.startswith("| 4096x48 | float32 |")]
     assert any(row[5] == "off = 0" and re.fullmatch(r"\d+\.\d{3}", row[6])
                for row in timed)
 
@@ -189,7 +188,7 @@ def test_error_in_a_cell_restores_defaults(tuning: ModuleType, monkeypatch: pyte
 
 def test_script_runs_standalone_on_the_baseline_kernels(tmp_path: Path) -> None:
     env = {**os.environ, "BNFAST_ISA": "baseline"}
-    done = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--knobs", "short_max_rows"],
+    done = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--knobs", "fold_max_cols"],
                           capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "| kernels | baseline (BNFAST_ISA=baseline);" in done.stdout

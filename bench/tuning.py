@@ -13,9 +13,8 @@ something, for the layer's training forward, eval forward and backward
 changes the work the kernels do for that shape and operation: the grid that
 ``_grid_info(n, d, itemsize, out_itemsize)`` reports (for NCHW batches, the
 per-channel plan, whose two knob-dependent fields are recomputed here), plus
-the route switches that the grid does not show (folding short rows, the
-short-batch statistics and training forward), recomputed here from the
-kernels' predicates.  Alternatives that change nothing are listed as "same
+the route switch that the grid does not show (folding short rows),
+recomputed here from the kernels' predicate.  Alternatives that change nothing are listed as "same
 grid" and not timed.
 
 Timing: within each repeat the variants run in turns (default, alt1, alt2,
@@ -172,12 +171,6 @@ SWEEPS: tuple[Sweep, ...] = (
            (_flat(2048, 100), "float32"), (_flat(4096, 48), "float64")),
           why="rows of 3-100 features (channels-last images with few channels, narrow "
               "batches)"),
-    Sweep("short_max_rows", "SHORT_MAX_ROWS",
-          lambda d: [("off", 0), ("half", d // 2)],
-          ((_flat(8, 16384), "float32"), (_flat(8, 150528), "float32"),
-           (_flat(8, 16384), "float64"), (_flat(4, 65536), "float32")),
-          ops=("train",),
-          why="batches of up to 8 rows (the short-batch statistics route)"),
 )
 
 
@@ -295,7 +288,7 @@ def route(shape: Shape, dtype: str, op: str, settings: dict[str, Any],
         grid = dict(kernels._grid_info(n, c, itemsize, itemsize))
     finally:
         restore_defaults()
-    # Switches replicated from _kernels.pyx (_fold_rows, _train_strip).
+    # The switch replicated from _kernels.pyx (_fold_rows).
     whole_rows = grid.get("n_col_blocks", 1) == 1
     fold_max = settings.get("fold_max_cols", 0)
     folded = whole_rows and c < fold_max and c < constants.get("FOLD_LANES", 128)
@@ -306,10 +299,7 @@ def route(shape: Shape, dtype: str, op: str, settings: dict[str, Any],
     if grid.get("fused"):
         for f in _PAGE_FIELDS:
             grid.pop(f, None)
-    short = False
-    if op == "train" and grid.get("fused") and not folded:
-        short = n <= settings.get("short_max_rows", 0)
-    return (op, folded, short) + tuple(sorted(grid.items()))
+    return (op, folded) + tuple(sorted(grid.items()))
 
 
 def _planes_route(n: int, c: int, s: int, itemsize: int, op: str, settings: dict[str, Any],
@@ -630,8 +620,7 @@ is timed at the knob's default and at two or three alternatives, every other
 knob at its default, on shapes where the knob decides something.  An
 alternative is timed only where it changes the kernels' work for that shape
 and operation (the fields of `_grid_info(n, d, itemsize, out_itemsize)` the
-operation reads, or the per-channel plan, plus the fold/short-batch
-switches); otherwise its row says "same grid" and it is not timed.
+operation reads, or the per-channel plan, plus the fold switch); otherwise its row says "same grid" and it is not timed.
 
 Within each repeat the variants run in turns: default, alternatives, default
 again, each turn a loop of as many calls as last about {target_ms:g} ms with the

@@ -94,10 +94,6 @@ cdef extern from "rows.h":
                                  double* s2) noexcept nogil
     void bnfast_grad_input_plane_ff(const float* x, const float* dy, float* o, Py_ssize_t n,
                                     double c, double m, double q, double k) noexcept nogil
-    void bnfast_short_sums_f(const float* x, Py_ssize_t d, int n, Py_ssize_t w, double* k,
-                             double* s1, double* s2) noexcept nogil
-    void bnfast_short_sums_d(const double* x, Py_ssize_t d, int n, Py_ssize_t w, double* k,
-                             double* s1, double* s2) noexcept nogil
     bint bnfast_lines_fit(const void* o, Py_ssize_t stride_bytes,
                           Py_ssize_t w_bytes) noexcept nogil
     void bnfast_affine_stream_ff(const float* x, float* o, Py_ssize_t d, Py_ssize_t rows,
@@ -192,12 +188,6 @@ cdef enum:
     FOLD_LANES = 128
     # Folded rows are at most this long (stack arrays of doubles).
     FOLD_MAX_LANES = 256
-    # Strips of batches this short take their shift and shifted sums in one
-    # read, held in registers (bnfast_short_sums; the shift is the mean of
-    # up to 8 rows).  (A one-read training strip that also set up and wrote
-    # the output was removed: 20-37 % slower than this route on Zen 3, on
-    # AVX2 and the baseline alike; bench/tuning.py measured it.)
-    SHORT_MAX_ROWS = 8
 
 cdef int _num_threads = 1
 # Tunables (see _set_tuning); start at the compile-time defaults.
@@ -209,7 +199,6 @@ cdef Py_ssize_t _max_strip_cols = MAX_STRIP_COLS
 cdef Py_ssize_t _stream_pages_max_cols = STREAM_PAGES_MAX_COLS
 cdef Py_ssize_t _page_bytes = PAGE_BYTES
 cdef Py_ssize_t _fold_max_cols = FOLD_MAX_COLS
-cdef Py_ssize_t _short_max_rows = SHORT_MAX_ROWS
 
 
 cdef struct Grid:
@@ -893,25 +882,6 @@ cdef void _merge_block(const in_t* x, Py_ssize_t d, Py_ssize_t b0, Py_ssize_t b1
             m2_acc[j] += m2b
 
 
-cdef void _short_stats(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t n, Py_ssize_t d,
-                       Py_ssize_t c0, Py_ssize_t w, double* shift, acc_t mean_acc,
-                       acc_t m2_acc, acc_t s1, acc_t s2) noexcept nogil:
-    """_shift_of then _stats_rows of all n <= SHORT_MAX_ROWS rows of columns
-    c0..c0+w (unfolded), bitwise, in one read of x (bnfast_short_sums)."""
-    cdef Py_ssize_t i
-    if in_t is float:
-        bnfast_short_sums_f(x + c0, d, <int>n, w, shift, s1, s2)
-    else:
-        bnfast_short_sums_d(x + c0, d, <int>n, w, shift, s1, s2)
-    if copy_to != NULL:
-        if stream:
-            _stream_rows(x, copy_to, n, d, 0, n, c0, w)
-        else:
-            for i in range(n):
-                memcpy(copy_to + i * d + c0, x + i * d + c0, w * sizeof(in_t))
-    _merge_block(x, d, 0, n, c0, w, shift, 0.0, mean_acc, m2_acc, s1, s2)
-
-
 cdef void _merge_chunks(const Grid* g, const double* part_mean, const double* part_m2,
                         double* mean, double* m2) noexcept nogil:
     """Chan's merge of the per-chunk (mean, M2), always in chunk order."""
@@ -1270,14 +1240,10 @@ cdef void _train_strip(const Grid* g, Py_ssize_t t, const in_t* x, in_t* cache, 
     mine: 4 rows (shift, then sums; then beta, scale, temp, staging)."""
     cdef Task task = _task(g, t)
     cdef Py_ssize_t cb = g.col_block
-    if g.n_rows <= _short_max_rows and _fold_rows(g.n_cols, task.w) == 1:
-        _short_stats(x, cache, g.stream_cache, g.n_rows, g.n_cols, task.c0, task.w, mine,
-                     a.mean + task.c0, a.var + task.c0, mine + cb, mine + 2 * cb)
-    else:
-        _shift_of(x, g.n_cols, g.n_rows, task.c0, task.w, mine)
-        _stats_rows(x, cache, g.stream_cache, g.n_rows, g.n_cols, task.r0, task.r1, task.c0,
-                    task.w, g.block_rows, mine, a.mean + task.c0, a.var + task.c0, mine + cb,
-                    mine + 2 * cb)
+    _shift_of(x, g.n_cols, g.n_rows, task.c0, task.w, mine)
+    _stats_rows(x, cache, g.stream_cache, g.n_rows, g.n_cols, task.r0, task.r1, task.c0,
+                task.w, g.block_rows, mine, a.mean + task.c0, a.var + task.c0, mine + cb,
+                mine + 2 * cb)
     _finish_stats(a, g.n_rows, task.c0, task.w, mine, mine + cb, mine, mine + 2 * cb)
     _affine_rows(x, y, g.stream, g.n_cols, task.r0, task.r1, task.c0, task.w,
                  a.mean + task.c0, mine + cb, mine, <out_t*>(mine + 3 * cb))
@@ -2599,23 +2565,19 @@ _stream_min_bytes = DEFAULT_STREAM_MIN_BYTES
 def _set_tuning(strip_bytes=STRIP_BYTES, stream_min_bytes=DEFAULT_STREAM_MIN_BYTES,
                 col_block=COL_BLOCK, page_bytes=PAGE_BYTES, max_strip_cols=MAX_STRIP_COLS,
                 cache_stream_min_bytes=CACHE_STREAM_MIN_BYTES,
-                stream_pages_max_cols=STREAM_PAGES_MAX_COLS, fold_max_cols=FOLD_MAX_COLS,
-                short_max_rows=SHORT_MAX_ROWS):
+                stream_pages_max_cols=STREAM_PAGES_MAX_COLS, fold_max_cols=FOLD_MAX_COLS):
     """Work-partition knobs, for measuring the kernels (not a public API).
     Every call sets all of them (the defaults where not given); a rejected
     call changes none."""
     global _strip_bytes, _stream_min_bytes, _col_block, _page_bytes
     global _max_strip_cols, _cache_stream_min_bytes
-    global _stream_pages_max_cols, _fold_max_cols, _short_max_rows
+    global _stream_pages_max_cols, _fold_max_cols
     if not 0 <= fold_max_cols <= FOLD_LANES:
         raise ValueError(f"fold_max_cols must be in 0..{FOLD_LANES}")
-    if not 0 <= short_max_rows <= SHORT_MAX_ROWS:
-        raise ValueError(f"short_max_rows must be in 0..{SHORT_MAX_ROWS}")
     if not 16 <= max_strip_cols <= MAX_STRIP_COLS:
         raise ValueError(f"max_strip_cols must be in 16..{MAX_STRIP_COLS}")
     if not 16 <= col_block <= COL_BLOCK:
         raise ValueError(f"col_block must be in 16..{COL_BLOCK}")
-    _short_max_rows = short_max_rows
     _fold_max_cols = fold_max_cols
     _stream_pages_max_cols = stream_pages_max_cols
     _cache_stream_min_bytes = cache_stream_min_bytes

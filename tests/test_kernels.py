@@ -155,7 +155,6 @@ KNOBS = [
     dict(page_bytes=1 << 30),                   # element tasks by thread count alone
     dict(fold_max_cols=0),                      # short rows never folded
     dict(fold_max_cols=0, stream_min_bytes=0, cache_stream_min_bytes=0),
-    dict(short_max_rows=0),                     # short batches read twice for statistics
 ]
 
 
@@ -218,13 +217,13 @@ def test_the_one_loop_set_up_equals_the_general_one_bitwise(rng, shape, param_dt
 @pytest.mark.parametrize("n", range(1, 10))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("stat_dtype", [np.float32, np.float64])
-def test_short_batch_statistics_in_one_read_equal_the_two_pass_ones_bitwise(rng, n, dtype,
-                                                                            stat_dtype):
-    """Batches of up to 8 rows take their shift and shifted sums in one read
-    (bnfast_short_sums); with that off, _shift_of and _stats_rows.  Both
-    must give the same bits, in the vector body and the scalar tail (2003
-    features), for features that are constant, offset far from zero, or hold an infinity
-    or a NaN (the exact fallback), with running statistics of either dtype."""
+def test_short_batch_statistics_are_the_same_in_strips_and_row_blocks(rng, n, dtype,
+                                                                      stat_dtype):
+    """Batches of up to 9 rows, whose shift is the mean of (up to 8 of)
+    their own rows: a strip and row blocks must give the same bits, in the
+    vector body and the scalar tail (2003 features), for features that are
+    constant, offset far from zero, or hold an infinity or a NaN (the exact
+    fallback), with running statistics of either dtype."""
     d = 2003
     x = rng.standard_normal((n, d)) * 3 + 1
     x[:, 5] = 7.25                                  # constant
@@ -239,14 +238,16 @@ def test_short_batch_statistics_in_one_read_equal_the_two_pass_ones_bitwise(rng,
     rm_old = rng.standard_normal(d).astype(stat_dtype)
     rv_old = rng.random(d).astype(stat_dtype)
     with np.errstate(invalid="ignore", over="ignore"):
-        one_read = _train_outputs(x, gamma, beta, rm_old, rv_old, stat_dtype)
-        with tuning(short_max_rows=0):
-            two_pass = _train_outputs(x, gamma, beta, rm_old, rv_old, stat_dtype)
-    for a, c in zip(one_read, two_pass):
+        with tuning(strip_bytes=1 << 30):
+            strip = _train_outputs(x, gamma, beta, rm_old, rv_old, stat_dtype)
+        with tuning(strip_bytes=1):
+            blocks = _train_outputs(x, gamma, beta, rm_old, rv_old, stat_dtype)
+    for a, c in zip(strip, blocks):
         assert np.array_equal(a, c, equal_nan=True)
-    mean = one_read[1]
-    assert mean[5] == 7.25 and one_read[2][5] == 0.0
-    assert np.all(one_read[0][:, 5] == beta[5])     # a constant feature gives exactly beta
+    mean = strip[1]
+    assert mean[5] == 7.25 and strip[2][5] == 0.0
+    assert np.all(strip[0][:, 5] == beta[5])     # a constant feature gives exactly beta
+    assert abs(mean[6] - np.mean(x[:, 6].astype(np.float64))) <= 1e-7 * 1e8
     assert np.isposinf(mean[7]) and np.isneginf(mean[8]) and np.isnan(mean[2001])
 
 
@@ -505,8 +506,7 @@ def test_streamed_outputs_equal_cached_ones_at_any_alignment(rng, dtype, knobs, 
 def test_the_streamed_copy_of_x_is_exact_at_any_alignment(rng, dtype, knobs, shape):
     """The training forward streams its copy of x in pieces (a row's columns
     or a range of planes per task), each piece writing the whole cache lines
-    that start in it (5 rows: after the one-read statistics of short
-    batches).  Wherever the copy and x sit relative to cache lines,
+    that start in it.  Wherever the copy and x sit relative to cache lines,
     and however the batch splits, every element is copied once and exactly,
     and nothing around the copy is touched."""
     n, d = shape

@@ -1,5 +1,5 @@
-/* Vector loops over rows of float32 (arithmetic in float64) and the
- * short-batch sums, written once over the vector operations of simd.h
+/* Vector loops over rows of float32 and float64 (arithmetic in float64),
+ * written once over the vector operations of simd.h
  * (AVX-512, AVX2, NEON), with portable C tails and fallbacks;
  * bnfast/_kernels.pyx.
  */
@@ -234,105 +234,7 @@ static inline void bnfast_rows_grad_sums_f(const float* x, const float* dy, ptrd
         }
     }
 }
-/* Short batches (n <= 8 rows): per feature j < w of the rows at x (row
-   stride d), the shift k[j] and the shifted sums s1[j] = sum(x - k) and
-   s2[j] = sum((x - k)^2), with every operation of _shift_of and one
-   block of _stats_rows, in their order (the mean of 8 rows pairwise,
-   of fewer in row order; sums four rows a group, then single rows), so
-   the results are theirs bitwise.  Each value is read once and held in
-   registers (those two passes read the rows twice and load and store
-   the sums per four rows).  The row count is a constant in each loop
-   (a switch over 1..8), so the row loops unroll.  The vector part and
-   the scalar tail do the same operations (GCC and Clang contract the
-   tail's squares as the vector part's explicit multiply-adds). */
-/* The shift and shifted sums of feature j's N rows (N a constant):
-   v[] the rows, e[] the rows less the shift kj, a1 and a2 the sums;
-   the vector form below does the same per BNF_VL features. */
-#define BNF_SHIFTED_SUMS_SCALAR(N)                                                 \
-        for (q = 0; q < (N); q++) v[q] = (double)x[q * d + j];                     \
-        if ((N) == 8) {                                                            \
-            kj = (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) \
-                 * 0.125;                                                          \
-        } else {                                                                   \
-            kj = v[0];                                                             \
-            for (q = 1; q < (N); q++) kj = kj + v[q];                              \
-            kj = kj / (double)(N);                                                 \
-        }                                                                          \
-        kj = kj - kj == 0.0 ? kj : 0.0;                                            \
-        for (q = 0; q < (N); q++) e[q] = v[q] - kj;                                \
-        for (q = 0; q + 4 <= (N); q += 4) {                                        \
-            a1 = a1 + ((e[q] + e[q + 1]) + (e[q + 2] + e[q + 3]));                 \
-            a2 = a2 + ((e[q] * e[q] + e[q + 1] * e[q + 1])                         \
-                       + (e[q + 2] * e[q + 2] + e[q + 3] * e[q + 3]));             \
-        }                                                                          \
-        for (; q < (N); q++) {                                                     \
-            a1 = a1 + e[q];                                                        \
-            a2 = a2 + e[q] * e[q];                                                 \
-        }
-#define BNF_SHORT_SCALAR(N)                                                        \
-    for (; j < w; j++) {                                                           \
-        double v[8], e[8], kj, a1 = 0.0, a2 = 0.0;                                 \
-        int q;                                                                     \
-        BNF_SHIFTED_SUMS_SCALAR(N)                                                 \
-        k[j] = kj;                                                                 \
-        s1[j] = a1;                                                                \
-        s2[j] = a2;                                                                \
-    }
-#ifdef BNF_OPS
-#define BNF_SHIFTED_SUMS_VECTOR(LOAD, N)                                           \
-        for (q = 0; q < (N); q++) v[q] = LOAD(x + q * d + j);                      \
-        if ((N) == 8) {                                                            \
-            kv = bnf_mul(bnf_add(bnf_add(bnf_add(v[0], v[1]), bnf_add(v[2], v[3])), \
-                                 bnf_add(bnf_add(v[4], v[5]), bnf_add(v[6], v[7]))), \
-                         bnf_set1(0.125));                                         \
-        } else {                                                                   \
-            kv = v[0];                                                             \
-            for (q = 1; q < (N); q++) kv = bnf_add(kv, v[q]);                      \
-            kv = bnf_div(kv, bnf_set1((double)(N)));                               \
-        }                                                                          \
-        kv = bnf_finite_or_zero(kv);                                               \
-        for (q = 0; q < (N); q++) e[q] = bnf_sub(v[q], kv);                        \
-        for (q = 0; q + 4 <= (N); q += 4) {                                        \
-            a1 = bnf_add(a1, bnf_add(bnf_add(e[q], e[q + 1]), bnf_add(e[q + 2], e[q + 3]))); \
-            a2 = bnf_add(a2, bnf_add(bnf_fmadd(e[q], e[q], bnf_mul(e[q + 1], e[q + 1])), \
-                                     bnf_fmadd(e[q + 2], e[q + 2],                 \
-                                               bnf_mul(e[q + 3], e[q + 3]))));     \
-        }                                                                          \
-        for (; q < (N); q++) {                                                     \
-            a1 = bnf_add(a1, e[q]);                                                \
-            a2 = bnf_fmadd(e[q], e[q], a2);                                        \
-        }
-#define BNF_SHORT_VECTOR(LOAD, N)                                                  \
-    for (; j + BNF_VL <= w; j += BNF_VL) {                                     \
-        bnf_vd v[8], e[8], kv, a1 = bnf_set1(0.0), a2 = bnf_set1(0.0);             \
-        int q;                                                                     \
-        BNF_SHIFTED_SUMS_VECTOR(LOAD, N)                                           \
-        bnf_std(k + j, kv);                                                        \
-        bnf_std(s1 + j, a1);                                                       \
-        bnf_std(s2 + j, a2);                                                       \
-    }
-#else
-#define BNF_SHORT_VECTOR(LOAD, N)
-#endif
-#define BNF_SHORT_ROWS(LOAD, N) { BNF_SHORT_VECTOR(LOAD, N) BNF_SHORT_SCALAR(N) } break;
-#define BNF_SHORT_SUMS(NAME, T, LOAD)                                              \
-    static void NAME(const T* x, ptrdiff_t d, int n, ptrdiff_t w, double* k,       \
-                     double* s1, double* s2) {                                     \
-        ptrdiff_t j = 0;                                                           \
-        switch (n) {                                                               \
-        case 1: BNF_SHORT_ROWS(LOAD, 1)                                            \
-        case 2: BNF_SHORT_ROWS(LOAD, 2)                                            \
-        case 3: BNF_SHORT_ROWS(LOAD, 3)                                            \
-        case 4: BNF_SHORT_ROWS(LOAD, 4)                                            \
-        case 5: BNF_SHORT_ROWS(LOAD, 5)                                            \
-        case 6: BNF_SHORT_ROWS(LOAD, 6)                                            \
-        case 7: BNF_SHORT_ROWS(LOAD, 7)                                            \
-        default: BNF_SHORT_ROWS(LOAD, 8)                                           \
-        }                                                                          \
-    }
-BNF_SHORT_SUMS(bnfast_short_sums_f, float, bnf_ld)
-BNF_SHORT_SUMS(bnfast_short_sums_d, double, bnf_ldd)
-/* The same with one set of coefficients for all n values (a plane). */
+/* bnfast_grad_input_ff with one set of coefficients for all n values (a plane). */
 static inline void bnfast_grad_input_plane_ff(const float* x, const float* dy, float* o,
                                               ptrdiff_t n, double c, double m, double q,
                                               double k) {

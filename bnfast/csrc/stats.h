@@ -1,6 +1,6 @@
 /* The parts of the statistics algorithm that every route shares.
  *
- * Each route (row blocks, strips, short batches, per-channel planes)
+ * Each route (row blocks, strips, per-channel planes)
  * computes a feature's or channel's mean and M2 (sum of squared deviations)
  * the same way:
  *   1. shift: k = the mean of its first (up to 8) values, 0 where not finite;
