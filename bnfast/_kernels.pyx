@@ -59,6 +59,8 @@ cdef extern from "platform.h":
     const char* BNFAST_BUILD_FLAGS
     int omp_get_max_threads() noexcept nogil
     ctypedef double* acc_t "bnfast_acc_t"
+    double* bnfast_scratch_alloc(size_t n_doubles) noexcept nogil
+    void bnfast_scratch_free(void* p) noexcept nogil
 
 cdef extern from "stream.h":
     void bnfast_stream(void* dst, const void* src, size_t nbytes) noexcept nogil
@@ -1223,15 +1225,211 @@ cdef Py_ssize_t _eval_grad_folded(const in_t* x, const in_t* dy, out_t* dx, bint
     return r0 + groups * m
 
 
-# ---------------------------------------------------------------------------
-# Whole operations.  Each phase is a task function applied to every task of
-# a grid, inline when the grid says one thread (no thread-team set-up for
-# small calls) or across the team.  Every thread has `rows` rows of
-# g.col_block doubles of scratch; the last row stages output rows for
-# streaming stores.
+cdef struct Planes       # (_planes.pxi)
 
-cdef inline double* _scratch_alloc(const Grid* g, int rows) noexcept nogil:
-    return <double*>malloc(g.n_threads * rows * g.col_block * sizeof(double))
+
+cdef enum Op:
+    OP_TRAIN_FORWARD
+    OP_EVAL_FORWARD
+    OP_TRAIN_BACKWARD
+    OP_EVAL_BACKWARD
+    OP_MOMENTS
+    OP_AFFINE
+    OP_GRAD_SUMS
+    OP_GRAD_INPUT
+    OP_PLANES_TRAIN_FORWARD
+    OP_PLANES_EVAL_FORWARD
+    OP_PLANES_TRAIN_BACKWARD
+    OP_PLANES_EVAL_BACKWARD
+
+
+cdef struct Call:
+    Op op
+    const Grid* grid            # rows operations (and the split phases' rows layout)
+    const Planes* planes        # per-channel operations (the split phases' planes, or NULL)
+    const void* x               # the batch, in the input dtype
+    const void* dy              # backward: dout, in the input dtype
+    void* cache                 # a copy of x to write (input dtype), or NULL
+    void* y                     # the output (y or dx), in the output dtype
+    const void* args            # TrainArgs, GradArgs or EvalArgs, by operation
+    const Vec* vec[4]           # eval forward: gamma, beta, running mean, running var
+    double eps
+    OutVec* dgamma              # eval backward
+    OutVec* dbeta
+    double* sums[2]             # moments: mean, M2; grad_sums: sum(dy), sum(dy * xc)
+    const double* coef[4]       # affine: center, scale, shift; grad_sums: center;
+                                # grad_input: center, mean(dy), k_xc, k
+
+
+cdef inline Call _call(Op op, const Grid* grid, const Planes* planes, const void* x,
+                       const void* dy, void* cache, void* y) noexcept nogil:
+    cdef Call c
+    memset(&c, 0, sizeof(c))
+    c.op = op
+    c.grid = grid
+    c.planes = planes
+    c.x = x
+    c.dy = dy
+    c.cache = cache
+    c.y = y
+    return c
+
+
+# ---------------------------------------------------------------------------
+# The parallel driver, written once.
+#
+# An operation runs as one to three phases.  A phase applies one step (a
+# task function, named by a Step) to tasks 0..n-1 of the operation's grid: a
+# Grid's tasks, column blocks or element-pass pages, or a Planes' reduction
+# or element tasks.  A phase starts when every thread has finished the one
+# before (the barrier at the end of each prange).  A task writes only its own
+# part of the output and its own slot of the partials, and partials are
+# merged in a fixed order (by a later phase, or after the driver returns),
+# never as threads finish: results are bitwise the same for any number of
+# threads.  _drive runs the phases inline when the grid says one thread (no
+# thread-team set-up for small calls), else on one thread team for all of
+# them (waking a team costs microseconds, a real share of a mid-size call),
+# and gives every thread `rows` rows of col_block doubles of scratch; an
+# element pass that streams its output stages rows in the last of them.
+# _step is the one place that maps a step to its task function: a new
+# operation adds its steps there and describes its phases in a Work.
+
+cdef enum Step:
+    STEP_TRAIN_STRIP        # statistics, coefficients and output of whole columns
+    STEP_STATS_BLOCK        # per-chunk mean and M2 of a (row chunk, column block), cache = x
+    STEP_TRAIN_COEF         # a column block's merge, statistics, scale and shift
+    STEP_AFFINE_PAGES       # y = (x - coef[0]) * coef[1] + coef[2], by pages
+    STEP_EVAL               # the eval forward's coefficients and output, by pages
+    STEP_BACKWARD_STRIP     # a training backward's sums, coefficients and dx of whole columns
+    STEP_GRAD_SUMS_BLOCK    # per-chunk sum(dy) and sum(dy * (x - coef[0])) of a block
+    STEP_BACKWARD_COEF      # a column block's sums added, dgamma, dbeta, dx coefficients
+    STEP_GRAD_INPUT_PAGES   # dx = coef[3] * ((dy - coef[1]) - coef[2] * (x - coef[0])), by pages
+    STEP_EVAL_BACKWARD      # the eval backward's dx and per-chunk sums of a block
+    STEP_PLANE_MOMENTS      # per-chunk shifted sums of a block of channels' planes
+    STEP_PLANE_GRAD_SUMS    # per-chunk sum(dy) and sum(dy * (x - coef[0])) of channels
+    STEP_PLANE_COPY         # cache = x over a task's planes
+    STEP_PLANE_AFFINE       # as STEP_AFFINE_PAGES (and cache = x) over a task's planes
+    STEP_PLANE_GRAD_INPUT   # as STEP_GRAD_INPUT_PAGES over a task's planes
+    STEP_PLANE_SCALE        # dx = dy * coef[0] over a task's planes
+
+
+cdef struct Phase:
+    Step step
+    Py_ssize_t n_tasks
+    bint dynamic            # reductions (tasks of uneven cost): dynamic schedule
+
+
+cdef struct Work:
+    # An operation's phases and what its tasks share besides its Call.
+    Phase phase[3]
+    int n_phases
+    int n_threads
+    Py_ssize_t rows         # scratch rows per thread, of col_block doubles
+    Py_ssize_t col_block
+    double* part            # per-chunk partials
+    double* shifts          # the statistics' per-feature shifts
+    double* totals          # per-feature sums, merged
+    const double* coef[4]   # an element pass's per-feature coefficients
+
+
+cdef inline Work _work(int n_threads, Py_ssize_t col_block, Py_ssize_t rows) noexcept nogil:
+    cdef Work w
+    memset(&w, 0, sizeof(w))
+    w.n_threads = n_threads
+    w.col_block = col_block
+    w.rows = rows
+    return w
+
+
+cdef inline void _phase(Work* w, Step step, Py_ssize_t n_tasks, bint dynamic) noexcept nogil:
+    w.phase[w.n_phases].step = step
+    w.phase[w.n_phases].n_tasks = n_tasks
+    w.phase[w.n_phases].dynamic = dynamic
+    w.n_phases += 1
+
+
+cdef void _step(const Call* c, const Work* w, Step step, Py_ssize_t t, double* mine,
+                const in_t* in_type, out_t* out_type) noexcept nogil:
+    """Task t of a phase (in_type, out_type: NULL, naming the dtypes)."""
+    cdef const Grid* g = c.grid
+    cdef const Planes* p = c.planes
+    cdef const in_t* x = <const in_t*>c.x
+    cdef const in_t* dy = <const in_t*>c.dy
+    cdef in_t* cache = <in_t*>c.cache
+    cdef out_t* y = <out_t*>c.y
+    cdef out_t* staging = NULL
+    if w.rows > 0:
+        staging = <out_t*>(mine + (w.rows - 1) * w.col_block)
+    if step == STEP_TRAIN_STRIP:
+        _train_strip(g, t, x, cache, y, <const TrainArgs*>c.args, mine)
+    elif step == STEP_STATS_BLOCK:
+        _train_block_stats(g, t, x, cache, w.shifts, w.part, mine)
+    elif step == STEP_TRAIN_COEF:
+        _train_coefficients(g, t, w.shifts, <const TrainArgs*>c.args, w.part, mine)
+    elif step == STEP_AFFINE_PAGES:
+        _affine_pages(g, t, x, y, w.coef[0], w.coef[1], w.coef[2], staging)
+    elif step == STEP_EVAL:
+        _eval_task(g, t, x, y, c.vec[0], c.vec[1], c.vec[2], c.vec[3], c.eps, mine)
+    elif step == STEP_BACKWARD_STRIP:
+        _backward_strip(g, t, x, dy, y, <const GradArgs*>c.args, mine)
+    elif step == STEP_GRAD_SUMS_BLOCK:
+        _backward_block_sums(g, t, x, dy, w.coef[0], w.part)
+    elif step == STEP_BACKWARD_COEF:
+        _backward_block_coefficients(g, t, <const GradArgs*>c.args, w.part, w.totals)
+    elif step == STEP_GRAD_INPUT_PAGES:
+        _grad_input_pages(g, t, x, dy, y, w.coef[0], w.coef[1], w.coef[2], w.coef[3], staging)
+    elif step == STEP_EVAL_BACKWARD:
+        _eval_backward_task(g, t, x, dy, y, <const EvalArgs*>c.args, w.part, mine)
+    elif step == STEP_PLANE_MOMENTS:
+        _plane_moments_task(p, t, x, w.shifts, w.part)
+    elif step == STEP_PLANE_GRAD_SUMS:
+        _plane_grad_sums_task(p, t, x, dy, w.coef[0], w.part)
+    elif step == STEP_PLANE_COPY:
+        _plane_copy_task(p, t, x, cache)
+    elif step == STEP_PLANE_AFFINE:
+        _plane_affine_task(p, t, x, cache, y, w.coef[0], w.coef[1], w.coef[2])
+    elif step == STEP_PLANE_GRAD_INPUT:
+        _plane_grad_input_task(p, t, x, dy, y, w.coef[0], w.coef[1], w.coef[2], w.coef[3])
+    elif step == STEP_PLANE_SCALE:
+        _plane_scale_task(p, t, dy, y, w.coef[0])
+
+
+cdef int _drive(const Call* c, const Work* w, const in_t* in_type,
+                out_t* out_type) noexcept nogil:
+    """Run w's phases (see above).  Non-zero: no memory for the scratch."""
+    cdef Py_ssize_t t, per_thread = w.rows * w.col_block
+    cdef int k = 0
+    cdef double* scratch = NULL
+    cdef double* mine = NULL
+    if per_thread > 0:
+        scratch = bnfast_scratch_alloc(w.n_threads * per_thread)
+        if scratch == NULL:
+            return -1
+    if w.n_threads == 1:
+        for k in range(w.n_phases):
+            for t in range(w.phase[k].n_tasks):
+                _step(c, w, w.phase[k].step, t, scratch, in_type, out_type)
+    else:
+        with parallel(num_threads=w.n_threads):
+            if scratch != NULL:
+                mine = scratch + threadid() * per_thread
+            for k in range(w.n_phases):
+                if w.phase[k].dynamic:
+                    for t in prange(w.phase[k].n_tasks, schedule="dynamic"):
+                        _step(c, w, w.phase[k].step, t, mine, in_type, out_type)
+                else:
+                    for t in prange(w.phase[k].n_tasks, schedule="static"):
+                        _step(c, w, w.phase[k].step, t, mine, in_type, out_type)
+            bnfast_fence()
+    bnfast_scratch_free(scratch)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Whole operations: each is its tasks (below) and a description of its
+# phases, which the parallel driver (_drive, after the per-channel kernels)
+# runs; buffers shared by the tasks, and steps before and after, are the
+# operation's own.
 
 
 cdef void _train_strip(const Grid* g, Py_ssize_t t, const in_t* x, in_t* cache, out_t* y,
@@ -1283,64 +1481,33 @@ cdef void _train_coefficients(const Grid* g, Py_ssize_t t, const double* shifts,
     _finish_stats(a, g.n_rows, c0, w, shifts + c0, part + c0, part + d + c0, mine)
 
 
-cdef int _train_forward(const Grid* g, const in_t* x, in_t* cache, out_t* y,
-                        const TrainArgs* a) noexcept nogil:
+cdef int _train_forward(const Call* c, const in_t* x, out_t* y) noexcept nogil:
     """y = gamma * (x - mean) / sqrt(var + eps) + beta with the batch's own
     statistics; also mean, var, invstd, running statistics, cache = x."""
-    cdef Py_ssize_t d = g.n_cols, t, cb = g.col_block
-    cdef double* scratch
-    cdef double* part
-    cdef double* shifts
-    cdef double* mine = NULL
+    cdef const Grid* g = c.grid
+    cdef Py_ssize_t d = g.n_cols
+    cdef Work w
+    cdef int status
     if g.fused:
-        scratch = _scratch_alloc(g, 4)
-        if scratch == NULL:
-            return -1
-        if g.n_threads == 1:
-            for t in range(g.n_tasks):
-                _train_strip(g, t, x, cache, y, a, scratch)
-        else:
-            with parallel(num_threads=g.n_threads):
-                mine = scratch + threadid() * 4 * cb
-                for t in prange(g.n_tasks, schedule="dynamic"):
-                    _train_strip(g, t, x, cache, y, a, mine)
-                bnfast_fence()
-        free(scratch)
-        return 0
-    # Row blocks: statistics; the merge
-    # and coefficients per column block; output.  One thread team for all
-    # three phases (each prange ends in a barrier): waking a team costs
-    # microseconds, a real share of a mid-size call.
-    scratch = _scratch_alloc(g, 3)
-    part = <double*>malloc((2 * (g.n_chunks + 1) + 1) * d * sizeof(double))
-    if scratch == NULL or part == NULL:
-        free(scratch)
-        free(part)
+        w = _work(g.n_threads, g.col_block, 4)
+        _phase(&w, STEP_TRAIN_STRIP, g.n_tasks, True)
+        return _drive(c, &w, x, y)
+    # Row blocks: statistics; the merge and coefficients per column block;
+    # output.  part rows: per-chunk means and M2s; after the coefficients,
+    # its first two hold scale and shift; its last row holds the shifts.
+    w = _work(g.n_threads, g.col_block, 3)
+    w.part = <double*>malloc((2 * (g.n_chunks + 1) + 1) * d * sizeof(double))
+    if w.part == NULL:
         return -1
-    # after the coefficients, part's first two rows hold scale and shift;
-    # its last row holds the statistics' shifts
-    shifts = part + 2 * (g.n_chunks + 1) * d
-    _block_shifts(g, x, shifts)
-    if g.n_threads == 1:
-        for t in range(g.n_tasks):
-            _train_block_stats(g, t, x, cache, shifts, part, scratch)
-        for t in range(g.n_col_blocks):
-            _train_coefficients(g, t, shifts, a, part, scratch)
-        for t in range(g.n_page_tasks):
-            _affine_pages(g, t, x, y, a.mean, part, part + d, <out_t*>(scratch + 2 * cb))
-    else:
-        with parallel(num_threads=g.n_threads):
-            mine = scratch + threadid() * 3 * cb
-            for t in prange(g.n_tasks, schedule="dynamic"):
-                _train_block_stats(g, t, x, cache, shifts, part, mine)
-            for t in prange(g.n_col_blocks, schedule="static"):
-                _train_coefficients(g, t, shifts, a, part, mine)
-            for t in prange(g.n_page_tasks, schedule="static"):
-                _affine_pages(g, t, x, y, a.mean, part, part + d, <out_t*>(mine + 2 * cb))
-            bnfast_fence()
-    free(part)
-    free(scratch)
-    return 0
+    w.shifts = w.part + 2 * (g.n_chunks + 1) * d
+    _block_shifts(g, x, w.shifts)
+    w.coef[0], w.coef[1], w.coef[2] = (<const TrainArgs*>c.args).mean, w.part, w.part + d
+    _phase(&w, STEP_STATS_BLOCK, g.n_tasks, True)
+    _phase(&w, STEP_TRAIN_COEF, g.n_col_blocks, False)
+    _phase(&w, STEP_AFFINE_PAGES, g.n_page_tasks, False)
+    status = _drive(c, &w, x, y)
+    free(w.part)
+    return status
 
 
 cdef void _eval_task(const Grid* g, Py_ssize_t t, const in_t* x, out_t* y, const Vec* gamma,
@@ -1360,26 +1527,11 @@ cdef void _eval_task(const Grid* g, Py_ssize_t t, const in_t* x, out_t* y, const
         c0 += cb
 
 
-cdef int _eval_forward(const Grid* g, const in_t* x, out_t* y, const Vec* gamma,
-                       const Vec* beta, const Vec* rm, const Vec* rv,
-                       double eps) noexcept nogil:
+cdef int _eval_forward(const Call* c, const in_t* x, out_t* y) noexcept nogil:
     """y = gamma * (x - rm) / sqrt(rv + eps) + beta, one pass."""
-    cdef Py_ssize_t t, cb = g.col_block
-    cdef double* scratch = _scratch_alloc(g, 4)
-    cdef double* mine = NULL
-    if scratch == NULL:
-        return -1
-    if g.n_threads == 1:
-        for t in range(g.n_page_tasks):
-            _eval_task(g, t, x, y, gamma, beta, rm, rv, eps, scratch)
-    else:
-        with parallel(num_threads=g.n_threads):
-            mine = scratch + threadid() * 4 * cb
-            for t in prange(g.n_page_tasks, schedule="static"):
-                _eval_task(g, t, x, y, gamma, beta, rm, rv, eps, mine)
-            bnfast_fence()
-    free(scratch)
-    return 0
+    cdef Work w = _work(c.grid.n_threads, c.grid.col_block, 4)
+    _phase(&w, STEP_EVAL, c.grid.n_page_tasks, False)
+    return _drive(c, &w, x, y)
 
 
 cdef void _backward_direct(Py_ssize_t n, Py_ssize_t w, const double* invstd,
@@ -1492,61 +1644,32 @@ cdef void _backward_block_coefficients(const Grid* g, Py_ssize_t t, const GradAr
                            totals + d + c0, part + c0, part + d + c0, a.dgamma, a.dbeta)
 
 
-cdef int _train_backward(const Grid* g, const in_t* x, const in_t* dy, out_t* dx,
-                         const GradArgs* a) noexcept nogil:
+cdef int _train_backward(const Call* c, const in_t* x, out_t* dx) noexcept nogil:
     """dx = gamma*invstd*(dy - mean(dy) - xhat*mean(dy*xhat)); two passes."""
-    cdef Py_ssize_t d = g.n_cols, t, cb = g.col_block
-    cdef double* scratch
-    cdef double* part
-    cdef double* totals
-    cdef double* mine = NULL
+    cdef const Grid* g = c.grid
+    cdef const GradArgs* a = <const GradArgs*>c.args
+    cdef Py_ssize_t d = g.n_cols
+    cdef Work w
+    cdef int status
     if g.fused:
-        scratch = _scratch_alloc(g, 5)
-        if scratch == NULL:
-            return -1
-        if g.n_threads == 1:
-            for t in range(g.n_tasks):
-                _backward_strip(g, t, x, dy, dx, a, scratch)
-        else:
-            with parallel(num_threads=g.n_threads):
-                mine = scratch + threadid() * 5 * cb
-                for t in prange(g.n_tasks, schedule="dynamic"):
-                    _backward_strip(g, t, x, dy, dx, a, mine)
-                bnfast_fence()
-        free(scratch)
-        return 0
+        w = _work(g.n_threads, g.col_block, 5)
+        _phase(&w, STEP_BACKWARD_STRIP, g.n_tasks, True)
+        return _drive(c, &w, x, dx)
     # Row blocks: per-chunk sums, merged in chunk order, then dx.  part rows:
     # 0..K-1 sum_dy per chunk, K..2K-1 sum_dy_xc per chunk, 2K and 2K+1 the
     # totals; once merged, rows 0 and 1 hold the coefficients k_xc and k.
-    scratch = _scratch_alloc(g, 1)
-    part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
-    if scratch == NULL or part == NULL:
-        free(scratch)
-        free(part)
+    w = _work(g.n_threads, g.col_block, 1)
+    w.part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
+    if w.part == NULL:
         return -1
-    totals = part + 2 * g.n_chunks * d
-    if g.n_threads == 1:
-        for t in range(g.n_tasks):
-            _backward_block_sums(g, t, x, dy, a.mean, part)
-        for t in range(g.n_col_blocks):
-            _backward_block_coefficients(g, t, a, part, totals)
-        for t in range(g.n_page_tasks):
-            _grad_input_pages(g, t, x, dy, dx, a.mean, totals, part, part + d, <out_t*>scratch)
-    else:
-        # one thread team for the three phases, as in the training forward
-        with parallel(num_threads=g.n_threads):
-            mine = scratch + threadid() * cb
-            for t in prange(g.n_tasks, schedule="dynamic"):
-                _backward_block_sums(g, t, x, dy, a.mean, part)
-            for t in prange(g.n_col_blocks, schedule="static"):
-                _backward_block_coefficients(g, t, a, part, totals)
-            for t in prange(g.n_page_tasks, schedule="static"):
-                _grad_input_pages(g, t, x, dy, dx, a.mean, totals, part, part + d,
-                                  <out_t*>mine)
-            bnfast_fence()
-    free(part)
-    free(scratch)
-    return 0
+    w.totals = w.part + 2 * g.n_chunks * d
+    w.coef[0], w.coef[1], w.coef[2], w.coef[3] = a.mean, w.totals, w.part, w.part + d
+    _phase(&w, STEP_GRAD_SUMS_BLOCK, g.n_tasks, True)
+    _phase(&w, STEP_BACKWARD_COEF, g.n_col_blocks, False)
+    _phase(&w, STEP_GRAD_INPUT_PAGES, g.n_page_tasks, False)
+    status = _drive(c, &w, x, dx)
+    free(w.part)
+    return status
 
 
 cdef struct EvalArgs:
@@ -1574,36 +1697,28 @@ cdef void _eval_backward_task(const Grid* g, Py_ssize_t t, const in_t* x, const 
                     part + (g.n_chunks + task.k) * d + task.c0, <out_t*>(mine + 3 * cb))
 
 
-cdef int _eval_backward(const Grid* g, const in_t* x, const in_t* dy, out_t* dx,
-                        const EvalArgs* a, OutVec* dgamma, OutVec* dbeta) noexcept nogil:
+cdef int _eval_backward(const Call* c, const in_t* x, out_t* dx) noexcept nogil:
     """Gradient of the eval-mode function: statistics are constants. One pass."""
-    cdef Py_ssize_t d = g.n_cols, t, j, cb = g.col_block
-    cdef double* scratch = _scratch_alloc(g, 4)
-    cdef double* part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
+    cdef const Grid* g = c.grid
+    cdef const EvalArgs* a = <const EvalArgs*>c.args
+    cdef Py_ssize_t d = g.n_cols, j
     cdef double* totals
-    cdef double* mine = NULL
-    if scratch == NULL or part == NULL:
-        free(scratch)
-        free(part)
+    cdef Work w = _work(g.n_threads, g.col_block, 4)
+    w.part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
+    if w.part == NULL:
         return -1
-    if g.n_threads == 1:
-        for t in range(g.n_tasks):
-            _eval_backward_task(g, t, x, dy, dx, a, part, scratch)
-    else:
-        with parallel(num_threads=g.n_threads):
-            mine = scratch + threadid() * 4 * cb
-            for t in prange(g.n_tasks, schedule="static"):
-                _eval_backward_task(g, t, x, dy, dx, a, part, mine)
-            bnfast_fence()
-    totals = part + 2 * g.n_chunks * d
-    _sum_chunks(g, part, totals)
-    _store(dbeta, 0, d, totals)
+    _phase(&w, STEP_EVAL_BACKWARD, g.n_tasks, False)
+    if _drive(c, &w, x, dx) != 0:
+        free(w.part)
+        return -1
+    totals = w.part + 2 * g.n_chunks * d
+    _sum_chunks(g, w.part, totals)
+    _store(c.dbeta, 0, d, totals)
     _expand(a.rv, 0, d, totals)           # sum_dy is stored; reuse its row
     for j in range(d):
         totals[d + j] = totals[d + j] / sqrt(totals[j] + a.eps)
-    _store(dgamma, 0, d, totals + d)
-    free(part)
-    free(scratch)
+    _store(c.dgamma, 0, d, totals + d)
+    free(w.part)
     return 0
 
 
@@ -1617,126 +1732,89 @@ include "_planes.pxi"
 # are the ones the layer computes for that batch; with a Planes (p not NULL)
 # they run per channel on an NCHW batch instead.
 
-cdef int _moments(const Grid* g, const Planes* p, const in_t* x, in_t* cache, double* mean,
-                  double* m2) noexcept nogil:
+cdef int _moments(const Call* c, const in_t* x, double* mean, double* m2) noexcept nogil:
     """Per-feature (per-channel) mean and M2 (sum of squared deviations);
     cache = x unless NULL."""
-    cdef Py_ssize_t d = g.n_cols, t, j, cb = g.col_block
-    cdef double* mine = NULL
-    cdef double* scratch
-    if p != NULL:
-        scratch = <double*>malloc(p.c * sizeof(double))
-        if scratch == NULL or _planes_moments(p, x, scratch, mean, m2) != 0:
-            free(scratch)
-            return -1
-        for t in range(p.c):
-            mean[t] = scratch[t] + mean[t]
-        free(scratch)
-        if cache != NULL:
-            _planes_copy(p, x, cache)
-        return 0
-    scratch = _scratch_alloc(g, 2)
-    # rows: per-chunk means and M2s, then the shifts
-    cdef double* part = <double*>malloc((2 * g.n_chunks + 1) * d * sizeof(double))
-    if scratch == NULL or part == NULL:
-        free(scratch)
-        free(part)
-        return -1
-    cdef double* shifts = part + 2 * g.n_chunks * d
-    _block_shifts(g, x, shifts)
-    if g.n_threads == 1:
-        for t in range(g.n_tasks):
-            _train_block_stats(g, t, x, cache, shifts, part, scratch)
-    else:
-        with parallel(num_threads=g.n_threads):
-            mine = scratch + threadid() * 2 * cb
-            for t in prange(g.n_tasks, schedule="dynamic"):
-                _train_block_stats(g, t, x, cache, shifts, part, mine)
-            bnfast_fence()
-    _merge_chunks(g, part, part + g.n_chunks * d, mean, m2)
-    for j in range(d):      # the mean relative to the shift -> the mean
-        mean[j] = shifts[j] + mean[j]
-    free(part)
-    free(scratch)
-    return 0
-
-
-cdef int _affine(const Grid* g, const Planes* p, const in_t* x, out_t* y, const double* center,
-                 const double* scale, const double* shift) noexcept nogil:
-    """y = (x - center) * scale + shift per feature or channel (float64
-    coefficients)."""
-    cdef Py_ssize_t t, cb = g.col_block
-    cdef double* mine = NULL
-    cdef double* scratch
-    if p != NULL:
-        _planes_affine(p, x, <in_t*>NULL, y, center, scale, shift)
-        return 0
-    scratch = _scratch_alloc(g, 1)
-    if scratch == NULL:
-        return -1
-    if g.n_threads == 1:
-        for t in range(g.n_page_tasks):
-            _affine_pages(g, t, x, y, center, scale, shift, <out_t*>scratch)
-    else:
-        with parallel(num_threads=g.n_threads):
-            mine = scratch + threadid() * cb
-            for t in prange(g.n_page_tasks, schedule="static"):
-                _affine_pages(g, t, x, y, center, scale, shift, <out_t*>mine)
-            bnfast_fence()
-    free(scratch)
-    return 0
-
-
-cdef int _grad_sums(const Grid* g, const Planes* p, const in_t* x, const in_t* dy,
-                    const double* center, double* sum_dy, double* sum_dy_xc) noexcept nogil:
-    """Per-feature (per-channel) sum(dy) and sum(dy * (x - center)), chunks
-    added in order."""
+    cdef const Grid* g = c.grid
     cdef Py_ssize_t d = g.n_cols, t, j
-    cdef double* part
-    cdef double* totals
-    if p != NULL:
-        return _planes_grad_sums(p, x, dy, center, sum_dy, sum_dy_xc)
-    part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
-    if part == NULL:
-        return -1
-    if g.n_threads == 1:
-        for t in range(g.n_tasks):
-            _backward_block_sums(g, t, x, dy, center, part)
-    else:
-        for t in prange(g.n_tasks, schedule="dynamic", num_threads=g.n_threads):
-            _backward_block_sums(g, t, x, dy, center, part)
-    totals = part + 2 * g.n_chunks * d
-    _sum_chunks(g, part, totals)
-    memcpy(sum_dy, totals, d * sizeof(double))
-    memcpy(sum_dy_xc, totals + d, d * sizeof(double))
-    free(part)
-    return 0
-
-
-cdef int _grad_input(const Grid* g, const Planes* p, const in_t* x, const in_t* dy, out_t* dx,
-                     const double* center, const double* mean_dy, const double* k_xc,
-                     const double* k) noexcept nogil:
-    """dx = k * ((dy - mean_dy) - k_xc * (x - center)) per feature or channel."""
-    cdef Py_ssize_t t, cb = g.col_block
-    cdef double* mine = NULL
-    cdef double* scratch
-    if p != NULL:
-        _planes_grad_input(p, x, dy, dx, center, mean_dy, k_xc, k)
+    cdef double* shifts
+    cdef Work w
+    if c.planes != NULL:
+        shifts = <double*>malloc(c.planes.c * sizeof(double))
+        if shifts == NULL or _planes_moments(c, x, shifts, mean, m2) != 0:
+            free(shifts)
+            return -1
+        for t in range(c.planes.c):
+            mean[t] = shifts[t] + mean[t]
+        free(shifts)
+        if c.cache != NULL:
+            _planes_pass(c, STEP_PLANE_COPY, x, <double*>NULL, NULL, NULL, NULL, NULL)
         return 0
-    scratch = _scratch_alloc(g, 1)
-    if scratch == NULL:
+    # part rows: per-chunk means and M2s, then the shifts
+    w = _work(g.n_threads, g.col_block, 2)
+    w.part = <double*>malloc((2 * g.n_chunks + 1) * d * sizeof(double))
+    if w.part == NULL:
         return -1
-    if g.n_threads == 1:
-        for t in range(g.n_page_tasks):
-            _grad_input_pages(g, t, x, dy, dx, center, mean_dy, k_xc, k, <out_t*>scratch)
-    else:
-        with parallel(num_threads=g.n_threads):
-            mine = scratch + threadid() * cb
-            for t in prange(g.n_page_tasks, schedule="static"):
-                _grad_input_pages(g, t, x, dy, dx, center, mean_dy, k_xc, k, <out_t*>mine)
-            bnfast_fence()
-    free(scratch)
+    w.shifts = w.part + 2 * g.n_chunks * d
+    _block_shifts(g, x, w.shifts)
+    _phase(&w, STEP_STATS_BLOCK, g.n_tasks, True)
+    if _drive(c, &w, x, <double*>NULL) != 0:
+        free(w.part)
+        return -1
+    _merge_chunks(g, w.part, w.part + g.n_chunks * d, mean, m2)
+    for j in range(d):      # the mean relative to the shift -> the mean
+        mean[j] = w.shifts[j] + mean[j]
+    free(w.part)
     return 0
+
+
+cdef int _affine(const Call* c, const in_t* x, out_t* y) noexcept nogil:
+    """y = (x - coef[0]) * coef[1] + coef[2] per feature or channel (float64
+    coefficients)."""
+    cdef Work w
+    if c.planes != NULL:
+        return _planes_pass(c, STEP_PLANE_AFFINE, x, y, c.coef[0], c.coef[1], c.coef[2], NULL)
+    w = _work(c.grid.n_threads, c.grid.col_block, 1)
+    w.coef[0], w.coef[1], w.coef[2] = c.coef[0], c.coef[1], c.coef[2]
+    _phase(&w, STEP_AFFINE_PAGES, c.grid.n_page_tasks, False)
+    return _drive(c, &w, x, y)
+
+
+cdef int _grad_sums(const Call* c, const in_t* x, double* sum_dy,
+                    double* sum_dy_xc) noexcept nogil:
+    """Per-feature (per-channel) sum(dy) and sum(dy * (x - coef[0])), chunks
+    added in order."""
+    cdef const Grid* g = c.grid
+    cdef Py_ssize_t d = g.n_cols
+    cdef Work w
+    if c.planes != NULL:
+        return _planes_grad_sums(c, x, c.coef[0], sum_dy, sum_dy_xc)
+    w = _work(g.n_threads, g.col_block, 0)
+    w.part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
+    if w.part == NULL:
+        return -1
+    w.coef[0] = c.coef[0]
+    _phase(&w, STEP_GRAD_SUMS_BLOCK, g.n_tasks, True)
+    _drive(c, &w, x, <double*>NULL)
+    w.totals = w.part + 2 * g.n_chunks * d
+    _sum_chunks(g, w.part, w.totals)
+    memcpy(sum_dy, w.totals, d * sizeof(double))
+    memcpy(sum_dy_xc, w.totals + d, d * sizeof(double))
+    free(w.part)
+    return 0
+
+
+cdef int _grad_input(const Call* c, const in_t* x, out_t* dx) noexcept nogil:
+    """dx = k * ((dy - mean_dy) - k_xc * (x - center)) per feature or channel,
+    coef[0..3] = center, mean_dy, k_xc, k."""
+    cdef Work w
+    if c.planes != NULL:
+        return _planes_pass(c, STEP_PLANE_GRAD_INPUT, x, dx, c.coef[0], c.coef[1], c.coef[2],
+                            c.coef[3])
+    w = _work(c.grid.n_threads, c.grid.col_block, 1)
+    w.coef[0], w.coef[1], w.coef[2], w.coef[3] = c.coef[0], c.coef[1], c.coef[2], c.coef[3]
+    _phase(&w, STEP_GRAD_INPUT_PAGES, c.grid.n_page_tasks, False)
+    return _drive(c, &w, x, dx)
 
 
 # ---------------------------------------------------------------------------
@@ -1747,87 +1825,35 @@ cdef int _grad_input(const Grid* g, const Planes* p, const in_t* x, const in_t* 
 # operation's driver.  A new operation adds an Op, its Call fields if it
 # needs new ones, and one case in _run.
 
-cdef enum Op:
-    OP_TRAIN_FORWARD
-    OP_EVAL_FORWARD
-    OP_TRAIN_BACKWARD
-    OP_EVAL_BACKWARD
-    OP_MOMENTS
-    OP_AFFINE
-    OP_GRAD_SUMS
-    OP_GRAD_INPUT
-    OP_PLANES_TRAIN_FORWARD
-    OP_PLANES_EVAL_FORWARD
-    OP_PLANES_TRAIN_BACKWARD
-    OP_PLANES_EVAL_BACKWARD
-
-
-cdef struct Call:
-    Op op
-    const Grid* grid            # rows operations (and the split phases' rows layout)
-    const Planes* planes        # per-channel operations (the split phases' planes, or NULL)
-    const void* x               # the batch, in the input dtype
-    const void* dy              # backward: dout, in the input dtype
-    void* cache                 # a copy of x to write (input dtype), or NULL
-    void* y                     # the output (y or dx), in the output dtype
-    const void* args            # TrainArgs, GradArgs or EvalArgs, by operation
-    const Vec* vec[4]           # eval forward: gamma, beta, running mean, running var
-    double eps
-    OutVec* dgamma              # eval backward
-    OutVec* dbeta
-    double* sums[2]             # moments: mean, M2; grad_sums: sum(dy), sum(dy * xc)
-    const double* coef[4]       # affine: center, scale, shift; grad_sums: center;
-                                # grad_input: center, mean(dy), k_xc, k
-
-
-cdef inline Call _call(Op op, const Grid* grid, const Planes* planes, const void* x,
-                       const void* dy, void* cache, void* y) noexcept nogil:
-    cdef Call c
-    memset(&c, 0, sizeof(c))
-    c.op = op
-    c.grid = grid
-    c.planes = planes
-    c.x = x
-    c.dy = dy
-    c.cache = cache
-    c.y = y
-    return c
-
-
 cdef int _run(const Call* c, const in_t* in_type, out_t* out_type) noexcept nogil:
     """c's operation on input in_t and output out_t (in_type and out_type
     only name the pair: NULL)."""
     cdef const in_t* x = <const in_t*>c.x
-    cdef const in_t* dy = <const in_t*>c.dy
-    cdef in_t* cache = <in_t*>c.cache
     cdef out_t* y = <out_t*>c.y
     if c.op == OP_TRAIN_FORWARD:
-        return _train_forward(c.grid, x, cache, y, <const TrainArgs*>c.args)
+        return _train_forward(c, x, y)
     if c.op == OP_EVAL_FORWARD:
-        return _eval_forward(c.grid, x, y, c.vec[0], c.vec[1], c.vec[2], c.vec[3], c.eps)
+        return _eval_forward(c, x, y)
     if c.op == OP_TRAIN_BACKWARD:
-        return _train_backward(c.grid, x, dy, y, <const GradArgs*>c.args)
+        return _train_backward(c, x, y)
     if c.op == OP_EVAL_BACKWARD:
-        return _eval_backward(c.grid, x, dy, y, <const EvalArgs*>c.args, c.dgamma, c.dbeta)
+        return _eval_backward(c, x, y)
     if c.op == OP_MOMENTS:
-        return _moments(c.grid, c.planes, x, cache, c.sums[0], c.sums[1])
+        return _moments(c, x, c.sums[0], c.sums[1])
     if c.op == OP_AFFINE:
-        return _affine(c.grid, c.planes, x, y, c.coef[0], c.coef[1], c.coef[2])
+        return _affine(c, x, y)
     if c.op == OP_GRAD_SUMS:
-        return _grad_sums(c.grid, c.planes, x, dy, c.coef[0], c.sums[0], c.sums[1])
+        return _grad_sums(c, x, c.sums[0], c.sums[1])
     if c.op == OP_GRAD_INPUT:
-        return _grad_input(c.grid, c.planes, x, dy, y, c.coef[0], c.coef[1], c.coef[2],
-                           c.coef[3])
+        return _grad_input(c, x, y)
     if c.op == OP_PLANES_TRAIN_FORWARD:
-        return _planes_train_forward(c.planes, x, cache, y, <const TrainArgs*>c.args)
+        return _planes_train_forward(c, x, y)
     if c.op == OP_PLANES_EVAL_FORWARD:
-        return _planes_eval_forward(c.planes, x, y, c.vec[0], c.vec[1], c.vec[2], c.vec[3],
-                                    c.eps)
+        return _planes_eval_forward(c, x, y)
     if c.op == OP_PLANES_TRAIN_BACKWARD:
-        return _planes_train_backward(c.planes, x, dy, y, <const GradArgs*>c.args)
+        return _planes_train_backward(c, x, y)
     if c.op == OP_PLANES_EVAL_BACKWARD:
-        return _planes_eval_backward(c.planes, x, dy, y, <const EvalArgs*>c.args, c.dgamma,
-                                     c.dbeta)
+        return _planes_eval_backward(c, x, y)
     return -1
 
 

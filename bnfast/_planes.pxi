@@ -193,27 +193,26 @@ cdef void _plane_moments_task(const Planes* p, Py_ssize_t t, const in_t* x,
         _lanes_total(&a2[b * LANES], t2[b], &part[(p.n_chunks + k) * p.c + c0 + b])
 
 
-cdef int _planes_moments(const Planes* p, const in_t* x, double* shift, double* mean,
+cdef int _planes_moments(const Call* c, const in_t* x, double* shift, double* mean,
                          double* m2) noexcept nogil:
     """Per channel: shift, mean relative to it and M2."""
-    cdef Py_ssize_t t, k, ch, c = p.c
+    cdef const Planes* p = c.planes
+    cdef Py_ssize_t k, ch, nc = p.c
     cdef double s1, s2, count = <double>(p.n * p.s), mb
-    cdef double* part = <double*>malloc(2 * p.n_chunks * c * sizeof(double))
-    if part == NULL:
+    cdef Work w = _work(p.n_threads, 0, 0)
+    w.part = <double*>malloc(2 * p.n_chunks * nc * sizeof(double))
+    if w.part == NULL:
         return -1
     _channel_shift(p, x, shift)
-    if p.n_threads == 1:
-        for t in range(p.n_tasks):
-            _plane_moments_task(p, t, x, shift, part)
-    else:
-        for t in prange(p.n_tasks, schedule="dynamic", num_threads=p.n_threads):
-            _plane_moments_task(p, t, x, shift, part)
-    for ch in range(c):
-        s1 = part[ch]
-        s2 = part[p.n_chunks * c + ch]
+    w.shifts = shift
+    _phase(&w, STEP_PLANE_MOMENTS, p.n_tasks, True)
+    _drive(c, &w, x, <double*>NULL)
+    for ch in range(nc):
+        s1 = w.part[ch]
+        s2 = w.part[p.n_chunks * nc + ch]
         for k in range(1, p.n_chunks):
-            s1 = s1 + part[k * c + ch]
-            s2 = s2 + part[(p.n_chunks + k) * c + ch]
+            s1 = s1 + w.part[k * nc + ch]
+            s2 = s2 + w.part[(p.n_chunks + k) * nc + ch]
         mb = s1 / count
         m2[ch] = s2 - s1 * mb
         mean[ch] = mb
@@ -221,7 +220,7 @@ cdef int _planes_moments(const Planes* p, const in_t* x, double* shift, double* 
             _two_pass(x + ch * p.s, p.c * p.s, p.n, p.s, shift[ch], &mean[ch], &m2[ch])
         if m2[ch] < 0.0:
             m2[ch] = 0.0
-    free(part)
+    free(w.part)
     return 0
 
 
@@ -265,61 +264,49 @@ cdef void _plane_affine_task(const Planes* p, Py_ssize_t t, const in_t* x, in_t*
                 dst[j] = <out_t>((src[j] - m) * k + b)
 
 
-cdef void _planes_copy(const Planes* p, const in_t* x, in_t* cache) noexcept nogil:
-    """cache = x, element-pass tasks in parallel (contiguous ranges of planes)."""
-    cdef Py_ssize_t t, q0, q1, planes = p.n * p.c
-    if p.n_threads == 1:
-        _copy_run(p, cache, x, 0, planes * p.s)
-        return
-    with parallel(num_threads=p.n_threads):
-        for t in prange(p.n_elem_tasks, schedule="static"):
-            q0 = t * p.per_task
-            q1 = q0 + p.per_task if q0 + p.per_task < planes else planes
-            _copy_run(p, cache, x, q0 * p.s, q1 * p.s)
-        bnfast_fence()
+cdef void _plane_copy_task(const Planes* p, Py_ssize_t t, const in_t* x,
+                           in_t* cache) noexcept nogil:
+    """cache = x over task t's planes (a contiguous range)."""
+    cdef Py_ssize_t planes = p.n * p.c, q0 = t * p.per_task
+    cdef Py_ssize_t q1 = q0 + p.per_task if q0 + p.per_task < planes else planes
+    _copy_run(p, cache, x, q0 * p.s, q1 * p.s)
 
 
-cdef void _planes_affine(const Planes* p, const in_t* x, in_t* cache, out_t* y,
-                         const double* center, const double* scale,
-                         const double* shift) noexcept nogil:
-    cdef Py_ssize_t t
-    if p.n_threads == 1:
-        for t in range(p.n_elem_tasks):
-            _plane_affine_task(p, t, x, cache, y, center, scale, shift)
-    else:
-        with parallel(num_threads=p.n_threads):
-            for t in prange(p.n_elem_tasks, schedule="static"):
-                _plane_affine_task(p, t, x, cache, y, center, scale, shift)
-            bnfast_fence()
+cdef int _planes_pass(const Call* c, Step step, const in_t* x, out_t* y, const double* c0,
+                      const double* c1, const double* c2, const double* c3) noexcept nogil:
+    """An element pass over every plane: step's tasks with coefficients c0..c3."""
+    cdef Work w = _work(c.planes.n_threads, 0, 0)
+    w.coef[0], w.coef[1], w.coef[2], w.coef[3] = c0, c1, c2, c3
+    _phase(&w, step, c.planes.n_elem_tasks, False)
+    return _drive(c, &w, x, y)
 
 
-cdef int _planes_train_forward(const Planes* p, const in_t* x, in_t* cache, out_t* y,
-                               const TrainArgs* a) noexcept nogil:
-    """Per-channel training forward: statistics (and cache = x), then y."""
-    cdef Py_ssize_t c = p.c
-    cdef double* work = <double*>malloc(4 * c * sizeof(double))
+cdef int _planes_train_forward(const Call* c, const in_t* x, out_t* y) noexcept nogil:
+    """Per-channel training forward: statistics, then y (and cache = x)."""
+    cdef const TrainArgs* a = <const TrainArgs*>c.args
+    cdef Py_ssize_t nc = c.planes.c
+    cdef double* work = <double*>malloc(4 * nc * sizeof(double))
     if work == NULL:
         return -1
     # work rows: shift (then the affine shift), scale, temp, spare
-    if _planes_moments(p, x, work, a.mean, a.var) != 0:
+    if _planes_moments(c, x, work, a.mean, a.var) != 0:
         free(work)
         return -1
-    _finish_stats(a, p.n * p.s, 0, c, work, work + c, work, work + 2 * c)
-    _planes_affine(p, x, cache, y, a.mean, work + c, work)
+    _finish_stats(a, c.planes.n * c.planes.s, 0, nc, work, work + nc, work, work + 2 * nc)
+    _planes_pass(c, STEP_PLANE_AFFINE, x, y, a.mean, work + nc, work, NULL)
     free(work)
     return 0
 
 
-cdef int _planes_eval_forward(const Planes* p, const in_t* x, out_t* y, const Vec* gamma,
-                              const Vec* beta, const Vec* rm, const Vec* rv,
-                              double eps) noexcept nogil:
+cdef int _planes_eval_forward(const Call* c, const in_t* x, out_t* y) noexcept nogil:
     """y = gamma * (x - rm) / sqrt(rv + eps) + beta per channel, one pass."""
-    cdef Py_ssize_t c = p.c
-    cdef double* work = <double*>malloc(4 * c * sizeof(double))
+    cdef Py_ssize_t nc = c.planes.c
+    cdef double* work = <double*>malloc(4 * nc * sizeof(double))
     if work == NULL:
         return -1
-    _eval_coefficients(gamma, beta, rm, rv, eps, 0, c, work, work + c, work + 2 * c)
-    _planes_affine(p, x, <in_t*>NULL, y, work, work + c, work + 2 * c)
+    _eval_coefficients(c.vec[0], c.vec[1], c.vec[2], c.vec[3], c.eps, 0, nc, work, work + nc,
+                       work + 2 * nc)
+    _planes_pass(c, STEP_PLANE_AFFINE, x, y, work, work + nc, work + 2 * nc, NULL)
     free(work)
     return 0
 
@@ -380,26 +367,25 @@ cdef void _plane_grad_sums_task(const Planes* p, Py_ssize_t t, const in_t* x, co
         _lanes_total(&a2[b * LANES], t2[b], &part[(p.n_chunks + k) * p.c + c0 + b])
 
 
-cdef int _planes_grad_sums(const Planes* p, const in_t* x, const in_t* dy, const double* center,
+cdef int _planes_grad_sums(const Call* c, const in_t* x, const double* center,
                            double* sum_dy, double* sum_dy_xc) noexcept nogil:
     """Per channel: sum(dy) and sum(dy * (x - center)), chunks in order."""
-    cdef Py_ssize_t t, k, ch, c = p.c
-    cdef double* part = <double*>malloc(2 * p.n_chunks * c * sizeof(double))
-    if part == NULL:
+    cdef const Planes* p = c.planes
+    cdef Py_ssize_t k, ch, nc = p.c
+    cdef Work w = _work(p.n_threads, 0, 0)
+    w.part = <double*>malloc(2 * p.n_chunks * nc * sizeof(double))
+    if w.part == NULL:
         return -1
-    if p.n_threads == 1:
-        for t in range(p.n_tasks):
-            _plane_grad_sums_task(p, t, x, dy, center, part)
-    else:
-        for t in prange(p.n_tasks, schedule="dynamic", num_threads=p.n_threads):
-            _plane_grad_sums_task(p, t, x, dy, center, part)
-    for ch in range(c):
-        sum_dy[ch] = part[ch]
-        sum_dy_xc[ch] = part[p.n_chunks * c + ch]
+    w.coef[0] = center
+    _phase(&w, STEP_PLANE_GRAD_SUMS, p.n_tasks, True)
+    _drive(c, &w, x, <double*>NULL)
+    for ch in range(nc):
+        sum_dy[ch] = w.part[ch]
+        sum_dy_xc[ch] = w.part[p.n_chunks * nc + ch]
         for k in range(1, p.n_chunks):
-            sum_dy[ch] = sum_dy[ch] + part[k * c + ch]
-            sum_dy_xc[ch] = sum_dy_xc[ch] + part[(p.n_chunks + k) * c + ch]
-    free(part)
+            sum_dy[ch] = sum_dy[ch] + w.part[k * nc + ch]
+            sum_dy_xc[ch] = sum_dy_xc[ch] + w.part[(p.n_chunks + k) * nc + ch]
+    free(w.part)
     return 0
 
 
@@ -439,63 +425,45 @@ cdef void _plane_scale_task(const Planes* p, Py_ssize_t t, const in_t* dy, out_t
             dx[off + j] = <out_t>(dy[off + j] * kk)
 
 
-cdef int _planes_train_backward(const Planes* p, const in_t* x, const in_t* dy, out_t* dx,
-                                const GradArgs* a) noexcept nogil:
+cdef int _planes_train_backward(const Call* c, const in_t* x, out_t* dx) noexcept nogil:
     """Backward of the per-channel training forward: sums, then dx."""
-    cdef Py_ssize_t c = p.c
-    cdef double* work = <double*>malloc(4 * c * sizeof(double))
+    cdef const GradArgs* a = <const GradArgs*>c.args
+    cdef Py_ssize_t nc = c.planes.c
+    cdef double* work = <double*>malloc(4 * nc * sizeof(double))
     if work == NULL:
         return -1
     # work rows: sum_dy (then mean dy), sum_dy_xc, k_xc, k
-    if _planes_grad_sums(p, x, dy, a.mean, work, work + c) != 0:
+    if _planes_grad_sums(c, x, a.mean, work, work + nc) != 0:
         free(work)
         return -1
-    _backward_coefficients(p.n * p.s, 0, c, a.invstd, a.gamma, work, work + c, work + 2 * c,
-                           work + 3 * c, a.dgamma, a.dbeta)
-    _planes_grad_input(p, x, dy, dx, a.mean, work, work + 2 * c, work + 3 * c)
+    _backward_coefficients(c.planes.n * c.planes.s, 0, nc, a.invstd, a.gamma, work, work + nc,
+                           work + 2 * nc, work + 3 * nc, a.dgamma, a.dbeta)
+    _planes_pass(c, STEP_PLANE_GRAD_INPUT, x, dx, a.mean, work, work + 2 * nc, work + 3 * nc)
     free(work)
     return 0
 
 
-cdef void _planes_grad_input(const Planes* p, const in_t* x, const in_t* dy, out_t* dx,
-                             const double* center, const double* mean_dy, const double* k_xc,
-                             const double* k) noexcept nogil:
-    """dx = k * ((dy - mean_dy) - k_xc * (x - center)) per channel, all planes."""
-    cdef Py_ssize_t t
-    if p.n_threads == 1:
-        for t in range(p.n_elem_tasks):
-            _plane_grad_input_task(p, t, x, dy, dx, center, mean_dy, k_xc, k)
-    else:
-        for t in prange(p.n_elem_tasks, schedule="static", num_threads=p.n_threads):
-            _plane_grad_input_task(p, t, x, dy, dx, center, mean_dy, k_xc, k)
-
-
-cdef int _planes_eval_backward(const Planes* p, const in_t* x, const in_t* dy, out_t* dx,
-                               const EvalArgs* a, OutVec* dgamma, OutVec* dbeta) noexcept nogil:
+cdef int _planes_eval_backward(const Call* c, const in_t* x, out_t* dx) noexcept nogil:
     """Gradient of the per-channel eval-mode function (statistics constant)."""
-    cdef Py_ssize_t c = p.c, t, j
-    cdef double* work = <double*>malloc(4 * c * sizeof(double))
+    cdef const EvalArgs* a = <const EvalArgs*>c.args
+    cdef Py_ssize_t nc = c.planes.c, j
+    cdef double* work = <double*>malloc(4 * nc * sizeof(double))
     if work == NULL:
         return -1
     # work rows: running mean, invstd (then dx scale), sum_dy, sum_dy_xc
-    _expand(a.rm, 0, c, work)
-    _expand(a.rv, 0, c, work + c)
-    if _planes_grad_sums(p, x, dy, work, work + 2 * c, work + 3 * c) != 0:
+    _expand(a.rm, 0, nc, work)
+    _expand(a.rv, 0, nc, work + nc)
+    if _planes_grad_sums(c, x, work, work + 2 * nc, work + 3 * nc) != 0:
         free(work)
         return -1
-    for j in range(c):
-        work[c + j] = 1.0 / sqrt(work[c + j] + a.eps)
-        work[3 * c + j] = work[3 * c + j] * work[c + j]       # dgamma
-    _store(dbeta, 0, c, work + 2 * c)
-    _store(dgamma, 0, c, work + 3 * c)
-    _expand(a.gamma, 0, c, work + 2 * c)
-    for j in range(c):
-        work[c + j] = work[2 * c + j] * work[c + j]
-    if p.n_threads == 1:
-        for t in range(p.n_elem_tasks):
-            _plane_scale_task(p, t, dy, dx, work + c)
-    else:
-        for t in prange(p.n_elem_tasks, schedule="static", num_threads=p.n_threads):
-            _plane_scale_task(p, t, dy, dx, work + c)
+    for j in range(nc):
+        work[nc + j] = 1.0 / sqrt(work[nc + j] + a.eps)
+        work[3 * nc + j] = work[3 * nc + j] * work[nc + j]       # dgamma
+    _store(c.dbeta, 0, nc, work + 2 * nc)
+    _store(c.dgamma, 0, nc, work + 3 * nc)
+    _expand(a.gamma, 0, nc, work + 2 * nc)
+    for j in range(nc):
+        work[nc + j] = work[2 * nc + j] * work[nc + j]
+    _planes_pass(c, STEP_PLANE_SCALE, x, dx, work + nc, NULL, NULL, NULL)
     free(work)
     return 0
