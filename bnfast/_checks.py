@@ -354,17 +354,18 @@ def _like(layout: _channels.Layout, dt: np.dtype, arr: np.ndarray) -> np.ndarray
 
 
 def results(layout: _channels.Layout, shape: tuple[int, ...], rows_shape: tuple[int, ...],
-            dt: np.dtype, out: Any, inputs: tuple[Any, ...]
+            dt: np.dtype, out: Any, inputs: tuple[Any, ...], near: Any = None
             ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """(result of x's shape in the layout, the kernels' target, the result's
     kernel view when the target is a float32 stand-in for a float16 result).
-    rows_shape: the kernels' (N, *spatial, C) shape in the rows layout."""
+    rows_shape: the kernels' (N, *spatial, C) shape in the rows layout.
+    near: what the kernels read while they write it (placement: _outputs.empty)."""
     if out is None:
         if layout is ROWS:
-            view = _new_output(rows_shape, dt)
+            view = _new_output(rows_shape, dt, near)
             result = _channels.channels_to_second(view)
         else:
-            result = view = _new_output(shape, dt)
+            result = view = _new_output(shape, dt, near)
     else:
         given = _channels.kernel_view(layout, out) if (isinstance(out, np.ndarray)
                                                        and out.shape == shape) else None
@@ -491,9 +492,9 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
         # (the commonest results inline: a call costs as much as the allocation)
         after = None
         if lay is not ROWS:
-            result = target = _new_output(shape, dts.out)
+            result = target = _new_output(shape, dts.out, source)
         else:
-            result, target, _ = results(lay, shape, source.shape, dts.out, None, ())
+            result, target, _ = results(lay, shape, source.shape, dts.out, None, (), source)
     else:
         # The general plan: validate, convert, resolve.
         arr, b = layout(x, per_channel)
@@ -517,7 +518,7 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
         given = (running_mean, running_var)
         private = source is not arr and not np.may_share_memory(source, arr)
         result, target, f16_view = results(lay, shape, source.shape, dts.out, out,
-                                           (arr, gamma, beta) + (checked or ()))
+                                           (arr, gamma, beta) + (checked or ()), source)
         after = None if f16_view is None else _copier(f16_view, target)
         gamma, beta = kernel_vector(gamma), kernel_vector(beta)
     plan: Plan
@@ -546,7 +547,7 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
         if keep and not private:
             cache = buffer
             if cache is None or cache.shape != source.shape or cache.dtype is not source.dtype:
-                cache = np.empty(source.shape, source.dtype)
+                cache = _new_output(source.shape, source.dtype, source)
             kept = cache
         if rm_used is None and running == "zeros":     # unset: the book's new float64 zeros
             rm_used = rm_k = np.zeros(c)
@@ -696,9 +697,9 @@ def plan_backward(plan: Plan, dout: Any, gamma: Any, beta: Any = None, out: Any 
         after = None
         # (the commonest results inline: a call costs as much as an allocation)
         if lay is not ROWS:
-            result = target = _new_output(shape, dts.dx)
+            result = target = _new_output(shape, dts.dx, (xk, dk))
         else:
-            result, target, _ = results(lay, shape, xk.shape, dts.dx, None, inputs)
+            result, target, _ = results(lay, shape, xk.shape, dts.dx, None, inputs, (xk, dk))
     else:
         # The general plan.
         arr = check_dout(dout, batch_of(plan))
@@ -712,7 +713,7 @@ def plan_backward(plan: Plan, dout: Any, gamma: Any, beta: Any = None, out: Any 
         xk, dk = _laid_out_pair(xk, lay, arr)
         gk = kernel_vector(gamma)
         result, target, f16_view = results(lay, shape, xk.shape, dts.dx, out,
-                                           inputs + (arr, gamma))
+                                           inputs + (arr, gamma), (xk, dk))
         after = None if f16_view is None else _copier(f16_view, target)
     assert dk is not None
     if laid_out and lay is not FLAT:

@@ -10,7 +10,8 @@
 # same shapes again, so a block kept for reuse is already mapped.
 #
 # Outputs are ordinary owning arrays (base None, OWNDATA); only where their
-# memory goes when they die differs.  At most `limit` bytes are kept (the
+# memory goes when they die differs, and where they sit in their page (away
+# from the arrays the kernels read while writing them: see _away_from).  At most `limit` bytes are kept (the
 # oldest blocks are freed first), and the limit can be set to 0.
 
 from cpython.pycapsule cimport PyCapsule_New
@@ -29,6 +30,7 @@ cdef extern from "outputs.h":
     int bnf_init(size_t min_bytes)
     void bnf_set_limit(size_t limit)
     void bnf_counts(size_t* held, size_t* blocks, uint64_t* hits, uint64_t* misses)
+    void bnf_set_offset(size_t offset)
 
 cdef extern from "numpy/arrayobject.h":
     object PyDataMem_SetHandler(object handler)
@@ -55,10 +57,44 @@ cdef Py_ssize_t _limit = 0
 cdef object _np_empty = np.empty
 
 
-def empty(shape, cnp.dtype dtype not None):
+cdef size_t _away_from(tuple near):
+    """A page offset for an output that the kernels write while they read
+    the arrays `near`: in the middle of the widest gap between their
+    offsets into a 4 KiB page, on a 64-byte line (where the kernels'
+    streaming stores write whole lines straight from the registers).  A
+    store and a later load whose addresses agree in their low 12 bits are
+    taken for a dependency by x86 cores ("4K aliasing"), so an output
+    written near its input's page offset stalls the loads that follow each
+    store: placed 48 bytes past x's offset (where this cache used to put
+    the output of a NumPy array, which starts 16 bytes into its page),
+    one-thread eval forwards of 256 x 1024 float64 ran 2x slower than 2 KiB
+    away."""
+    cdef size_t offsets[8]
+    cdef size_t k, m = 0, i, j, gap, best_gap = 0, best = 0, o
+    for item in near:
+        if m < 8 and isinstance(item, cnp.ndarray):
+            offsets[m] = <size_t>cnp.PyArray_DATA(<cnp.ndarray>item) & 4095
+            m += 1
+    if m == 0:
+        return 0
+    for i in range(m):      # (a few values: sorted in place)
+        for j in range(i + 1, m):
+            if offsets[j] < offsets[i]:
+                offsets[i], offsets[j] = offsets[j], offsets[i]
+    for k in range(m):
+        o = offsets[k]
+        gap = (offsets[k + 1] - o) if k + 1 < m else (offsets[0] + 4096 - o)
+        if gap > best_gap:
+            best_gap, best = gap, o + gap // 2
+    return best & ~(<size_t>63) & 4095
+
+
+def empty(shape, cnp.dtype dtype not None, near=None):
     """A new uninitialized array of a shape tuple; one of MIN_BYTES or more
     takes its memory from the output cache (and returns it there when it
-    dies).  Made here, in C, because for the small outputs of a small call
+    dies), placed away from `near` (an array, or a tuple of arrays) in its
+    page (see _away_from).
+    Made here, in C, because for the small outputs of a small call
     np.empty's own argument parsing costs more than the allocation."""
     cdef cnp.npy_intp dims[32]
     cdef Py_ssize_t nbytes = dtype.itemsize, extent
@@ -81,11 +117,14 @@ def empty(shape, cnp.dtype dtype not None):
     if _limit == 0 or nbytes < MIN_BYTES:
         Py_INCREF(dtype)     # (PyArray_Empty steals a reference to it)
         return PyArray_Empty(<int>nd, dims, dtype, 0)
+    if near is not None:
+        bnf_set_offset(_away_from(near if type(near) is tuple else (near,)))
     previous = PyDataMem_SetHandler(_handler)
     try:
         return _np_empty(shape, dtype)
     finally:
         PyDataMem_SetHandler(previous)
+        bnf_set_offset(0)
 
 
 def set_limit(limit):

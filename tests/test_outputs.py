@@ -69,6 +69,55 @@ def test_live_outputs_never_share_memory_and_reused_memory_is_fully_rewritten():
             assert not np.shares_memory(a, b)
 
 
+def _page_offset(a: np.ndarray) -> int:
+    return _address(a) % 4096
+
+
+def _page_distance(a: int, b: int) -> int:
+    return min((a - b) % 4096, (b - a) % 4096)
+
+
+def _at_page_offset(offset: int) -> np.ndarray:
+    """A float64 array of BIG's size starting `offset` bytes into a page."""
+    raw = np.empty(BIG[0] * BIG[1] * 8 + 8192, np.uint8)
+    start = (-_address(raw)) % 4096 + offset
+    return raw[start:start + BIG[0] * BIG[1] * 8].view(np.float64).reshape(BIG)
+
+
+@pytest.mark.parametrize("offsets, expected", [((16,), 2048), ((0,), 2048),
+                                               ((3072,), 1024), ((16, 2064), 1024),
+                                               ((0, 1024, 2048), 3072)])
+def test_a_large_output_sits_in_the_widest_gap_between_its_inputs_in_the_page(offsets,
+                                                                             expected):
+    """Stores that agree with later loads in their low 12 bits stall them
+    (4K aliasing): a large output is placed half the widest gap away from
+    the arrays the kernels read beside it, on a 64-byte line; blocks reused
+    from the cache keep that place."""
+    near = tuple(_at_page_offset(o) for o in offsets)
+    y = _outputs.empty(BIG, np.dtype(np.float64), near)
+    assert _page_offset(y) == expected
+    del y
+    hits = bnfast.output_cache_info()["hits"]
+    y = _outputs.empty(BIG, np.dtype(np.float64), near)
+    assert _page_offset(y) == expected
+    assert bnfast.output_cache_info()["hits"] == hits + 1
+
+
+def test_the_layer_places_its_large_outputs_away_from_what_the_kernels_read():
+    rng = np.random.default_rng(3)
+    x, dout = rng.standard_normal(BIG), rng.standard_normal(BIG)
+    layer = _layer(rng, BIG[1])
+    y = layer.forward(x)
+    cache = layer._buffer
+    assert cache is not None
+    dx = layer.backward(dout)
+    for out in (y, cache):
+        assert _page_distance(_page_offset(out), _page_offset(x)) >= 1024
+    assert _page_distance(_page_offset(dx), _page_offset(cache)) >= 512
+    assert _page_distance(_page_offset(dx), _page_offset(dout)) >= 512
+    assert all(_address(a) % 64 == 0 for a in (y, cache, dx))
+
+
 def test_outputs_are_ordinary_owning_arrays():
     rng = np.random.default_rng(2)
     x = rng.standard_normal(BIG)

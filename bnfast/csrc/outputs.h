@@ -15,11 +15,11 @@
 #include <sys/mman.h>
 #endif
 
-/* Every block: malloc(capacity + BNF_HEAD), data aligned to 64 bytes,
-   the raw pointer and capacity stored just below the data. */
-#define BNF_ALIGN 64
-#define BNF_HEAD (BNF_ALIGN + 2 * sizeof(size_t))
+/* Every block: malloc(capacity + BNF_HEAD), its data at a chosen offset
+   into a 4 KiB page (bnf_set_offset), the raw pointer and capacity stored
+   just below the data. */
 #define BNF_PAGE 4096
+#define BNF_HEAD (2 * BNF_PAGE + 2 * sizeof(size_t))
 #define BNF_SLOTS 32
 #define BNF_HUGE_BYTES (4u << 20)
 
@@ -30,16 +30,20 @@ static size_t bnf_held_bytes = 0;
 static size_t bnf_limit = 0;
 static size_t bnf_min_bytes = 1;
 static uint64_t bnf_hits = 0, bnf_misses = 0;
+/* The page offset of the next block: a placement hint, set under the GIL
+   just before an allocation (see _outputs.empty), 0 otherwise. */
+static size_t bnf_offset = 0;
+static void bnf_set_offset(size_t offset) { bnf_offset = offset & (BNF_PAGE - 1); }
 
 static size_t bnf_capacity(const void* data) { return ((const size_t*)data)[-1]; }
 static void* bnf_raw(const void* data) { return ((void* const*)data)[-2]; }
 
-static void* bnf_new_block(size_t capacity) {
+static void* bnf_new_block(size_t capacity, size_t offset) {
     if (capacity > SIZE_MAX - BNF_HEAD) return NULL;
     char* raw = (char*)malloc(capacity + BNF_HEAD);
     if (raw == NULL) return NULL;
-    uintptr_t at = ((uintptr_t)raw + 2 * sizeof(size_t) + BNF_ALIGN - 1)
-                   & ~(uintptr_t)(BNF_ALIGN - 1);
+    uintptr_t at = (((uintptr_t)raw + 2 * sizeof(size_t) + BNF_PAGE - 1)
+                    & ~(uintptr_t)(BNF_PAGE - 1)) + offset;
     char* data = (char*)at;
     ((size_t*)data)[-1] = capacity;
     ((void**)data)[-2] = raw;
@@ -61,11 +65,12 @@ static size_t bnf_round(size_t size) {
     return (size + BNF_PAGE - 1) & ~(size_t)(BNF_PAGE - 1);
 }
 
-static void* bnf_take(size_t capacity) {
+static void* bnf_take(size_t capacity, size_t offset) {
     void* found = NULL;
     PyThread_acquire_lock(bnf_lock, WAIT_LOCK);
     for (size_t i = bnf_n_held; i-- > 0;) {      /* newest first */
-        if (bnf_capacity(bnf_held[i]) == capacity) {
+        if (bnf_capacity(bnf_held[i]) == capacity
+                && ((uintptr_t)bnf_held[i] & (BNF_PAGE - 1)) == offset) {
             found = bnf_held[i];
             memmove(bnf_held + i, bnf_held + i + 1, (bnf_n_held - i - 1) * sizeof(void*));
             bnf_n_held--;
@@ -79,9 +84,9 @@ static void* bnf_take(size_t capacity) {
 }
 
 static void* bnf_malloc(void* ctx, size_t size) {
-    size_t capacity = bnf_round(size);
-    void* data = capacity >= bnf_min_bytes ? bnf_take(capacity) : NULL;
-    return data ? data : bnf_new_block(capacity);
+    size_t capacity = bnf_round(size), offset = bnf_offset;
+    void* data = capacity >= bnf_min_bytes ? bnf_take(capacity, offset) : NULL;
+    return data ? data : bnf_new_block(capacity, offset);
 }
 
 static void* bnf_calloc(void* ctx, size_t nelem, size_t elsize) {
