@@ -5,7 +5,6 @@
 #define BNFAST_PLATFORM_H
 
 #include <Python.h>
-#include <stdlib.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -17,33 +16,15 @@ static int omp_get_max_threads(void) { return 1; }
 #ifndef BNFAST_BUILD_FLAGS
 #define BNFAST_BUILD_FLAGS ""
 #endif
-/* Accumulators never alias the data they sum: saying so lets compilers
-   vectorize loops that read four rows and update two accumulators
-   without one run-time overlap check per pair of pointers. */
+/* Accumulators never alias the data they sum, nor outputs the inputs and
+   coefficients of a row loop (the entry points refuse overlapping out=):
+   saying so lets compilers vectorize those loops without one run-time
+   overlap check per pair of pointers. */
 #if defined(_MSC_VER)
-typedef double* __restrict bnfast_acc_t;
+#define BNF_RESTRICT __restrict
 #else
-typedef double* __restrict__ bnfast_acc_t;
+#define BNF_RESTRICT __restrict__
 #endif
-
-/* The kernels' scratch (per-feature coefficients, partial sums) starts on
-   a 64-byte line, so that the vector loads of a row of coefficients never
-   straddle two lines: where malloc's 16-byte alignment put it mid-line,
-   element passes over 256 x 1024 batches ran 5-15 % slower. */
-static inline double* bnfast_scratch_alloc(size_t n_doubles) {
-#if defined(_MSC_VER)
-    return (double*)_aligned_malloc(n_doubles * sizeof(double), 64);
-#else
-    void* p = NULL;
-    return posix_memalign(&p, 64, n_doubles * sizeof(double)) == 0 ? (double*)p : NULL;
-#endif
-}
-static inline void bnfast_scratch_free(void* p) {
-#if defined(_MSC_VER)
-    _aligned_free(p);
-#else
-    free(p);
-#endif
-}
+typedef double* BNF_RESTRICT bnfast_acc_t;
 
 #endif /* BNFAST_PLATFORM_H */

@@ -25,8 +25,8 @@
    paths are built by them), so a value's rounding does not depend on
    where a loop splits (tests/test_kernels.py checks it). */
 /* o = (x - c) * k + b over `rows` rows (row stride d) of w features. */
-static inline void bnfast_affine_ff(const float* x, float* o, ptrdiff_t d, int rows,
-                                    ptrdiff_t w, const double* c, const double* k,
+static inline void bnfast_affine_ff(const float* x, float* BNF_RESTRICT o, ptrdiff_t d,
+                                    int rows, ptrdiff_t w, const double* c, const double* k,
                                     const double* b) {
     ptrdiff_t j = 0;
     int r;
@@ -41,9 +41,11 @@ static inline void bnfast_affine_ff(const float* x, float* o, ptrdiff_t d, int r
         for (r = 0; r < rows; r++)
             o[r * d + j] = (float)(((double)x[r * d + j] - c[j]) * k[j] + b[j]);
 }
-/* bnfast_affine_ff's float64 twin. */
-static inline void bnfast_affine_dd(const double* x, double* o, ptrdiff_t d, int rows,
-                                    ptrdiff_t w, const double* c, const double* k,
+/* bnfast_affine_ff's float64 twin, for the vector sets (BNF_VECTOR_LOOPS):
+   elsewhere the kernels' Cython loop, which compilers vectorize better than
+   this tail, does the work. */
+static inline void bnfast_affine_dd(const double* x, double* BNF_RESTRICT o, ptrdiff_t d,
+                                    int rows, ptrdiff_t w, const double* c, const double* k,
                                     const double* b) {
     ptrdiff_t j = 0;
     int r;
@@ -114,7 +116,8 @@ static inline void bnfast_affine_plane_ff(const float* x, float* o, ptrdiff_t n,
         o[j] = (float)(((double)x[j] - c) * k + b);
 }
 /* dx = k * ((dy - m) - q * (x - c)) over `rows` rows of w features. */
-static inline void bnfast_grad_input_ff(const float* x, const float* dy, float* o,
+static inline void bnfast_grad_input_ff(const float* x, const float* dy,
+                                        float* BNF_RESTRICT o,
                                         ptrdiff_t d, int rows, ptrdiff_t w,
                                         const double* c, const double* m,
                                         const double* q, const double* k) {
@@ -135,8 +138,9 @@ static inline void bnfast_grad_input_ff(const float* x, const float* dy, float* 
             o[r * d + j] = (float)(k[j] * (((double)dy[r * d + j] - m[j])
                                            - q[j] * ((double)x[r * d + j] - c[j])));
 }
-/* bnfast_grad_input_ff's float64 twin. */
-static inline void bnfast_grad_input_dd(const double* x, const double* dy, double* o,
+/* bnfast_grad_input_ff's float64 twin (as bnfast_affine_dd). */
+static inline void bnfast_grad_input_dd(const double* x, const double* dy,
+                                        double* BNF_RESTRICT o,
                                         ptrdiff_t d, int rows, ptrdiff_t w,
                                         const double* c, const double* m,
                                         const double* q, const double* k) {

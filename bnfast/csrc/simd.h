@@ -123,4 +123,12 @@ static inline bnf_vd bnf_ldd(const double* p) {
     bnf_vd v; memcpy(&v, p, sizeof v); return v; }
 #endif
 
+/* 1 where the loops' hand-written vector bodies exist (BNF_OPS): the
+   Cython kernels test it to choose them (a constant the compiler folds). */
+#ifdef BNF_OPS
+#define BNF_VECTOR_LOOPS 1
+#else
+#define BNF_VECTOR_LOOPS 0
+#endif
+
 #endif /* BNFAST_SIMD_H */
