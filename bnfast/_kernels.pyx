@@ -60,6 +60,7 @@ cdef extern from "platform.h":
     const char* BNFAST_BUILD_FLAGS
     int omp_get_max_threads() noexcept nogil
     ctypedef double* acc_t "bnfast_acc_t"
+    void bnfast_barrier() noexcept nogil
 
 cdef extern from "stream.h":
     void bnfast_stream(void* dst, const void* src, size_t nbytes) noexcept nogil
@@ -1282,11 +1283,11 @@ cdef inline Call _call(Op op, const Grid* grid, const Planes* planes, const void
 # task function, named by a Step) to tasks 0..n-1 of the operation's grid: a
 # Grid's tasks, column blocks or element-pass pages, or a Planes' reduction
 # or element tasks.  A phase starts when every thread has finished the one
-# before (the barrier at the end of each prange).  A task writes only its own
-# part of the output and its own slot of the partials, and partials are
-# merged in a fixed order (by a later phase, or after the driver returns),
-# never as threads finish: results are bitwise the same for any number of
-# threads.  _drive runs the phases inline when the grid says one thread (no
+# before (an explicit barrier: Cython's prange in a parallel block promises
+# none).  A task writes only its own part of the output and its own slot of
+# the partials, and partials are merged in a fixed order (by a later phase,
+# or after the driver returns), never as threads finish: results are
+# bitwise the same for any number of threads.  _drive runs the phases inline when the grid says one thread (no
 # thread-team set-up for small calls), else on one thread team for all of
 # them (waking a team costs microseconds, a real share of a mid-size call),
 # and gives every thread `rows` rows of col_block doubles of scratch; an
@@ -1428,6 +1429,8 @@ cdef int _drive(const Call* c, const Work* w, const in_t* in_type,
             if scratch != NULL:
                 mine = scratch + threadid() * per_thread
             for k in range(w.n_phases):
+                if k > 0:
+                    bnfast_barrier()     # phase k reads what phase k - 1 wrote
                 if w.phase[k].dynamic:
                     for t in prange(w.phase[k].n_tasks, schedule="dynamic"):
                         _step(c, w, w.phase[k].step, t, mine, in_type, out_type)

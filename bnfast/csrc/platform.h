@@ -13,6 +13,16 @@
 #define BNFAST_OPENMP 0
 static int omp_get_max_threads(void) { return 1; }
 #endif
+/* A barrier for the threads of the enclosing team.  Cython emits a prange
+   inside a parallel block as "omp for nowait": whether a barrier separates
+   two such loops is the compiler's choice (GCC adds one because the loop
+   variable is both firstprivate and lastprivate), so the driver asks for
+   one between phases itself. */
+static inline void bnfast_barrier(void) {
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+}
 #ifndef BNFAST_BUILD_FLAGS
 #define BNFAST_BUILD_FLAGS ""
 #endif
