@@ -4,9 +4,8 @@ A call is validated (a TypeError or ValueError that names the argument, its
 shape and its dtype), its result dtypes are resolved (_dtypes) and its memory
 layout is chosen (_channels), into a plan: what the call decided and what it
 leaves for a backward (see "Plans" below), with the freshly allocated
-results.  Making a
-plan changes no state and writes to no caller array, so a rejected call
-leaves everything as it was.  plan_forward and plan_backward then make the
+results.  Making a plan changes no state and writes to no caller array, so
+a rejected call leaves everything as it was.  plan_forward and plan_backward then make the
 one kernel call (and, for float16 results, the NumPy steps the kernels
 cannot do) and return the results and the plan, which the layer commits:
 

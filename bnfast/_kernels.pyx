@@ -1287,11 +1287,12 @@ cdef inline Call _call(Op op, const Grid* grid, const Planes* planes, const void
 # none).  A task writes only its own part of the output and its own slot of
 # the partials, and partials are merged in a fixed order (by a later phase,
 # or after the driver returns), never as threads finish: results are
-# bitwise the same for any number of threads.  _drive runs the phases inline when the grid says one thread (no
-# thread-team set-up for small calls), else on one thread team for all of
-# them (waking a team costs microseconds, a real share of a mid-size call),
-# and gives every thread `rows` rows of col_block doubles of scratch; an
-# element pass that streams its output stages rows in the last of them.
+# bitwise the same for any number of threads.  _drive runs the phases
+# inline when the grid says one thread (no thread-team set-up for small
+# calls), else on one thread team for all of them (waking a team costs
+# microseconds, a real share of a mid-size call), and gives every thread
+# `rows` rows of col_block doubles of scratch; an element pass that streams
+# its output stages rows in the last of them.
 # _step is the one place that maps a step to its task function: a new
 # operation adds its steps there and describes its phases in a Work.
 

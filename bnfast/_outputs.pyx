@@ -11,8 +11,9 @@
 #
 # Outputs are ordinary owning arrays (base None, OWNDATA); only where their
 # memory goes when they die differs, and where they sit in their page (away
-# from the arrays the kernels read while writing them: see _away_from).  At most `limit` bytes are kept (the
-# oldest blocks are freed first), and the limit can be set to 0.
+# from the arrays the kernels read while writing them: see _away_from).  At
+# most `limit` bytes are kept (the oldest blocks are freed first), and the
+# limit can be set to 0.
 
 from cpython.pycapsule cimport PyCapsule_New
 from cpython.ref cimport Py_INCREF
@@ -93,9 +94,9 @@ def empty(shape, cnp.dtype dtype not None, near=None):
     """A new uninitialized array of a shape tuple; one of MIN_BYTES or more
     takes its memory from the output cache (and returns it there when it
     dies), placed away from `near` (an array, or a tuple of arrays) in its
-    page (see _away_from).
-    Made here, in C, because for the small outputs of a small call
-    np.empty's own argument parsing costs more than the allocation."""
+    page (see _away_from).  Made here, in C, because for the small outputs
+    of a small call np.empty's own argument parsing costs more than the
+    allocation."""
     cdef cnp.npy_intp dims[32]
     cdef Py_ssize_t nbytes = dtype.itemsize, extent
     cdef Py_ssize_t nd, k

@@ -27,7 +27,8 @@ static inline void bnfast_barrier(void) {
 #define BNFAST_BUILD_FLAGS ""
 #endif
 /* Accumulators never alias the data they sum, nor outputs the inputs and
-   coefficients of a row loop (the entry points refuse overlapping out=):
+   coefficients of a row loop (no kernel runs in place: the planner
+   refuses an out= that overlaps an input):
    saying so lets compilers vectorize those loops without one run-time
    overlap check per pair of pointers. */
 #if defined(_MSC_VER)
