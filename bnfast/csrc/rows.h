@@ -24,42 +24,35 @@
    tail's expressions to the same ones; the variants that have these
    paths are built by them), so a value's rounding does not depend on
    where a loop splits (tests/test_kernels.py checks it). */
-/* o = (x - c) * k + b over `rows` rows (row stride d) of w features. */
-static inline void bnfast_affine_ff(const float* x, float* BNF_RESTRICT o, ptrdiff_t d,
-                                    int rows, ptrdiff_t w, const double* c, const double* k,
-                                    const double* b) {
-    ptrdiff_t j = 0;
-    int r;
+/* The row loops below are written once for float32 (T float, loads and
+   stores converting) and float64 (T double): BNF_ROW_VECTORS(...) expands to
+   its arguments only where the hand-written vector body exists. */
 #ifdef BNF_OPS
-    for (; j + BNF_VL <= w; j += BNF_VL) {
-        bnf_vd vc = bnf_ldd(c + j), vk = bnf_ldd(k + j), vb = bnf_ldd(b + j);
-        for (r = 0; r < rows; r++)
-            bnf_st(o + r * d + j, bnf_fmadd(bnf_sub(bnf_ld(x + r * d + j), vc), vk, vb));
-    }
+#define BNF_ROW_VECTORS(...) __VA_ARGS__
+#else
+#define BNF_ROW_VECTORS(...)
 #endif
-    for (; j < w; j++)
-        for (r = 0; r < rows; r++)
-            o[r * d + j] = (float)(((double)x[r * d + j] - c[j]) * k[j] + b[j]);
-}
-/* bnfast_affine_ff's float64 twin, for the vector sets (BNF_VECTOR_LOOPS):
-   elsewhere the kernels' Cython loop, which compilers vectorize better than
-   this tail, does the work. */
-static inline void bnfast_affine_dd(const double* x, double* BNF_RESTRICT o, ptrdiff_t d,
-                                    int rows, ptrdiff_t w, const double* c, const double* k,
-                                    const double* b) {
-    ptrdiff_t j = 0;
-    int r;
-#ifdef BNF_OPS
-    for (; j + BNF_VL <= w; j += BNF_VL) {
-        bnf_vd vc = bnf_ldd(c + j), vk = bnf_ldd(k + j), vb = bnf_ldd(b + j);
-        for (r = 0; r < rows; r++)
-            bnf_std(o + r * d + j, bnf_fmadd(bnf_sub(bnf_ldd(x + r * d + j), vc), vk, vb));
+/* o = (x - c) * k + b over `rows` rows (row stride d) of w features.  The
+   float64 one is for the vector sets (BNF_VECTOR_LOOPS): elsewhere the
+   kernels' Cython loop, which compilers vectorize better than this tail,
+   does the work. */
+#define BNF_AFFINE_ROWS(NAME, T, LOAD, STORE)                                      \
+    static inline void NAME(const T* x, T* BNF_RESTRICT o, ptrdiff_t d, int rows,  \
+                            ptrdiff_t w, const double* c, const double* k,          \
+                            const double* b) {                                      \
+        ptrdiff_t j = 0;                                                            \
+        int r;                                                                      \
+        BNF_ROW_VECTORS(for (; j + BNF_VL <= w; j += BNF_VL) {                      \
+            bnf_vd vc = bnf_ldd(c + j), vk = bnf_ldd(k + j), vb = bnf_ldd(b + j);  \
+            for (r = 0; r < rows; r++)                                              \
+                STORE(o + r * d + j, bnf_fmadd(bnf_sub(LOAD(x + r * d + j), vc), vk, vb)); \
+        })                                                                          \
+        for (; j < w; j++)                                                          \
+            for (r = 0; r < rows; r++)                                              \
+                o[r * d + j] = (T)(((double)x[r * d + j] - c[j]) * k[j] + b[j]);    \
     }
-#endif
-    for (; j < w; j++)
-        for (r = 0; r < rows; r++)
-            o[r * d + j] = (x[r * d + j] - c[j]) * k[j] + b[j];
-}
+BNF_AFFINE_ROWS(bnfast_affine_ff, float, bnf_ld, bnf_st)
+BNF_AFFINE_ROWS(bnfast_affine_dd, double, bnf_ldd, bnf_std)
 /* bnfast_affine_ff and its float64 twin written with streaming stores
    straight from the registers, for rows whose destination starts on a
    64-byte line, with line-sized row strides and w a whole number of
@@ -115,51 +108,29 @@ static inline void bnfast_affine_plane_ff(const float* x, float* o, ptrdiff_t n,
     for (; j < n; j++)
         o[j] = (float)(((double)x[j] - c) * k + b);
 }
-/* dx = k * ((dy - m) - q * (x - c)) over `rows` rows of w features. */
-static inline void bnfast_grad_input_ff(const float* x, const float* dy,
-                                        float* BNF_RESTRICT o,
-                                        ptrdiff_t d, int rows, ptrdiff_t w,
-                                        const double* c, const double* m,
-                                        const double* q, const double* k) {
-    ptrdiff_t j = 0;
-    int r;
-#ifdef BNF_OPS
-    for (; j + BNF_VL <= w; j += BNF_VL) {
-        bnf_vd vc = bnf_ldd(c + j), vm = bnf_ldd(m + j), vq = bnf_ldd(q + j);
-        bnf_vd vk = bnf_ldd(k + j);
-        for (r = 0; r < rows; r++)
-            bnf_st(o + r * d + j,
-                   bnf_mul(vk, bnf_fnmadd(vq, bnf_sub(bnf_ld(x + r * d + j), vc),
-                                          bnf_sub(bnf_ld(dy + r * d + j), vm))));
+/* dx = k * ((dy - m) - q * (x - c)) over `rows` rows of w features (the
+   float64 one as bnfast_affine_dd). */
+#define BNF_GRAD_INPUT_ROWS(NAME, T, LOAD, STORE)                                  \
+    static inline void NAME(const T* x, const T* dy, T* BNF_RESTRICT o, ptrdiff_t d, \
+                            int rows, ptrdiff_t w, const double* c, const double* m, \
+                            const double* q, const double* k) {                     \
+        ptrdiff_t j = 0;                                                            \
+        int r;                                                                      \
+        BNF_ROW_VECTORS(for (; j + BNF_VL <= w; j += BNF_VL) {                      \
+            bnf_vd vc = bnf_ldd(c + j), vm = bnf_ldd(m + j), vq = bnf_ldd(q + j);  \
+            bnf_vd vk = bnf_ldd(k + j);                                             \
+            for (r = 0; r < rows; r++)                                              \
+                STORE(o + r * d + j,                                                \
+                      bnf_mul(vk, bnf_fnmadd(vq, bnf_sub(LOAD(x + r * d + j), vc), \
+                                             bnf_sub(LOAD(dy + r * d + j), vm)))); \
+        })                                                                          \
+        for (; j < w; j++)                                                          \
+            for (r = 0; r < rows; r++)                                              \
+                o[r * d + j] = (T)(k[j] * (((double)dy[r * d + j] - m[j])           \
+                                           - q[j] * ((double)x[r * d + j] - c[j]))); \
     }
-#endif
-    for (; j < w; j++)
-        for (r = 0; r < rows; r++)
-            o[r * d + j] = (float)(k[j] * (((double)dy[r * d + j] - m[j])
-                                           - q[j] * ((double)x[r * d + j] - c[j])));
-}
-/* bnfast_grad_input_ff's float64 twin (as bnfast_affine_dd). */
-static inline void bnfast_grad_input_dd(const double* x, const double* dy,
-                                        double* BNF_RESTRICT o,
-                                        ptrdiff_t d, int rows, ptrdiff_t w,
-                                        const double* c, const double* m,
-                                        const double* q, const double* k) {
-    ptrdiff_t j = 0;
-    int r;
-#ifdef BNF_OPS
-    for (; j + BNF_VL <= w; j += BNF_VL) {
-        bnf_vd vc = bnf_ldd(c + j), vm = bnf_ldd(m + j), vq = bnf_ldd(q + j);
-        bnf_vd vk = bnf_ldd(k + j);
-        for (r = 0; r < rows; r++)
-            bnf_std(o + r * d + j,
-                    bnf_mul(vk, bnf_fnmadd(vq, bnf_sub(bnf_ldd(x + r * d + j), vc),
-                                           bnf_sub(bnf_ldd(dy + r * d + j), vm))));
-    }
-#endif
-    for (; j < w; j++)
-        for (r = 0; r < rows; r++)
-            o[r * d + j] = k[j] * ((dy[r * d + j] - m[j]) - q[j] * (x[r * d + j] - c[j]));
-}
+BNF_GRAD_INPUT_ROWS(bnfast_grad_input_ff, float, bnf_ld, bnf_st)
+BNF_GRAD_INPUT_ROWS(bnfast_grad_input_dd, double, bnf_ldd, bnf_std)
 /* s1 += the sum of e = x - k over `rows` rows (1 or 4), s2 += that of
    e * e, paired as the Cython loops they replace: (e0 + e1) + (e2 + e3). */
 static inline void bnfast_rows_sq_sums_f(const float* x, ptrdiff_t d, int rows,
