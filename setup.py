@@ -8,17 +8,19 @@ Environment switches (read at build time):
   BNFAST_OPENMP=0   build the serial kernels even where OpenMP is available
   BNFAST_NATIVE=1   add -march=native (a local build for this CPU only)
   BNFAST_SANITIZE=1 build with -fsanitize=address,undefined (see tools/)
-  BNFAST_VARIANTS=0 build only the baseline kernels (no AVX2/AVX-512 variants)
+  BNFAST_VARIANTS=0 build only the baseline loops (no AVX2/AVX-512 variants)
   BNFAST_DEBUG=1    keep the debug info (-g) that Python's own CFLAGS ask for;
                     without it the kernels build with -g0, as the wheels do
 
-On x86-64 with GCC or Clang the same kernels are also compiled for AVX2 and
-for AVX-512; bnfast/_native.py picks the widest one the CPU runs at import.
-The default build therefore runs on any x86-64 CPU and is fast on new ones.
-Each variant module gets a baseline-compiled entry point
-(bnfast/csrc/isa_entry.c) that checks the CPU before the module's own
-initialisation runs, so importing a variant the CPU cannot run raises
-ImportError instead of dying on an illegal instruction.
+The kernels are two modules: bnfast._kernels (entry points, validation, work
+planning), compiled once for the baseline, and bnfast._loops (the hot loops),
+which on x86-64 with GCC or Clang is also compiled for AVX2 and for AVX-512
+(bnfast._loops_avx2, bnfast._loops_avx512); bnfast/_native.py picks the
+widest one the CPU runs at import.  The default build therefore runs on any
+x86-64 CPU and is fast on new ones.  Each variant module gets a
+baseline-compiled entry point (bnfast/csrc/isa_entry.c) that checks the CPU
+before the module's own initialisation runs, so importing a variant the CPU
+cannot run raises ImportError instead of dying on an illegal instruction.
 """
 import glob
 import os
@@ -148,8 +150,9 @@ class BuildKernels(build_ext):
                       file=sys.stderr)
         keep = []
         for ext in self.extensions:
-            kernels = ext.name.startswith("bnfast._kernels")    # only they use OpenMP
-            isa = ext.name.rpartition("_")[2] if ext.name.startswith("bnfast._kernels_") else None
+            # only the kernels (entry points and loops) use OpenMP
+            kernels = ext.name.startswith(("bnfast._kernels", "bnfast._loops"))
+            isa = ext.name.rpartition("_")[2] if ext.name.startswith("bnfast._loops_") else None
             ext_compile = compile_args + (omp_compile if kernels else [])
             ext_compile += ISA_VARIANTS[isa][1] if isa else []
             ext_link = link_args + (omp_link if kernels else [])
@@ -210,9 +213,9 @@ def _extension(name):
     )
 
 
-extensions = [_extension("bnfast._kernels"), _extension("bnfast._outputs")]
+extensions = [_extension(name) for name in ("bnfast._kernels", "bnfast._loops", "bnfast._outputs")]
 if _wants_variants():
-    extensions += [_extension("bnfast._kernels_" + isa) for isa in ISA_VARIANTS]
+    extensions += [_extension("bnfast._loops_" + isa) for isa in ISA_VARIANTS]
 
 setup(
     ext_modules=cythonize(extensions, compiler_directives=CYTHON_DIRECTIVES),

@@ -7,15 +7,14 @@
 Every run-time knob of the kernels' ``_set_tuning(...)`` is timed at its
 default and at two or three alternatives (half and double, or off) on the
 two or three batch shapes where its comment in the constants table
-(``cdef enum`` in bnfast/_kernels.pyx and bnfast/_planes.pxi) says it decides
+(``cdef enum`` in bnfast/_plan.pxd) says it decides
 something, for the layer's training forward, eval forward and backward
 (``bnfast.BatchNormalization``).  An alternative is timed only where it
 changes the work the kernels do for that shape and operation: the grid that
 ``_grid_info(n, d, itemsize, out_itemsize)`` reports (for NCHW batches, the
-per-channel plan, whose two knob-dependent fields are recomputed here), plus
-the route switch that the grid does not show (folding short rows),
-recomputed here from the kernels' predicate.  Alternatives that change nothing are listed as "same
-grid" and not timed.
+per-channel plan, whose two knob-dependent fields are recomputed here),
+including the rows per folded row (``fold``) where a pass covers whole rows.
+Alternatives that change nothing are listed as "same grid" and not timed.
 
 Timing: within each repeat the variants run in turns (default, alt1, alt2,
 ..., default again), each turn a loop of as many calls as last about 5 ms
@@ -208,7 +207,7 @@ _ENUM_ENTRY = re.compile(r"^\s+([A-Z][A-Z0-9_]*)\s*=\s*([0-9]+)\s*(#.*)?$")
 def _source_files() -> list[Path]:
     here = Path(bnfast.__file__).resolve().parent
     return sorted(p for pattern in ("*.pyx", "*.pxi", "*.pxd") for p in here.glob(pattern)
-                  if not re.match(r"_kernels_(avx2|avx512|neon)", p.name))
+                  if not re.match(r"_loops_(avx2|avx512|neon)", p.name))
 
 
 def compiled_constants(files: Optional[Sequence[Path]] = None) -> list[Constant]:
@@ -288,10 +287,8 @@ def route(shape: Shape, dtype: str, op: str, settings: dict[str, Any],
         grid = dict(kernels._grid_info(n, c, itemsize, itemsize))
     finally:
         restore_defaults()
-    # The switch replicated from _kernels.pyx (_fold_rows).
-    whole_rows = grid.get("n_col_blocks", 1) == 1
-    fold_max = settings.get("fold_max_cols", 0)
-    folded = whole_rows and c < fold_max and c < constants.get("FOLD_LANES", 128)
+    # Passes fold short rows (grid["fold"] > 1) where their columns are whole rows.
+    folded = grid.get("n_col_blocks", 1) == 1 and grid.pop("fold", 1) > 1
     if op == "eval":
         return ("eval", folded) + tuple(grid.get(f) for f in _EVAL_FIELDS)
     if op != "train":
@@ -304,7 +301,7 @@ def route(shape: Shape, dtype: str, op: str, settings: dict[str, Any],
 
 def _planes_route(n: int, c: int, s: int, itemsize: int, op: str, settings: dict[str, Any],
                   constants: dict[str, int]) -> tuple[Any, ...]:
-    """The two knob-dependent fields of _make_planes (bnfast/_planes.pxi):
+    """The two knob-dependent fields of _make_planes (bnfast/_kernels.pyx):
     planes per element-pass task and whether the training forward streams
     its copy of x.  (The reductions' split depends on compile-time
     constants only.  The thread count is taken as the kernels' where the

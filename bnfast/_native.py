@@ -1,10 +1,12 @@
-"""Which build of the kernels runs here.
+"""Which build of the hot loops runs here.
 
-setup.py compiles bnfast/_kernels.pyx once for the x86-64 baseline and, on
-x86-64 with GCC or Clang, again for AVX2 and for AVX-512.  At import the widest
-variant this CPU runs is loaded; ``BNFAST_ISA=baseline|avx2|avx512`` forces
-one (an error if the CPU or the build lacks it).  All other modules reach the
-kernels through ``kernels`` here.
+The kernels' entry points (bnfast/_kernels.pyx) are compiled once, for the
+baseline.  The hot loops behind them (bnfast/_loops.pyx) are compiled for
+the x86-64 baseline and, on x86-64 with GCC or Clang, again for AVX2 and for
+AVX-512.  At import the widest variant this CPU runs is loaded and handed to
+the entry points; ``BNFAST_ISA=baseline|avx2|avx512`` forces one (an error if
+the CPU or the build lacks it).  All other modules reach the kernels through
+``kernels`` here.
 
 Importing a variant the CPU cannot run raises ImportError: each variant has a
 baseline-compiled entry point that checks the CPU first
@@ -22,13 +24,16 @@ import importlib
 import importlib.util
 import operator
 import os
-import sys
 from types import ModuleType
 
-from . import _kernels as _baseline
+from . import _kernels
+from . import _loops as _baseline
+
+#: The entry points, one build for every CPU; every other module calls these.
+kernels = _kernels
 
 # name, the cpu_level() it needs, module
-_VARIANTS = (("avx512", 2, "bnfast._kernels_avx512"), ("avx2", 1, "bnfast._kernels_avx2"))
+_VARIANTS = (("avx512", 2, "bnfast._loops_avx512"), ("avx2", 1, "bnfast._loops_avx2"))
 
 
 def _built(module: str) -> ModuleType | None:
@@ -46,7 +51,7 @@ def available() -> list[str]:
 
 
 def _select() -> tuple[ModuleType, str]:
-    level = _baseline.cpu_level()
+    level = kernels.cpu_level()
     forced = os.environ.get("BNFAST_ISA", "").strip().lower()
     if forced in ("", "auto"):
         for name, needs, module in _VARIANTS:
@@ -69,22 +74,17 @@ def _select() -> tuple[ModuleType, str]:
     raise RuntimeError(f"BNFAST_ISA={forced!r} is not one of auto, baseline, avx2, avx512")
 
 
-kernels, isa = _select()
+loops, isa = _select()
+kernels._use_loops(loops)
 
 #: True in a process created by fork() from one that had imported bnfast.
 _forked_child = False
 
 
-def _loaded_kernel_modules() -> list[ModuleType]:
-    names = ["bnfast._kernels"] + [module for _, _, module in _VARIANTS]
-    return [sys.modules[name] for name in names if name in sys.modules]
-
-
 def _one_thread_after_fork() -> None:
     global _forked_child
     _forked_child = True
-    for module in _loaded_kernel_modules():
-        module.set_num_threads(1)
+    kernels.set_num_threads(1)
 
 
 if hasattr(os, "register_at_fork"):      # POSIX; Windows has no fork
@@ -122,8 +122,8 @@ def build_info() -> dict[str, object]:
     return {
         "isa": isa,
         "isa_built": available(),
-        "cpu_level": _baseline.cpu_level(),
+        "cpu_level": kernels.cpu_level(),
         "openmp": kernels.openmp_enabled(),
         "threads": get_num_threads(),
-        "build_flags": kernels.build_flags(),
+        "build_flags": loops.build_flags(),
     }

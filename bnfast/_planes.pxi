@@ -1,5 +1,5 @@
 # Per-channel (spatial) batch normalization of NCHW-contiguous batches,
-# included by _kernels.pyx.  The batch is (N, C, S): N samples, C channels,
+# included by _loops.pyx.  The batch is (N, C, S): N samples, C channels,
 # S = prod(spatial) contiguous elements per (sample, channel) "plane".  Each
 # channel's statistics run over its N planes.  (A channels-last batch is the
 # flat (N*S, C) case and runs on the flat kernels.)
@@ -24,80 +24,6 @@ cdef extern from "planes.h":
                                  double* a1, double* a2) noexcept nogil
     Py_ssize_t bnfast_dot_sums_f(const float* x, const float* g, Py_ssize_t n, double m,
                                  double* a1, double* a2) noexcept nogil
-
-
-cdef enum:
-    # Partial sums per channel and task (bnfast_*_sums work in 16 lanes).
-    LANES = 16
-    HALF_LANES = 8
-    # A reduction task covers about this much of one channel...
-    PLANE_TASK_BYTES = 262144
-    # ... and a block of channels whose planes of one sample make a
-    # contiguous run of up to this many bytes: read one channel at a time,
-    # the planes are runs far apart (a few hundred bytes to a few KiB), too
-    # short for the hardware prefetchers to reach full speed.  Measured, 2
-    # threads: 8 x 256 x 14 x 14 (runs of 16 KiB against single planes)
-    # training and backward 1.15x faster; 32 x 64 x 56 x 56 float32 (runs of
-    # 100 KiB against single 12 KiB planes) the backward's sums 1.6x, the
-    # training forward 1.13-1.2x and the backward 1.1-1.4x faster ...
-    CHANNEL_RUN_BYTES = 262144
-    # ... but at most this many channels, and blocks narrow enough that the
-    # reductions still have MIN_REDUCTION_TASKS tasks where there are channels.
-    MAX_CHANNEL_BLOCK = 64
-    MIN_REDUCTION_TASKS = 16
-
-
-cdef struct Planes:
-    Py_ssize_t n, c, s
-    Py_ssize_t chunk_n         # samples per reduction task
-    Py_ssize_t n_chunks
-    Py_ssize_t channel_block   # channels per reduction task
-    Py_ssize_t n_channel_blocks
-    Py_ssize_t n_tasks         # n_chunks * n_channel_blocks reduction tasks
-    Py_ssize_t per_task        # planes per element-pass task
-    Py_ssize_t n_elem_tasks
-    int n_threads
-    bint stream_cache          # copy x to the cache with streaming stores
-
-
-cdef Planes _make_planes(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s,
-                         Py_ssize_t itemsize) noexcept nogil:
-    cdef Planes p
-    cdef Py_ssize_t planes = n * c, wanted
-    memset(&p, 0, sizeof(p))
-    p.n, p.c, p.s = n, c, s
-    p.chunk_n = PLANE_TASK_BYTES // (s * itemsize)
-    if p.chunk_n < 1:
-        p.chunk_n = 1
-    if p.chunk_n > n:
-        p.chunk_n = n
-    p.n_chunks = _ceil_div(n, p.chunk_n)
-    # Channel blocks change which task sums a channel, never the order in
-    # which its values are summed: results do not depend on them.
-    p.channel_block = CHANNEL_RUN_BYTES // (s * itemsize)
-    wanted = _ceil_div(c * p.n_chunks, MIN_REDUCTION_TASKS)
-    if p.channel_block > wanted:
-        p.channel_block = wanted
-    if p.channel_block > MAX_CHANNEL_BLOCK:
-        p.channel_block = MAX_CHANNEL_BLOCK
-    if p.channel_block < 1:
-        p.channel_block = 1
-    p.n_channel_blocks = _ceil_div(c, p.channel_block)
-    p.n_tasks = p.n_chunks * p.n_channel_blocks
-    p.stream_cache = planes * s * itemsize >= _cache_stream_min_bytes
-    p.n_threads = 1
-    if planes * s * itemsize >= PARALLEL_MIN_BYTES and _num_threads > 1:
-        p.n_threads = _num_threads if _num_threads < p.n_tasks else <int>p.n_tasks
-    # Element passes (no reductions, so their split may follow the thread
-    # count): about PAGE_BYTES of planes per task, at least two tasks a thread.
-    p.per_task = _page_bytes // (s * itemsize)
-    if p.per_task < 1:
-        p.per_task = 1
-    wanted = _ceil_div(planes, 2 * p.n_threads)
-    if p.per_task > wanted:
-        p.per_task = wanted
-    p.n_elem_tasks = _ceil_div(planes, p.per_task)
-    return p
 
 
 cdef void _channel_shift(const Planes* p, const in_t* x, double* shift) noexcept nogil:

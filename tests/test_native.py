@@ -6,11 +6,13 @@ broken OpenMP pool hangs; either must fail the test, not the test run.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 import bnfast
@@ -121,3 +123,56 @@ def test_set_num_threads_outside_a_fork_is_not_limited():
             assert bnfast.get_num_threads() == 3
     finally:
         bnfast.set_num_threads(before)
+
+
+def test_only_the_hot_loops_are_compiled_per_instruction_set():
+    """The entry points, validation and planning are one baseline module;
+    a variant holds the loops and what the planner needs to trust them."""
+    for _, _, module in _native._VARIANTS:
+        assert importlib.util.find_spec(module.replace("_loops", "_kernels")) is None, module
+    loops_api = {"dispatch", "LAYOUT", "openmp_enabled", "build_flags"}
+    public = {name for name in vars(_native.loops) if not name.startswith("_")}
+    assert public == loops_api, public
+    assert _native.kernels.__name__ == "bnfast._kernels"
+
+
+def test_build_info_reports_the_loops_in_use():
+    info = bnfast.build_info()
+    assert info["build_flags"] == _native.loops.build_flags()
+    wanted = {"baseline": None, "avx2": "-mavx2", "avx512": "-mavx512f"}[info["isa"]]
+    if wanted is None:
+        assert "-mavx" not in info["build_flags"], info
+    else:
+        assert wanted in info["build_flags"], info
+
+
+CAPSULE_NAME = b"not bnfast's loops"     # alive as long as the capsule below
+
+
+def other_capsule() -> object:
+    """A capsule that is not the loops' dispatch (its pointer is never called)."""
+    new = ctypes.pythonapi.PyCapsule_New
+    new.restype = ctypes.py_object
+    new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    return new(1, CAPSULE_NAME, None)
+
+
+@pytest.mark.parametrize("layout, dispatch", [
+    ((1, 2, 3), None),                # built from other sources
+    (None, None),                     # not a loops module at all
+    ("same", "other"),                # the right layout, another capsule
+    ("same", None),                   # the right layout, no capsule
+])
+def test_loops_the_entry_points_cannot_trust_are_refused_and_the_loops_in_use_stay(
+        layout, dispatch, rng):
+    from types import SimpleNamespace
+    fake = SimpleNamespace(__name__="fake_loops",
+                           LAYOUT=_native.loops.LAYOUT if layout == "same" else layout,
+                           dispatch=other_capsule() if dispatch == "other" else dispatch)
+    x = rng.standard_normal((64, 10))
+    layer = bnfast.BatchNormalization(np.ones(10), np.zeros(10))
+    before = layer.forward(x, True).copy()
+    with pytest.raises((ImportError, ValueError), match="rebuild|PyCapsule"):
+        _native.kernels._use_loops(fake)
+    assert np.array_equal(bnfast.BatchNormalization(np.ones(10), np.zeros(10)).forward(x, True),
+                          before)

@@ -112,7 +112,8 @@ wheel = set(zipfile.ZipFile(wheel_path).namelist())
 tree = [line.strip() for line in open(tree_list) if line.strip()]
 problems = []
 need_sdist = ["setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in",
-              "bnfast/_kernels.pyx", "bnfast/_kernels_avx2.pyx", "bnfast/_kernels_avx512.pyx",
+              "bnfast/_kernels.pyx", "bnfast/_loops.pyx", "bnfast/_loops_avx2.pyx",
+              "bnfast/_loops_avx512.pyx", "bnfast/_plan.pxd", "bnfast/_planes.pxi",
               "bnfast/_outputs.pyx", "bnfast/_kernels.pyi", "bnfast/_outputs.pyi", "bnfast/py.typed",
               "bnfast/csrc/cpu.h", "bnfast/csrc/isa_entry.c", "tests/conftest.py"] + tree
 problems += [f"sdist lacks {n}" for n in need_sdist if n not in sdist]
@@ -126,10 +127,10 @@ problems += [f"wheel lacks {n}" for n in need_wheel if n not in wheel]
 def ext(name):
     return any(fnmatch.fnmatch(n, f"bnfast/{name}.*.so") or fnmatch.fnmatch(n, f"bnfast/{name}.*.pyd")
                for n in wheel)
-variants = ["_kernels", "_outputs"]
+variants = ["_kernels", "_loops", "_outputs"]
 if (platform.machine().lower() in ("x86_64", "amd64") and os.name != "nt"
         and os.environ.get("BNFAST_VARIANTS", "1").strip().lower() not in ("0", "false", "no", "off")):
-    variants += ["_kernels_avx2", "_kernels_avx512"]
+    variants += ["_loops_avx2", "_loops_avx512"]
 problems += [f"wheel lacks the compiled bnfast/{v}" for v in variants if not ext(v)]
 problems += [f"wheel holds {n}" for n in sorted(wheel) if n.startswith(("tests/", "bench/"))
              or n.endswith(".c") or "__pycache__" in n]

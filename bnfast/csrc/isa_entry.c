@@ -1,4 +1,4 @@
-/* The entry point of a kernel variant module (bnfast._kernels_avx2, ...).
+/* The entry point of a loops variant module (bnfast._loops_avx2, ...).
  *
  * A variant's Cython module is compiled with its instruction set's flags
  * (setup.py, ISA_VARIANTS), so the compiler may use those instructions

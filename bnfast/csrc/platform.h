@@ -1,5 +1,5 @@
 /* OpenMP where the build has it, the build's flags, and the restrict
- * qualifier of the kernels' accumulators (bnfast/_kernels.pyx).
+ * qualifier of the kernels' accumulators (bnfast/_loops.pyx).
  */
 #ifndef BNFAST_PLATFORM_H
 #define BNFAST_PLATFORM_H

@@ -1,7 +1,7 @@
 /* Vector loops over rows of float32 and float64 (arithmetic in float64),
  * written once over the vector operations of simd.h
  * (AVX-512, AVX2, NEON), with portable C tails and fallbacks;
- * bnfast/_kernels.pyx.
+ * bnfast/_loops.pyx.
  */
 #ifndef BNFAST_ROWS_H
 #define BNFAST_ROWS_H

@@ -11,7 +11,7 @@
  *   4. the exact corrected two-pass below;
  *   5. blocks, then chunks, are merged in a fixed order by Chan's formula.
  * Steps 1, 2 and 5 are loops over each route's memory layout, in
- * bnfast/_kernels.pyx, _planes.pxi and rows.h; steps 3 and 4 are here.
+ * bnfast/_loops.pyx, _planes.pxi and rows.h; steps 3 and 4 are here.
  */
 #ifndef BNFAST_STATS_H
 #define BNFAST_STATS_H

@@ -1,5 +1,5 @@
 /* Streaming (non-temporal) copies: write whole cache lines without reading
- * them first, and keep the data out of the cache (bnfast/_kernels.pyx).
+ * them first, and keep the data out of the cache (bnfast/_loops.pyx).
  */
 #ifndef BNFAST_STREAM_H
 #define BNFAST_STREAM_H
@@ -46,8 +46,8 @@ static void bnfast_fence(void) { }
    also its first line, the last piece its last).  Every line is written
    whole by one task: no piece leaves a line half-written by ordinary
    stores for a neighbour (another thread, maybe) to finish. */
-static void bnfast_stream_piece(void* dst, const void* src, size_t total, size_t start,
-                                size_t end) {
+static inline void bnfast_stream_piece(void* dst, const void* src, size_t total, size_t start,
+                                       size_t end) {
     uintptr_t at = (uintptr_t)dst;
     size_t lo = start == 0 ? 0 : (size_t)(((at + start + 63) & ~(uintptr_t)63) - at);
     size_t hi = end >= total ? total : (size_t)(((at + end + 63) & ~(uintptr_t)63) - at);

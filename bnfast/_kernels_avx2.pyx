@@ -1,3 +1,0 @@
-# The kernels of _kernels.pyx, compiled for avx2 CPUs (flags in setup.py).
-# bnfast/_native.py loads this module only where the CPU runs it.
-include "_kernels.pyx"

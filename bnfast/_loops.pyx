@@ -1,0 +1,1606 @@
+# The hot loops of batch normalization over the C-contiguous (N, D) view of
+# a batch (and, in _planes.pxi, over NCHW planes): the statistics, the
+# element passes, the tasks and the one parallel driver that runs them.
+# This is the only code compiled once per instruction set (setup.py: this
+# module, _loops_avx2 and _loops_avx512).  It holds no Python-facing entry
+# point: bnfast/_kernels.pyx (compiled once, for the baseline) validates a
+# call, plans its work (_plan.pxd: Grid, Planes, Call) and calls _dispatch
+# here through the function pointer that bnfast/_native.py chose.
+#
+# Directives (boundscheck, wraparound, cdivision, ...) are set once in setup.py.
+#
+# Layout of the work.  Every loop walks rows with one float64 accumulator per
+# feature, so memory is read in address order and never column by column.
+# The statistics (one pass over shifted data, an exact two-pass fallback per
+# feature; see "Statistics" below) are cut into a grid that depends only on
+# (N, D, itemsize), never on the thread count, in one of two ways:
+#
+#   strips  when a full-height strip of >= MIN_STRIP features fits in L2
+#           (STRIP_BYTES): a task owns whole columns.  Wide strips (short
+#           batches) do a whole operation per task: the statistics read the
+#           strip from memory once and the output, or the backward's second
+#           pass, comes from L2.  Batches whose strips would be too
+#           narrow for that get row blocks (FUSED_MIN_COLS), and
+#           so do batches of one strip that are big enough for a thread
+#           team (one strip is one task).
+#   blocks  otherwise (tall batches): a task is (row chunk, column block);
+#           row blocks small enough for L2 (TILE_BYTES) are merged in order
+#           (Chan's formula) inside a chunk, and the chunks in chunk order.
+#
+# Threads take tasks in any order, but each task's arithmetic is fixed and
+# partial results are merged in a fixed order, so results are bitwise
+# identical for any number of threads.  Whole rows of fewer than
+# FOLD_MAX_COLS features are folded, m rows to a vector-length row (see
+# "Folding short rows").  Element passes (no reductions) write
+# their output in address order, about a huge page per task.  Streaming
+# (non-temporal) stores skip the read-for-ownership of each destination line
+# and keep the data out of the cache; they write the cached copy of x from
+# CACHE_STREAM_MIN_BYTES up, and outputs too large to stay cached (see
+# _default_stream_min_bytes) from wide strips and from element passes over
+# short rows (STREAM_PAGES_MAX_COLS).
+
+
+from cython.parallel cimport prange, parallel, threadid
+from libc.math cimport sqrt, NAN
+from libc.stdint cimport uintptr_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy, memset
+from cpython.pycapsule cimport PyCapsule_New
+
+from bnfast._plan cimport *
+
+cdef extern from "platform.h":
+    const int BNFAST_OPENMP
+    const char* BNFAST_BUILD_FLAGS
+    ctypedef double* acc_t "bnfast_acc_t"
+    void bnfast_barrier() noexcept nogil
+
+cdef extern from "stream.h":
+    void bnfast_stream(void* dst, const void* src, size_t nbytes) noexcept nogil
+    void bnfast_stream_piece(void* dst, const void* src, size_t total, size_t start,
+                             size_t end) noexcept nogil
+    void bnfast_fence() noexcept nogil
+
+# Steps of the statistics that every route shares (see that header).
+cdef extern from "stats.h":
+    bint bnfast_well_conditioned(double m2, double s2) noexcept nogil
+    void bnfast_two_pass_f(const float* x, Py_ssize_t stride, Py_ssize_t runs,
+                           Py_ssize_t length, double k, double* mean, double* m2) noexcept nogil
+    void bnfast_two_pass_d(const double* x, Py_ssize_t stride, Py_ssize_t runs,
+                           Py_ssize_t length, double k, double* mean, double* m2) noexcept nogil
+
+cdef extern from "rows.h":
+    const int BNF_VECTOR_LOOPS    # (simd.h)
+    void bnfast_affine_ff(const float* x, float* o, Py_ssize_t d, int rows, Py_ssize_t w,
+                          const double* c, const double* k, const double* b) noexcept nogil
+    void bnfast_affine_dd(const double* x, double* o, Py_ssize_t d, int rows, Py_ssize_t w,
+                          const double* c, const double* k, const double* b) noexcept nogil
+    void bnfast_affine_plane_ff(const float* x, float* o, Py_ssize_t n, double c, double k,
+                                double b) noexcept nogil
+    void bnfast_grad_input_ff(const float* x, const float* dy, float* o, Py_ssize_t d,
+                              int rows, Py_ssize_t w, const double* c, const double* m,
+                              const double* q, const double* k) noexcept nogil
+    void bnfast_grad_input_dd(const double* x, const double* dy, double* o, Py_ssize_t d,
+                              int rows, Py_ssize_t w, const double* c, const double* m,
+                              const double* q, const double* k) noexcept nogil
+    void bnfast_rows_sq_sums_f(const float* x, Py_ssize_t d, int rows, Py_ssize_t w,
+                               const double* k, double* s1, double* s2) noexcept nogil
+    void bnfast_rows_grad_sums_f(const float* x, const float* dy, Py_ssize_t d, int rows,
+                                 Py_ssize_t w, const double* c, double* s1,
+                                 double* s2) noexcept nogil
+    void bnfast_grad_input_plane_ff(const float* x, const float* dy, float* o, Py_ssize_t n,
+                                    double c, double m, double q, double k) noexcept nogil
+    bint bnfast_lines_fit(const void* o, Py_ssize_t stride_bytes,
+                          Py_ssize_t w_bytes) noexcept nogil
+    void bnfast_affine_stream_ff(const float* x, float* o, Py_ssize_t d, Py_ssize_t rows,
+                                 Py_ssize_t w, const double* c, const double* k,
+                                 const double* b) noexcept nogil
+    void bnfast_affine_stream_dd(const double* x, double* o, Py_ssize_t d, Py_ssize_t rows,
+                                 Py_ssize_t w, const double* c, const double* k,
+                                 const double* b) noexcept nogil
+
+
+ctypedef fused in_t:
+    float
+    double
+
+ctypedef fused out_t:
+    float
+    double
+
+
+# Means divide per-feature sums by a row count, and a vector division costs
+# as much as ten multiplications: the per-feature set-up of short batches is
+# bound by its divisions and square roots.  Where 1 / n is exact (n a power
+# of two, as batch sizes usually are), s * (1 / n) rounds the same exact
+# value as s / n, so multiplying there gives bitwise the results of
+# dividing.  (The loops come in both versions: compilers compute both and
+# blend when the choice is inside one loop.)
+
+cdef inline double _exact_inverse(Py_ssize_t n) noexcept nogil:
+    """1 / n where that is exact (n a power of two), else 0."""
+    return 1.0 / <double>n if n > 0 and (n & (n - 1)) == 0 else 0.0
+
+
+cdef void _divide_by_count(double* v, Py_ssize_t w, Py_ssize_t n) noexcept nogil:
+    """v[j] /= n for j < w (multiplying where that is exact)."""
+    cdef double inv = _exact_inverse(n), nd = <double>n
+    cdef Py_ssize_t j
+    if inv != 0.0:
+        for j in range(w):
+            v[j] = v[j] * inv
+    else:
+        for j in range(w):
+            v[j] = v[j] / nd
+
+
+
+cdef struct Task:
+    Py_ssize_t k        # row chunk
+    Py_ssize_t r0, r1   # rows
+    Py_ssize_t c0, w    # columns c0 .. c0 + w
+
+
+cdef inline Task _task(const Grid* g, Py_ssize_t t) noexcept nogil:
+    # Returned by value: inside prange, assigning the result makes it
+    # thread-private (Cython does not privatize variables written through
+    # pointers).
+    cdef Task task
+    task.k = t // g.n_col_blocks
+    task.c0 = (t - task.k * g.n_col_blocks) * g.col_block
+    task.r0 = task.k * g.chunk_rows
+    task.r1 = task.r0 + g.chunk_rows
+    if task.r1 > g.n_rows:
+        task.r1 = g.n_rows
+    task.w = g.col_block
+    if task.c0 + task.w > g.n_cols:
+        task.w = g.n_cols - task.c0
+    return task
+
+
+# ---------------------------------------------------------------------------
+# Per-feature set-up: branch-free loops over contiguous doubles.
+
+cdef void _expand(const Vec* v, Py_ssize_t c0, Py_ssize_t w, double* dst) noexcept nogil:
+    """dst[j] = v[c0 + j] as float64, with the dtype/broadcast branch hoisted."""
+    cdef Py_ssize_t j
+    cdef double value
+    cdef const double* pd
+    cdef const float* pf
+    if v.stride == 0:
+        value = (<const double*>v.data)[0] if v.is_f64 else (<const float*>v.data)[0]
+        for j in range(w):
+            dst[j] = value
+    elif v.is_f64:
+        pd = <const double*>v.data + c0
+        for j in range(w):
+            dst[j] = pd[j]
+    else:
+        pf = <const float*>v.data + c0
+        for j in range(w):
+            dst[j] = pf[j]
+
+
+cdef void _store(const OutVec* v, Py_ssize_t c0, Py_ssize_t w, const double* src) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double* pd
+    cdef float* pf
+    if v.is_f64:
+        pd = <double*>v.data + c0
+        for j in range(w):
+            pd[j] = src[j]
+    else:
+        pf = <float*>v.data + c0
+        for j in range(w):
+            pf[j] = <float>src[j]
+
+
+
+
+ctypedef fused param_t:
+    float
+    double
+
+ctypedef fused stat_t:
+    float
+    double
+
+
+cdef void _finish_direct(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
+                         const double* k, double* scale, double* shift, double* tmp,
+                         const param_t* gamma, const param_t* beta, const stat_t* rm_old,
+                         const stat_t* rv_old, stat_t* rm_new, stat_t* rv_new) noexcept nogil:
+    """_finish_stats for contiguous gamma and beta of one dtype and running
+    statistics (old and new) of one dtype: one loop after the division, so
+    each per-feature value is loaded and stored once (short batches spend
+    as long here as on their elements).  rm_new NULL: no running update."""
+    cdef Py_ssize_t j
+    cdef double* mean = a.mean + c0
+    cdef double* var = a.var + c0
+    cdef double* invstd = a.invstd + c0 if a.invstd != NULL else tmp
+    cdef double m, v, r, eps = a.eps, mom = a.momentum, rest = a.one_minus_momentum
+    cdef double corr = a.var_correction
+    gamma += c0
+    beta += c0
+    _divide_by_count(var, w, n)      # M2 -> var
+    if rm_new == NULL:
+        for j in range(w):
+            v = var[j]
+            r = 1.0 / sqrt(v + eps)
+            mean[j] = k[j] + mean[j]
+            invstd[j] = r
+            scale[j] = r * gamma[j]
+            shift[j] = beta[j]
+        return
+    rm_old += c0
+    rv_old += c0
+    rm_new += c0
+    rv_new += c0
+    for j in range(w):
+        m = k[j] + mean[j]
+        v = var[j]
+        r = 1.0 / sqrt(v + eps)
+        mean[j] = m
+        invstd[j] = r
+        scale[j] = r * gamma[j]
+        shift[j] = beta[j]
+        rm_new[j] = <stat_t>(mom * rm_old[j] + rest * m)
+        rv_new[j] = <stat_t>(mom * rv_old[j] + rest * (v * corr))
+
+
+cdef inline bint _contiguous_pair(const Vec* u, const Vec* v) noexcept nogil:
+    """Both hold one value per feature, in one dtype."""
+    return u.stride != 0 and v.stride != 0 and u.is_f64 == v.is_f64
+
+
+cdef bint _finish_fast(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
+                       const double* k, double* scale, double* shift,
+                       double* tmp) noexcept nogil:
+    """_finish_direct where the operands allow it (the layer's usual cases);
+    False where _finish_stats must take the general route."""
+    cdef bint update = a.rm_new.data != NULL
+    cdef bint stat64 = a.rm_new.is_f64
+    if not _contiguous_pair(a.gamma, a.beta):
+        return False
+    if update and not (_contiguous_pair(a.rm_old, a.rv_old) and a.rm_old.is_f64 == stat64
+                       and a.rv_new.is_f64 == stat64):
+        return False
+    if a.gamma.is_f64 and stat64:
+        _finish_direct(a, n, c0, w, k, scale, shift, tmp, <const double*>a.gamma.data,
+                       <const double*>a.beta.data, <const double*>a.rm_old.data,
+                       <const double*>a.rv_old.data, <double*>a.rm_new.data,
+                       <double*>a.rv_new.data)
+    elif a.gamma.is_f64:
+        _finish_direct(a, n, c0, w, k, scale, shift, tmp, <const double*>a.gamma.data,
+                       <const double*>a.beta.data, <const float*>a.rm_old.data,
+                       <const float*>a.rv_old.data, <float*>a.rm_new.data,
+                       <float*>a.rv_new.data)
+    elif stat64:
+        _finish_direct(a, n, c0, w, k, scale, shift, tmp, <const float*>a.gamma.data,
+                       <const float*>a.beta.data, <const double*>a.rm_old.data,
+                       <const double*>a.rv_old.data, <double*>a.rm_new.data,
+                       <double*>a.rv_new.data)
+    else:
+        _finish_direct(a, n, c0, w, k, scale, shift, tmp, <const float*>a.gamma.data,
+                       <const float*>a.beta.data, <const float*>a.rm_old.data,
+                       <const float*>a.rv_old.data, <float*>a.rm_new.data,
+                       <float*>a.rv_new.data)
+    return True
+
+
+cdef void _eval_direct(const param_t* gamma, const param_t* beta, const stat_t* rm,
+                       const stat_t* rv, double eps, Py_ssize_t w, double* center,
+                       double* scale, double* shift) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(w):
+        center[j] = rm[j]
+        scale[j] = <double>gamma[j] / sqrt(<double>rv[j] + eps)
+        shift[j] = beta[j]
+
+
+cdef void _eval_coefficients(const Vec* gamma, const Vec* beta, const Vec* rm, const Vec* rv,
+                             double eps, Py_ssize_t c0, Py_ssize_t w, double* center,
+                             double* scale, double* shift) noexcept nogil:
+    """Eval-mode coefficients of columns c0..c0+w, as float64: center = rm,
+    scale = gamma / sqrt(rv + eps), shift = beta.  One loop where gamma and
+    beta, and rm and rv, are contiguous pairs of one dtype."""
+    cdef Py_ssize_t j
+    if _contiguous_pair(gamma, beta) and _contiguous_pair(rm, rv):
+        if gamma.is_f64 and rm.is_f64:
+            _eval_direct(<const double*>gamma.data + c0, <const double*>beta.data + c0,
+                         <const double*>rm.data + c0, <const double*>rv.data + c0, eps, w,
+                         center, scale, shift)
+        elif gamma.is_f64:
+            _eval_direct(<const double*>gamma.data + c0, <const double*>beta.data + c0,
+                         <const float*>rm.data + c0, <const float*>rv.data + c0, eps, w,
+                         center, scale, shift)
+        elif rm.is_f64:
+            _eval_direct(<const float*>gamma.data + c0, <const float*>beta.data + c0,
+                         <const double*>rm.data + c0, <const double*>rv.data + c0, eps, w,
+                         center, scale, shift)
+        else:
+            _eval_direct(<const float*>gamma.data + c0, <const float*>beta.data + c0,
+                         <const float*>rm.data + c0, <const float*>rv.data + c0, eps, w,
+                         center, scale, shift)
+        return
+    _expand(rm, c0, w, center)
+    _expand(rv, c0, w, scale)
+    _expand(gamma, c0, w, shift)
+    for j in range(w):
+        scale[j] = shift[j] / sqrt(scale[j] + eps)
+    _expand(beta, c0, w, shift)
+
+
+cdef void _finish_stats(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
+                        const double* k, double* scale, double* shift,
+                        double* tmp) noexcept nogil:
+    """From the mean relative to the shift k (in a.mean) and M2 (in a.var) of
+    columns c0..c0+w: mean, var, invstd, the affine coefficients (scale,
+    shift) and the running statistics.  shift may alias k."""
+    cdef Py_ssize_t j
+    if _finish_fast(a, n, c0, w, k, scale, shift, tmp):
+        return
+    cdef double* mean = a.mean + c0
+    cdef double* var = a.var + c0
+    _divide_by_count(var, w, n)
+    for j in range(w):
+        mean[j] = k[j] + mean[j]
+        scale[j] = 1.0 / sqrt(var[j] + a.eps)
+    if a.invstd != NULL:
+        for j in range(w):
+            a.invstd[c0 + j] = scale[j]
+    _expand(a.gamma, c0, w, tmp)
+    for j in range(w):
+        scale[j] = scale[j] * tmp[j]
+    _expand(a.beta, c0, w, shift)
+    if a.rm_new.data != NULL:
+        _expand(a.rm_old, c0, w, tmp)
+        for j in range(w):
+            tmp[j] = a.momentum * tmp[j] + a.one_minus_momentum * mean[j]
+        _store(&a.rm_new, c0, w, tmp)
+        _expand(a.rv_old, c0, w, tmp)
+        for j in range(w):
+            tmp[j] = a.momentum * tmp[j] + a.one_minus_momentum * (var[j] * a.var_correction)
+        _store(&a.rv_new, c0, w, tmp)
+
+
+# ---------------------------------------------------------------------------
+# Statistics: shifted sums in one pass, with an exact two-pass fallback per
+# feature, inside each block; Chan's merge across blocks.  Everything is
+# relative to a per-feature shift K (the mean of the first rows, see _shift_of).
+#
+# With the shift, sum(x - K) and sum((x - K)^2) give M2 = s2 - s1^2 / n with a
+# relative error of about 2 eps * s2 / M2.  Where s2 > 8 M2 (K far from the
+# mean in units of the spread: an outlier first row, heavy tails) or the sums
+# are not finite, that feature's block is redone by the corrected two-pass
+# (m = m0 + sum(x - m0) / n, M2 = sum((x - m0)^2) - n (m - m0)^2), which is
+# exact to rounding whatever the offset.  Keeping block means relative to K
+# means merging them loses nothing to a large common offset; a constant
+# feature sums exact zeros, so its mean is K exactly and its M2 is 0 exactly.
+# A non-finite sum (inf or NaN in the feature) gives the plain mean, as the
+# reference's column sums do.
+
+cdef inline bint _finite(double v) noexcept nogil:
+    return v - v == 0.0
+
+
+# ---------------------------------------------------------------------------
+# Folding short rows.  A loop over a row of 3 or 16 features is mostly loop
+# overhead; m consecutive whole rows (contiguous, since they are whole) are
+# one folded row of m * d lanes whose feature is lane % d, so the loops run
+# over the folded row with each per-feature value repeated m times, and the
+# lane sums are added back per feature in lane order.  m depends only on d
+# (Grid.fold, set by the planner: _kernels._fold_rows); a pass folds where
+# its columns are whole rows.
+
+cdef void _repeat(const double* v, Py_ssize_t d, Py_ssize_t m, double* lanes) noexcept nogil:
+    """lanes = v repeated m times (a folded row's per-lane values)."""
+    cdef Py_ssize_t r
+    for r in range(m):
+        memcpy(lanes + r * d, v, d * sizeof(double))
+
+
+cdef void _add_lanes(const double* lanes, Py_ssize_t d, Py_ssize_t m, double* acc) noexcept nogil:
+    """acc[f] += the sum of a folded row's lanes of feature f, in lane order."""
+    cdef Py_ssize_t f, r
+    cdef double t
+    for f in range(d):
+        t = lanes[f]
+        for r in range(1, m):
+            t += lanes[r * d + f]
+        acc[f] += t
+
+
+cdef void _shift_of(const in_t* x, Py_ssize_t d, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
+                    double* shift) noexcept nogil:
+    """Per-feature shift of columns c0..c0+w: the mean of the batch's first
+    rows (up to 8, summed pairwise so that 8 equal values give exactly that
+    value), or 0 where that is not finite.  Close to the batch mean for
+    most data, which keeps the one-pass sums well conditioned."""
+    cdef Py_ssize_t i, j, rows = n if n < 8 else 8
+    cdef const in_t* a = x + c0
+    cdef double v
+    if rows == 8:
+        for j in range(w):
+            v = ((((<double>a[j] + a[d + j]) + (<double>a[2 * d + j] + a[3 * d + j]))
+                  + ((<double>a[4 * d + j] + a[5 * d + j]) + (<double>a[6 * d + j] + a[7 * d + j])))
+                 * 0.125)
+            shift[j] = v if v - v == 0.0 else 0.0
+    else:
+        for j in range(w):
+            shift[j] = a[j]
+        for i in range(1, rows):
+            for j in range(w):
+                shift[j] += a[i * d + j]
+        for j in range(w):
+            v = shift[j] / rows
+            shift[j] = v if v - v == 0.0 else 0.0
+
+
+cdef inline void _two_pass(const in_t* x, Py_ssize_t stride, Py_ssize_t runs,
+                           Py_ssize_t length, double k, double* mean, double* m2) noexcept nogil:
+    """The exact fallback for ill-conditioned and non-finite sums: runs of
+    length contiguous values, stride apart; mean relative to k (stats.h)."""
+    if in_t is float:
+        bnfast_two_pass_f(x, stride, runs, length, k, mean, m2)
+    else:
+        bnfast_two_pass_d(x, stride, runs, length, k, mean, m2)
+
+
+cdef inline void _sq_sums4(const in_t* a, Py_ssize_t d, Py_ssize_t w, const double* shift,
+                           acc_t s1, acc_t s2) noexcept nogil:
+    """s1, s2 += the sums of x - shift and its square over four rows at a
+    (row stride d, w columns).  Four rows a loop: each accumulator is loaded
+    and stored once per four rows; the fixed pairing shortens rounding chains."""
+    cdef Py_ssize_t j
+    cdef double k, e0, e1, e2, e3
+    if in_t is float:
+        bnfast_rows_sq_sums_f(a, d, 4, w, shift, s1, s2)
+    else:
+        for j in range(w):
+            k = shift[j]
+            e0 = a[j] - k
+            e1 = a[d + j] - k
+            e2 = a[2 * d + j] - k
+            e3 = a[3 * d + j] - k
+            s1[j] += (e0 + e1) + (e2 + e3)
+            s2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+
+
+cdef inline void _sq_sums1(const in_t* a, Py_ssize_t w, const double* shift, acc_t s1,
+                           acc_t s2) noexcept nogil:
+    """_sq_sums4 for one row."""
+    cdef Py_ssize_t j
+    cdef double e0
+    if in_t is float:
+        bnfast_rows_sq_sums_f(a, 0, 1, w, shift, s1, s2)
+    else:
+        for j in range(w):
+            e0 = a[j] - shift[j]
+            s1[j] += e0
+            s2[j] += e0 * e0
+
+
+cdef Py_ssize_t _sq_sums_folded(const in_t* x, in_t* copy_to, Py_ssize_t d, Py_ssize_t m,
+                                Py_ssize_t b0, Py_ssize_t b1, const double* shift_lanes,
+                                double* s1, double* s2) noexcept nogil:
+    """s1, s2 += the shifted sums of the whole groups of m rows in b0..b1
+    (folded rows; copied to copy_to unless NULL); returns the first row left."""
+    cdef Py_ssize_t lanes = m * d, groups = (b1 - b0) // m, q = 0, j
+    cdef double l1[FOLD_MAX_LANES]
+    cdef double l2[FOLD_MAX_LANES]
+    cdef const in_t* a = x + b0 * d
+    cdef in_t* c = copy_to + b0 * d if copy_to != NULL else NULL
+    if groups == 0:
+        return b0
+    for j in range(lanes):
+        l1[j] = 0.0
+        l2[j] = 0.0
+    while q + 4 <= groups:
+        if c != NULL:       # copied while in L1, as in _stats_rows
+            for j in range(4 * lanes):
+                c[q * lanes + j] = a[q * lanes + j]
+        _sq_sums4(a + q * lanes, lanes, lanes, shift_lanes, l1, l2)
+        q += 4
+    if c != NULL:
+        memcpy(c + q * lanes, a + q * lanes, (groups - q) * lanes * sizeof(in_t))
+    while q < groups:
+        _sq_sums1(a + q * lanes, lanes, shift_lanes, l1, l2)
+        q += 1
+    _add_lanes(l1, d, m, s1)
+    _add_lanes(l2, d, m, s2)
+    return b0 + groups * m
+
+
+cdef inline bint _block_moments(double s1, double s2, double mb, double* mean,
+                                double* m2) noexcept nogil:
+    """From one feature's block sums (s1, s2) and block mean mb: mean = mb
+    and m2 = M2, or NaN where the sums are ill-conditioned or not finite
+    (then returns True)."""
+    cdef double m2b = s2 - s1 * mb
+    cdef bint bad = not bnfast_well_conditioned(m2b, s2)
+    mean[0] = mb
+    m2[0] = NAN if bad else m2b
+    return bad
+
+
+cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t n_rows,
+                      Py_ssize_t d, Py_ssize_t fold, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
+                      Py_ssize_t w, Py_ssize_t block_rows, const double* shift, acc_t mean_acc,
+                      acc_t m2_acc, acc_t s1, acc_t s2) noexcept nogil:
+    """mean (relative to shift) and M2 of rows r0..r1 of columns c0..c0+w,
+    copying those rows to copy_to unless it is NULL.  s1, s2: w doubles of
+    scratch each."""
+    cdef Py_ssize_t b0 = r0, b1, i, j, r, m = fold if w == d else 1
+    cdef double nb, na = 0.0
+    cdef double shift_lanes[FOLD_MAX_LANES]
+    cdef const in_t* a
+    cdef in_t* c
+    cdef bint copy_here = copy_to != NULL and not stream
+    if m > 1:
+        _repeat(shift, d, m, shift_lanes)
+    while b0 < r1:
+        b1 = b0 + block_rows
+        if b1 > r1:
+            b1 = r1
+        nb = <double>(b1 - b0)
+        for j in range(w):
+            s1[j] = 0.0
+            s2[j] = 0.0
+        i = b0
+        if m > 1:
+            i = _sq_sums_folded(x, copy_to if copy_here else <in_t*>NULL, d, m, b0, b1,
+                                shift_lanes, s1, s2)
+        while i + 4 <= b1:
+            a = x + i * d + c0
+            if copy_here:
+                # one row per loop: a single (read, write) pair to check for
+                # overlap, so the copy vectorizes; no memcpy call per segment
+                for r in range(4):
+                    c = copy_to + (i + r) * d + c0
+                    for j in range(w):
+                        c[j] = a[r * d + j]
+            _sq_sums4(a, d, w, shift, s1, s2)
+            i += 4
+        while i < b1:
+            a = x + i * d + c0
+            if copy_here:
+                memcpy(copy_to + i * d + c0, a, w * sizeof(in_t))
+            _sq_sums1(a, w, shift, s1, s2)
+            i += 1
+        if copy_to != NULL and stream:
+            _stream_rows(x, copy_to, n_rows, d, b0, b1, c0, w)
+        _merge_block(x, d, b0, b1, c0, w, shift, na, mean_acc, m2_acc, s1, s2)
+        na += nb
+        b0 = b1
+
+
+cdef void _stream_rows(const in_t* x, in_t* copy_to, Py_ssize_t n_rows, Py_ssize_t d,
+                       Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t c0, Py_ssize_t w) noexcept nogil:
+    """copy_to = x in rows b0..b1 of columns c0..c0+w, with streaming stores."""
+    cdef Py_ssize_t i
+    cdef size_t total = n_rows * d * sizeof(in_t)
+    if w == d:      # whole rows: one contiguous run (no per-row call for narrow rows)
+        bnfast_stream_piece(copy_to, x, total, b0 * d * sizeof(in_t), b1 * d * sizeof(in_t))
+    else:
+        for i in range(b0, b1):
+            bnfast_stream_piece(copy_to, x, total, (i * d + c0) * sizeof(in_t),
+                                (i * d + c0 + w) * sizeof(in_t))
+
+
+cdef void _merge_block(const in_t* x, Py_ssize_t d, Py_ssize_t b0, Py_ssize_t b1,
+                       Py_ssize_t c0, Py_ssize_t w, const double* shift, double na,
+                       acc_t mean_acc, acc_t m2_acc, acc_t s1, acc_t s2) noexcept nogil:
+    """From the shifted sums (s1, s2) of rows b0..b1: the block's mean and M2
+    per feature, merged into (mean_acc, m2_acc), which hold the na rows
+    before it (set, when na is 0)."""
+    cdef Py_ssize_t j, n_bad = 0
+    cdef double nb = <double>(b1 - b0), n, wa, wb, mb, m2b, delta
+    cdef double inv_nb = _exact_inverse(b1 - b0)
+    # The first block's moments go straight to the accumulators (no copy
+    # pass); later ones replace their sums, for the merge.  (Each loop has
+    # one output pair, so it vectorizes without overlap checks.)
+    cdef double* block_mean = mean_acc if na == 0.0 else s1
+    cdef double* block_m2 = m2_acc if na == 0.0 else s2
+    # Per feature: the block's mean and M2 (vectorized), marking with NaN
+    # the features whose sums are ill-conditioned or not finite; then the
+    # exact two-pass for those (a scan: they are rare); then the merge.
+    if na == 0.0 and inv_nb != 0.0:
+        for j in range(w):
+            n_bad += _block_moments(s1[j], s2[j], s1[j] * inv_nb, &mean_acc[j], &m2_acc[j])
+    elif na == 0.0:
+        for j in range(w):
+            n_bad += _block_moments(s1[j], s2[j], s1[j] / nb, &mean_acc[j], &m2_acc[j])
+    elif inv_nb != 0.0:
+        for j in range(w):
+            n_bad += _block_moments(s1[j], s2[j], s1[j] * inv_nb, &s1[j], &s2[j])
+    else:
+        for j in range(w):
+            n_bad += _block_moments(s1[j], s2[j], s1[j] / nb, &s1[j], &s2[j])
+    # A well-conditioned block's M2 is >= s2 / 8 >= 0; only the two-pass's
+    # can round below 0, so only those are clamped.
+    if n_bad:
+        for j in range(w):
+            if block_m2[j] != block_m2[j]:
+                _two_pass(x + b0 * d + c0 + j, d, b1 - b0, 1, shift[j], &block_mean[j],
+                          &block_m2[j])
+                if block_m2[j] < 0.0:
+                    block_m2[j] = 0.0
+    if na == 0.0:
+        return
+    n = na + nb
+    wa = nb / n
+    wb = na * nb / n
+    for j in range(w):
+        mb = s1[j]
+        m2b = s2[j]
+        delta = mb - mean_acc[j]
+        if _finite(mb) and _finite(mean_acc[j]):
+            mean_acc[j] += delta * wa
+            m2_acc[j] += m2b + delta * delta * wb
+        else:
+            mean_acc[j] += mb
+            m2_acc[j] += m2b
+
+
+cdef void _merge_chunks(const Grid* g, const double* part_mean, const double* part_m2,
+                        double* mean, double* m2) noexcept nogil:
+    """Chan's merge of the per-chunk (mean, M2), always in chunk order."""
+    _merge_chunk_columns(g, part_mean, part_m2, mean, m2, 0, g.n_cols)
+
+
+cdef void _merge_chunk_columns(const Grid* g, const double* part_mean, const double* part_m2,
+                               double* mean, double* m2, Py_ssize_t c0,
+                               Py_ssize_t c1) noexcept nogil:
+    """_merge_chunks of columns c0..c1 (column ranges merge independently)."""
+    cdef Py_ssize_t k, j, d = g.n_cols
+    cdef double na, nb, n, wa, wb, delta, mb
+    for j in range(c0, c1):
+        mean[j] = part_mean[j]
+        m2[j] = part_m2[j]
+    na = <double>g.chunk_rows
+    for k in range(1, g.n_chunks):
+        nb = <double>(g.n_rows - k * g.chunk_rows)
+        if nb > g.chunk_rows:
+            nb = <double>g.chunk_rows
+        n = na + nb
+        wa = nb / n
+        wb = na * nb / n
+        for j in range(c0, c1):
+            mb = part_mean[k * d + j]
+            if _finite(mb) and _finite(mean[j]):
+                delta = mb - mean[j]
+                mean[j] += delta * wa
+                m2[j] += part_m2[k * d + j] + delta * delta * wb
+            else:
+                mean[j] += mb
+                m2[j] += part_m2[k * d + j]
+        na = n
+
+
+# ---------------------------------------------------------------------------
+# Element passes.
+
+cdef void _affine_rows(const in_t* x, out_t* y, bint stream, Py_ssize_t d, Py_ssize_t fold,
+                       Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w,
+                       const double* center, const double* scale, const double* shift,
+                       out_t* staging) noexcept nogil:
+    """y = (x - center) * scale + shift per feature, computed in float64.
+
+    Subtracting first keeps full accuracy for large offsets and makes a
+    constant feature (x == center) give exactly shift.  Four rows share each
+    load of the coefficients, which otherwise cost three loads per element."""
+    cdef Py_ssize_t i = r0, j, m = fold if w == d else 1
+    cdef const in_t* a
+    cdef out_t* o
+    cdef double c, k, b
+    if m > 1:
+        i = _affine_folded(x, y, stream, d, m, r0, r1, center, scale, shift)
+    elif (stream and w * <Py_ssize_t>sizeof(out_t) >= STREAM_DIRECT_MIN_BYTES
+            and bnfast_lines_fit(y + i * d + c0, d * sizeof(out_t), w * sizeof(out_t))):
+        if in_t is float and out_t is float:
+            bnfast_affine_stream_ff(x + i * d + c0, y + i * d + c0, d, r1 - i, w, center, scale,
+                                    shift)
+            return
+        elif in_t is double and out_t is double:
+            bnfast_affine_stream_dd(x + i * d + c0, y + i * d + c0, d, r1 - i, w, center, scale,
+                                    shift)
+            return
+    if not stream:
+        while i + 4 <= r1:
+            a = x + i * d + c0
+            o = y + i * d + c0
+            if in_t is float and out_t is float:
+                bnfast_affine_ff(a, o, d, 4, w, center, scale, shift)
+            elif in_t is double and out_t is double and BNF_VECTOR_LOOPS:
+                bnfast_affine_dd(a, o, d, 4, w, center, scale, shift)
+            else:
+                for j in range(w):
+                    c = center[j]
+                    k = scale[j]
+                    b = shift[j]
+                    o[j] = <out_t>((a[j] - c) * k + b)
+                    o[d + j] = <out_t>((a[d + j] - c) * k + b)
+                    o[2 * d + j] = <out_t>((a[2 * d + j] - c) * k + b)
+                    o[3 * d + j] = <out_t>((a[3 * d + j] - c) * k + b)
+            i += 4
+    while i < r1:
+        a = x + i * d + c0
+        o = staging if stream else y + i * d + c0
+        if in_t is float and out_t is float:
+            bnfast_affine_ff(a, o, d, 1, w, center, scale, shift)
+        elif in_t is double and out_t is double and BNF_VECTOR_LOOPS:
+            bnfast_affine_dd(a, o, d, 1, w, center, scale, shift)
+        else:
+            for j in range(w):
+                o[j] = <out_t>((a[j] - center[j]) * scale[j] + shift[j])
+        if stream:
+            bnfast_stream(y + i * d + c0, staging, w * sizeof(out_t))
+        i += 1
+
+
+cdef Py_ssize_t _affine_folded(const in_t* x, out_t* y, bint stream, Py_ssize_t d,
+                              Py_ssize_t m, Py_ssize_t r0, Py_ssize_t r1, const double* center,
+                              const double* scale, const double* shift) noexcept nogil:
+    """_affine_rows over the whole groups of m rows in r0..r1 as folded rows;
+    returns the first row left."""
+    cdef Py_ssize_t lanes = m * d, groups = (r1 - r0) // m
+    cdef double lanes_center[FOLD_MAX_LANES]
+    cdef double lanes_scale[FOLD_MAX_LANES]
+    cdef double lanes_shift[FOLD_MAX_LANES]
+    cdef double staging[FOLD_MAX_LANES]
+    if groups == 0:
+        return r0
+    _repeat(center, d, m, lanes_center)
+    _repeat(scale, d, m, lanes_scale)
+    _repeat(shift, d, m, lanes_shift)
+    _affine_rows(x + r0 * d, y + r0 * d, stream, lanes, 1, 0, groups, 0, lanes, lanes_center,
+                 lanes_scale, lanes_shift, <out_t*>staging)
+    return r0 + groups * m
+
+
+cdef inline void _page_bounds(const Grid* g, Py_ssize_t t, Py_ssize_t* r0, Py_ssize_t* r1,
+                              Py_ssize_t* c0, Py_ssize_t* c1) noexcept nogil:
+    """Rows and columns of element-pass task t."""
+    cdef Py_ssize_t k = t // g.n_col_splits
+    r0[0] = k * g.page_rows
+    r1[0] = r0[0] + g.page_rows if r0[0] + g.page_rows < g.n_rows else g.n_rows
+    c0[0] = (t - k * g.n_col_splits) * g.page_cols
+    c1[0] = c0[0] + g.page_cols if c0[0] + g.page_cols < g.n_cols else g.n_cols
+
+
+cdef void _affine_pages(const Grid* g, Py_ssize_t t, const in_t* x, out_t* y,
+                        const double* center, const double* scale, const double* shift,
+                        out_t* staging) noexcept nogil:
+    """Element-pass task t: its rows, column block by column block (each
+    block's coefficients stay in L1 for all the rows)."""
+    cdef Py_ssize_t r0, r1, c0, c1, w
+    _page_bounds(g, t, &r0, &r1, &c0, &c1)
+    while c0 < c1:
+        w = g.col_block if c0 + g.col_block <= c1 else c1 - c0
+        _affine_rows(x, y, g.stream_pages, g.n_cols, g.fold, r0, r1, c0, w, center + c0,
+                     scale + c0, shift + c0, staging)
+        c0 += g.col_block
+
+
+cdef void _grad_sums_rows(const in_t* x, const in_t* dy, Py_ssize_t d, Py_ssize_t fold,
+                          Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w,
+                          const double* center, acc_t sum_dy,
+                          acc_t sum_dy_xc) noexcept nogil:
+    """Per feature: sum(dy) and sum(dy * (x - center)) over rows r0..r1."""
+    cdef Py_ssize_t i = r0, j, m = fold if w == d else 1
+    cdef const in_t* a
+    cdef const in_t* g
+    cdef double g0, g1, g2, g3
+    for j in range(w):
+        sum_dy[j] = 0.0
+        sum_dy_xc[j] = 0.0
+    if m > 1:
+        i = _grad_sums_folded(x, dy, d, m, r0, r1, center, sum_dy, sum_dy_xc)
+    while i + 4 <= r1:
+        a = x + i * d + c0
+        g = dy + i * d + c0
+        if in_t is float:
+            bnfast_rows_grad_sums_f(a, g, d, 4, w, center, sum_dy, sum_dy_xc)
+        else:
+            for j in range(w):
+                g0 = g[j]
+                g1 = g[d + j]
+                g2 = g[2 * d + j]
+                g3 = g[3 * d + j]
+                sum_dy[j] += (g0 + g1) + (g2 + g3)
+                sum_dy_xc[j] += ((g0 * (a[j] - center[j]) + g1 * (a[d + j] - center[j]))
+                                 + (g2 * (a[2 * d + j] - center[j])
+                                    + g3 * (a[3 * d + j] - center[j])))
+        i += 4
+    while i < r1:
+        a = x + i * d + c0
+        g = dy + i * d + c0
+        if in_t is float:
+            bnfast_rows_grad_sums_f(a, g, d, 1, w, center, sum_dy, sum_dy_xc)
+        else:
+            for j in range(w):
+                g0 = g[j]
+                sum_dy[j] += g0
+                sum_dy_xc[j] += g0 * (a[j] - center[j])
+        i += 1
+
+
+cdef Py_ssize_t _grad_sums_folded(const in_t* x, const in_t* dy, Py_ssize_t d, Py_ssize_t m,
+                                  Py_ssize_t r0, Py_ssize_t r1, const double* center,
+                                  double* sum_dy, double* sum_dy_xc) noexcept nogil:
+    """sum_dy, sum_dy_xc += the sums over the whole groups of m rows in
+    r0..r1 (folded rows); returns the first row left."""
+    cdef Py_ssize_t lanes = m * d, groups = (r1 - r0) // m
+    cdef double lanes_center[FOLD_MAX_LANES]
+    cdef double l1[FOLD_MAX_LANES]
+    cdef double l2[FOLD_MAX_LANES]
+    if groups == 0:
+        return r0
+    _repeat(center, d, m, lanes_center)
+    _grad_sums_rows(x + r0 * d, dy + r0 * d, lanes, 1, 0, groups, 0, lanes, lanes_center, l1, l2)
+    _add_lanes(l1, d, m, sum_dy)
+    _add_lanes(l2, d, m, sum_dy_xc)
+    return r0 + groups * m
+
+
+cdef void _grad_input_rows(const in_t* x, const in_t* dy, out_t* dx, bint stream, Py_ssize_t d,
+                           Py_ssize_t fold, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
+                           Py_ssize_t w, const double* center, const double* mean_dy,
+                           const double* k_xc, const double* k, out_t* staging) noexcept nogil:
+    """dx = k * ((dy - mean_dy) - k_xc * (x - center)), per feature.
+
+    The differences come first so that what cancels mathematically cancels
+    exactly (a batch of one gives dx == 0, as in the reference).  Four rows
+    share each load of the four coefficients."""
+    cdef Py_ssize_t i = r0, j, m_fold = fold if w == d else 1
+    cdef const in_t* a
+    cdef const in_t* g
+    cdef out_t* o
+    cdef double c, m, q, kk
+    if m_fold > 1:
+        i = _grad_input_folded(x, dy, dx, stream, d, m_fold, r0, r1, center, mean_dy, k_xc, k)
+    if not stream:
+        while i + 4 <= r1:
+            a = x + i * d + c0
+            g = dy + i * d + c0
+            o = dx + i * d + c0
+            if in_t is float and out_t is float:
+                bnfast_grad_input_ff(a, g, o, d, 4, w, center, mean_dy, k_xc, k)
+            elif in_t is double and out_t is double and BNF_VECTOR_LOOPS:
+                bnfast_grad_input_dd(a, g, o, d, 4, w, center, mean_dy, k_xc, k)
+            else:
+                for j in range(w):
+                    c = center[j]
+                    m = mean_dy[j]
+                    q = k_xc[j]
+                    kk = k[j]
+                    o[j] = <out_t>(kk * ((g[j] - m) - q * (a[j] - c)))
+                    o[d + j] = <out_t>(kk * ((g[d + j] - m) - q * (a[d + j] - c)))
+                    o[2 * d + j] = <out_t>(kk * ((g[2 * d + j] - m) - q * (a[2 * d + j] - c)))
+                    o[3 * d + j] = <out_t>(kk * ((g[3 * d + j] - m) - q * (a[3 * d + j] - c)))
+            i += 4
+    while i < r1:
+        a = x + i * d + c0
+        g = dy + i * d + c0
+        o = staging if stream else dx + i * d + c0
+        if in_t is float and out_t is float:
+            bnfast_grad_input_ff(a, g, o, d, 1, w, center, mean_dy, k_xc, k)
+        elif in_t is double and out_t is double and BNF_VECTOR_LOOPS:
+            bnfast_grad_input_dd(a, g, o, d, 1, w, center, mean_dy, k_xc, k)
+        else:
+            for j in range(w):
+                o[j] = <out_t>(k[j] * ((g[j] - mean_dy[j]) - k_xc[j] * (a[j] - center[j])))
+        if stream:
+            bnfast_stream(dx + i * d + c0, staging, w * sizeof(out_t))
+        i += 1
+
+
+cdef Py_ssize_t _grad_input_folded(const in_t* x, const in_t* dy, out_t* dx, bint stream,
+                                   Py_ssize_t d, Py_ssize_t m, Py_ssize_t r0, Py_ssize_t r1,
+                                   const double* center, const double* mean_dy,
+                                   const double* k_xc, const double* k) noexcept nogil:
+    """_grad_input_rows over the whole groups of m rows in r0..r1 as folded
+    rows; returns the first row left."""
+    cdef Py_ssize_t lanes = m * d, groups = (r1 - r0) // m, off = r0 * d
+    cdef double lanes_center[FOLD_MAX_LANES]
+    cdef double lanes_mean_dy[FOLD_MAX_LANES]
+    cdef double lanes_k_xc[FOLD_MAX_LANES]
+    cdef double lanes_k[FOLD_MAX_LANES]
+    cdef double staging[FOLD_MAX_LANES]
+    if groups == 0:
+        return r0
+    _repeat(center, d, m, lanes_center)
+    _repeat(mean_dy, d, m, lanes_mean_dy)
+    _repeat(k_xc, d, m, lanes_k_xc)
+    _repeat(k, d, m, lanes_k)
+    _grad_input_rows(x + off, dy + off, dx + off, stream, lanes, 1, 0, groups, 0, lanes,
+                     lanes_center, lanes_mean_dy, lanes_k_xc, lanes_k, <out_t*>staging)
+    return r0 + groups * m
+
+
+cdef void _grad_input_pages(const Grid* g, Py_ssize_t t, const in_t* x, const in_t* dy,
+                            out_t* dx, const double* center, const double* mean_dy,
+                            const double* k_xc, const double* k, out_t* staging) noexcept nogil:
+    """_grad_input_rows over element-pass task t (see _affine_pages)."""
+    cdef Py_ssize_t r0, r1, c0, c1, w
+    _page_bounds(g, t, &r0, &r1, &c0, &c1)
+    while c0 < c1:
+        w = g.col_block if c0 + g.col_block <= c1 else c1 - c0
+        _grad_input_rows(x, dy, dx, g.stream_pages, g.n_cols, g.fold, r0, r1, c0, w, center + c0,
+                         mean_dy + c0, k_xc + c0, k + c0, staging)
+        c0 += g.col_block
+
+
+cdef void _eval_grad_rows(const in_t* x, const in_t* dy, out_t* dx, bint stream, Py_ssize_t d,
+                          Py_ssize_t fold, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
+                          Py_ssize_t w, const double* center, const double* dx_scale,
+                          acc_t sum_dy, acc_t sum_dy_xc, out_t* staging) noexcept nogil:
+    """dx = dy * dx_scale, with the sums of dy and dy * (x - center), one pass."""
+    cdef Py_ssize_t i, j, m = fold if w == d else 1
+    cdef const in_t* xr
+    cdef const in_t* gr
+    cdef out_t* dr
+    cdef double g0
+    for j in range(w):
+        sum_dy[j] = 0.0
+        sum_dy_xc[j] = 0.0
+    if m > 1:
+        r0 = _eval_grad_folded(x, dy, dx, stream, d, m, r0, r1, center, dx_scale, sum_dy,
+                               sum_dy_xc)
+    for i in range(r0, r1):
+        xr = x + i * d + c0
+        gr = dy + i * d + c0
+        dr = staging if stream else dx + i * d + c0
+        for j in range(w):
+            g0 = gr[j]
+            sum_dy[j] += g0
+            sum_dy_xc[j] += g0 * (xr[j] - center[j])
+            dr[j] = <out_t>(g0 * dx_scale[j])
+        if stream:
+            bnfast_stream(dx + i * d + c0, staging, w * sizeof(out_t))
+
+
+cdef Py_ssize_t _eval_grad_folded(const in_t* x, const in_t* dy, out_t* dx, bint stream,
+                                  Py_ssize_t d, Py_ssize_t m, Py_ssize_t r0, Py_ssize_t r1,
+                                  const double* center, const double* dx_scale, double* sum_dy,
+                                  double* sum_dy_xc) noexcept nogil:
+    """_eval_grad_rows over the whole groups of m rows in r0..r1 as folded
+    rows (sums added to sum_dy, sum_dy_xc); returns the first row left."""
+    cdef Py_ssize_t lanes = m * d, groups = (r1 - r0) // m, off = r0 * d
+    cdef double lanes_center[FOLD_MAX_LANES]
+    cdef double lanes_dx_scale[FOLD_MAX_LANES]
+    cdef double l1[FOLD_MAX_LANES]
+    cdef double l2[FOLD_MAX_LANES]
+    cdef double staging[FOLD_MAX_LANES]
+    if groups == 0:
+        return r0
+    _repeat(center, d, m, lanes_center)
+    _repeat(dx_scale, d, m, lanes_dx_scale)
+    _eval_grad_rows(x + off, dy + off, dx + off, stream, lanes, 1, 0, groups, 0, lanes,
+                    lanes_center, lanes_dx_scale, l1, l2, <out_t*>staging)
+    _add_lanes(l1, d, m, sum_dy)
+    _add_lanes(l2, d, m, sum_dy_xc)
+    return r0 + groups * m
+
+
+
+
+# ---------------------------------------------------------------------------
+# The parallel driver, written once.
+#
+# An operation runs as one to three phases.  A phase applies one step (a
+# task function, named by a Step) to tasks 0..n-1 of the operation's grid: a
+# Grid's tasks, column blocks or element-pass pages, or a Planes' reduction
+# or element tasks.  A phase starts when every thread has finished the one
+# before (an explicit barrier: Cython's prange in a parallel block promises
+# none).  A task writes only its own part of the output and its own slot of
+# the partials, and partials are merged in a fixed order (by a later phase,
+# or after the driver returns), never as threads finish: results are
+# bitwise the same for any number of threads.  _drive runs the phases
+# inline when the grid says one thread (no thread-team set-up for small
+# calls), else on one thread team for all of them (waking a team costs
+# microseconds, a real share of a mid-size call), and gives every thread
+# `rows` rows of col_block doubles of scratch; an element pass that streams
+# its output stages rows in the last of them.
+# _step is the one place that maps a step to its task function: a new
+# operation adds its steps there and describes its phases in a Work.
+
+cdef enum Step:
+    STEP_TRAIN_STRIP        # statistics, coefficients and output of whole columns
+    STEP_STATS_BLOCK        # per-chunk mean and M2 of a (row chunk, column block), cache = x
+    STEP_TRAIN_COEF         # a column block's merge, statistics, scale and shift
+    STEP_AFFINE_PAGES       # y = (x - coef[0]) * coef[1] + coef[2], by pages
+    STEP_EVAL               # the eval forward's coefficients and output, by pages
+    STEP_BACKWARD_STRIP     # a training backward's sums, coefficients and dx of whole columns
+    STEP_GRAD_SUMS_BLOCK    # per-chunk sum(dy) and sum(dy * (x - coef[0])) of a block
+    STEP_BACKWARD_COEF      # a column block's sums added, dgamma, dbeta, dx coefficients
+    STEP_GRAD_INPUT_PAGES   # dx = coef[3] * ((dy - coef[1]) - coef[2] * (x - coef[0])), by pages
+    STEP_EVAL_BACKWARD      # the eval backward's dx and per-chunk sums of a block
+    STEP_PLANE_MOMENTS      # per-chunk shifted sums of a block of channels' planes
+    STEP_PLANE_GRAD_SUMS    # per-chunk sum(dy) and sum(dy * (x - coef[0])) of channels
+    STEP_PLANE_COPY         # cache = x over a task's planes
+    STEP_PLANE_AFFINE       # as STEP_AFFINE_PAGES (and cache = x) over a task's planes
+    STEP_PLANE_GRAD_INPUT   # as STEP_GRAD_INPUT_PAGES over a task's planes
+    STEP_PLANE_SCALE        # dx = dy * coef[0] over a task's planes
+
+
+
+
+
+cdef struct Phase:
+    Step step
+    Py_ssize_t n_tasks
+    bint dynamic            # reductions (tasks of uneven cost): dynamic schedule
+
+
+cdef struct Work:
+    # An operation's phases and what its tasks share besides its Call.
+    Phase phase[3]
+    int n_phases
+    int n_threads
+    Py_ssize_t rows         # scratch rows per thread, of col_block doubles
+    Py_ssize_t col_block
+    double* part            # per-chunk partials
+    double* shifts          # the statistics' per-feature shifts
+    double* totals          # per-feature sums, merged
+    const double* coef[4]   # an element pass's per-feature coefficients
+
+
+cdef inline Work _work(int n_threads, Py_ssize_t col_block, Py_ssize_t rows) noexcept nogil:
+    cdef Work w
+    memset(&w, 0, sizeof(w))
+    w.n_threads = n_threads
+    w.col_block = col_block
+    w.rows = rows
+    return w
+
+
+cdef inline void _phase(Work* w, Step step, Py_ssize_t n_tasks, bint dynamic) noexcept nogil:
+    w.phase[w.n_phases].step = step
+    w.phase[w.n_phases].n_tasks = n_tasks
+    w.phase[w.n_phases].dynamic = dynamic
+    w.n_phases += 1
+
+
+cdef void _step(const Call* c, const Work* w, Step step, Py_ssize_t t, double* mine,
+                const in_t* in_type, out_t* out_type) noexcept nogil:
+    """Task t of a phase (in_type, out_type: NULL, naming the dtypes)."""
+    cdef const Grid* g = c.grid
+    cdef const Planes* p = c.planes
+    cdef const in_t* x = <const in_t*>c.x
+    cdef const in_t* dy = <const in_t*>c.dy
+    cdef in_t* cache = <in_t*>c.cache
+    cdef out_t* y = <out_t*>c.y
+    cdef out_t* staging = NULL
+    if w.rows > 0:
+        staging = <out_t*>(mine + (w.rows - 1) * w.col_block)
+    if step == STEP_TRAIN_STRIP:
+        _train_strip(g, t, x, cache, y, <const TrainArgs*>c.args, mine)
+    elif step == STEP_STATS_BLOCK:
+        _train_block_stats(g, t, x, cache, w.shifts, w.part, mine)
+    elif step == STEP_TRAIN_COEF:
+        _train_coefficients(g, t, w.shifts, <const TrainArgs*>c.args, w.part, mine)
+    elif step == STEP_AFFINE_PAGES:
+        _affine_pages(g, t, x, y, w.coef[0], w.coef[1], w.coef[2], staging)
+    elif step == STEP_EVAL:
+        _eval_task(g, t, x, y, c.vec[0], c.vec[1], c.vec[2], c.vec[3], c.eps, mine)
+    elif step == STEP_BACKWARD_STRIP:
+        _backward_strip(g, t, x, dy, y, <const GradArgs*>c.args, mine)
+    elif step == STEP_GRAD_SUMS_BLOCK:
+        _backward_block_sums(g, t, x, dy, w.coef[0], w.part)
+    elif step == STEP_BACKWARD_COEF:
+        _backward_block_coefficients(g, t, <const GradArgs*>c.args, w.part, w.totals)
+    elif step == STEP_GRAD_INPUT_PAGES:
+        _grad_input_pages(g, t, x, dy, y, w.coef[0], w.coef[1], w.coef[2], w.coef[3], staging)
+    elif step == STEP_EVAL_BACKWARD:
+        _eval_backward_task(g, t, x, dy, y, <const EvalArgs*>c.args, w.part, mine)
+    elif step == STEP_PLANE_MOMENTS:
+        _plane_moments_task(p, t, x, w.shifts, w.part)
+    elif step == STEP_PLANE_GRAD_SUMS:
+        _plane_grad_sums_task(p, t, x, dy, w.coef[0], w.part)
+    elif step == STEP_PLANE_COPY:
+        _plane_copy_task(p, t, x, cache)
+    elif step == STEP_PLANE_AFFINE:
+        _plane_affine_task(p, t, x, cache, y, w.coef[0], w.coef[1], w.coef[2])
+    elif step == STEP_PLANE_GRAD_INPUT:
+        _plane_grad_input_task(p, t, x, dy, y, w.coef[0], w.coef[1], w.coef[2], w.coef[3])
+    elif step == STEP_PLANE_SCALE:
+        _plane_scale_task(p, t, dy, y, w.coef[0])
+
+
+cdef int _drive(const Call* c, const Work* w, const in_t* in_type,
+                out_t* out_type) noexcept nogil:
+    """Run w's phases (see above).  Non-zero: no memory for the scratch."""
+    cdef Py_ssize_t t, per_thread = w.rows * w.col_block
+    cdef int k = 0
+    cdef double local[LOCAL_SCRATCH + 8]
+    cdef void* raw = <void*>local
+    cdef double* scratch = NULL
+    cdef double* mine = NULL
+    if per_thread > 0:
+        # small calls' scratch on the stack (malloc and free cost a small
+        # call 50 ns); any of it on a 64-byte line, so that vector loads of
+        # a row of coefficients never straddle two (where malloc's 16-byte
+        # alignment put it mid-line, 256 x 1024 float32 element passes ran
+        # 5-15 % slower)
+        if w.n_threads * per_thread > LOCAL_SCRATCH:
+            raw = malloc((w.n_threads * per_thread + 8) * sizeof(double))
+            if raw == NULL:
+                return -1
+        scratch = <double*>((<uintptr_t>raw + 63) & ~(<uintptr_t>63))
+    if w.n_threads == 1:
+        for k in range(w.n_phases):
+            for t in range(w.phase[k].n_tasks):
+                _step(c, w, w.phase[k].step, t, scratch, in_type, out_type)
+    else:
+        with parallel(num_threads=w.n_threads):
+            if scratch != NULL:
+                mine = scratch + threadid() * per_thread
+            for k in range(w.n_phases):
+                if k > 0:
+                    bnfast_barrier()     # phase k reads what phase k - 1 wrote
+                if w.phase[k].dynamic:
+                    for t in prange(w.phase[k].n_tasks, schedule="dynamic"):
+                        _step(c, w, w.phase[k].step, t, mine, in_type, out_type)
+                else:
+                    for t in prange(w.phase[k].n_tasks, schedule="static"):
+                        _step(c, w, w.phase[k].step, t, mine, in_type, out_type)
+            bnfast_fence()
+    if raw != <void*>local:
+        free(raw)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Whole operations: each is its tasks (below) and a description of its
+# phases, which the parallel driver (_drive, after the per-channel kernels)
+# runs; buffers shared by the tasks, and steps before and after, are the
+# operation's own.
+
+
+cdef void _train_strip(const Grid* g, Py_ssize_t t, const in_t* x, in_t* cache, out_t* y,
+                       const TrainArgs* a, double* mine) noexcept nogil:
+    """Strip task: statistics, coefficients and output of whole columns.
+    mine: 4 rows (shift, then sums; then beta, scale, temp, staging)."""
+    cdef Task task = _task(g, t)
+    cdef Py_ssize_t cb = g.col_block
+    _shift_of(x, g.n_cols, g.n_rows, task.c0, task.w, mine)
+    _stats_rows(x, cache, g.stream_cache, g.n_rows, g.n_cols, g.fold, task.r0, task.r1, task.c0,
+                task.w, g.block_rows, mine, a.mean + task.c0, a.var + task.c0, mine + cb,
+                mine + 2 * cb)
+    _finish_stats(a, g.n_rows, task.c0, task.w, mine, mine + cb, mine, mine + 2 * cb)
+    _affine_rows(x, y, g.stream, g.n_cols, g.fold, task.r0, task.r1, task.c0, task.w,
+                 a.mean + task.c0, mine + cb, mine, <out_t*>(mine + 3 * cb))
+
+
+cdef void _block_shifts(const Grid* g, const in_t* x, double* shifts) noexcept nogil:
+    """Every feature's shift (see _shift_of), computed once before the
+    row-block statistics tasks where several row chunks share each column
+    block: each task computing it again read 8 more rows (perf: 13 % of a
+    cached 256 x 1024 float32 statistics pass).  With one chunk, each column
+    block's only task computes its own, in parallel."""
+    if g.n_chunks > 1:
+        _shift_of(x, g.n_cols, g.n_rows, 0, g.n_cols, shifts)
+
+
+cdef void _train_block_stats(const Grid* g, Py_ssize_t t, const in_t* x, in_t* cache,
+                             double* shifts, double* part, double* mine) noexcept nogil:
+    """Block task: per-chunk mean (relative to the shift) and M2 of a column
+    block (and cache = x).  mine: 2 rows."""
+    cdef Task task = _task(g, t)
+    cdef Py_ssize_t cb = g.col_block, d = g.n_cols
+    if g.n_chunks == 1:
+        _shift_of(x, d, g.n_rows, task.c0, task.w, shifts + task.c0)
+    _stats_rows(x, cache, g.stream_cache, g.n_rows, d, g.fold, task.r0, task.r1, task.c0, task.w,
+                g.block_rows, shifts + task.c0, part + task.k * d + task.c0,
+                part + (g.n_chunks + task.k) * d + task.c0, mine, mine + cb)
+
+
+cdef void _train_coefficients(const Grid* g, Py_ssize_t t, const double* shifts,
+                              const TrainArgs* a, double* part, double* mine) noexcept nogil:
+    """Column block t: its per-chunk statistics merged, then mean, var,
+    invstd, running statistics, and scale and shift into part's rows 0 and 1
+    (whose partials of these columns the merge has consumed).  mine: 1 row."""
+    cdef Py_ssize_t c0 = t * g.col_block, d = g.n_cols
+    cdef Py_ssize_t w = g.col_block if c0 + g.col_block <= d else d - c0
+    _merge_chunk_columns(g, part, part + g.n_chunks * d, a.mean, a.var, c0, c0 + w)
+    _finish_stats(a, g.n_rows, c0, w, shifts + c0, part + c0, part + d + c0, mine)
+
+
+cdef int _train_forward(const Call* c, const in_t* x, out_t* y) noexcept nogil:
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta with the batch's own
+    statistics; also mean, var, invstd, running statistics, cache = x."""
+    cdef const Grid* g = c.grid
+    cdef Py_ssize_t d = g.n_cols
+    cdef Work w
+    cdef int status
+    if g.fused:
+        w = _work(g.n_threads, g.col_block, 4)
+        _phase(&w, STEP_TRAIN_STRIP, g.n_tasks, True)
+        return _drive(c, &w, x, y)
+    # Row blocks: statistics; the merge and coefficients per column block;
+    # output.  part rows: per-chunk means and M2s; after the coefficients,
+    # its first two hold scale and shift; its last row holds the shifts.
+    w = _work(g.n_threads, g.col_block, 3)
+    w.part = <double*>malloc((2 * (g.n_chunks + 1) + 1) * d * sizeof(double))
+    if w.part == NULL:
+        return -1
+    w.shifts = w.part + 2 * (g.n_chunks + 1) * d
+    _block_shifts(g, x, w.shifts)
+    w.coef[0], w.coef[1], w.coef[2] = (<const TrainArgs*>c.args).mean, w.part, w.part + d
+    _phase(&w, STEP_STATS_BLOCK, g.n_tasks, True)
+    _phase(&w, STEP_TRAIN_COEF, g.n_col_blocks, False)
+    _phase(&w, STEP_AFFINE_PAGES, g.n_page_tasks, False)
+    status = _drive(c, &w, x, y)
+    free(w.part)
+    return status
+
+
+cdef void _eval_task(const Grid* g, Py_ssize_t t, const in_t* x, out_t* y, const Vec* gamma,
+                     const Vec* beta, const Vec* rm, const Vec* rv, double eps,
+                     double* mine) noexcept nogil:
+    """Element-pass task t of the eval forward: per column block, the
+    coefficients center, scale = gamma / sqrt(rv + eps) and shift (computed
+    into L1 scratch, used for all the task's rows), then the rows.
+    mine: 4 rows."""
+    cdef Py_ssize_t r0, r1, c0, c1, w, cb = g.col_block
+    _page_bounds(g, t, &r0, &r1, &c0, &c1)
+    while c0 < c1:
+        w = cb if c0 + cb <= c1 else c1 - c0
+        _eval_coefficients(gamma, beta, rm, rv, eps, c0, w, mine, mine + cb, mine + 2 * cb)
+        _affine_rows(x, y, g.stream_pages, g.n_cols, g.fold, r0, r1, c0, w, mine, mine + cb,
+                     mine + 2 * cb, <out_t*>(mine + 3 * cb))
+        c0 += cb
+
+
+cdef int _eval_forward(const Call* c, const in_t* x, out_t* y) noexcept nogil:
+    """y = gamma * (x - rm) / sqrt(rv + eps) + beta, one pass."""
+    cdef Work w = _work(c.grid.n_threads, c.grid.col_block, 4)
+    _phase(&w, STEP_EVAL, c.grid.n_page_tasks, False)
+    return _drive(c, &w, x, y)
+
+
+cdef void _backward_direct(Py_ssize_t n, Py_ssize_t w, const double* invstd,
+                           const param_t* gamma, double* sum_dy, double* sum_dy_xc,
+                           double* k_xc, double* k, param_t* dgamma,
+                           param_t* dbeta) noexcept nogil:
+    """_backward_coefficients for contiguous gamma, dgamma and dbeta of one
+    dtype (the layer's case): dbeta, dgamma and k in one loop (no
+    conversion passes), then the means and k_xc."""
+    cdef Py_ssize_t j
+    cdef double r
+    for j in range(w):
+        r = invstd[j]
+        dbeta[j] = <param_t>sum_dy[j]
+        dgamma[j] = <param_t>(sum_dy_xc[j] * r)
+        k[j] = gamma[j] * r
+    _divide_by_count(sum_dy, w, n)
+    _divide_by_count(sum_dy_xc, w, n)
+    for j in range(w):
+        k_xc[j] = invstd[j] * invstd[j] * sum_dy_xc[j]
+
+
+cdef void _backward_coefficients(Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w, const double* invstd,
+                                 const Vec* gamma, double* sum_dy, double* sum_dy_xc,
+                                 double* k_xc, double* k, OutVec* dgamma,
+                                 OutVec* dbeta) noexcept nogil:
+    """dgamma, dbeta and the pass-2 coefficients of columns c0..c0+w; turns
+    sum_dy into mean(dy) (and sum_dy_xc, scratch, into its mean).  invstd
+    points at column c0."""
+    cdef Py_ssize_t j
+    if gamma.stride != 0 and dgamma.is_f64 == dbeta.is_f64 and gamma.is_f64 == dgamma.is_f64:
+        if gamma.is_f64:
+            _backward_direct(n, w, invstd, <const double*>gamma.data + c0, sum_dy, sum_dy_xc,
+                             k_xc, k, <double*>dgamma.data + c0, <double*>dbeta.data + c0)
+        else:
+            _backward_direct(n, w, invstd, <const float*>gamma.data + c0, sum_dy, sum_dy_xc,
+                             k_xc, k, <float*>dgamma.data + c0, <float*>dbeta.data + c0)
+        return
+    _store(dbeta, c0, w, sum_dy)
+    for j in range(w):
+        k_xc[j] = sum_dy_xc[j] * invstd[j]          # dgamma, for now
+    _store(dgamma, c0, w, k_xc)
+    _expand(gamma, c0, w, k)
+    _divide_by_count(sum_dy, w, n)
+    _divide_by_count(sum_dy_xc, w, n)
+    for j in range(w):
+        k[j] = k[j] * invstd[j]
+        k_xc[j] = invstd[j] * invstd[j] * sum_dy_xc[j]
+
+
+
+
+
+cdef void _backward_strip(const Grid* g, Py_ssize_t t, const in_t* x, const in_t* dy,
+                          out_t* dx, const GradArgs* a, double* mine) noexcept nogil:
+    """Strip task: sums, coefficients and dx of whole columns (pass 2 from L2)."""
+    cdef Task task = _task(g, t)
+    cdef Py_ssize_t cb = g.col_block
+    _grad_sums_rows(x, dy, g.n_cols, g.fold, task.r0, task.r1, task.c0, task.w, a.mean + task.c0,
+                    mine, mine + cb)
+    _backward_coefficients(g.n_rows, task.c0, task.w, a.invstd + task.c0, a.gamma, mine,
+                           mine + cb, mine + 2 * cb, mine + 3 * cb, a.dgamma, a.dbeta)
+    _grad_input_rows(x, dy, dx, g.stream, g.n_cols, g.fold, task.r0, task.r1, task.c0, task.w,
+                     a.mean + task.c0, mine, mine + 2 * cb, mine + 3 * cb,
+                     <out_t*>(mine + 4 * cb))
+
+
+cdef void _backward_block_sums(const Grid* g, Py_ssize_t t, const in_t* x, const in_t* dy,
+                               const double* mean, double* part) noexcept nogil:
+    """Block task: per-chunk sum(dy) and sum(dy * (x - mean)) of a column block."""
+    cdef Task task = _task(g, t)
+    cdef Py_ssize_t d = g.n_cols
+    _grad_sums_rows(x, dy, d, g.fold, task.r0, task.r1, task.c0, task.w, mean + task.c0,
+                    part + task.k * d + task.c0, part + (g.n_chunks + task.k) * d + task.c0)
+
+
+cdef void _sum_chunks(const Grid* g, const double* part, double* totals) noexcept nogil:
+    """totals rows 0, 1: the two per-chunk sums of part, added in chunk order."""
+    _sum_chunk_columns(g, part, totals, 0, g.n_cols)
+
+
+cdef void _sum_chunk_columns(const Grid* g, const double* part, double* totals,
+                             Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """_sum_chunks of columns c0..c1."""
+    cdef Py_ssize_t d = g.n_cols, k, j
+    for j in range(c0, c1):
+        totals[j] = part[j]
+        totals[d + j] = part[g.n_chunks * d + j]
+    for k in range(1, g.n_chunks):
+        for j in range(c0, c1):
+            totals[j] += part[k * d + j]
+            totals[d + j] += part[(g.n_chunks + k) * d + j]
+
+
+cdef void _backward_block_coefficients(const Grid* g, Py_ssize_t t, const GradArgs* a,
+                                       double* part, double* totals) noexcept nogil:
+    """Column block t of the row-block backward: its per-chunk sums added,
+    then dgamma, dbeta and the coefficients (k_xc, k into part's rows 0 and
+    1, whose partials of these columns are consumed by then)."""
+    cdef Py_ssize_t d = g.n_cols, c0 = t * g.col_block
+    cdef Py_ssize_t w = g.col_block if c0 + g.col_block <= d else d - c0
+    _sum_chunk_columns(g, part, totals, c0, c0 + w)
+    _backward_coefficients(g.n_rows, c0, w, a.invstd + c0, a.gamma, totals + c0,
+                           totals + d + c0, part + c0, part + d + c0, a.dgamma, a.dbeta)
+
+
+cdef int _train_backward(const Call* c, const in_t* x, out_t* dx) noexcept nogil:
+    """dx = gamma*invstd*(dy - mean(dy) - xhat*mean(dy*xhat)); two passes."""
+    cdef const Grid* g = c.grid
+    cdef const GradArgs* a = <const GradArgs*>c.args
+    cdef Py_ssize_t d = g.n_cols
+    cdef Work w
+    cdef int status
+    if g.fused:
+        w = _work(g.n_threads, g.col_block, 5)
+        _phase(&w, STEP_BACKWARD_STRIP, g.n_tasks, True)
+        return _drive(c, &w, x, dx)
+    # Row blocks: per-chunk sums, merged in chunk order, then dx.  part rows:
+    # 0..K-1 sum_dy per chunk, K..2K-1 sum_dy_xc per chunk, 2K and 2K+1 the
+    # totals; once merged, rows 0 and 1 hold the coefficients k_xc and k.
+    w = _work(g.n_threads, g.col_block, 1)
+    w.part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
+    if w.part == NULL:
+        return -1
+    w.totals = w.part + 2 * g.n_chunks * d
+    w.coef[0], w.coef[1], w.coef[2], w.coef[3] = a.mean, w.totals, w.part, w.part + d
+    _phase(&w, STEP_GRAD_SUMS_BLOCK, g.n_tasks, True)
+    _phase(&w, STEP_BACKWARD_COEF, g.n_col_blocks, False)
+    _phase(&w, STEP_GRAD_INPUT_PAGES, g.n_page_tasks, False)
+    status = _drive(c, &w, x, dx)
+    free(w.part)
+    return status
+
+
+
+
+cdef void _eval_backward_task(const Grid* g, Py_ssize_t t, const in_t* x, const in_t* dy,
+                              out_t* dx, const EvalArgs* a, double* part,
+                              double* mine) noexcept nogil:
+    """dx of a (row chunk, column block) and its per-chunk sums."""
+    cdef Task task = _task(g, t)
+    cdef Py_ssize_t cb = g.col_block, d = g.n_cols, j
+    # mine rows: center, invstd, dx_scale, staging
+    _expand(a.rm, task.c0, task.w, mine)
+    _expand(a.rv, task.c0, task.w, mine + cb)
+    _expand(a.gamma, task.c0, task.w, mine + 2 * cb)
+    for j in range(task.w):
+        mine[cb + j] = 1.0 / sqrt(mine[cb + j] + a.eps)
+        mine[2 * cb + j] = mine[2 * cb + j] * mine[cb + j]
+    _eval_grad_rows(x, dy, dx, g.stream, d, g.fold, task.r0, task.r1, task.c0, task.w, mine,
+                    mine + 2 * cb, part + task.k * d + task.c0,
+                    part + (g.n_chunks + task.k) * d + task.c0, <out_t*>(mine + 3 * cb))
+
+
+cdef int _eval_backward(const Call* c, const in_t* x, out_t* dx) noexcept nogil:
+    """Gradient of the eval-mode function: statistics are constants. One pass."""
+    cdef const Grid* g = c.grid
+    cdef const EvalArgs* a = <const EvalArgs*>c.args
+    cdef Py_ssize_t d = g.n_cols, j
+    cdef double* totals
+    cdef Work w = _work(g.n_threads, g.col_block, 4)
+    w.part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
+    if w.part == NULL:
+        return -1
+    _phase(&w, STEP_EVAL_BACKWARD, g.n_tasks, False)
+    if _drive(c, &w, x, dx) != 0:
+        free(w.part)
+        return -1
+    totals = w.part + 2 * g.n_chunks * d
+    _sum_chunks(g, w.part, totals)
+    _store(c.dbeta, 0, d, totals)
+    _expand(a.rv, 0, d, totals)           # sum_dy is stored; reuse its row
+    for j in range(d):
+        totals[d + j] = totals[d + j] / sqrt(totals[j] + a.eps)
+    _store(c.dgamma, 0, d, totals + d)
+    free(w.part)
+    return 0
+
+
+include "_planes.pxi"
+
+
+# ---------------------------------------------------------------------------
+# Split phases: the training passes with the cross-process reductions cut
+# out (bnfast.functional's split-phase functions, SyncBatchNormalization).
+# Each reuses the layer's tasks on the same grid, so one shard's statistics
+# are the ones the layer computes for that batch; with a Planes (p not NULL)
+# they run per channel on an NCHW batch instead.
+
+cdef int _moments(const Call* c, const in_t* x, double* mean, double* m2) noexcept nogil:
+    """Per-feature (per-channel) mean and M2 (sum of squared deviations);
+    cache = x unless NULL."""
+    cdef const Grid* g = c.grid
+    cdef Py_ssize_t d = g.n_cols, t, j
+    cdef double* shifts
+    cdef Work w
+    if c.planes != NULL:
+        shifts = <double*>malloc(c.planes.c * sizeof(double))
+        if shifts == NULL or _planes_moments(c, x, shifts, mean, m2) != 0:
+            free(shifts)
+            return -1
+        for t in range(c.planes.c):
+            mean[t] = shifts[t] + mean[t]
+        free(shifts)
+        if c.cache != NULL:
+            _planes_pass(c, STEP_PLANE_COPY, x, <double*>NULL, NULL, NULL, NULL, NULL)
+        return 0
+    # part rows: per-chunk means and M2s, then the shifts
+    w = _work(g.n_threads, g.col_block, 2)
+    w.part = <double*>malloc((2 * g.n_chunks + 1) * d * sizeof(double))
+    if w.part == NULL:
+        return -1
+    w.shifts = w.part + 2 * g.n_chunks * d
+    _block_shifts(g, x, w.shifts)
+    _phase(&w, STEP_STATS_BLOCK, g.n_tasks, True)
+    if _drive(c, &w, x, <double*>NULL) != 0:
+        free(w.part)
+        return -1
+    _merge_chunks(g, w.part, w.part + g.n_chunks * d, mean, m2)
+    for j in range(d):      # the mean relative to the shift -> the mean
+        mean[j] = w.shifts[j] + mean[j]
+    free(w.part)
+    return 0
+
+
+cdef int _affine(const Call* c, const in_t* x, out_t* y) noexcept nogil:
+    """y = (x - coef[0]) * coef[1] + coef[2] per feature or channel (float64
+    coefficients)."""
+    cdef Work w
+    if c.planes != NULL:
+        return _planes_pass(c, STEP_PLANE_AFFINE, x, y, c.coef[0], c.coef[1], c.coef[2], NULL)
+    w = _work(c.grid.n_threads, c.grid.col_block, 1)
+    w.coef[0], w.coef[1], w.coef[2] = c.coef[0], c.coef[1], c.coef[2]
+    _phase(&w, STEP_AFFINE_PAGES, c.grid.n_page_tasks, False)
+    return _drive(c, &w, x, y)
+
+
+cdef int _grad_sums(const Call* c, const in_t* x, double* sum_dy,
+                    double* sum_dy_xc) noexcept nogil:
+    """Per-feature (per-channel) sum(dy) and sum(dy * (x - coef[0])), chunks
+    added in order."""
+    cdef const Grid* g = c.grid
+    cdef Py_ssize_t d = g.n_cols
+    cdef Work w
+    if c.planes != NULL:
+        return _planes_grad_sums(c, x, c.coef[0], sum_dy, sum_dy_xc)
+    w = _work(g.n_threads, g.col_block, 0)
+    w.part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
+    if w.part == NULL:
+        return -1
+    w.coef[0] = c.coef[0]
+    _phase(&w, STEP_GRAD_SUMS_BLOCK, g.n_tasks, True)
+    _drive(c, &w, x, <double*>NULL)
+    w.totals = w.part + 2 * g.n_chunks * d
+    _sum_chunks(g, w.part, w.totals)
+    memcpy(sum_dy, w.totals, d * sizeof(double))
+    memcpy(sum_dy_xc, w.totals + d, d * sizeof(double))
+    free(w.part)
+    return 0
+
+
+cdef int _grad_input(const Call* c, const in_t* x, out_t* dx) noexcept nogil:
+    """dx = k * ((dy - mean_dy) - k_xc * (x - center)) per feature or channel,
+    coef[0..3] = center, mean_dy, k_xc, k."""
+    cdef Work w
+    if c.planes != NULL:
+        return _planes_pass(c, STEP_PLANE_GRAD_INPUT, x, dx, c.coef[0], c.coef[1], c.coef[2],
+                            c.coef[3])
+    w = _work(c.grid.n_threads, c.grid.col_block, 1)
+    w.coef[0], w.coef[1], w.coef[2], w.coef[3] = c.coef[0], c.coef[1], c.coef[2], c.coef[3]
+    _phase(&w, STEP_GRAD_INPUT_PAGES, c.grid.n_page_tasks, False)
+    return _drive(c, &w, x, dx)
+
+
+# ---------------------------------------------------------------------------
+# The dtype dispatch, written once.  An entry point describes its operation
+# in a Call (untyped data pointers and the operation's arguments);
+# _dispatch picks the fused instantiation for the (input, output) dtype pair
+# in the one place that does, and _run casts the pointers and calls the
+# operation's driver.  A new operation adds an Op, its Call fields if it
+# needs new ones, and one case in _run.
+
+cdef int _run(const Call* c, const in_t* in_type, out_t* out_type) noexcept nogil:
+    """c's operation on input in_t and output out_t (in_type and out_type
+    only name the pair: NULL)."""
+    cdef const in_t* x = <const in_t*>c.x
+    cdef out_t* y = <out_t*>c.y
+    if c.op == OP_TRAIN_FORWARD:
+        return _train_forward(c, x, y)
+    if c.op == OP_EVAL_FORWARD:
+        return _eval_forward(c, x, y)
+    if c.op == OP_TRAIN_BACKWARD:
+        return _train_backward(c, x, y)
+    if c.op == OP_EVAL_BACKWARD:
+        return _eval_backward(c, x, y)
+    if c.op == OP_MOMENTS:
+        return _moments(c, x, c.sums[0], c.sums[1])
+    if c.op == OP_AFFINE:
+        return _affine(c, x, y)
+    if c.op == OP_GRAD_SUMS:
+        return _grad_sums(c, x, c.sums[0], c.sums[1])
+    if c.op == OP_GRAD_INPUT:
+        return _grad_input(c, x, y)
+    if c.op == OP_PLANES_TRAIN_FORWARD:
+        return _planes_train_forward(c, x, y)
+    if c.op == OP_PLANES_EVAL_FORWARD:
+        return _planes_eval_forward(c, x, y)
+    if c.op == OP_PLANES_TRAIN_BACKWARD:
+        return _planes_train_backward(c, x, y)
+    if c.op == OP_PLANES_EVAL_BACKWARD:
+        return _planes_eval_backward(c, x, y)
+    return -1
+
+
+cdef int _dispatch(const Call* c, bint in64, bint out64) noexcept nogil:
+    """Run c on float64 (in64) or float32 input, writing float64 (out64) or
+    float32 output.  Non-zero: the driver could not allocate work space."""
+    if in64:
+        if out64:
+            return _run[double, double](c, NULL, NULL)
+        return _run[double, float](c, NULL, NULL)
+    if out64:
+        return _run[float, double](c, NULL, NULL)
+    return _run[float, float](c, NULL, NULL)
+
+
+
+# ---------------------------------------------------------------------------
+# What the planner takes from this module (bnfast/_kernels.pyx, _use_loops):
+# _dispatch, and the layouts it was built with, which must match the
+# planner's own (both come from _plan.pxd; a stale build would not).
+
+dispatch = PyCapsule_New(<void*>_dispatch, b"bnfast._loops.dispatch", NULL)
+LAYOUT = (sizeof(Call), sizeof(Grid), sizeof(Planes), sizeof(TrainArgs), sizeof(GradArgs),
+          sizeof(EvalArgs), sizeof(Vec), sizeof(OutVec))
+
+
+def openmp_enabled():
+    """Whether these loops were built with OpenMP."""
+    return bool(BNFAST_OPENMP)
+
+
+def build_flags():
+    """Compiler and linker flags these loops were built with."""
+    return BNFAST_BUILD_FLAGS.decode()
