@@ -53,12 +53,10 @@ _new_output = _outputs.empty     # batch-sized results: large ones reuse freed m
 # NumPy 1 widens a float32 backward.
 _UNIFORM, _UNIFORM_GRADS = _dtypes.UNIFORM, _dtypes.UNIFORM_GRADS
 _WIDENING = _dtypes.WIDENING_COUNT
-# The kernel entry points a plan may call (rows kernels, and planes ones per channel)
-_train_forward, _planes_train_forward = _kernels.train_forward, _kernels.planes_train_forward
-_eval_forward, _planes_eval_forward = _kernels.eval_forward, _kernels.planes_eval_forward
-_train_backward, _planes_train_backward = (_kernels.train_backward,
-                                           _kernels.planes_train_backward)
-_eval_backward, _planes_eval_backward = _kernels.eval_backward, _kernels.planes_eval_backward
+# The kernel entry points a plan may call.  Each takes a batch as its rows
+# of c values, (rows, c, 0), or as NCHW planes, (n, c, s).
+_train_forward, _eval_forward = _kernels.train_forward, _kernels.eval_forward
+_train_backward, _eval_backward = _kernels.train_backward, _kernels.eval_backward
 
 
 # --------------------------------------------------------------------------
@@ -529,10 +527,9 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
             rv_used = rv_k = np.zeros(c)
         plan = (source, lay, shape, n, c, s, False, x_dtype, None, dts.out, eps, rm_used,
                 rv_used, fresh, False)
-        if run and lay is PLANES:
-            _planes_eval_forward(source, target, n, c, s, gamma, beta, rm_k, rv_k, eps)
-        elif run:
-            _eval_forward(source, target, n * s, c, gamma, beta, rm_k, rv_k, eps)
+        if run:
+            kn, ks = (n, s) if lay is PLANES else (n * s, 0)      # the kernels' view
+            _eval_forward(source, target, kn, c, gamma, beta, rm_k, rv_k, eps, ks)
     else:
         # (the common False skips the call; any other value is checked there)
         correction = 1.0 if unbiased is False else var_correction(
@@ -570,14 +567,11 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
                                             (rm_used, rv_used), stats, correction, dts.stat)
         plan = (kept, lay, shape, n, c, s, True, x_dtype, stats, dts.stat, eps, new_mean,
                 new_var, False, cache is not None)
-        if run and lay is PLANES:
-            _planes_train_forward(source, cache, target, n, c, s, gamma, beta, eps, stats[0],
-                                  stats[1], stats[2], rm_old, rm_new, rv_old, rv_new, rate,
-                                  1 - rate, correction)
-        elif run:
-            _train_forward(source, cache, target, n * s, c, gamma, beta, eps, stats[0],
-                           stats[1], stats[2], rm_old, rm_new, rv_old, rv_new, rate, 1 - rate,
-                           correction)
+        if run:
+            kn, ks = (n, s) if lay is PLANES else (n * s, 0)      # the kernels' view
+            _train_forward(source, cache, target, kn, c, gamma, beta, eps, stats[0], stats[1],
+                           stats[2], rm_old, rm_new, rv_old, rv_new, rate, 1 - rate,
+                           correction, ks)
     if not run:
         return plan, result, after, source, target, gamma, beta
     if after is not None:
@@ -729,20 +723,15 @@ def plan_backward(plan: Plan, dout: Any, gamma: Any, beta: Any = None, out: Any 
         after = _grads_after(after, kg, kb, dgamma, dbeta)
     if not run:
         return result, after, dgamma, dbeta, xk, dk, target, gk
+    kn, ks = (n, s) if lay is PLANES else (n * s, 0)      # the kernels' view
     if train:
         assert stats is not None
-        if lay is PLANES:
-            _planes_train_backward(xk, dk, target, n, c, s, stats[0], stats[2], gk, kg, kb)
-        else:
-            _train_backward(xk, dk, target, n * s, c, stats[0], stats[2], gk, kg, kb)
+        _train_backward(xk, dk, target, kn, c, stats[0], stats[2], gk, kg, kb, ks)
     else:
         # (the trivial plan's are kernel-ready)
         rm, rv = ((running_mean, running_var) if r is not None
                   else (kernel_vector(running_mean), kernel_vector(running_var)))
-        if lay is PLANES:
-            _planes_eval_backward(xk, dk, target, n, c, s, gk, rm, rv, eps, kg, kb)
-        else:
-            _eval_backward(xk, dk, target, n * s, c, gk, rm, rv, eps, kg, kb)
+        _eval_backward(xk, dk, target, kn, c, gk, rm, rv, eps, kg, kb, ks)
     if after is not None:
         after()
     return result, dgamma, dbeta

@@ -1,8 +1,9 @@
 """Type stub of the compiled kernels (bnfast/_kernels.pyx).
 
-The entry points take keyword arguments by these names.  Arrays are
-``numpy.ndarray``; which dtypes and sizes each one must have is in the
-docstrings of _kernels.pyx.  Wrong dtypes or sizes raise TypeError or
+The entry points take keyword arguments by these names.  Each takes a batch
+as its (n, d) rows, or with s > 0 as (n, d, s) NCHW planes (d channels).
+Arrays are ``numpy.ndarray``; which dtypes and sizes each one must have is
+in the docstrings of _kernels.pyx.  Wrong dtypes or sizes raise TypeError or
 ValueError; a failed allocation of kernel work space raises MemoryError.
 The hot loops behind them are bnfast._loops or one of its variants
 (_use_loops; bnfast/_native.py chooses).
@@ -20,16 +21,16 @@ def train_forward(x: _Array, cache: Optional[_Array], y: _Array, n: int, d: int,
                   rm_old: Optional[_Array], rm_new: Optional[_Array],
                   rv_old: Optional[_Array], rv_new: Optional[_Array],
                   momentum: float, one_minus_momentum: float,
-                  var_correction: float = ...) -> None: ...
+                  var_correction: float = ..., s: int = ...) -> None: ...
 def eval_forward(x: _Array, y: _Array, n: int, d: int,
                  gamma: _Array, beta: _Array, rm: _Array, rv: _Array,
-                 eps: float) -> None: ...
+                 eps: float, s: int = ...) -> None: ...
 def train_backward(x: _Array, dy: _Array, dx: _Array, n: int, d: int,
                    mean: _Array, invstd: _Array, gamma: _Array,
-                   dgamma: _Array, dbeta: _Array) -> None: ...
+                   dgamma: _Array, dbeta: _Array, s: int = ...) -> None: ...
 def eval_backward(x: _Array, dy: _Array, dx: _Array, n: int, d: int,
                   gamma: _Array, rm: _Array, rv: _Array, eps: float,
-                  dgamma: _Array, dbeta: _Array) -> None: ...
+                  dgamma: _Array, dbeta: _Array, s: int = ...) -> None: ...
 def moments(x: _Array, cache: Optional[_Array], n: int, d: int,
             mean: _Array, m2: _Array, s: int = ...) -> None: ...
 def affine(x: _Array, y: _Array, n: int, d: int,
@@ -38,22 +39,6 @@ def grad_sums(x: _Array, dy: _Array, n: int, d: int, center: _Array,
               sum_dy: _Array, sum_dy_xc: _Array, s: int = ...) -> None: ...
 def grad_input(x: _Array, dy: _Array, dx: _Array, n: int, d: int, center: _Array,
                mean_dy: _Array, k_xc: _Array, k: _Array, s: int = ...) -> None: ...
-def planes_train_forward(x: _Array, cache: Optional[_Array], y: _Array, n: int, c: int, s: int,
-                         gamma: _Array, beta: _Array, eps: float,
-                         mean: _Array, var: _Array, invstd: Optional[_Array],
-                         rm_old: Optional[_Array], rm_new: Optional[_Array],
-                         rv_old: Optional[_Array], rv_new: Optional[_Array],
-                         momentum: float, one_minus_momentum: float,
-                         var_correction: float = ...) -> None: ...
-def planes_eval_forward(x: _Array, y: _Array, n: int, c: int, s: int,
-                        gamma: _Array, beta: _Array, rm: _Array, rv: _Array,
-                        eps: float) -> None: ...
-def planes_train_backward(x: _Array, dy: _Array, dx: _Array, n: int, c: int, s: int,
-                          mean: _Array, invstd: _Array, gamma: _Array,
-                          dgamma: _Array, dbeta: _Array) -> None: ...
-def planes_eval_backward(x: _Array, dy: _Array, dx: _Array, n: int, c: int, s: int,
-                         gamma: _Array, rm: _Array, rv: _Array, eps: float,
-                         dgamma: _Array, dbeta: _Array) -> None: ...
 def ready_rows(x: object) -> int: ...
 def ready_vector(v: object, d: int, like: _Array) -> bool: ...
 def ready_operands(x: object, d: int, gamma: object, beta: object, rm: object,

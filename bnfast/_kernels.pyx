@@ -275,24 +275,55 @@ cdef OutVec _outvec(object a, Py_ssize_t d, str name) except *:
     return v
 
 
-cdef int _check_nd(Py_ssize_t n, Py_ssize_t d) except -1:
+cdef Py_ssize_t _size(Py_ssize_t n, Py_ssize_t d, Py_ssize_t s) except -1:
+    """Elements of a batch the kernels take as its (n, d) rows (s == 0) or as
+    (n, d, s) NCHW planes (s > 0: d channels of s positions each)."""
     if n < 1 or d < 1:
         raise ValueError(f"kernel needs n >= 1 and d >= 1, got n={n}, d={d}")
-    if n > PY_SSIZE_T_MAX // d:
-        raise ValueError(f"kernel sizes overflow: n={n} * d={d}")
+    if s < 0:
+        raise ValueError(f"kernel needs s >= 0, got s={s}")
+    if n > PY_SSIZE_T_MAX // d or (s > 0 and n * d > PY_SSIZE_T_MAX // s):
+        raise ValueError(f"kernel sizes overflow: n={n} * d={d}" + (f" * s={s}" if s else ""))
+    return n * d * s if s > 0 else n * d
+
+
+cdef const Planes* _layout(Grid* grid, Planes* planes, Py_ssize_t n, Py_ssize_t d,
+                           Py_ssize_t s, cnp.ndarray x, cnp.ndarray out) noexcept:
+    """The work partition of a call (sizes checked by _size): the rows grid
+    for (n, d) if s == 0 (returns NULL), else planes for (n, d, s)
+    (returned; grid zeroed)."""
+    cdef Py_ssize_t itemsize = cnp.PyArray_ITEMSIZE(x)
+    if s == 0:
+        grid[0] = _make_grid(n, d, itemsize, n * d * cnp.PyArray_ITEMSIZE(out))
+        return NULL
+    memset(grid, 0, sizeof(Grid))
+    planes[0] = _make_planes(n, d, s, itemsize)
+    return planes
+
+
+cdef inline void* _data(object a) noexcept:
+    """The data of a checked array, NULL for None."""
+    return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef int _call_loops(Call* call, cnp.ndarray x, cnp.ndarray out) except -1:
+    """Hands call to the loops, the GIL released; out: the array whose dtype
+    is the output's (x for the reductions)."""
+    cdef int status
+    cdef bint in64 = _is_f64(x), out64 = _is_f64(out)
+    with nogil:
+        status = _dispatch(call, in64, out64)
+    if status != 0:
+        raise MemoryError("bnfast: could not allocate kernel work space")
     return 0
 
 
-cdef Grid _grid_for(cnp.ndarray x, cnp.ndarray out, Py_ssize_t n, Py_ssize_t d) noexcept:
-    return _make_grid(n, d, cnp.PyArray_ITEMSIZE(x), n * d * cnp.PyArray_ITEMSIZE(out))
-
-
-cdef void* _cache_ptr(object cache, Py_ssize_t size, bint in64) except? NULL:
+cdef void* _cache_ptr(object cache, Py_ssize_t size, cnp.ndarray x) except? NULL:
     """The data of an optional copy-of-x buffer (NULL for None)."""
     if cache is None:
         return NULL
     _require(<cnp.ndarray?>cache, size, "cache", True)
-    if _is_f64(<cnp.ndarray?>cache) != in64:
+    if _is_f64(<cnp.ndarray?>cache) != _is_f64(x):
         raise TypeError("cache dtype must match x")
     return cnp.PyArray_DATA(<cnp.ndarray?>cache)
 
@@ -337,161 +368,137 @@ cdef int _train_args(TrainArgs* a, Vec* vecs, Py_ssize_t d, cnp.ndarray gamma, c
     return 0
 
 
+# Every entry point takes the batch as its (n, d) rows, or with s > 0 as
+# (n, d, s) NCHW planes (per-channel statistics over d channels).
+
 def train_forward(cnp.ndarray x not None, cnp.ndarray cache, cnp.ndarray y not None,
                   Py_ssize_t n, Py_ssize_t d, cnp.ndarray gamma not None,
                   cnp.ndarray beta not None, double eps,
                   cnp.ndarray mean not None, cnp.ndarray var not None, cnp.ndarray invstd,
                   cnp.ndarray rm_old, cnp.ndarray rm_new, cnp.ndarray rv_old, cnp.ndarray rv_new,
-                  double momentum, double one_minus_momentum, double var_correction=1.0):
-    """Training forward on the (n, d) view of x.
+                  double momentum, double one_minus_momentum, double var_correction=1.0,
+                  Py_ssize_t s=0):
+    """Training forward on the (n, d) view of x (s > 0: per channel of the
+    (n, d, s) view).
 
-    Writes y (n*d elements); the float64 batch mean, biased var and (unless
-    None) invstd, d elements each; cache (a copy of x, x's dtype) unless None;
-    and the running statistics rm_new / rv_new (float32/float64, d elements)
-    from rm_old / rv_old unless rm_new is None (the variance enters them times
-    var_correction).  gamma, beta, rm_old, rv_old: float32/float64 with d or 1
-    elements.
+    Writes y (as many elements as x); the float64 batch mean, biased var
+    and (unless None) invstd, d elements each; cache (a copy of x, x's
+    dtype) unless None; and the running statistics rm_new / rv_new
+    (float32/float64, d elements) from rm_old / rv_old unless rm_new is None
+    (the variance enters them times var_correction).  gamma, beta, rm_old,
+    rv_old: float32/float64 with d or 1 elements.
     """
     cdef TrainArgs a
     cdef Vec vecs[4]
-    cdef bint in64, out64
-    cdef int status
-    cdef void* pcache
-    _check_nd(n, d)
-    _require(x, n * d, "x", False)
-    _require(y, n * d, "y", True)
-    in64 = _is_f64(x)
-    out64 = _is_f64(y)
-    pcache = _cache_ptr(cache, n * d, in64)
+    cdef Grid grid
+    cdef Planes planes
+    cdef Py_ssize_t size = _size(n, d, s)
+    _require(x, size, "x", False)
+    _require(y, size, "y", True)
+    cdef void* pcache = _cache_ptr(cache, size, x)
     _train_args(&a, vecs, d, gamma, beta, eps, mean, var, invstd, rm_old, rm_new, rv_old,
                 rv_new, momentum, one_minus_momentum, var_correction)
-    cdef Grid grid = _grid_for(x, y, n, d)
-    cdef void* px = cnp.PyArray_DATA(x)
-    cdef void* py = cnp.PyArray_DATA(y)
-    cdef Call call = _call(OP_TRAIN_FORWARD, &grid, NULL, px, NULL, pcache, py)
+    cdef Call call = _call(OP_TRAIN_FORWARD, &grid, _layout(&grid, &planes, n, d, s, x, y),
+                           _data(x), NULL, pcache, _data(y))
     call.args = &a
-    with nogil:
-        status = _dispatch(&call, in64, out64)
-    if status != 0:
-        raise MemoryError("bnfast: could not allocate kernel work space")
+    _call_loops(&call, x, y)
 
 
 def eval_forward(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t n, Py_ssize_t d,
                  cnp.ndarray gamma not None, cnp.ndarray beta not None,
-                 cnp.ndarray rm not None, cnp.ndarray rv not None, double eps):
-    """y = gamma * (x - rm) / sqrt(rv + eps) + beta on the (n, d) view of x.
+                 cnp.ndarray rm not None, cnp.ndarray rv not None, double eps, Py_ssize_t s=0):
+    """y = gamma * (x - rm) / sqrt(rv + eps) + beta on the (n, d) view of x
+    (s > 0: per channel of the (n, d, s) view).
 
     gamma, beta, rm, rv: float32/float64 with d or 1 elements each.
     """
-    cdef Vec g, b, m, v
-    cdef bint in64, out64
-    cdef int status
-    _check_nd(n, d)
-    _require(x, n * d, "x", False)
-    _require(y, n * d, "y", True)
-    in64 = _is_f64(x)
-    out64 = _is_f64(y)
-    g = _vec(gamma, d, "gamma")
-    b = _vec(beta, d, "beta")
-    m = _vec(rm, d, "running_mean")
-    v = _vec(rv, d, "running_var")
-    cdef Grid grid = _grid_for(x, y, n, d)
-    cdef void* px = cnp.PyArray_DATA(x)
-    cdef void* py = cnp.PyArray_DATA(y)
-    cdef Call call = _call(OP_EVAL_FORWARD, &grid, NULL, px, NULL, NULL, py)
+    cdef Grid grid
+    cdef Planes planes
+    cdef Py_ssize_t size = _size(n, d, s)
+    _require(x, size, "x", False)
+    _require(y, size, "y", True)
+    cdef Vec g = _vec(gamma, d, "gamma"), b = _vec(beta, d, "beta")
+    cdef Vec m = _vec(rm, d, "running_mean"), v = _vec(rv, d, "running_var")
+    cdef Call call = _call(OP_EVAL_FORWARD, &grid, _layout(&grid, &planes, n, d, s, x, y),
+                           _data(x), NULL, NULL, _data(y))
     call.vec[0], call.vec[1], call.vec[2], call.vec[3] = &g, &b, &m, &v
     call.eps = eps
-    with nogil:
-        status = _dispatch(&call, in64, out64)
-    if status != 0:
-        raise MemoryError("bnfast: could not allocate kernel work space")
+    _call_loops(&call, x, y)
 
 
-cdef int _check_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray dx, Py_ssize_t n,
-                         Py_ssize_t d) except -1:
-    _check_nd(n, d)
-    _require(x, n * d, "x", False)
-    _require(dy, n * d, "dout", False)
-    _require(dx, n * d, "dx", True)
+cdef Py_ssize_t _check_backward(cnp.ndarray x, cnp.ndarray dy, object dx, Py_ssize_t n,
+                                Py_ssize_t d, Py_ssize_t s) except -1:
+    """Sizes and dtypes of a backward's batches (dx None: not written);
+    returns their elements."""
+    cdef Py_ssize_t size = _size(n, d, s)
+    _require(x, size, "x", False)
+    _require(dy, size, "dout", False)
+    if dx is not None:
+        _require(<cnp.ndarray?>dx, size, "dx", True)
     if _is_f64(x) != _is_f64(dy):
         raise TypeError("x and dout must have the same dtype in the kernel")
+    return size
+
+
+cdef int _grad_outputs(OutVec* dg, OutVec* db, object dgamma, object dbeta,
+                       Py_ssize_t d) except -1:
+    dg[0] = _outvec(dgamma, d, "dgamma")
+    db[0] = _outvec(dbeta, d, "dbeta")
+    if dg.data == NULL or db.data == NULL:
+        raise TypeError("dgamma and dbeta are required")
     return 0
 
 
 def train_backward(cnp.ndarray x not None, cnp.ndarray dy not None, cnp.ndarray dx not None,
                    Py_ssize_t n, Py_ssize_t d, cnp.ndarray mean not None,
                    cnp.ndarray invstd not None, cnp.ndarray gamma not None,
-                   cnp.ndarray dgamma not None, cnp.ndarray dbeta not None):
-    """Backward of the training forward on the (n, d) views, given its
-    float64 batch mean and invstd (d elements each); dgamma and dbeta are
-    float32/float64 arrays of d elements."""
-    cdef Vec g
+                   cnp.ndarray dgamma not None, cnp.ndarray dbeta not None, Py_ssize_t s=0):
+    """Backward of the training forward on the (n, d) views (s > 0: per
+    channel of the (n, d, s) views), given its float64 batch mean and invstd
+    (d elements each); dgamma and dbeta are float32/float64 arrays of d
+    elements."""
     cdef OutVec dg, db
     cdef GradArgs a
-    cdef bint in64, out64
-    cdef int status
-    _check_backward(x, dy, dx, n, d)
+    cdef Grid grid
+    cdef Planes planes
+    _check_backward(x, dy, dx, n, d, s)
     _require_f64(mean, d, "mean", False)
     _require_f64(invstd, d, "invstd", False)
-    dg = _outvec(dgamma, d, "dgamma")
-    db = _outvec(dbeta, d, "dbeta")
-    if dg.data == NULL or db.data == NULL:
-        raise TypeError("dgamma and dbeta are required")
-    in64 = _is_f64(x)
-    out64 = _is_f64(dx)
-    g = _vec(gamma, d, "gamma")
-    cdef Grid grid = _grid_for(x, dx, n, d)
-    cdef void* px = cnp.PyArray_DATA(x)
-    cdef void* pdy = cnp.PyArray_DATA(dy)
-    cdef void* pdx = cnp.PyArray_DATA(dx)
+    _grad_outputs(&dg, &db, dgamma, dbeta, d)
+    cdef Vec g = _vec(gamma, d, "gamma")
     a.mean = <const double*>cnp.PyArray_DATA(mean)
     a.invstd = <const double*>cnp.PyArray_DATA(invstd)
     a.gamma = &g
     a.dgamma = &dg
     a.dbeta = &db
-    cdef Call call = _call(OP_TRAIN_BACKWARD, &grid, NULL, px, pdy, NULL, pdx)
+    cdef Call call = _call(OP_TRAIN_BACKWARD, &grid, _layout(&grid, &planes, n, d, s, x, dx),
+                           _data(x), _data(dy), NULL, _data(dx))
     call.args = &a
-    with nogil:
-        status = _dispatch(&call, in64, out64)
-    if status != 0:
-        raise MemoryError("bnfast: could not allocate kernel work space")
+    _call_loops(&call, x, dx)
 
 
 def eval_backward(cnp.ndarray x not None, cnp.ndarray dy not None, cnp.ndarray dx not None,
                   Py_ssize_t n, Py_ssize_t d, cnp.ndarray gamma not None,
                   cnp.ndarray rm not None, cnp.ndarray rv not None, double eps,
-                  cnp.ndarray dgamma not None, cnp.ndarray dbeta not None):
+                  cnp.ndarray dgamma not None, cnp.ndarray dbeta not None, Py_ssize_t s=0):
     """Backward of the eval-mode forward (running statistics held constant)."""
-    cdef Vec g, m, v
     cdef OutVec dg, db
     cdef EvalArgs a
-    cdef bint in64, out64
-    cdef int status
-    _check_backward(x, dy, dx, n, d)
-    dg = _outvec(dgamma, d, "dgamma")
-    db = _outvec(dbeta, d, "dbeta")
-    if dg.data == NULL or db.data == NULL:
-        raise TypeError("dgamma and dbeta are required")
-    in64 = _is_f64(x)
-    out64 = _is_f64(dx)
-    g = _vec(gamma, d, "gamma")
-    m = _vec(rm, d, "running_mean")
-    v = _vec(rv, d, "running_var")
+    cdef Grid grid
+    cdef Planes planes
+    _check_backward(x, dy, dx, n, d, s)
+    _grad_outputs(&dg, &db, dgamma, dbeta, d)
+    cdef Vec g = _vec(gamma, d, "gamma")
+    cdef Vec m = _vec(rm, d, "running_mean"), v = _vec(rv, d, "running_var")
     a.gamma = &g
     a.rm = &m
     a.rv = &v
     a.eps = eps
-    cdef Grid grid = _grid_for(x, dx, n, d)
-    cdef void* px = cnp.PyArray_DATA(x)
-    cdef void* pdy = cnp.PyArray_DATA(dy)
-    cdef void* pdx = cnp.PyArray_DATA(dx)
-    cdef Call call = _call(OP_EVAL_BACKWARD, &grid, NULL, px, pdy, NULL, pdx)
+    cdef Call call = _call(OP_EVAL_BACKWARD, &grid, _layout(&grid, &planes, n, d, s, x, dx),
+                           _data(x), _data(dy), NULL, _data(dx))
     call.args = &a
     call.dgamma, call.dbeta = &dg, &db
-    with nogil:
-        status = _dispatch(&call, in64, out64)
-    if status != 0:
-        raise MemoryError("bnfast: could not allocate kernel work space")
+    _call_loops(&call, x, dx)
 
 
 # ---------------------------------------------------------------------------
@@ -507,51 +514,22 @@ cdef inline double* _f64_out(cnp.ndarray a, Py_ssize_t d, str name) except NULL:
     return <double*>cnp.PyArray_DATA(a)
 
 
-cdef Py_ssize_t _split_size(Py_ssize_t n, Py_ssize_t d, Py_ssize_t s) except -1:
-    """Elements of a split-phase batch: (n, d) rows, or (n, d, s) planes if s > 0."""
-    if s < 0:
-        raise ValueError(f"kernel needs s >= 0, got s={s}")
-    if s == 0:
-        _check_nd(n, d)
-        return n * d
-    _check_planes(n, d, s)
-    return n * d * s
-
-
-cdef Planes* _split_layout(Grid* grid, Planes* planes, Py_ssize_t n, Py_ssize_t d,
-                           Py_ssize_t s, cnp.ndarray x, cnp.ndarray out) noexcept:
-    """The work partition of a split-phase call: the rows grid for (n, d) if
-    s == 0 (returns NULL), else planes for (n, d, s) (returned; grid unused)."""
-    if s == 0:
-        grid[0] = _grid_for(x, out, n, d)
-        return NULL
-    memset(grid, 0, sizeof(Grid))
-    planes[0] = _make_planes(n, d, s, cnp.PyArray_ITEMSIZE(x))
-    return planes
-
-
 def moments(cnp.ndarray x not None, cnp.ndarray cache, Py_ssize_t n, Py_ssize_t d,
             cnp.ndarray mean not None, cnp.ndarray m2 not None, Py_ssize_t s=0):
     """Per-feature float64 mean and M2 of the (n, d) view of x, as the
     training forward computes them (s > 0: per channel of the (n, d, s)
     NCHW view); cache (x's dtype) = x unless None."""
-    cdef int status
-    cdef Py_ssize_t size = _split_size(n, d, s)
+    cdef Grid grid
     cdef Planes planes
+    cdef Py_ssize_t size = _size(n, d, s)
     _require(x, size, "x", False)
     cdef double* pmean = _f64_out(mean, d, "mean")
     cdef double* pm2 = _f64_out(m2, d, "m2")
-    cdef bint in64 = _is_f64(x)
-    cdef void* pcache = _cache_ptr(cache, size, in64)
-    cdef Grid grid
-    cdef Planes* pp = _split_layout(&grid, &planes, n, d, s, x, x)
-    cdef void* px = cnp.PyArray_DATA(x)
-    cdef Call call = _call(OP_MOMENTS, &grid, pp, px, NULL, pcache, NULL)
+    cdef void* pcache = _cache_ptr(cache, size, x)
+    cdef Call call = _call(OP_MOMENTS, &grid, _layout(&grid, &planes, n, d, s, x, x), _data(x),
+                           NULL, pcache, NULL)
     call.sums[0], call.sums[1] = pmean, pm2
-    with nogil:
-        status = _dispatch(&call, in64, in64)
-    if status != 0:
-        raise MemoryError("bnfast: could not allocate kernel work space")
+    _call_loops(&call, x, x)
 
 
 def affine(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t n, Py_ssize_t d,
@@ -559,25 +537,18 @@ def affine(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t n, Py_ssiz
            Py_ssize_t s=0):
     """y = (x - center) * scale + shift on the (n, d) views (s > 0: per
     channel of the (n, d, s) views)."""
-    cdef int status
-    cdef Py_ssize_t size = _split_size(n, d, s)
+    cdef Grid grid
     cdef Planes planes
+    cdef Py_ssize_t size = _size(n, d, s)
     _require(x, size, "x", False)
     _require(y, size, "y", True)
     cdef const double* pc = _f64_in(center, d, "center")
     cdef const double* ps = _f64_in(scale, d, "scale")
     cdef const double* pb = _f64_in(shift, d, "shift")
-    cdef bint in64 = _is_f64(x), out64 = _is_f64(y)
-    cdef Grid grid
-    cdef Planes* pp = _split_layout(&grid, &planes, n, d, s, x, y)
-    cdef void* px = cnp.PyArray_DATA(x)
-    cdef void* py = cnp.PyArray_DATA(y)
-    cdef Call call = _call(OP_AFFINE, &grid, pp, px, NULL, NULL, py)
+    cdef Call call = _call(OP_AFFINE, &grid, _layout(&grid, &planes, n, d, s, x, y), _data(x),
+                           NULL, NULL, _data(y))
     call.coef[0], call.coef[1], call.coef[2] = pc, ps, pb
-    with nogil:
-        status = _dispatch(&call, in64, out64)
-    if status != 0:
-        raise MemoryError("bnfast: could not allocate kernel work space")
+    _call_loops(&call, x, y)
 
 
 def grad_sums(cnp.ndarray x not None, cnp.ndarray dy not None, Py_ssize_t n, Py_ssize_t d,
@@ -585,28 +556,17 @@ def grad_sums(cnp.ndarray x not None, cnp.ndarray dy not None, Py_ssize_t n, Py_
               cnp.ndarray sum_dy_xc not None, Py_ssize_t s=0):
     """Per-feature sum(dy) and sum(dy * (x - center)) over the (n, d) views
     (s > 0: per channel of the (n, d, s) views)."""
-    cdef int status
-    cdef Py_ssize_t size = _split_size(n, d, s)
+    cdef Grid grid
     cdef Planes planes
-    _require(x, size, "x", False)
-    _require(dy, size, "dout", False)
-    if _is_f64(x) != _is_f64(dy):
-        raise TypeError("x and dout must have the same dtype in the kernel")
+    _check_backward(x, dy, None, n, d, s)
     cdef const double* pc = _f64_in(center, d, "center")
     cdef double* ps = _f64_out(sum_dy, d, "sum_dy")
     cdef double* psx = _f64_out(sum_dy_xc, d, "sum_dy_xc")
-    cdef bint in64 = _is_f64(x)
-    cdef Grid grid
-    cdef Planes* pp = _split_layout(&grid, &planes, n, d, s, x, x)
-    cdef void* px = cnp.PyArray_DATA(x)
-    cdef void* pdy = cnp.PyArray_DATA(dy)
-    cdef Call call = _call(OP_GRAD_SUMS, &grid, pp, px, pdy, NULL, NULL)
+    cdef Call call = _call(OP_GRAD_SUMS, &grid, _layout(&grid, &planes, n, d, s, x, x),
+                           _data(x), _data(dy), NULL, NULL)
     call.coef[0] = pc
     call.sums[0], call.sums[1] = ps, psx
-    with nogil:
-        status = _dispatch(&call, in64, in64)
-    if status != 0:
-        raise MemoryError("bnfast: could not allocate kernel work space")
+    _call_loops(&call, x, x)
 
 
 def grad_input(cnp.ndarray x not None, cnp.ndarray dy not None, cnp.ndarray dx not None,
@@ -615,156 +575,17 @@ def grad_input(cnp.ndarray x not None, cnp.ndarray dy not None, cnp.ndarray dx n
                Py_ssize_t s=0):
     """dx = k * ((dy - mean_dy) - k_xc * (x - center)) on the (n, d) views
     (s > 0: per channel of the (n, d, s) views)."""
-    cdef int status
-    cdef Py_ssize_t size = _split_size(n, d, s)
+    cdef Grid grid
     cdef Planes planes
-    _check_backward(x, dy, dx, size // d, d)
+    _check_backward(x, dy, dx, n, d, s)
     cdef const double* pc = _f64_in(center, d, "center")
     cdef const double* pm = _f64_in(mean_dy, d, "mean_dy")
     cdef const double* pq = _f64_in(k_xc, d, "k_xc")
     cdef const double* pk = _f64_in(k, d, "k")
-    cdef bint in64 = _is_f64(x), out64 = _is_f64(dx)
-    cdef Grid grid
-    cdef Planes* pp = _split_layout(&grid, &planes, n, d, s, x, dx)
-    cdef void* px = cnp.PyArray_DATA(x)
-    cdef void* pdy = cnp.PyArray_DATA(dy)
-    cdef void* pdx = cnp.PyArray_DATA(dx)
-    cdef Call call = _call(OP_GRAD_INPUT, &grid, pp, px, pdy, NULL, pdx)
+    cdef Call call = _call(OP_GRAD_INPUT, &grid, _layout(&grid, &planes, n, d, s, x, dx),
+                           _data(x), _data(dy), NULL, _data(dx))
     call.coef[0], call.coef[1], call.coef[2], call.coef[3] = pc, pm, pq, pk
-    with nogil:
-        status = _dispatch(&call, in64, out64)
-    if status != 0:
-        raise MemoryError("bnfast: could not allocate kernel work space")
-
-
-# ---------------------------------------------------------------------------
-# Per-channel entry points for NCHW-contiguous batches: (n, c, s) views, s =
-# prod(spatial); per-channel vectors have c (or 1) elements.
-
-cdef int _check_planes(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s) except -1:
-    _check_nd(n, c)
-    if s < 1:
-        raise ValueError(f"kernel needs s >= 1, got s={s}")
-    if n * c > PY_SSIZE_T_MAX // s:
-        raise ValueError(f"kernel sizes overflow: n={n} * c={c} * s={s}")
-    return 0
-
-
-def planes_train_forward(cnp.ndarray x not None, cnp.ndarray cache, cnp.ndarray y not None,
-                         Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, cnp.ndarray gamma not None,
-                         cnp.ndarray beta not None, double eps,
-                         cnp.ndarray mean not None, cnp.ndarray var not None,
-                         cnp.ndarray invstd, cnp.ndarray rm_old, cnp.ndarray rm_new,
-                         cnp.ndarray rv_old, cnp.ndarray rv_new,
-                         double momentum, double one_minus_momentum, double var_correction=1.0):
-    """Per-channel training forward of the (n, c, s) view of x; as
-    train_forward, with per-channel (c-element) statistics."""
-    cdef TrainArgs a
-    cdef Vec vecs[4]
-    cdef int status
-    _check_planes(n, c, s)
-    _require(x, n * c * s, "x", False)
-    _require(y, n * c * s, "y", True)
-    cdef bint in64 = _is_f64(x), out64 = _is_f64(y)
-    cdef void* pcache = _cache_ptr(cache, n * c * s, in64)
-    _train_args(&a, vecs, c, gamma, beta, eps, mean, var, invstd, rm_old, rm_new, rv_old,
-                rv_new, momentum, one_minus_momentum, var_correction)
-    cdef Planes p = _make_planes(n, c, s, cnp.PyArray_ITEMSIZE(x))
-    cdef void* px = cnp.PyArray_DATA(x)
-    cdef void* py = cnp.PyArray_DATA(y)
-    cdef Call call = _call(OP_PLANES_TRAIN_FORWARD, NULL, &p, px, NULL, pcache, py)
-    call.args = &a
-    with nogil:
-        status = _dispatch(&call, in64, out64)
-    if status != 0:
-        raise MemoryError("bnfast: could not allocate kernel work space")
-
-
-def planes_eval_forward(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t n,
-                        Py_ssize_t c, Py_ssize_t s, cnp.ndarray gamma not None,
-                        cnp.ndarray beta not None, cnp.ndarray rm not None,
-                        cnp.ndarray rv not None, double eps):
-    """Per-channel eval forward of the (n, c, s) view of x."""
-    cdef int status
-    _check_planes(n, c, s)
-    _require(x, n * c * s, "x", False)
-    _require(y, n * c * s, "y", True)
-    cdef bint in64 = _is_f64(x), out64 = _is_f64(y)
-    cdef Vec g = _vec(gamma, c, "gamma"), b = _vec(beta, c, "beta")
-    cdef Vec m = _vec(rm, c, "running_mean"), v = _vec(rv, c, "running_var")
-    cdef Planes p = _make_planes(n, c, s, cnp.PyArray_ITEMSIZE(x))
-    cdef void* px = cnp.PyArray_DATA(x)
-    cdef void* py = cnp.PyArray_DATA(y)
-    cdef Call call = _call(OP_PLANES_EVAL_FORWARD, NULL, &p, px, NULL, NULL, py)
-    call.vec[0], call.vec[1], call.vec[2], call.vec[3] = &g, &b, &m, &v
-    call.eps = eps
-    with nogil:
-        status = _dispatch(&call, in64, out64)
-    if status != 0:
-        raise MemoryError("bnfast: could not allocate kernel work space")
-
-
-def planes_train_backward(cnp.ndarray x not None, cnp.ndarray dy not None,
-                          cnp.ndarray dx not None, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s,
-                          cnp.ndarray mean not None, cnp.ndarray invstd not None,
-                          cnp.ndarray gamma not None, cnp.ndarray dgamma not None,
-                          cnp.ndarray dbeta not None):
-    """Backward of the per-channel training forward on the (n, c, s) views."""
-    cdef GradArgs a
-    cdef int status
-    _check_planes(n, c, s)
-    _check_backward(x, dy, dx, n * c, s)
-    _require_f64(mean, c, "mean", False)
-    _require_f64(invstd, c, "invstd", False)
-    cdef OutVec dg = _outvec(dgamma, c, "dgamma"), db = _outvec(dbeta, c, "dbeta")
-    cdef Vec g = _vec(gamma, c, "gamma")
-    cdef bint in64 = _is_f64(x), out64 = _is_f64(dx)
-    cdef Planes p = _make_planes(n, c, s, cnp.PyArray_ITEMSIZE(x))
-    a.mean = <const double*>cnp.PyArray_DATA(mean)
-    a.invstd = <const double*>cnp.PyArray_DATA(invstd)
-    a.gamma = &g
-    a.dgamma = &dg
-    a.dbeta = &db
-    cdef void* px = cnp.PyArray_DATA(x)
-    cdef void* pdy = cnp.PyArray_DATA(dy)
-    cdef void* pdx = cnp.PyArray_DATA(dx)
-    cdef Call call = _call(OP_PLANES_TRAIN_BACKWARD, NULL, &p, px, pdy, NULL, pdx)
-    call.args = &a
-    with nogil:
-        status = _dispatch(&call, in64, out64)
-    if status != 0:
-        raise MemoryError("bnfast: could not allocate kernel work space")
-
-
-def planes_eval_backward(cnp.ndarray x not None, cnp.ndarray dy not None,
-                         cnp.ndarray dx not None, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s,
-                         cnp.ndarray gamma not None, cnp.ndarray rm not None,
-                         cnp.ndarray rv not None, double eps, cnp.ndarray dgamma not None,
-                         cnp.ndarray dbeta not None):
-    """Backward of the per-channel eval forward (running statistics constant)."""
-    cdef EvalArgs a
-    cdef int status
-    _check_planes(n, c, s)
-    _check_backward(x, dy, dx, n * c, s)
-    cdef OutVec dg = _outvec(dgamma, c, "dgamma"), db = _outvec(dbeta, c, "dbeta")
-    cdef Vec g = _vec(gamma, c, "gamma")
-    cdef Vec m = _vec(rm, c, "running_mean"), v = _vec(rv, c, "running_var")
-    a.gamma = &g
-    a.rm = &m
-    a.rv = &v
-    a.eps = eps
-    cdef bint in64 = _is_f64(x), out64 = _is_f64(dx)
-    cdef Planes p = _make_planes(n, c, s, cnp.PyArray_ITEMSIZE(x))
-    cdef void* px = cnp.PyArray_DATA(x)
-    cdef void* pdy = cnp.PyArray_DATA(dy)
-    cdef void* pdx = cnp.PyArray_DATA(dx)
-    cdef Call call = _call(OP_PLANES_EVAL_BACKWARD, NULL, &p, px, pdy, NULL, pdx)
-    call.args = &a
-    call.dgamma, call.dbeta = &dg, &db
-    with nogil:
-        status = _dispatch(&call, in64, out64)
-    if status != 0:
-        raise MemoryError("bnfast: could not allocate kernel work space")
+    _call_loops(&call, x, dx)
 
 
 # ---------------------------------------------------------------------------
@@ -971,7 +792,7 @@ def _stream_copy(cnp.ndarray dst not None, cnp.ndarray src not None):
 
 def _grid_info(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize, Py_ssize_t out_itemsize):
     """The work grid the kernels use for an (n, d) batch, as a dict (for tests)."""
-    _check_nd(n, d)
+    _size(n, d, 0)
     return _make_grid(n, d, itemsize, n * d * out_itemsize)
 
 

@@ -1538,8 +1538,9 @@ cdef int _grad_input(const Call* c, const in_t* x, out_t* dx) noexcept nogil:
 # in a Call (untyped data pointers and the operation's arguments);
 # _dispatch picks the fused instantiation for the (input, output) dtype pair
 # in the one place that does, and _run casts the pointers and calls the
-# operation's driver.  A new operation adds an Op, its Call fields if it
-# needs new ones, and one case in _run.
+# operation's driver: its rows version, or its planes version when the Call
+# carries a Planes (an NCHW batch).  A new operation adds an Op, its Call
+# fields if it needs new ones, and one case in _run.
 
 cdef int _run(const Call* c, const in_t* in_type, out_t* out_type) noexcept nogil:
     """c's operation on input in_t and output out_t (in_type and out_type
@@ -1547,12 +1548,20 @@ cdef int _run(const Call* c, const in_t* in_type, out_t* out_type) noexcept nogi
     cdef const in_t* x = <const in_t*>c.x
     cdef out_t* y = <out_t*>c.y
     if c.op == OP_TRAIN_FORWARD:
+        if c.planes != NULL:
+            return _planes_train_forward(c, x, y)
         return _train_forward(c, x, y)
     if c.op == OP_EVAL_FORWARD:
+        if c.planes != NULL:
+            return _planes_eval_forward(c, x, y)
         return _eval_forward(c, x, y)
     if c.op == OP_TRAIN_BACKWARD:
+        if c.planes != NULL:
+            return _planes_train_backward(c, x, y)
         return _train_backward(c, x, y)
     if c.op == OP_EVAL_BACKWARD:
+        if c.planes != NULL:
+            return _planes_eval_backward(c, x, y)
         return _eval_backward(c, x, y)
     if c.op == OP_MOMENTS:
         return _moments(c, x, c.sums[0], c.sums[1])
@@ -1562,14 +1571,6 @@ cdef int _run(const Call* c, const in_t* in_type, out_t* out_type) noexcept nogi
         return _grad_sums(c, x, c.sums[0], c.sums[1])
     if c.op == OP_GRAD_INPUT:
         return _grad_input(c, x, y)
-    if c.op == OP_PLANES_TRAIN_FORWARD:
-        return _planes_train_forward(c, x, y)
-    if c.op == OP_PLANES_EVAL_FORWARD:
-        return _planes_eval_forward(c, x, y)
-    if c.op == OP_PLANES_TRAIN_BACKWARD:
-        return _planes_train_backward(c, x, y)
-    if c.op == OP_PLANES_EVAL_BACKWARD:
-        return _planes_eval_backward(c, x, y)
     return -1
 
 

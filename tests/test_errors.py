@@ -822,6 +822,10 @@ def kernel_bad_calls():
         for n, d in ((0, D_K), (N_K, 0), (-1, D_K), (N_K, -4), (-N_K, -D_K), (D_K, N_K),
                      (N_K * D_K, 1), (1, N_K * D_K), (N_K + 1, D_K)):
             yield pytest.param(func, {"n": n, "d": d}, id=f"{func}-n{n}-d{d}")
+        # NCHW planes (s > 0) whose (n, d, s) does not describe x and the vectors
+        for n, d, s in ((N_K, D_K, -1), (N_K, D_K, 2), (N_K, 2, 2), (1, D_K, N_K + 1),
+                        (N_K, D_K, 2**62 + 1)):
+            yield pytest.param(func, {"n": n, "d": d, "s": s}, id=f"{func}-n{n}-d{d}-s{s}")
     # x and its companions disagree in dtype
     yield pytest.param("train_forward", {"cache": np.empty((N_K, D_K), np.float32)},
                        id="train_forward-cache_dtype_differs")
@@ -832,10 +836,12 @@ def kernel_bad_calls():
 
 @pytest.mark.parametrize("func", KERNELS)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_kernel_baseline_calls_are_valid(func, dtype):
+@pytest.mark.parametrize("s", [0, 1], ids=["rows", "planes"])
+def test_kernel_baseline_calls_are_valid(func, dtype, s):
     """The calls the bad variants below start from do run (so each bad
-    variant differs from a valid call in exactly one argument)."""
-    getattr(kernels, func)(**kernel_args(func, dtype))
+    variant differs from a valid call in exactly one argument), as rows and
+    as NCHW planes of one position."""
+    getattr(kernels, func)(**kernel_args(func, dtype), s=s)
 
 
 @pytest.mark.parametrize("func,change", list(kernel_bad_calls()))

@@ -460,10 +460,7 @@ def _train_with_cache(x, cache, planes):
     c, s = (d // 7, 7) if planes else (d, 0)
     v = np.ones(c, x.dtype)
     stats = [np.empty(c), np.empty(c), None, None, None, None, None, 0.9, 0.1]
-    if planes:
-        kernels.planes_train_forward(x, cache, np.empty_like(x), n, c, s, v, v, 1e-5, *stats)
-    else:
-        kernels.train_forward(x, cache, np.empty_like(x), n, d, v, v, 1e-5, *stats)
+    kernels.train_forward(x, cache, np.empty_like(x), n, c, v, v, 1e-5, *stats, s=s)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
