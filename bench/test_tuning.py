@@ -192,4 +192,4 @@ def test_script_runs_standalone_on_the_baseline_kernels(tmp_path: Path) -> None:
                           capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "| kernels | baseline (BNFAST_ISA=baseline);" in done.stdout
-    assert "module `bnfast._kernels`" in done.stdout
+    assert "loops `bnfast._loops` |" in done.stdout

@@ -57,6 +57,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 import bnfast
+from bnfast import _native
 from bnfast._native import kernels
 from bnfast._timing import TARGET_REPEAT_S, calls_per_repeat
 
@@ -595,7 +596,7 @@ def header(args: argparse.Namespace, elapsed: float, threads: int) -> list[str]:
         f"| CPU | {_cpu_model()} ({os.cpu_count()} logical CPUs; L2 {_cache_size(2)}, "
         f"L3 {_cache_size(3)} per cpu0) |",
         f"| kernels | {isa}; built: {built}; "
-        f"module `{kernels.__name__}` |",
+        f"loops `{_native.loops.__name__}` |",
         f"| threads | {threads} |",
         f"| bnfast | {bnfast.__version__}, commit {_commit()} |",
         f"| numpy | {np.__version__} |",
