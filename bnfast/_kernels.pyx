@@ -39,8 +39,7 @@ cdef extern from "stream.h":
 # The loops in use (_use_loops): the baseline's until bnfast/_native.py
 # picks a variant.
 cdef dispatch_t _dispatch = NULL
-_LAYOUT = (sizeof(Call), sizeof(Grid), sizeof(Planes), sizeof(TrainArgs), sizeof(GradArgs),
-           sizeof(EvalArgs), sizeof(Vec), sizeof(OutVec))
+_LAYOUT = _struct_sizes()
 
 
 def _use_loops(loops):
@@ -51,7 +50,7 @@ def _use_loops(loops):
         raise ImportError(f"{loops.__name__} was built from other sources than "
                           f"bnfast._kernels (layouts {getattr(loops, 'LAYOUT', None)} "
                           f"and {_LAYOUT}): rebuild bnfast")
-    _dispatch = <dispatch_t>PyCapsule_GetPointer(loops.dispatch, b"bnfast._loops.dispatch")
+    _dispatch = <dispatch_t>PyCapsule_GetPointer(loops.dispatch, _dispatch_name())
 
 
 cdef int _num_threads = 1
@@ -65,6 +64,12 @@ cdef Py_ssize_t _stream_pages_max_cols = STREAM_PAGES_MAX_COLS
 cdef Py_ssize_t _page_bytes = PAGE_BYTES
 cdef Py_ssize_t _fold_max_cols = FOLD_MAX_COLS
 
+
+# ---------------------------------------------------------------------------
+# Work planning: the partition of a call into tasks (see "Layout of the
+# work" in _loops.pyx), from the shape, the dtypes, the knobs and the
+# thread count.  The reductions' partition never depends on the thread
+# count, so results do not either.
 
 cdef Grid _make_grid(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize,
                      Py_ssize_t out_bytes) noexcept nogil:
@@ -203,7 +208,6 @@ cdef Planes _make_planes(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s,
         p.per_task = wanted
     p.n_elem_tasks = _ceil_div(planes, p.per_task)
     return p
-
 
 
 # ---------------------------------------------------------------------------

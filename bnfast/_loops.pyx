@@ -1592,9 +1592,8 @@ cdef int _dispatch(const Call* c, bint in64, bint out64) noexcept nogil:
 # _dispatch, and the layouts it was built with, which must match the
 # planner's own (both come from _plan.pxd; a stale build would not).
 
-dispatch = PyCapsule_New(<void*>_dispatch, b"bnfast._loops.dispatch", NULL)
-LAYOUT = (sizeof(Call), sizeof(Grid), sizeof(Planes), sizeof(TrainArgs), sizeof(GradArgs),
-          sizeof(EvalArgs), sizeof(Vec), sizeof(OutVec))
+dispatch = PyCapsule_New(<void*>_dispatch, _dispatch_name(), NULL)
+LAYOUT = _struct_sizes()
 
 
 def openmp_enabled():

@@ -231,6 +231,18 @@ cdef struct Call:
 ctypedef int (*dispatch_t)(const Call* c, bint in64, bint out64) noexcept nogil
 
 
+cdef inline const char* _dispatch_name() noexcept:
+    """The name of the capsule that carries a loops module's _dispatch."""
+    return b"bnfast._loops.dispatch"
+
+
+cdef inline tuple _struct_sizes():
+    """The sizes of the structures above as this module was compiled: the
+    planner runs only loops compiled with the same (_kernels._use_loops)."""
+    return (sizeof(Call), sizeof(Grid), sizeof(Planes), sizeof(TrainArgs), sizeof(GradArgs),
+            sizeof(EvalArgs), sizeof(Vec), sizeof(OutVec))
+
+
 cdef inline Call _call(Op op, const Grid* grid, const Planes* planes, const void* x,
                        const void* dy, void* cache, void* y) noexcept nogil:
     cdef Call c
