@@ -289,7 +289,8 @@ def route(shape: Shape, dtype: str, op: str, settings: dict[str, Any],
     finally:
         restore_defaults()
     # Passes fold short rows (grid["fold"] > 1) where their columns are whole rows.
-    folded = grid.get("n_col_blocks", 1) == 1 and grid.pop("fold", 1) > 1
+    fold = grid.pop("fold", 1)
+    folded = grid.get("n_col_blocks", 1) == 1 and fold > 1
     if op == "eval":
         return ("eval", folded) + tuple(grid.get(f) for f in _EVAL_FIELDS)
     if op != "train":
