@@ -112,6 +112,7 @@ cdef enum:
 
 
 cdef struct Grid:
+    # The partition of a batch's (n, d) rows into tasks (_kernels._make_grid).
     Py_ssize_t n_rows
     Py_ssize_t n_cols
     Py_ssize_t col_block
@@ -145,7 +146,6 @@ cdef struct OutVec:
     bint is_f64
 
 
-
 cdef struct TrainArgs:
     # Everything a training forward reads and writes besides x, cache and y.
     const Vec* gamma
@@ -163,7 +163,6 @@ cdef struct TrainArgs:
     double var_correction          # running var gets var * this: 1, or n / (n - 1) (unbiased)
 
 
-
 cdef struct GradArgs:
     # What a training backward reads and writes besides x, dy and dx.
     const double* mean
@@ -173,17 +172,16 @@ cdef struct GradArgs:
     OutVec* dbeta
 
 
-
 cdef struct EvalArgs:
+    # What an eval backward reads besides x and dy.
     const Vec* gamma
     const Vec* rm
     const Vec* rv
     double eps
 
 
-
-
 cdef struct Planes:
+    # The partition of an (n, c, s) NCHW batch into tasks (_kernels._make_planes).
     Py_ssize_t n, c, s
     Py_ssize_t chunk_n         # samples per reduction task
     Py_ssize_t n_chunks
@@ -208,9 +206,10 @@ cdef enum Op:
 
 
 cdef struct Call:
+    # One operation as an entry point hands it to the loops (_dispatch).
     Op op
-    const Grid* grid            # rows operations (and the split phases' rows layout)
-    const Planes* planes        # per-channel operations (the split phases' planes, or NULL)
+    const Grid* grid            # the rows partition (zeroed when planes is set)
+    const Planes* planes        # the NCHW partition of a batch given as planes, or NULL
     const void* x               # the batch, in the input dtype
     const void* dy              # backward: dout, in the input dtype
     void* cache                 # a copy of x to write (input dtype), or NULL
