@@ -5,9 +5,10 @@ shape and its dtype), its result dtypes are resolved (_dtypes) and its memory
 layout is chosen (_channels), into a plan: what the call decided and what it
 leaves for a backward (see "Plans" below), with the freshly allocated
 results.  Making a plan changes no state and writes to no caller array, so
-a rejected call leaves everything as it was.  plan_forward and plan_backward then make the
-one kernel call (and, for float16 results, the NumPy steps the kernels
-cannot do) and return the results and the plan, which the layer commits:
+a rejected call leaves everything as it was.  plan_forward and plan_backward
+then make the one kernel call (and, for float16 results, the NumPy steps the
+kernels cannot do) and return the results and the plan, which the layer
+commits:
 
     layer --x--> plan_forward --> kernel --> (results, plan) --> layer commits
 
@@ -519,6 +520,7 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
         after = None if f16_view is None else _copier(f16_view, target)
         gamma, beta = kernel_vector(gamma), kernel_vector(beta)
     plan: Plan
+    kn, ks = (n, s) if lay is PLANES else (n * s, 0)      # the kernels' view of x
     if not train:
         # Eval mode keeps x by reference, not a copy (documented).
         fresh = rm_used is None
@@ -528,7 +530,6 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
         plan = (source, lay, shape, n, c, s, False, x_dtype, None, dts.out, eps, rm_used,
                 rv_used, fresh, False)
         if run:
-            kn, ks = (n, s) if lay is PLANES else (n * s, 0)      # the kernels' view
             _eval_forward(source, target, kn, c, gamma, beta, rm_k, rv_k, eps, ks)
     else:
         # (the common False skips the call; any other value is checked there)
@@ -568,7 +569,6 @@ def plan_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: 
         plan = (kept, lay, shape, n, c, s, True, x_dtype, stats, dts.stat, eps, new_mean,
                 new_var, False, cache is not None)
         if run:
-            kn, ks = (n, s) if lay is PLANES else (n * s, 0)      # the kernels' view
             _train_forward(source, cache, target, kn, c, gamma, beta, eps, stats[0], stats[1],
                            stats[2], rm_old, rm_new, rv_old, rv_new, rate, 1 - rate,
                            correction, ks)
