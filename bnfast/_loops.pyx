@@ -159,7 +159,213 @@ cdef inline Task _task(const Grid* g, Py_ssize_t t) noexcept nogil:
 
 
 # ---------------------------------------------------------------------------
-# Per-feature set-up: branch-free loops over contiguous doubles.
+# Per-feature set-up: each operation's per-feature formulas, written once
+# (_train_setup: mean, var, invstd, the affine coefficients and the running
+# statistics from the sums; _eval_setup: the eval coefficients;
+# _backward_setup: dgamma, dbeta and dx's coefficients), reached through one
+# dtype dispatch (_set_up).  Short batches spend as long here as on their
+# elements, so the loops read and write the caller's vectors where they lie,
+# each value loaded and stored once, wherever the parameters (gamma, beta,
+# dgamma, dbeta) share one dtype, the running statistics share one dtype and
+# no vector broadcasts one value (the layer's cases).  Other operands go
+# through the same loops in float64, converted SETUP_PIECE features at a
+# time on the stack (_set_up_converted).
+
+cdef enum:
+    SETUP_PIECE = 64    # features per converted piece: 8 rows of doubles, 4 KiB of stack
+
+
+cdef enum Setup:
+    SETUP_TRAIN
+    SETUP_EVAL
+    SETUP_BACKWARD
+
+
+cdef struct SetUp:
+    # One set-up of w features: its float64 rows (by kind: see its loop),
+    # each at the set-up's first feature, and its operands, read from
+    # feature c0 on: inputs gamma, beta, running mean, running variance and
+    # outputs new running mean, new running variance, dgamma, dbeta (NULL,
+    # or an OutVec without data: not used).
+    Setup kind
+    Py_ssize_t n                # rows the sums ran over
+    Py_ssize_t c0, w
+    double eps
+    const TrainArgs* train      # SETUP_TRAIN: momentum, var_correction
+    double* row[6]
+    const Vec* vin[4]
+    const OutVec* vout[4]
+
+
+cdef inline SetUp _setup(Setup kind, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
+                         double eps) noexcept nogil:
+    cdef SetUp s
+    memset(&s, 0, sizeof(s))
+    s.kind = kind
+    s.n = n
+    s.c0 = c0
+    s.w = w
+    s.eps = eps
+    return s
+
+
+ctypedef fused param_t:
+    float
+    double
+
+ctypedef fused stat_t:
+    float
+    double
+
+
+cdef void _train_setup(const SetUp* s, const param_t* gamma, const param_t* beta,
+                       const stat_t* rm_old, const stat_t* rv_old, stat_t* rm_new,
+                       stat_t* rv_new) noexcept nogil:
+    """rows: mean (relative to the shift, in; the mean, out), var (M2 in),
+    invstd, the shift k, scale, shift (may alias k).  rm_new NULL: no
+    running update."""
+    cdef Py_ssize_t j
+    cdef const TrainArgs* a = s.train
+    cdef double* mean = s.row[0]
+    cdef double* var = s.row[1]
+    cdef double* invstd = s.row[2]
+    cdef const double* k = s.row[3]
+    cdef double* scale = s.row[4]
+    cdef double* shift = s.row[5]
+    cdef double m, v, r, eps = s.eps, mom = a.momentum, rest = a.one_minus_momentum
+    cdef double corr = a.var_correction
+    _divide_by_count(var, s.w, s.n)      # M2 -> var
+    if rm_new == NULL:
+        for j in range(s.w):
+            r = 1.0 / sqrt(var[j] + eps)
+            mean[j] = k[j] + mean[j]
+            invstd[j] = r
+            scale[j] = r * gamma[j]
+            shift[j] = beta[j]
+        return
+    for j in range(s.w):
+        m = k[j] + mean[j]
+        v = var[j]
+        r = 1.0 / sqrt(v + eps)
+        mean[j] = m
+        invstd[j] = r
+        scale[j] = r * gamma[j]
+        shift[j] = beta[j]
+        rm_new[j] = <stat_t>(mom * rm_old[j] + rest * m)
+        rv_new[j] = <stat_t>(mom * rv_old[j] + rest * (v * corr))
+
+
+cdef void _eval_setup(const SetUp* s, const param_t* gamma, const param_t* beta,
+                      const stat_t* rm, const stat_t* rv) noexcept nogil:
+    """rows: center = rm, scale = gamma / sqrt(rv + eps), shift = beta."""
+    cdef Py_ssize_t j
+    cdef double* center = s.row[0]
+    cdef double* scale = s.row[1]
+    cdef double* shift = s.row[2]
+    for j in range(s.w):
+        center[j] = rm[j]
+        scale[j] = <double>gamma[j] / sqrt(<double>rv[j] + s.eps)
+        shift[j] = beta[j]
+
+
+cdef void _backward_setup(const SetUp* s, const param_t* gamma, param_t* dgamma,
+                          param_t* dbeta) noexcept nogil:
+    """rows: invstd (in), sum(dy) (in; mean(dy) out), sum(dy * (x - mean))
+    (in; its mean out), k_xc, k: dbeta, dgamma and k in one loop, then the
+    means and k_xc."""
+    cdef Py_ssize_t j
+    cdef const double* invstd = s.row[0]
+    cdef double* sum_dy = s.row[1]
+    cdef double* sum_dy_xc = s.row[2]
+    cdef double* k_xc = s.row[3]
+    cdef double* k = s.row[4]
+    cdef double r
+    for j in range(s.w):
+        r = invstd[j]
+        dbeta[j] = <param_t>sum_dy[j]
+        dgamma[j] = <param_t>(sum_dy_xc[j] * r)
+        k[j] = gamma[j] * r
+    _divide_by_count(sum_dy, s.w, s.n)
+    _divide_by_count(sum_dy_xc, s.w, s.n)
+    for j in range(s.w):
+        k_xc[j] = invstd[j] * invstd[j] * sum_dy_xc[j]
+
+
+cdef void _set_up_typed(const SetUp* s, void** p, const param_t* param_type,
+                        const stat_t* stat_type) noexcept nogil:
+    """s's loop, its operands at p (in the order of vin, then vout) of types
+    param_t and stat_t (param_type and stat_type only name them: NULL)."""
+    if s.kind == SETUP_TRAIN:
+        _train_setup(s, <const param_t*>p[0], <const param_t*>p[1], <const stat_t*>p[2],
+                     <const stat_t*>p[3], <stat_t*>p[4], <stat_t*>p[5])
+    elif s.kind == SETUP_EVAL:
+        _eval_setup(s, <const param_t*>p[0], <const param_t*>p[1], <const stat_t*>p[2],
+                    <const stat_t*>p[3])
+    else:
+        _backward_setup(s, <const param_t*>p[0], <param_t*>p[6], <param_t*>p[7])
+
+
+cdef void _set_up(const SetUp* s) noexcept nogil:
+    """Run s (see above): on the operands where they lie, or converted."""
+    cdef void* p[8]
+    cdef int dtype[2]       # parameters', statistics' is_f64; -1: none seen
+    cdef int i, group, f64
+    cdef bint direct = True
+    dtype[0] = dtype[1] = -1
+    for i in range(8):
+        p[i] = NULL
+        if i < 4 and s.vin[i] != NULL:
+            f64 = s.vin[i].is_f64
+            direct = direct and s.vin[i].stride != 0
+            p[i] = <void*>s.vin[i].data
+        elif i >= 4 and s.vout[i - 4] != NULL and s.vout[i - 4].data != NULL:
+            f64 = s.vout[i - 4].is_f64
+            p[i] = s.vout[i - 4].data
+        else:
+            continue
+        group = (i // 2) % 2 if i < 4 else 1 - (i - 4) // 2
+        if dtype[group] < 0:
+            dtype[group] = f64
+        direct = direct and dtype[group] == f64
+        p[i] = <char*>p[i] + s.c0 * (8 if f64 else 4)
+    if not direct:
+        _set_up_converted(s)
+    elif dtype[0] != 0:
+        if dtype[1] != 0:
+            _set_up_typed[double, double](s, p, NULL, NULL)
+        else:
+            _set_up_typed[double, float](s, p, NULL, NULL)
+    elif dtype[1] != 0:
+        _set_up_typed[float, double](s, p, NULL, NULL)
+    else:
+        _set_up_typed[float, float](s, p, NULL, NULL)
+
+
+cdef void _set_up_converted(const SetUp* s) noexcept nogil:
+    """s through the float64 loop, SETUP_PIECE features at a time: its
+    operands converted to float64 rows on the stack, its results back."""
+    cdef double buf[8 * SETUP_PIECE]
+    cdef void* p[8]
+    cdef SetUp piece = s[0]
+    cdef Py_ssize_t p0 = 0, i
+    while p0 < s.w:
+        piece.c0 = s.c0 + p0
+        piece.w = s.w - p0 if s.w - p0 < SETUP_PIECE else SETUP_PIECE
+        for i in range(6):
+            piece.row[i] = s.row[i] + p0 if s.row[i] != NULL else NULL
+        for i in range(4):
+            p[i] = p[4 + i] = NULL
+            if s.vin[i] != NULL:
+                p[i] = buf + i * SETUP_PIECE
+                _expand(s.vin[i], piece.c0, piece.w, <double*>p[i])
+            if s.vout[i] != NULL and s.vout[i].data != NULL:
+                p[4 + i] = buf + (4 + i) * SETUP_PIECE
+        _set_up_typed[double, double](&piece, p, NULL, NULL)
+        for i in range(4):
+            if p[4 + i] != NULL:
+                _store(s.vout[i], piece.c0, piece.w, <double*>p[4 + i])
+        p0 += SETUP_PIECE
+
 
 cdef void _expand(const Vec* v, Py_ssize_t c0, Py_ssize_t w, double* dst) noexcept nogil:
     """dst[j] = v[c0 + j] as float64, with the dtype/broadcast branch hoisted."""
@@ -195,173 +401,45 @@ cdef void _store(const OutVec* v, Py_ssize_t c0, Py_ssize_t w, const double* src
             pf[j] = <float>src[j]
 
 
-
-
-ctypedef fused param_t:
-    float
-    double
-
-ctypedef fused stat_t:
-    float
-    double
-
-
-cdef void _finish_direct(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
-                         const double* k, double* scale, double* shift, double* tmp,
-                         const param_t* gamma, const param_t* beta, const stat_t* rm_old,
-                         const stat_t* rv_old, stat_t* rm_new, stat_t* rv_new) noexcept nogil:
-    """_finish_stats for contiguous gamma and beta of one dtype and running
-    statistics (old and new) of one dtype: one loop after the division, so
-    each per-feature value is loaded and stored once (short batches spend
-    as long here as on their elements).  rm_new NULL: no running update."""
-    cdef Py_ssize_t j
-    cdef double* mean = a.mean + c0
-    cdef double* var = a.var + c0
-    cdef double* invstd = a.invstd + c0 if a.invstd != NULL else tmp
-    cdef double m, v, r, eps = a.eps, mom = a.momentum, rest = a.one_minus_momentum
-    cdef double corr = a.var_correction
-    gamma += c0
-    beta += c0
-    _divide_by_count(var, w, n)      # M2 -> var
-    if rm_new == NULL:
-        for j in range(w):
-            v = var[j]
-            r = 1.0 / sqrt(v + eps)
-            mean[j] = k[j] + mean[j]
-            invstd[j] = r
-            scale[j] = r * gamma[j]
-            shift[j] = beta[j]
-        return
-    rm_old += c0
-    rv_old += c0
-    rm_new += c0
-    rv_new += c0
-    for j in range(w):
-        m = k[j] + mean[j]
-        v = var[j]
-        r = 1.0 / sqrt(v + eps)
-        mean[j] = m
-        invstd[j] = r
-        scale[j] = r * gamma[j]
-        shift[j] = beta[j]
-        rm_new[j] = <stat_t>(mom * rm_old[j] + rest * m)
-        rv_new[j] = <stat_t>(mom * rv_old[j] + rest * (v * corr))
-
-
-cdef inline bint _contiguous_pair(const Vec* u, const Vec* v) noexcept nogil:
-    """Both hold one value per feature, in one dtype."""
-    return u.stride != 0 and v.stride != 0 and u.is_f64 == v.is_f64
-
-
-cdef bint _finish_fast(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
-                       const double* k, double* scale, double* shift,
-                       double* tmp) noexcept nogil:
-    """_finish_direct where the operands allow it (the layer's usual cases);
-    False where _finish_stats must take the general route."""
-    cdef bint update = a.rm_new.data != NULL
-    cdef bint stat64 = a.rm_new.is_f64
-    if not _contiguous_pair(a.gamma, a.beta):
-        return False
-    if update and not (_contiguous_pair(a.rm_old, a.rv_old) and a.rm_old.is_f64 == stat64
-                       and a.rv_new.is_f64 == stat64):
-        return False
-    if a.gamma.is_f64 and stat64:
-        _finish_direct(a, n, c0, w, k, scale, shift, tmp, <const double*>a.gamma.data,
-                       <const double*>a.beta.data, <const double*>a.rm_old.data,
-                       <const double*>a.rv_old.data, <double*>a.rm_new.data,
-                       <double*>a.rv_new.data)
-    elif a.gamma.is_f64:
-        _finish_direct(a, n, c0, w, k, scale, shift, tmp, <const double*>a.gamma.data,
-                       <const double*>a.beta.data, <const float*>a.rm_old.data,
-                       <const float*>a.rv_old.data, <float*>a.rm_new.data,
-                       <float*>a.rv_new.data)
-    elif stat64:
-        _finish_direct(a, n, c0, w, k, scale, shift, tmp, <const float*>a.gamma.data,
-                       <const float*>a.beta.data, <const double*>a.rm_old.data,
-                       <const double*>a.rv_old.data, <double*>a.rm_new.data,
-                       <double*>a.rv_new.data)
-    else:
-        _finish_direct(a, n, c0, w, k, scale, shift, tmp, <const float*>a.gamma.data,
-                       <const float*>a.beta.data, <const float*>a.rm_old.data,
-                       <const float*>a.rv_old.data, <float*>a.rm_new.data,
-                       <float*>a.rv_new.data)
-    return True
-
-
-cdef void _eval_direct(const param_t* gamma, const param_t* beta, const stat_t* rm,
-                       const stat_t* rv, double eps, Py_ssize_t w, double* center,
-                       double* scale, double* shift) noexcept nogil:
-    cdef Py_ssize_t j
-    for j in range(w):
-        center[j] = rm[j]
-        scale[j] = <double>gamma[j] / sqrt(<double>rv[j] + eps)
-        shift[j] = beta[j]
+cdef void _finish_stats(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
+                        const double* k, double* scale, double* shift,
+                        double* tmp) noexcept nogil:
+    """From the mean relative to the shift k (in a.mean) and M2 (in a.var) of
+    columns c0..c0+w: mean, var, invstd (in tmp where a.invstd is NULL),
+    the affine coefficients (scale, shift) and the running statistics.
+    shift may alias k."""
+    cdef SetUp s = _setup(SETUP_TRAIN, n, c0, w, a.eps)
+    s.train = a
+    s.row[0], s.row[1], s.row[3], s.row[4], s.row[5] = a.mean + c0, a.var + c0, <double*>k, scale, shift
+    s.row[2] = a.invstd + c0 if a.invstd != NULL else tmp
+    s.vin[0], s.vin[1] = a.gamma, a.beta
+    if a.rm_new.data != NULL:
+        s.vin[2], s.vin[3], s.vout[0], s.vout[1] = a.rm_old, a.rv_old, &a.rm_new, &a.rv_new
+    _set_up(&s)
 
 
 cdef void _eval_coefficients(const Vec* gamma, const Vec* beta, const Vec* rm, const Vec* rv,
                              double eps, Py_ssize_t c0, Py_ssize_t w, double* center,
                              double* scale, double* shift) noexcept nogil:
     """Eval-mode coefficients of columns c0..c0+w, as float64: center = rm,
-    scale = gamma / sqrt(rv + eps), shift = beta.  One loop where gamma and
-    beta, and rm and rv, are contiguous pairs of one dtype."""
-    cdef Py_ssize_t j
-    if _contiguous_pair(gamma, beta) and _contiguous_pair(rm, rv):
-        if gamma.is_f64 and rm.is_f64:
-            _eval_direct(<const double*>gamma.data + c0, <const double*>beta.data + c0,
-                         <const double*>rm.data + c0, <const double*>rv.data + c0, eps, w,
-                         center, scale, shift)
-        elif gamma.is_f64:
-            _eval_direct(<const double*>gamma.data + c0, <const double*>beta.data + c0,
-                         <const float*>rm.data + c0, <const float*>rv.data + c0, eps, w,
-                         center, scale, shift)
-        elif rm.is_f64:
-            _eval_direct(<const float*>gamma.data + c0, <const float*>beta.data + c0,
-                         <const double*>rm.data + c0, <const double*>rv.data + c0, eps, w,
-                         center, scale, shift)
-        else:
-            _eval_direct(<const float*>gamma.data + c0, <const float*>beta.data + c0,
-                         <const float*>rm.data + c0, <const float*>rv.data + c0, eps, w,
-                         center, scale, shift)
-        return
-    _expand(rm, c0, w, center)
-    _expand(rv, c0, w, scale)
-    _expand(gamma, c0, w, shift)
-    for j in range(w):
-        scale[j] = shift[j] / sqrt(scale[j] + eps)
-    _expand(beta, c0, w, shift)
+    scale = gamma / sqrt(rv + eps), shift = beta."""
+    cdef SetUp s = _setup(SETUP_EVAL, 0, c0, w, eps)
+    s.row[0], s.row[1], s.row[2] = center, scale, shift
+    s.vin[0], s.vin[1], s.vin[2], s.vin[3] = gamma, beta, rm, rv
+    _set_up(&s)
 
 
-cdef void _finish_stats(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
-                        const double* k, double* scale, double* shift,
-                        double* tmp) noexcept nogil:
-    """From the mean relative to the shift k (in a.mean) and M2 (in a.var) of
-    columns c0..c0+w: mean, var, invstd, the affine coefficients (scale,
-    shift) and the running statistics.  shift may alias k."""
-    cdef Py_ssize_t j
-    if _finish_fast(a, n, c0, w, k, scale, shift, tmp):
-        return
-    cdef double* mean = a.mean + c0
-    cdef double* var = a.var + c0
-    _divide_by_count(var, w, n)
-    for j in range(w):
-        mean[j] = k[j] + mean[j]
-        scale[j] = 1.0 / sqrt(var[j] + a.eps)
-    if a.invstd != NULL:
-        for j in range(w):
-            a.invstd[c0 + j] = scale[j]
-    _expand(a.gamma, c0, w, tmp)
-    for j in range(w):
-        scale[j] = scale[j] * tmp[j]
-    _expand(a.beta, c0, w, shift)
-    if a.rm_new.data != NULL:
-        _expand(a.rm_old, c0, w, tmp)
-        for j in range(w):
-            tmp[j] = a.momentum * tmp[j] + a.one_minus_momentum * mean[j]
-        _store(&a.rm_new, c0, w, tmp)
-        _expand(a.rv_old, c0, w, tmp)
-        for j in range(w):
-            tmp[j] = a.momentum * tmp[j] + a.one_minus_momentum * (var[j] * a.var_correction)
-        _store(&a.rv_new, c0, w, tmp)
+cdef void _backward_coefficients(Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w, const double* invstd,
+                                 const Vec* gamma, double* sum_dy, double* sum_dy_xc,
+                                 double* k_xc, double* k, const OutVec* dgamma,
+                                 const OutVec* dbeta) noexcept nogil:
+    """dgamma, dbeta and the pass-2 coefficients of columns c0..c0+w; turns
+    sum_dy into mean(dy) (and sum_dy_xc, scratch, into its mean).  invstd
+    points at column c0."""
+    cdef SetUp s = _setup(SETUP_BACKWARD, n, c0, w, 0.0)
+    s.row[0], s.row[1], s.row[2], s.row[3], s.row[4] = <double*>invstd, sum_dy, sum_dy_xc, k_xc, k
+    s.vin[0], s.vout[2], s.vout[3] = gamma, dgamma, dbeta
+    _set_up(&s)
 
 
 # ---------------------------------------------------------------------------
@@ -1259,57 +1337,6 @@ cdef int _eval_forward(const Call* c, const in_t* x, out_t* y) noexcept nogil:
     cdef Work w = _work(c.grid.n_threads, c.grid.col_block, 4)
     _phase(&w, STEP_EVAL, c.grid.n_page_tasks, False)
     return _drive(c, &w, x, y)
-
-
-cdef void _backward_direct(Py_ssize_t n, Py_ssize_t w, const double* invstd,
-                           const param_t* gamma, double* sum_dy, double* sum_dy_xc,
-                           double* k_xc, double* k, param_t* dgamma,
-                           param_t* dbeta) noexcept nogil:
-    """_backward_coefficients for contiguous gamma, dgamma and dbeta of one
-    dtype (the layer's case): dbeta, dgamma and k in one loop (no
-    conversion passes), then the means and k_xc."""
-    cdef Py_ssize_t j
-    cdef double r
-    for j in range(w):
-        r = invstd[j]
-        dbeta[j] = <param_t>sum_dy[j]
-        dgamma[j] = <param_t>(sum_dy_xc[j] * r)
-        k[j] = gamma[j] * r
-    _divide_by_count(sum_dy, w, n)
-    _divide_by_count(sum_dy_xc, w, n)
-    for j in range(w):
-        k_xc[j] = invstd[j] * invstd[j] * sum_dy_xc[j]
-
-
-cdef void _backward_coefficients(Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w, const double* invstd,
-                                 const Vec* gamma, double* sum_dy, double* sum_dy_xc,
-                                 double* k_xc, double* k, OutVec* dgamma,
-                                 OutVec* dbeta) noexcept nogil:
-    """dgamma, dbeta and the pass-2 coefficients of columns c0..c0+w; turns
-    sum_dy into mean(dy) (and sum_dy_xc, scratch, into its mean).  invstd
-    points at column c0."""
-    cdef Py_ssize_t j
-    if gamma.stride != 0 and dgamma.is_f64 == dbeta.is_f64 and gamma.is_f64 == dgamma.is_f64:
-        if gamma.is_f64:
-            _backward_direct(n, w, invstd, <const double*>gamma.data + c0, sum_dy, sum_dy_xc,
-                             k_xc, k, <double*>dgamma.data + c0, <double*>dbeta.data + c0)
-        else:
-            _backward_direct(n, w, invstd, <const float*>gamma.data + c0, sum_dy, sum_dy_xc,
-                             k_xc, k, <float*>dgamma.data + c0, <float*>dbeta.data + c0)
-        return
-    _store(dbeta, c0, w, sum_dy)
-    for j in range(w):
-        k_xc[j] = sum_dy_xc[j] * invstd[j]          # dgamma, for now
-    _store(dgamma, c0, w, k_xc)
-    _expand(gamma, c0, w, k)
-    _divide_by_count(sum_dy, w, n)
-    _divide_by_count(sum_dy_xc, w, n)
-    for j in range(w):
-        k[j] = k[j] * invstd[j]
-        k_xc[j] = invstd[j] * invstd[j] * sum_dy_xc[j]
-
-
-
 
 
 cdef void _backward_strip(const Grid* g, Py_ssize_t t, const in_t* x, const in_t* dy,

@@ -214,6 +214,42 @@ def test_the_one_loop_set_up_equals_the_general_one_bitwise(rng, shape, param_dt
             assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("shape", [(8, 3000, 0), (300, 70, 0), (2000, 1500, 0), (4, 70, 9)])
+@pytest.mark.parametrize("param_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stat_dtype", [np.float32, np.float64])
+def test_the_eval_and_backward_set_ups_give_the_same_bits_on_converted_operands(
+        rng, shape, param_dtype, stat_dtype):
+    """As the training set-up's test above, for the eval forward's and the
+    training backward's set-ups, over rows and NCHW planes (s > 0), in
+    widths that are not whole pieces of the converted route."""
+    n, d, s = shape
+    x = rng.standard_normal((n, d * max(s, 1))) * 3 + 1
+    dy = rng.standard_normal(x.shape)
+    g = 1.25
+    gamma = np.full(d, g, param_dtype)
+    # values that float32 holds exactly, so that every conversion is exact
+    beta = rng.standard_normal(d).astype(np.float32).astype(param_dtype)
+    rm = rng.standard_normal(d).astype(np.float32).astype(stat_dtype)
+    rv = (rng.random(d) + 0.5).astype(np.float32).astype(stat_dtype)
+    mean, invstd = rng.standard_normal(d), rng.random(d) + 0.5
+
+    def outputs(gamma, beta, rm, rv, grad_dtype):
+        y, dx = np.empty_like(x), np.empty_like(x)
+        dgamma, dbeta = np.empty(d, grad_dtype), np.empty(d, grad_dtype)
+        kernels.eval_forward(x, y, n, d, gamma, beta, rm, rv, 1e-5, s)
+        kernels.train_backward(x, dy, dx, n, d, mean, invstd, gamma, dgamma, dbeta, s)
+        return y, dx, dgamma, dbeta
+
+    direct = outputs(gamma, beta, rm, rv, param_dtype)
+    other = np.float64 if param_dtype == np.float32 else np.float32
+    for converted in (
+            outputs(np.array([g], param_dtype), beta, rm, rv, param_dtype),   # broadcast
+            outputs(gamma, beta.astype(np.float64), rm, rv.astype(other), param_dtype),
+            outputs(gamma.astype(np.float64), beta, rm, rv, np.float64)):    # mixed
+        for a, b in zip(direct, converted):
+            assert np.array_equal(a, b.astype(a.dtype))     # (float64 dgamma, rounded)
+
+
 @pytest.mark.parametrize("n", range(1, 10))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("stat_dtype", [np.float32, np.float64])
