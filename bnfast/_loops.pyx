@@ -1095,7 +1095,7 @@ cdef enum Step:
     STEP_BACKWARD_COEF      # a column block's sums added, dgamma, dbeta, dx coefficients
     STEP_GRAD_INPUT_PAGES   # dx = coef[3] * ((dy - coef[1]) - coef[2] * (x - coef[0])), by pages
     STEP_EVAL_BACKWARD      # the eval backward's dx and per-chunk sums of a block
-    STEP_PLANE_MOMENTS      # per-chunk shifted sums of a block of channels' planes
+    STEP_PLANE_MOMENTS      # per-chunk sums of x - coef[0] and its square, of channels
     STEP_PLANE_GRAD_SUMS    # per-chunk sum(dy) and sum(dy * (x - coef[0])) of channels
     STEP_PLANE_COPY         # cache = x over a task's planes
     STEP_PLANE_AFFINE       # as STEP_AFFINE_PAGES (and cache = x) over a task's planes
@@ -1174,9 +1174,9 @@ cdef void _step(const Call* c, const Work* w, Step step, Py_ssize_t t, double* m
     elif step == STEP_EVAL_BACKWARD:
         _eval_backward_task(g, t, x, dy, y, <const EvalArgs*>c.args, w.part, mine)
     elif step == STEP_PLANE_MOMENTS:
-        _plane_moments_task(p, t, x, w.shifts, w.part)
+        _plane_sums_task(p, t, x, dy, w.coef[0], w.part, <const StatSums*>NULL)
     elif step == STEP_PLANE_GRAD_SUMS:
-        _plane_grad_sums_task(p, t, x, dy, w.coef[0], w.part)
+        _plane_sums_task(p, t, x, dy, w.coef[0], w.part, <const GradSums*>NULL)
     elif step == STEP_PLANE_COPY:
         _plane_copy_task(p, t, x, cache)
     elif step == STEP_PLANE_AFFINE:
@@ -1362,22 +1362,18 @@ cdef void _backward_block_sums(const Grid* g, Py_ssize_t t, const in_t* x, const
                     part + task.k * d + task.c0, part + (g.n_chunks + task.k) * d + task.c0)
 
 
-cdef void _sum_chunks(const Grid* g, const double* part, double* totals) noexcept nogil:
-    """totals rows 0, 1: the two per-chunk sums of part, added in chunk order."""
-    _sum_chunk_columns(g, part, totals, 0, g.n_cols)
-
-
-cdef void _sum_chunk_columns(const Grid* g, const double* part, double* totals,
-                             Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    """_sum_chunks of columns c0..c1."""
-    cdef Py_ssize_t d = g.n_cols, k, j
+cdef void _sum_chunk_columns(Py_ssize_t n_chunks, Py_ssize_t d, const double* part, double* s1,
+                             double* s2, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """s1, s2 (at column 0): the two per-chunk sums of part (rows 0..K-1 and
+    K..2K-1 of d columns, K = n_chunks) of columns c0..c1, in chunk order."""
+    cdef Py_ssize_t k, j
     for j in range(c0, c1):
-        totals[j] = part[j]
-        totals[d + j] = part[g.n_chunks * d + j]
-    for k in range(1, g.n_chunks):
+        s1[j] = part[j]
+        s2[j] = part[n_chunks * d + j]
+    for k in range(1, n_chunks):
         for j in range(c0, c1):
-            totals[j] += part[k * d + j]
-            totals[d + j] += part[(g.n_chunks + k) * d + j]
+            s1[j] += part[k * d + j]
+            s2[j] += part[(n_chunks + k) * d + j]
 
 
 cdef void _backward_block_coefficients(const Grid* g, Py_ssize_t t, const GradArgs* a,
@@ -1387,7 +1383,7 @@ cdef void _backward_block_coefficients(const Grid* g, Py_ssize_t t, const GradAr
     1, whose partials of these columns are consumed by then)."""
     cdef Py_ssize_t d = g.n_cols, c0 = t * g.col_block
     cdef Py_ssize_t w = g.col_block if c0 + g.col_block <= d else d - c0
-    _sum_chunk_columns(g, part, totals, c0, c0 + w)
+    _sum_chunk_columns(g.n_chunks, d, part, totals, totals + d, c0, c0 + w)
     _backward_coefficients(g.n_rows, c0, w, a.invstd + c0, a.gamma, totals + c0,
                            totals + d + c0, part + c0, part + d + c0, a.dgamma, a.dbeta)
 
@@ -1455,7 +1451,7 @@ cdef int _eval_backward(const Call* c, const in_t* x, out_t* dx) noexcept nogil:
         free(w.part)
         return -1
     totals = w.part + 2 * g.n_chunks * d
-    _sum_chunks(g, w.part, totals)
+    _sum_chunk_columns(g.n_chunks, d, w.part, totals, totals + d, 0, d)
     _store(c.dbeta, 0, d, totals)
     _expand(a.rv, 0, d, totals)           # sum_dy is stored; reuse its row
     for j in range(d):
@@ -1531,18 +1527,15 @@ cdef int _grad_sums(const Call* c, const in_t* x, double* sum_dy,
     cdef Py_ssize_t d = g.n_cols
     cdef Work w
     if c.planes != NULL:
-        return _planes_grad_sums(c, x, c.coef[0], sum_dy, sum_dy_xc)
+        return _planes_sums(c, x, <const in_t*>c.dy, c.coef[0], sum_dy, sum_dy_xc)
     w = _work(g.n_threads, g.col_block, 0)
-    w.part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
+    w.part = <double*>malloc(2 * g.n_chunks * d * sizeof(double))
     if w.part == NULL:
         return -1
     w.coef[0] = c.coef[0]
     _phase(&w, STEP_GRAD_SUMS_BLOCK, g.n_tasks, True)
     _drive(c, &w, x, <double*>NULL)
-    w.totals = w.part + 2 * g.n_chunks * d
-    _sum_chunks(g, w.part, w.totals)
-    memcpy(sum_dy, w.totals, d * sizeof(double))
-    memcpy(sum_dy_xc, w.totals + d, d * sizeof(double))
+    _sum_chunk_columns(g.n_chunks, d, w.part, sum_dy, sum_dy_xc, 0, d)
     free(w.part)
     return 0
 

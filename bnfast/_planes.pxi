@@ -63,30 +63,57 @@ cdef inline void _reduction_task(const Planes* p, Py_ssize_t t, Py_ssize_t* n0, 
     c1[0] = c0[0] + p.channel_block if c0[0] + p.channel_block < p.c else p.c
 
 
-cdef inline void _plane_sq_sums(const in_t* src, Py_ssize_t s, double k, double* a1, double* a2,
-                                double* t1, double* t2) noexcept nogil:
-    """One plane's x - k and (x - k)^2 added to the lane sums a1, a2 and,
-    past the last whole 16 values, to t1, t2."""
+# What a reduction task sums, as a type (sums_t) so that each kind's
+# loops are compiled without a test per plane: StatSums, x - k and
+# (x - k)^2 (the statistics); GradSums, dy and dy * (x - k) (the backward).
+cdef struct StatSums:
+    char unused
+
+cdef struct GradSums:
+    char unused
+
+ctypedef fused sums_t:
+    StatSums
+    GradSums
+
+
+cdef inline void _plane_sums(const in_t* x, const in_t* dy, Py_ssize_t s, double k, double* a1,
+                             double* a2, double* t1, double* t2,
+                             const sums_t* kind) noexcept nogil:
+    """One plane's sums (of kind: NULL, naming the sums_t) added to the lane
+    sums a1, a2 and, past the last whole 16 values, to t1, t2."""
     cdef Py_ssize_t j
-    cdef double e
-    if in_t is double:
-        j = bnfast_sq_sums_d(src, s, k, a1, a2)
+    cdef double e, g
+    if sums_t is StatSums:
+        if in_t is double:
+            j = bnfast_sq_sums_d(x, s, k, a1, a2)
+        else:
+            j = bnfast_sq_sums_f(x, s, k, a1, a2)
+        while j < s:
+            e = x[j] - k
+            t1[0] += e
+            t2[0] += e * e
+            j += 1
     else:
-        j = bnfast_sq_sums_f(src, s, k, a1, a2)
-    while j < s:
-        e = src[j] - k
-        t1[0] += e
-        t2[0] += e * e
-        j += 1
+        if in_t is double:
+            j = bnfast_dot_sums_d(x, dy, s, k, a1, a2)
+        else:
+            j = bnfast_dot_sums_f(x, dy, s, k, a1, a2)
+        while j < s:
+            g = dy[j]
+            t1[0] += g
+            t2[0] += g * (x[j] - k)
+            j += 1
 
 
-cdef void _plane_moments_task(const Planes* p, Py_ssize_t t, const in_t* x,
-                              const double* shift, double* part) noexcept nogil:
-    """Task t = (chunk k, channels c0..c1): per channel, sums of x - K and
-    (x - K)^2 over the chunk's planes, samples in order.  A block of
-    channels is read sample by sample, each sample's planes of the block
-    one run; a single channel keeps its sums in registers."""
-    cdef Py_ssize_t n0, n1, c0, c1, i, l, b, k = t // p.n_channel_blocks
+cdef void _plane_sums_task(const Planes* p, Py_ssize_t t, const in_t* x, const in_t* dy,
+                           const double* center, double* part,
+                           const sums_t* kind) noexcept nogil:
+    """Task t = (chunk k, channels c0..c1): per channel, _plane_sums over the
+    chunk's planes, samples in order, into part's rows k and n_chunks + k.
+    A block of channels is read sample by sample, each sample's planes of
+    the block one run; a single channel keeps its sums in registers."""
+    cdef Py_ssize_t n0, n1, c0, c1, i, l, b, off, nb, k = t // p.n_channel_blocks
     cdef double a1[MAX_CHANNEL_BLOCK * LANES]
     cdef double a2[MAX_CHANNEL_BLOCK * LANES]
     cdef double t1[MAX_CHANNEL_BLOCK]
@@ -95,58 +122,65 @@ cdef void _plane_moments_task(const Planes* p, Py_ssize_t t, const in_t* x,
     cdef double one2[LANES]
     cdef double s1 = 0.0, s2 = 0.0
     _reduction_task(p, t, &n0, &n1, &c0, &c1)
-    if c1 - c0 == 1:
+    nb = c1 - c0
+    if nb == 1:
         for l in range(LANES):
             one1[l] = 0.0
             one2[l] = 0.0
         for i in range(n0, n1):
-            _plane_sq_sums(x + (i * p.c + c0) * p.s, p.s, shift[c0], one1, one2, &s1, &s2)
+            off = (i * p.c + c0) * p.s
+            _plane_sums(x + off, dy + off if dy != NULL else NULL, p.s, center[c0], one1, one2,
+                        &s1, &s2, kind)
         _lanes_total(one1, s1, &part[k * p.c + c0])
         _lanes_total(one2, s2, &part[(p.n_chunks + k) * p.c + c0])
         return
-    for l in range((c1 - c0) * LANES):
+    for l in range(nb * LANES):
         a1[l] = 0.0
         a2[l] = 0.0
-    for b in range(c1 - c0):
+    for b in range(nb):
         t1[b] = 0.0
         t2[b] = 0.0
     for i in range(n0, n1):
-        for b in range(c1 - c0):
-            _plane_sq_sums(x + (i * p.c + c0 + b) * p.s, p.s, shift[c0 + b], &a1[b * LANES],
-                           &a2[b * LANES], &t1[b], &t2[b])
-    for b in range(c1 - c0):
+        for b in range(nb):
+            off = (i * p.c + c0 + b) * p.s
+            _plane_sums(x + off, dy + off if dy != NULL else NULL, p.s, center[c0 + b],
+                        &a1[b * LANES], &a2[b * LANES], &t1[b], &t2[b], kind)
+    for b in range(nb):
         _lanes_total(&a1[b * LANES], t1[b], &part[k * p.c + c0 + b])
         _lanes_total(&a2[b * LANES], t2[b], &part[(p.n_chunks + k) * p.c + c0 + b])
+
+
+cdef int _planes_sums(const Call* c, const in_t* x, const in_t* dy, const double* center,
+                      double* s1, double* s2) noexcept nogil:
+    """Per channel, the two sums of _plane_sums over the whole batch, the
+    chunks added in order."""
+    cdef const Planes* p = c.planes
+    cdef Work w = _work(p.n_threads, 0, 0)
+    w.part = <double*>malloc(2 * p.n_chunks * p.c * sizeof(double))
+    if w.part == NULL:
+        return -1
+    w.coef[0] = center
+    _phase(&w, STEP_PLANE_MOMENTS if dy == NULL else STEP_PLANE_GRAD_SUMS, p.n_tasks, True)
+    _drive(c, &w, x, <double*>NULL)
+    _sum_chunk_columns(p.n_chunks, p.c, w.part, s1, s2, 0, p.c)
+    free(w.part)
+    return 0
 
 
 cdef int _planes_moments(const Call* c, const in_t* x, double* shift, double* mean,
                          double* m2) noexcept nogil:
     """Per channel: shift, mean relative to it and M2."""
     cdef const Planes* p = c.planes
-    cdef Py_ssize_t k, ch, nc = p.c
-    cdef double s1, s2, count = <double>(p.n * p.s), mb
-    cdef Work w = _work(p.n_threads, 0, 0)
-    w.part = <double*>malloc(2 * p.n_chunks * nc * sizeof(double))
-    if w.part == NULL:
-        return -1
+    cdef Py_ssize_t ch
     _channel_shift(p, x, shift)
-    w.shifts = shift
-    _phase(&w, STEP_PLANE_MOMENTS, p.n_tasks, True)
-    _drive(c, &w, x, <double*>NULL)
-    for ch in range(nc):
-        s1 = w.part[ch]
-        s2 = w.part[p.n_chunks * nc + ch]
-        for k in range(1, p.n_chunks):
-            s1 = s1 + w.part[k * nc + ch]
-            s2 = s2 + w.part[(p.n_chunks + k) * nc + ch]
-        mb = s1 / count
-        m2[ch] = s2 - s1 * mb
-        mean[ch] = mb
-        if not bnfast_well_conditioned(m2[ch], s2):
+    if _planes_sums(c, x, <const in_t*>NULL, shift, mean, m2) != 0:
+        return -1
+    for ch in range(p.c):       # the sums -> mean and M2, as a rows block's
+        if _block_moments(mean[ch], m2[ch], mean[ch] / <double>(p.n * p.s), &mean[ch],
+                          &m2[ch]):
             _two_pass(x + ch * p.s, p.c * p.s, p.n, p.s, shift[ch], &mean[ch], &m2[ch])
-        if m2[ch] < 0.0:
-            m2[ch] = 0.0
-    free(w.part)
+            if m2[ch] < 0.0:
+                m2[ch] = 0.0
     return 0
 
 
@@ -237,84 +271,6 @@ cdef int _planes_eval_forward(const Call* c, const in_t* x, out_t* y) noexcept n
     return 0
 
 
-cdef inline void _plane_dot_sums(const in_t* x, const in_t* dy, Py_ssize_t s, double m,
-                                 double* a1, double* a2, double* t1, double* t2) noexcept nogil:
-    """One plane's dy and dy * (x - m) added to the lane sums a1, a2 and,
-    past the last whole 16 values, to t1, t2."""
-    cdef Py_ssize_t j
-    cdef double g
-    if in_t is double:
-        j = bnfast_dot_sums_d(x, dy, s, m, a1, a2)
-    else:
-        j = bnfast_dot_sums_f(x, dy, s, m, a1, a2)
-    while j < s:
-        g = dy[j]
-        t1[0] += g
-        t2[0] += g * (x[j] - m)
-        j += 1
-
-
-cdef void _plane_grad_sums_task(const Planes* p, Py_ssize_t t, const in_t* x, const in_t* dy,
-                                const double* center, double* part) noexcept nogil:
-    """Task t = (chunk k, channels c0..c1): per channel, sums of dy and
-    dy * (x - center), read as in _plane_moments_task."""
-    cdef Py_ssize_t n0, n1, c0, c1, i, l, b, off, k = t // p.n_channel_blocks
-    cdef double a1[MAX_CHANNEL_BLOCK * LANES]
-    cdef double a2[MAX_CHANNEL_BLOCK * LANES]
-    cdef double t1[MAX_CHANNEL_BLOCK]
-    cdef double t2[MAX_CHANNEL_BLOCK]
-    cdef double one1[LANES]
-    cdef double one2[LANES]
-    cdef double s1 = 0.0, s2 = 0.0
-    _reduction_task(p, t, &n0, &n1, &c0, &c1)
-    if c1 - c0 == 1:
-        for l in range(LANES):
-            one1[l] = 0.0
-            one2[l] = 0.0
-        for i in range(n0, n1):
-            off = (i * p.c + c0) * p.s
-            _plane_dot_sums(x + off, dy + off, p.s, center[c0], one1, one2, &s1, &s2)
-        _lanes_total(one1, s1, &part[k * p.c + c0])
-        _lanes_total(one2, s2, &part[(p.n_chunks + k) * p.c + c0])
-        return
-    for l in range((c1 - c0) * LANES):
-        a1[l] = 0.0
-        a2[l] = 0.0
-    for b in range(c1 - c0):
-        t1[b] = 0.0
-        t2[b] = 0.0
-    for i in range(n0, n1):
-        for b in range(c1 - c0):
-            off = (i * p.c + c0 + b) * p.s
-            _plane_dot_sums(x + off, dy + off, p.s, center[c0 + b], &a1[b * LANES],
-                            &a2[b * LANES], &t1[b], &t2[b])
-    for b in range(c1 - c0):
-        _lanes_total(&a1[b * LANES], t1[b], &part[k * p.c + c0 + b])
-        _lanes_total(&a2[b * LANES], t2[b], &part[(p.n_chunks + k) * p.c + c0 + b])
-
-
-cdef int _planes_grad_sums(const Call* c, const in_t* x, const double* center,
-                           double* sum_dy, double* sum_dy_xc) noexcept nogil:
-    """Per channel: sum(dy) and sum(dy * (x - center)), chunks in order."""
-    cdef const Planes* p = c.planes
-    cdef Py_ssize_t k, ch, nc = p.c
-    cdef Work w = _work(p.n_threads, 0, 0)
-    w.part = <double*>malloc(2 * p.n_chunks * nc * sizeof(double))
-    if w.part == NULL:
-        return -1
-    w.coef[0] = center
-    _phase(&w, STEP_PLANE_GRAD_SUMS, p.n_tasks, True)
-    _drive(c, &w, x, <double*>NULL)
-    for ch in range(nc):
-        sum_dy[ch] = w.part[ch]
-        sum_dy_xc[ch] = w.part[p.n_chunks * nc + ch]
-        for k in range(1, p.n_chunks):
-            sum_dy[ch] = sum_dy[ch] + w.part[k * nc + ch]
-            sum_dy_xc[ch] = sum_dy_xc[ch] + w.part[(p.n_chunks + k) * nc + ch]
-    free(w.part)
-    return 0
-
-
 cdef void _plane_grad_input_task(const Planes* p, Py_ssize_t t, const in_t* x, const in_t* dy,
                                  out_t* dx, const double* center, const double* mean_dy,
                                  const double* k_xc, const double* k) noexcept nogil:
@@ -359,7 +315,7 @@ cdef int _planes_train_backward(const Call* c, const in_t* x, out_t* dx) noexcep
     if work == NULL:
         return -1
     # work rows: sum_dy (then mean dy), sum_dy_xc, k_xc, k
-    if _planes_grad_sums(c, x, a.mean, work, work + nc) != 0:
+    if _planes_sums(c, x, <const in_t*>c.dy, a.mean, work, work + nc) != 0:
         free(work)
         return -1
     _backward_coefficients(c.planes.n * c.planes.s, 0, nc, a.invstd, a.gamma, work, work + nc,
@@ -379,7 +335,7 @@ cdef int _planes_eval_backward(const Call* c, const in_t* x, out_t* dx) noexcept
     # work rows: running mean, invstd (then dx scale), sum_dy, sum_dy_xc
     _expand(a.rm, 0, nc, work)
     _expand(a.rv, 0, nc, work + nc)
-    if _planes_grad_sums(c, x, work, work + 2 * nc, work + 3 * nc) != 0:
+    if _planes_sums(c, x, <const in_t*>c.dy, work, work + 2 * nc, work + 3 * nc) != 0:
         free(work)
         return -1
     for j in range(nc):
