@@ -83,11 +83,8 @@ cdef extern from "rows.h":
     void bnfast_grad_input_dd(const double* x, const double* dy, double* o, Py_ssize_t d,
                               int rows, Py_ssize_t w, const double* c, const double* m,
                               const double* q, const double* k) noexcept nogil
-    void bnfast_rows_sq_sums_f(const float* x, Py_ssize_t d, int rows, Py_ssize_t w,
-                               const double* k, double* s1, double* s2) noexcept nogil
-    void bnfast_rows_grad_sums_f(const float* x, const float* dy, Py_ssize_t d, int rows,
-                                 Py_ssize_t w, const double* c, double* s1,
-                                 double* s2) noexcept nogil
+    void bnfast_row_sums_f(bint grad, const float* x, const float* dy, Py_ssize_t d, int rows,
+                           Py_ssize_t w, const double* k, double* s1, double* s2) noexcept nogil
     void bnfast_grad_input_plane_ff(const float* x, const float* dy, float* o, Py_ssize_t n,
                                     double c, double m, double q, double k) noexcept nogil
     bint bnfast_lines_fit(const void* o, Py_ssize_t stride_bytes,
@@ -107,6 +104,22 @@ ctypedef fused in_t:
 ctypedef fused out_t:
     float
     double
+
+
+# What a reduction sums, as a type (sums_t), so that each kind's loops are
+# compiled without a test inside them: with b = x - k per feature (or
+# channel), the sums of a and a * b, where a = b for StatSums (the
+# statistics' shifted sums, s1 = sum(x - k) and s2 = sum((x - k)^2)) and
+# a = dy for GradSums (the backward's sum(dy) and sum(dy * (x - k))).
+cdef struct StatSums:
+    char unused
+
+cdef struct GradSums:
+    char unused
+
+ctypedef fused sums_t:
+    StatSums
+    GradSums
 
 
 # Means divide per-feature sums by a row count, and a vector division costs
@@ -525,69 +538,92 @@ cdef inline void _two_pass(const in_t* x, Py_ssize_t stride, Py_ssize_t runs,
         bnfast_two_pass_d(x, stride, runs, length, k, mean, m2)
 
 
-cdef inline void _sq_sums4(const in_t* a, Py_ssize_t d, Py_ssize_t w, const double* shift,
-                           acc_t s1, acc_t s2) noexcept nogil:
-    """s1, s2 += the sums of x - shift and its square over four rows at a
-    (row stride d, w columns).  Four rows a loop: each accumulator is loaded
-    and stored once per four rows; the fixed pairing shortens rounding chains."""
+cdef inline void _sums_step(const in_t* a, const in_t* g, Py_ssize_t d, int rows, Py_ssize_t w,
+                            const double* k, acc_t s1, acc_t s2,
+                            const sums_t* kind) noexcept nogil:
+    """s1, s2 += the sums (sums_t; kind: NULL, naming it) of `rows` rows (4
+    or 1) at a, and at g (dy's rows: GradSums), row stride d, w columns.
+    Four rows a step: each accumulator is loaded and stored once per four
+    rows; the fixed pairing shortens rounding chains."""
     cdef Py_ssize_t j
-    cdef double k, e0, e1, e2, e3
+    cdef double b0, b1, b2, b3, a0, a1, a2, a3
     if in_t is float:
-        bnfast_rows_sq_sums_f(a, d, 4, w, shift, s1, s2)
+        bnfast_row_sums_f(sums_t is GradSums, a, g, d, rows, w, k, s1, s2)
+    elif rows == 4:
+        for j in range(w):
+            b0 = a[j] - k[j]
+            b1 = a[d + j] - k[j]
+            b2 = a[2 * d + j] - k[j]
+            b3 = a[3 * d + j] - k[j]
+            if sums_t is GradSums:
+                a0, a1, a2, a3 = g[j], g[d + j], g[2 * d + j], g[3 * d + j]
+            else:
+                a0, a1, a2, a3 = b0, b1, b2, b3
+            s1[j] += (a0 + a1) + (a2 + a3)
+            s2[j] += (a0 * b0 + a1 * b1) + (a2 * b2 + a3 * b3)
     else:
         for j in range(w):
-            k = shift[j]
-            e0 = a[j] - k
-            e1 = a[d + j] - k
-            e2 = a[2 * d + j] - k
-            e3 = a[3 * d + j] - k
-            s1[j] += (e0 + e1) + (e2 + e3)
-            s2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+            b0 = a[j] - k[j]
+            a0 = g[j] if sums_t is GradSums else b0
+            s1[j] += a0
+            s2[j] += a0 * b0
 
 
-cdef inline void _sq_sums1(const in_t* a, Py_ssize_t w, const double* shift, acc_t s1,
-                           acc_t s2) noexcept nogil:
-    """_sq_sums4 for one row."""
-    cdef Py_ssize_t j
-    cdef double e0
-    if in_t is float:
-        bnfast_rows_sq_sums_f(a, 0, 1, w, shift, s1, s2)
-    else:
-        for j in range(w):
-            e0 = a[j] - shift[j]
-            s1[j] += e0
-            s2[j] += e0 * e0
+cdef void _row_sums(const in_t* x, const in_t* dy, in_t* copy_to, Py_ssize_t d, Py_ssize_t fold,
+                    Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w, const double* k,
+                    acc_t s1, acc_t s2, const sums_t* kind) noexcept nogil:
+    """s1, s2 += the sums (sums_t) of rows r0..r1 of columns c0..c0+w,
+    relative to k (w values), whole rows folded `fold` at a time; the rows
+    copied to copy_to unless it is NULL."""
+    cdef Py_ssize_t i = r0, j, r
+    cdef const in_t* a
+    cdef const in_t* g = NULL
+    cdef in_t* c
+    if fold > 1 and w == d:
+        i = _row_sums_folded(x, dy, copy_to, d, fold, r0, r1, k, s1, s2, kind)
+    while i + 4 <= r1:
+        a = x + i * d + c0
+        if sums_t is GradSums:
+            g = dy + i * d + c0
+        if copy_to != NULL:
+            # one row per loop: a single (read, write) pair to check for
+            # overlap, so the copy vectorizes; no memcpy call per segment
+            for r in range(4):
+                c = copy_to + (i + r) * d + c0
+                for j in range(w):
+                    c[j] = a[r * d + j]
+        _sums_step(a, g, d, 4, w, k, s1, s2, kind)
+        i += 4
+    while i < r1:
+        a = x + i * d + c0
+        if sums_t is GradSums:
+            g = dy + i * d + c0
+        if copy_to != NULL:
+            memcpy(copy_to + i * d + c0, a, w * sizeof(in_t))
+        _sums_step(a, g, d, 1, w, k, s1, s2, kind)
+        i += 1
 
 
-cdef Py_ssize_t _sq_sums_folded(const in_t* x, in_t* copy_to, Py_ssize_t d, Py_ssize_t m,
-                                Py_ssize_t b0, Py_ssize_t b1, const double* shift_lanes,
-                                double* s1, double* s2) noexcept nogil:
-    """s1, s2 += the shifted sums of the whole groups of m rows in b0..b1
-    (folded rows; copied to copy_to unless NULL); returns the first row left."""
-    cdef Py_ssize_t lanes = m * d, groups = (b1 - b0) // m, q = 0, j
+cdef Py_ssize_t _row_sums_folded(const in_t* x, const in_t* dy, in_t* copy_to, Py_ssize_t d,
+                                 Py_ssize_t m, Py_ssize_t r0, Py_ssize_t r1, const double* k,
+                                 double* s1, double* s2, const sums_t* kind) noexcept nogil:
+    """_row_sums over the whole groups of m rows in r0..r1 as folded rows;
+    returns the first row left."""
+    cdef Py_ssize_t lanes = m * d, groups = (r1 - r0) // m, off = r0 * d, j
+    cdef double k_lanes[FOLD_MAX_LANES]
     cdef double l1[FOLD_MAX_LANES]
     cdef double l2[FOLD_MAX_LANES]
-    cdef const in_t* a = x + b0 * d
-    cdef in_t* c = copy_to + b0 * d if copy_to != NULL else NULL
     if groups == 0:
-        return b0
+        return r0
+    _repeat(k, d, m, k_lanes)
     for j in range(lanes):
         l1[j] = 0.0
         l2[j] = 0.0
-    while q + 4 <= groups:
-        if c != NULL:       # copied while in L1, as in _stats_rows
-            for j in range(4 * lanes):
-                c[q * lanes + j] = a[q * lanes + j]
-        _sq_sums4(a + q * lanes, lanes, lanes, shift_lanes, l1, l2)
-        q += 4
-    if c != NULL:
-        memcpy(c + q * lanes, a + q * lanes, (groups - q) * lanes * sizeof(in_t))
-    while q < groups:
-        _sq_sums1(a + q * lanes, lanes, shift_lanes, l1, l2)
-        q += 1
+    _row_sums(x + off, dy + off if dy != NULL else NULL, copy_to + off if copy_to != NULL else NULL,
+              lanes, 1, 0, groups, 0, lanes, k_lanes, l1, l2, kind)
     _add_lanes(l1, d, m, s1)
     _add_lanes(l2, d, m, s2)
-    return b0 + groups * m
+    return r0 + groups * m
 
 
 cdef inline bint _block_moments(double s1, double s2, double mb, double* mean,
@@ -609,47 +645,22 @@ cdef void _stats_rows(const in_t* x, in_t* copy_to, bint stream, Py_ssize_t n_ro
     """mean (relative to shift) and M2 of rows r0..r1 of columns c0..c0+w,
     copying those rows to copy_to unless it is NULL.  s1, s2: w doubles of
     scratch each."""
-    cdef Py_ssize_t b0 = r0, b1, i, j, r, m = fold if w == d else 1
-    cdef double nb, na = 0.0
-    cdef double shift_lanes[FOLD_MAX_LANES]
-    cdef const in_t* a
-    cdef in_t* c
-    cdef bint copy_here = copy_to != NULL and not stream
-    if m > 1:
-        _repeat(shift, d, m, shift_lanes)
+    cdef Py_ssize_t b0 = r0, b1, j
+    cdef double na = 0.0
+    cdef in_t* copy_here = copy_to if not stream else NULL
     while b0 < r1:
         b1 = b0 + block_rows
         if b1 > r1:
             b1 = r1
-        nb = <double>(b1 - b0)
         for j in range(w):
             s1[j] = 0.0
             s2[j] = 0.0
-        i = b0
-        if m > 1:
-            i = _sq_sums_folded(x, copy_to if copy_here else <in_t*>NULL, d, m, b0, b1,
-                                shift_lanes, s1, s2)
-        while i + 4 <= b1:
-            a = x + i * d + c0
-            if copy_here:
-                # one row per loop: a single (read, write) pair to check for
-                # overlap, so the copy vectorizes; no memcpy call per segment
-                for r in range(4):
-                    c = copy_to + (i + r) * d + c0
-                    for j in range(w):
-                        c[j] = a[r * d + j]
-            _sq_sums4(a, d, w, shift, s1, s2)
-            i += 4
-        while i < b1:
-            a = x + i * d + c0
-            if copy_here:
-                memcpy(copy_to + i * d + c0, a, w * sizeof(in_t))
-            _sq_sums1(a, w, shift, s1, s2)
-            i += 1
+        _row_sums(x, <const in_t*>NULL, copy_here, d, fold, b0, b1, c0, w, shift, s1, s2,
+                  <const StatSums*>NULL)
         if copy_to != NULL and stream:
             _stream_rows(x, copy_to, n_rows, d, b0, b1, c0, w)
         _merge_block(x, d, b0, b1, c0, w, shift, na, mean_acc, m2_acc, s1, s2)
-        na += nb
+        na += <double>(b1 - b0)
         b0 = b1
 
 
@@ -866,60 +877,12 @@ cdef void _grad_sums_rows(const in_t* x, const in_t* dy, Py_ssize_t d, Py_ssize_
                           const double* center, acc_t sum_dy,
                           acc_t sum_dy_xc) noexcept nogil:
     """Per feature: sum(dy) and sum(dy * (x - center)) over rows r0..r1."""
-    cdef Py_ssize_t i = r0, j, m = fold if w == d else 1
-    cdef const in_t* a
-    cdef const in_t* g
-    cdef double g0, g1, g2, g3
+    cdef Py_ssize_t j
     for j in range(w):
         sum_dy[j] = 0.0
         sum_dy_xc[j] = 0.0
-    if m > 1:
-        i = _grad_sums_folded(x, dy, d, m, r0, r1, center, sum_dy, sum_dy_xc)
-    while i + 4 <= r1:
-        a = x + i * d + c0
-        g = dy + i * d + c0
-        if in_t is float:
-            bnfast_rows_grad_sums_f(a, g, d, 4, w, center, sum_dy, sum_dy_xc)
-        else:
-            for j in range(w):
-                g0 = g[j]
-                g1 = g[d + j]
-                g2 = g[2 * d + j]
-                g3 = g[3 * d + j]
-                sum_dy[j] += (g0 + g1) + (g2 + g3)
-                sum_dy_xc[j] += ((g0 * (a[j] - center[j]) + g1 * (a[d + j] - center[j]))
-                                 + (g2 * (a[2 * d + j] - center[j])
-                                    + g3 * (a[3 * d + j] - center[j])))
-        i += 4
-    while i < r1:
-        a = x + i * d + c0
-        g = dy + i * d + c0
-        if in_t is float:
-            bnfast_rows_grad_sums_f(a, g, d, 1, w, center, sum_dy, sum_dy_xc)
-        else:
-            for j in range(w):
-                g0 = g[j]
-                sum_dy[j] += g0
-                sum_dy_xc[j] += g0 * (a[j] - center[j])
-        i += 1
-
-
-cdef Py_ssize_t _grad_sums_folded(const in_t* x, const in_t* dy, Py_ssize_t d, Py_ssize_t m,
-                                  Py_ssize_t r0, Py_ssize_t r1, const double* center,
-                                  double* sum_dy, double* sum_dy_xc) noexcept nogil:
-    """sum_dy, sum_dy_xc += the sums over the whole groups of m rows in
-    r0..r1 (folded rows); returns the first row left."""
-    cdef Py_ssize_t lanes = m * d, groups = (r1 - r0) // m
-    cdef double lanes_center[FOLD_MAX_LANES]
-    cdef double l1[FOLD_MAX_LANES]
-    cdef double l2[FOLD_MAX_LANES]
-    if groups == 0:
-        return r0
-    _repeat(center, d, m, lanes_center)
-    _grad_sums_rows(x + r0 * d, dy + r0 * d, lanes, 1, 0, groups, 0, lanes, lanes_center, l1, l2)
-    _add_lanes(l1, d, m, sum_dy)
-    _add_lanes(l2, d, m, sum_dy_xc)
-    return r0 + groups * m
+    _row_sums(x, dy, <in_t*>NULL, d, fold, r0, r1, c0, w, center, sum_dy, sum_dy_xc,
+              <const GradSums*>NULL)
 
 
 cdef void _grad_input_rows(const in_t* x, const in_t* dy, out_t* dx, bint stream, Py_ssize_t d,

@@ -16,14 +16,10 @@
 # address order.
 
 cdef extern from "planes.h":
-    Py_ssize_t bnfast_sq_sums_d(const double* x, Py_ssize_t n, double k,
-                                double* a1, double* a2) noexcept nogil
-    Py_ssize_t bnfast_sq_sums_f(const float* x, Py_ssize_t n, double k,
-                                double* a1, double* a2) noexcept nogil
-    Py_ssize_t bnfast_dot_sums_d(const double* x, const double* g, Py_ssize_t n, double m,
-                                 double* a1, double* a2) noexcept nogil
-    Py_ssize_t bnfast_dot_sums_f(const float* x, const float* g, Py_ssize_t n, double m,
-                                 double* a1, double* a2) noexcept nogil
+    Py_ssize_t bnfast_lane_sums_d(bint grad, const double* x, const double* g, Py_ssize_t n,
+                                  double k, double* a1, double* a2) noexcept nogil
+    Py_ssize_t bnfast_lane_sums_f(bint grad, const float* x, const float* g, Py_ssize_t n,
+                                  double k, double* a1, double* a2) noexcept nogil
 
 
 cdef void _channel_shift(const Planes* p, const in_t* x, double* shift) noexcept nogil:
@@ -63,47 +59,23 @@ cdef inline void _reduction_task(const Planes* p, Py_ssize_t t, Py_ssize_t* n0, 
     c1[0] = c0[0] + p.channel_block if c0[0] + p.channel_block < p.c else p.c
 
 
-# What a reduction task sums, as a type (sums_t) so that each kind's
-# loops are compiled without a test per plane: StatSums, x - k and
-# (x - k)^2 (the statistics); GradSums, dy and dy * (x - k) (the backward).
-cdef struct StatSums:
-    char unused
-
-cdef struct GradSums:
-    char unused
-
-ctypedef fused sums_t:
-    StatSums
-    GradSums
-
-
 cdef inline void _plane_sums(const in_t* x, const in_t* dy, Py_ssize_t s, double k, double* a1,
                              double* a2, double* t1, double* t2,
                              const sums_t* kind) noexcept nogil:
-    """One plane's sums (of kind: NULL, naming the sums_t) added to the lane
+    """One plane's sums (sums_t; kind: NULL, naming it) added to the lane
     sums a1, a2 and, past the last whole 16 values, to t1, t2."""
     cdef Py_ssize_t j
-    cdef double e, g
-    if sums_t is StatSums:
-        if in_t is double:
-            j = bnfast_sq_sums_d(x, s, k, a1, a2)
-        else:
-            j = bnfast_sq_sums_f(x, s, k, a1, a2)
-        while j < s:
-            e = x[j] - k
-            t1[0] += e
-            t2[0] += e * e
-            j += 1
+    cdef double a, b
+    if in_t is double:
+        j = bnfast_lane_sums_d(sums_t is GradSums, x, dy, s, k, a1, a2)
     else:
-        if in_t is double:
-            j = bnfast_dot_sums_d(x, dy, s, k, a1, a2)
-        else:
-            j = bnfast_dot_sums_f(x, dy, s, k, a1, a2)
-        while j < s:
-            g = dy[j]
-            t1[0] += g
-            t2[0] += g * (x[j] - k)
-            j += 1
+        j = bnfast_lane_sums_f(sums_t is GradSums, x, dy, s, k, a1, a2)
+    while j < s:
+        b = x[j] - k
+        a = dy[j] if sums_t is GradSums else b
+        t1[0] += a
+        t2[0] += a * b
+        j += 1
 
 
 cdef void _plane_sums_task(const Planes* p, Py_ssize_t t, const in_t* x, const in_t* dy,

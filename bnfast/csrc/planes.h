@@ -6,17 +6,23 @@
 
 #include <Python.h>
 
-/* Sums over a plane into 16 lane partials (lane = index mod 16), the
-   hot loops of the per-channel reductions.  Written with GCC/Clang
-   vector types: left to itself GCC vectorized the lane loop's *outer*
-   loop and reduced each lane with scalar adds.  The vectors are as wide
-   as the instruction set's (8 doubles with AVX-512, else 4: GCC spills
-   wider ones to the stack, making AVX2 code 3x slower than it should
-   be); the 16 lanes and their arithmetic are the same at every width.
-   Other compilers get the same per-lane arithmetic as plain loops.
-   Each processes the first n - n % 16 values and returns how many. */
+/* The two sums of the per-channel reductions over a plane, into 16 lane
+   partials (lane = index mod 16): with b = x - k, a1 += a and a2 += a * b,
+   where a = b (grad 0: the statistics' shifted sums) or a = g, dy (grad 1:
+   the backward's sums).  Each processes the first n - n % 16 values and
+   returns how many.  Inlined at every call (BNF_INLINE), with grad a
+   constant, so that a task's lane sums stay in registers from plane to
+   plane (a call per plane made 256 x 16 x 4 x 4 training 20-30 % slower).
+   Written with GCC/Clang vector types: left to itself GCC vectorized the
+   lane loop's *outer* loop and reduced each lane with scalar adds.  The
+   vectors are as wide as the instruction set's (8 doubles with AVX-512,
+   else 4: GCC spills wider ones to the stack, making AVX2 code 3x slower
+   than it should be); the 16 lanes and their arithmetic are the same at
+   every width.  Other compilers get the same per-lane arithmetic as plain
+   loops. */
 #include <stddef.h>
 #include <string.h>
+#include "platform.h"
 #include "simd.h"
 #if defined(__GNUC__) || defined(__clang__)
 /* loads by the suffix of the data's type; a vector of k in every lane */
@@ -28,13 +34,10 @@
 #define bnfast_splat(k) ((bnf_vd){0} + (k))
 #endif
 #define BNFAST_NV (16 / BNF_VL)
-/* inlined at every call (GCC stops inlining them at two call sites),
-   so that a task's lane sums stay in registers from plane to plane:
-   a call per plane made 256 x 16 x 4 x 4 training 20-30 % slower */
-#define BNFAST_INLINE static inline __attribute__((always_inline))
 #define BNFAST_LANE_SUMS(SUFFIX, T)                                                   \
-BNFAST_INLINE ptrdiff_t bnfast_sq_sums_##SUFFIX(const T* x, ptrdiff_t n, double k,    \
-                                                double* a1, double* a2) {             \
+BNF_INLINE ptrdiff_t bnfast_lane_sums_##SUFFIX(int grad, const T* x, const T* g,      \
+                                               ptrdiff_t n, double k, double* a1,     \
+                                               double* a2) {                          \
     bnf_vd s1[BNFAST_NV], s2[BNFAST_NV], kk = bnfast_splat(k);                        \
     ptrdiff_t i = 0;                                                                  \
     int v;                                                                            \
@@ -44,30 +47,10 @@ BNFAST_INLINE ptrdiff_t bnfast_sq_sums_##SUFFIX(const T* x, ptrdiff_t n, double 
     }                                                                                 \
     for (; i + 16 <= n; i += 16)                                                      \
         for (v = 0; v < BNFAST_NV; v++) {                                             \
-            bnf_vd e = bnfast_load_##SUFFIX(x + i + v * BNF_VL) - kk;                 \
-            s1[v] += e;                                                               \
-            s2[v] += e * e;                                                           \
-        }                                                                             \
-    for (v = 0; v < BNFAST_NV; v++) {                                                 \
-        memcpy(a1 + v * BNF_VL, &s1[v], sizeof s1[v]);                                \
-        memcpy(a2 + v * BNF_VL, &s2[v], sizeof s2[v]);                                \
-    }                                                                                 \
-    return i;                                                                         \
-}                                                                                     \
-BNFAST_INLINE ptrdiff_t bnfast_dot_sums_##SUFFIX(const T* x, const T* g, ptrdiff_t n, \
-                                                 double m, double* a1, double* a2) {  \
-    bnf_vd s1[BNFAST_NV], s2[BNFAST_NV], mm = bnfast_splat(m);                        \
-    ptrdiff_t i = 0;                                                                  \
-    int v;                                                                            \
-    for (v = 0; v < BNFAST_NV; v++) {                                                 \
-        s1[v] = bnfast_load_d(a1 + v * BNF_VL);                                       \
-        s2[v] = bnfast_load_d(a2 + v * BNF_VL);                                       \
-    }                                                                                 \
-    for (; i + 16 <= n; i += 16)                                                      \
-        for (v = 0; v < BNFAST_NV; v++) {                                             \
-            bnf_vd gv = bnfast_load_##SUFFIX(g + i + v * BNF_VL);                     \
-            s1[v] += gv;                                                              \
-            s2[v] += gv * (bnfast_load_##SUFFIX(x + i + v * BNF_VL) - mm);            \
+            bnf_vd b = bnfast_load_##SUFFIX(x + i + v * BNF_VL) - kk;                 \
+            bnf_vd a = grad ? bnfast_load_##SUFFIX(g + i + v * BNF_VL) : b;           \
+            s1[v] += a;                                                               \
+            s2[v] += a * b;                                                           \
         }                                                                             \
     for (v = 0; v < BNFAST_NV; v++) {                                                 \
         memcpy(a1 + v * BNF_VL, &s1[v], sizeof s1[v]);                                \
@@ -77,21 +60,14 @@ BNFAST_INLINE ptrdiff_t bnfast_dot_sums_##SUFFIX(const T* x, const T* g, ptrdiff
 }
 #else
 #define BNFAST_LANE_SUMS(SUFFIX, T)                                                   \
-static ptrdiff_t bnfast_sq_sums_##SUFFIX(const T* x, ptrdiff_t n, double k,           \
-                                         double* a1, double* a2) {                    \
+BNF_INLINE ptrdiff_t bnfast_lane_sums_##SUFFIX(int grad, const T* x, const T* g,      \
+                                               ptrdiff_t n, double k, double* a1,     \
+                                               double* a2) {                          \
     ptrdiff_t i = 0; int l;                                                           \
     for (; i + 16 <= n; i += 16)                                                      \
         for (l = 0; l < 16; l++) {                                                    \
-            double e = (double)x[i + l] - k; a1[l] += e; a2[l] += e * e; }            \
-    return i;                                                                         \
-}                                                                                     \
-static ptrdiff_t bnfast_dot_sums_##SUFFIX(const T* x, const T* g, ptrdiff_t n,        \
-                                          double m, double* a1, double* a2) {         \
-    ptrdiff_t i = 0; int l;                                                           \
-    for (; i + 16 <= n; i += 16)                                                      \
-        for (l = 0; l < 16; l++) {                                                    \
-            double gv = (double)g[i + l];                                             \
-            a1[l] += gv; a2[l] += gv * ((double)x[i + l] - m); }                      \
+            double b = (double)x[i + l] - k, a = grad ? (double)g[i + l] : b;         \
+            a1[l] += a; a2[l] += a * b; }                                             \
     return i;                                                                         \
 }
 #endif

@@ -37,5 +37,15 @@ static inline void bnfast_barrier(void) {
 #define BNF_RESTRICT __restrict__
 #endif
 typedef double* BNF_RESTRICT bnfast_acc_t;
+/* Inlined at every call: the loops that take their kind as a constant
+   argument (bnfast_row_sums_f, bnfast_lane_sums_*) are then compiled once
+   per kind, with no test inside them. */
+#if defined(__GNUC__) || defined(__clang__)
+#define BNF_INLINE static inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define BNF_INLINE static __forceinline
+#else
+#define BNF_INLINE static inline
+#endif
 
 #endif /* BNFAST_PLATFORM_H */

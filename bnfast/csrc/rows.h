@@ -131,81 +131,51 @@ static inline void bnfast_affine_plane_ff(const float* x, float* o, ptrdiff_t n,
     }
 BNF_GRAD_INPUT_ROWS(bnfast_grad_input_ff, float, bnf_ld, bnf_st)
 BNF_GRAD_INPUT_ROWS(bnfast_grad_input_dd, double, bnf_ldd, bnf_std)
-/* s1 += the sum of e = x - k over `rows` rows (1 or 4), s2 += that of
-   e * e, paired as the Cython loops they replace: (e0 + e1) + (e2 + e3). */
-static inline void bnfast_rows_sq_sums_f(const float* x, ptrdiff_t d, int rows,
-                                         ptrdiff_t w, const double* k, double* s1,
-                                         double* s2) {
+/* The two sums of the reductions over float32 rows, for `rows` rows (1 or
+   4) of w features: with b = x - k, s1 += the sum of a and s2 += that of
+   a * b, where a = b (grad 0: the statistics' shifted sums) or a = dy
+   (grad 1: the backward's sums), paired as the Cython loops of float64
+   rows: (a0 + a1) + (a2 + a3) and (a0 b0 + a1 b1) + (a2 b2 + a3 b3).
+   grad is a constant at every call (BNF_INLINE). */
+BNF_INLINE void bnfast_row_sums_f(int grad, const float* x, const float* dy, ptrdiff_t d,
+                                  int rows, ptrdiff_t w, const double* k, double* s1,
+                                  double* s2) {
     ptrdiff_t j = 0;
 #ifdef BNF_OPS
     for (; j + BNF_VL <= w; j += BNF_VL) {
-        bnf_vd vk = bnf_ldd(k + j), a1 = bnf_ldd(s1 + j), a2 = bnf_ldd(s2 + j);
-        bnf_vd e0 = bnf_sub(bnf_ld(x + j), vk);
+        bnf_vd vk = bnf_ldd(k + j), t1 = bnf_ldd(s1 + j), t2 = bnf_ldd(s2 + j);
+        bnf_vd b0 = bnf_sub(bnf_ld(x + j), vk);
+        bnf_vd a0 = grad ? bnf_ld(dy + j) : b0;
         if (rows == 4) {
-            bnf_vd e1 = bnf_sub(bnf_ld(x + d + j), vk);
-            bnf_vd e2 = bnf_sub(bnf_ld(x + 2 * d + j), vk);
-            bnf_vd e3 = bnf_sub(bnf_ld(x + 3 * d + j), vk);
-            a1 = bnf_add(a1, bnf_add(bnf_add(e0, e1), bnf_add(e2, e3)));
-            a2 = bnf_add(a2, bnf_add(bnf_fmadd(e0, e0, bnf_mul(e1, e1)),
-                                     bnf_fmadd(e2, e2, bnf_mul(e3, e3))));
+            bnf_vd b1 = bnf_sub(bnf_ld(x + d + j), vk);
+            bnf_vd b2 = bnf_sub(bnf_ld(x + 2 * d + j), vk);
+            bnf_vd b3 = bnf_sub(bnf_ld(x + 3 * d + j), vk);
+            bnf_vd a1 = grad ? bnf_ld(dy + d + j) : b1;
+            bnf_vd a2 = grad ? bnf_ld(dy + 2 * d + j) : b2;
+            bnf_vd a3 = grad ? bnf_ld(dy + 3 * d + j) : b3;
+            t1 = bnf_add(t1, bnf_add(bnf_add(a0, a1), bnf_add(a2, a3)));
+            t2 = bnf_add(t2, bnf_add(bnf_fmadd(a0, b0, bnf_mul(a1, b1)),
+                                     bnf_fmadd(a2, b2, bnf_mul(a3, b3))));
         } else {
-            a1 = bnf_add(a1, e0);
-            a2 = bnf_fmadd(e0, e0, a2);
+            t1 = bnf_add(t1, a0);
+            t2 = bnf_fmadd(a0, b0, t2);
         }
-        bnf_std(s1 + j, a1);
-        bnf_std(s2 + j, a2);
+        bnf_std(s1 + j, t1);
+        bnf_std(s2 + j, t2);
     }
 #endif
     for (; j < w; j++) {
-        double e0 = (double)x[j] - k[j];
+        double b0 = (double)x[j] - k[j], a0 = grad ? (double)dy[j] : b0;
         if (rows == 4) {
-            double e1 = (double)x[d + j] - k[j], e2 = (double)x[2 * d + j] - k[j];
-            double e3 = (double)x[3 * d + j] - k[j];
-            s1[j] += (e0 + e1) + (e2 + e3);
-            s2[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3);
+            double b1 = (double)x[d + j] - k[j], b2 = (double)x[2 * d + j] - k[j];
+            double b3 = (double)x[3 * d + j] - k[j];
+            double a1 = grad ? (double)dy[d + j] : b1, a2 = grad ? (double)dy[2 * d + j] : b2;
+            double a3 = grad ? (double)dy[3 * d + j] : b3;
+            s1[j] += (a0 + a1) + (a2 + a3);
+            s2[j] += (a0 * b0 + a1 * b1) + (a2 * b2 + a3 * b3);
         } else {
-            s1[j] += e0;
-            s2[j] += e0 * e0;
-        }
-    }
-}
-/* s1 += the sum of dy, s2 += that of dy * (x - c), over `rows` rows. */
-static inline void bnfast_rows_grad_sums_f(const float* x, const float* dy, ptrdiff_t d,
-                                           int rows, ptrdiff_t w, const double* c,
-                                           double* s1, double* s2) {
-    ptrdiff_t j = 0;
-#ifdef BNF_OPS
-    for (; j + BNF_VL <= w; j += BNF_VL) {
-        bnf_vd vc = bnf_ldd(c + j), a1 = bnf_ldd(s1 + j), a2 = bnf_ldd(s2 + j);
-        bnf_vd g0 = bnf_ld(dy + j), t0 = bnf_sub(bnf_ld(x + j), vc);
-        if (rows == 4) {
-            bnf_vd g1 = bnf_ld(dy + d + j), g2 = bnf_ld(dy + 2 * d + j);
-            bnf_vd g3 = bnf_ld(dy + 3 * d + j);
-            bnf_vd t1 = bnf_sub(bnf_ld(x + d + j), vc);
-            bnf_vd t2 = bnf_sub(bnf_ld(x + 2 * d + j), vc);
-            bnf_vd t3 = bnf_sub(bnf_ld(x + 3 * d + j), vc);
-            a1 = bnf_add(a1, bnf_add(bnf_add(g0, g1), bnf_add(g2, g3)));
-            a2 = bnf_add(a2, bnf_add(bnf_fmadd(g0, t0, bnf_mul(g1, t1)),
-                                     bnf_fmadd(g2, t2, bnf_mul(g3, t3))));
-        } else {
-            a1 = bnf_add(a1, g0);
-            a2 = bnf_fmadd(g0, t0, a2);
-        }
-        bnf_std(s1 + j, a1);
-        bnf_std(s2 + j, a2);
-    }
-#endif
-    for (; j < w; j++) {
-        double g0 = dy[j];
-        if (rows == 4) {
-            double g1 = dy[d + j], g2 = dy[2 * d + j], g3 = dy[3 * d + j];
-            s1[j] += (g0 + g1) + (g2 + g3);
-            s2[j] += ((g0 * ((double)x[j] - c[j]) + g1 * ((double)x[d + j] - c[j]))
-                      + (g2 * ((double)x[2 * d + j] - c[j])
-                         + g3 * ((double)x[3 * d + j] - c[j])));
-        } else {
-            s1[j] += g0;
-            s2[j] += g0 * ((double)x[j] - c[j]);
+            s1[j] += a0;
+            s2[j] += a0 * b0;
         }
     }
 }
