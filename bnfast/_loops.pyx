@@ -318,29 +318,32 @@ cdef void _set_up_typed(const SetUp* s, void** p, const param_t* param_type,
         _backward_setup(s, <const param_t*>p[0], <param_t*>p[6], <param_t*>p[7])
 
 
+cdef inline void* _operand(const void* data, bint f64, Py_ssize_t c0, int* dtype,
+                           bint* direct) noexcept nogil:
+    """data from feature c0 on; direct cleared where its group's dtype (the
+    first operand's, else -1) differs."""
+    if dtype[0] < 0:
+        dtype[0] = f64
+    elif dtype[0] != f64:
+        direct[0] = False
+    return <char*>data + c0 * (8 if f64 else 4)
+
+
 cdef void _set_up(const SetUp* s) noexcept nogil:
     """Run s (see above): on the operands where they lie, or converted."""
     cdef void* p[8]
-    cdef int dtype[2]       # parameters', statistics' is_f64; -1: none seen
-    cdef int i, group, f64
+    cdef int dtype[2]       # the parameters' and the statistics' is_f64; -1: none yet
+    cdef int i
     cdef bint direct = True
     dtype[0] = dtype[1] = -1
-    for i in range(8):
-        p[i] = NULL
-        if i < 4 and s.vin[i] != NULL:
-            f64 = s.vin[i].is_f64
+    for i in range(4):
+        p[i] = p[4 + i] = NULL
+        if s.vin[i] != NULL:        # gamma, beta (parameters); rm, rv (statistics)
             direct = direct and s.vin[i].stride != 0
-            p[i] = <void*>s.vin[i].data
-        elif i >= 4 and s.vout[i - 4] != NULL and s.vout[i - 4].data != NULL:
-            f64 = s.vout[i - 4].is_f64
-            p[i] = s.vout[i - 4].data
-        else:
-            continue
-        group = (i // 2) % 2 if i < 4 else 1 - (i - 4) // 2
-        if dtype[group] < 0:
-            dtype[group] = f64
-        direct = direct and dtype[group] == f64
-        p[i] = <char*>p[i] + s.c0 * (8 if f64 else 4)
+            p[i] = _operand(s.vin[i].data, s.vin[i].is_f64, s.c0, &dtype[i // 2], &direct)
+        if s.vout[i] != NULL and s.vout[i].data != NULL:    # rm, rv; dgamma, dbeta
+            p[4 + i] = _operand(s.vout[i].data, s.vout[i].is_f64, s.c0, &dtype[1 - i // 2],
+                                &direct)
     if not direct:
         _set_up_converted(s)
     elif dtype[0] != 0:
