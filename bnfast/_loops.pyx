@@ -773,81 +773,125 @@ cdef void _merge_chunk_columns(const Grid* g, const double* part_mean, const dou
 # ---------------------------------------------------------------------------
 # Element passes.
 
-cdef void _affine_rows(const in_t* x, out_t* y, bint stream, Py_ssize_t d, Py_ssize_t fold,
-                       Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w,
-                       const double* center, const double* scale, const double* shift,
-                       out_t* staging) noexcept nogil:
-    """y = (x - center) * scale + shift per feature, computed in float64.
+# What an element pass writes, as a type (pass_t, as sums_t above), from
+# per-feature coefficients k[0..3], in float64.  Subtracting first keeps full
+# accuracy for large offsets and makes a constant feature (x == k[0]) give
+# exactly k[2]; in the backward, what cancels mathematically cancels
+# exactly (a batch of one gives dx == 0, as in the reference).
+cdef struct AffinePass:         # y = (x - k[0]) * k[1] + k[2]
+    char unused
 
-    Subtracting first keeps full accuracy for large offsets and makes a
-    constant feature (x == center) give exactly shift.  Four rows share each
-    load of the coefficients, which otherwise cost three loads per element."""
-    cdef Py_ssize_t i = r0, j, m = fold if w == d else 1
-    cdef const in_t* a
-    cdef out_t* o
-    cdef double c, k, b
-    if m > 1:
-        i = _affine_folded(x, y, stream, d, m, r0, r1, center, scale, shift)
-    elif (stream and w * <Py_ssize_t>sizeof(out_t) >= STREAM_DIRECT_MIN_BYTES
+cdef struct GradInputPass:      # dx = k[3] * ((dy - k[1]) - k[2] * (x - k[0]))
+    char unused
+
+ctypedef fused pass_t:
+    AffinePass
+    GradInputPass
+
+
+cdef inline void _pass_step(const in_t* a, const in_t* g, out_t* o, Py_ssize_t d, int rows,
+                            Py_ssize_t w, const double* const* k,
+                            const pass_t* kind) noexcept nogil:
+    """The pass (pass_t; kind: NULL, naming it) over `rows` rows (4 or 1) at
+    a (and g, dy's rows: GradInputPass), written to o; row stride d, w
+    columns.  Four rows share each load of the coefficients."""
+    cdef Py_ssize_t j
+    cdef const double* k0 = k[0]
+    cdef const double* k1 = k[1]
+    cdef const double* k2 = k[2]
+    cdef const double* k3 = k[3]
+    cdef double c, s, b, q
+    if pass_t is AffinePass:
+        if in_t is float and out_t is float:
+            bnfast_affine_ff(a, o, d, rows, w, k0, k1, k2)
+        elif in_t is double and out_t is double and BNF_VECTOR_LOOPS:
+            bnfast_affine_dd(a, o, d, rows, w, k0, k1, k2)
+        elif rows == 4:
+            for j in range(w):
+                c = k0[j]
+                s = k1[j]
+                b = k2[j]
+                o[j] = <out_t>((a[j] - c) * s + b)
+                o[d + j] = <out_t>((a[d + j] - c) * s + b)
+                o[2 * d + j] = <out_t>((a[2 * d + j] - c) * s + b)
+                o[3 * d + j] = <out_t>((a[3 * d + j] - c) * s + b)
+        else:
+            for j in range(w):
+                o[j] = <out_t>((a[j] - k0[j]) * k1[j] + k2[j])
+    else:
+        if in_t is float and out_t is float:
+            bnfast_grad_input_ff(a, g, o, d, rows, w, k0, k1, k2, k3)
+        elif in_t is double and out_t is double and BNF_VECTOR_LOOPS:
+            bnfast_grad_input_dd(a, g, o, d, rows, w, k0, k1, k2, k3)
+        elif rows == 4:
+            for j in range(w):
+                c = k0[j]
+                b = k1[j]
+                q = k2[j]
+                s = k3[j]
+                o[j] = <out_t>(s * ((g[j] - b) - q * (a[j] - c)))
+                o[d + j] = <out_t>(s * ((g[d + j] - b) - q * (a[d + j] - c)))
+                o[2 * d + j] = <out_t>(s * ((g[2 * d + j] - b) - q * (a[2 * d + j] - c)))
+                o[3 * d + j] = <out_t>(s * ((g[3 * d + j] - b) - q * (a[3 * d + j] - c)))
+        else:
+            for j in range(w):
+                o[j] = <out_t>(k3[j] * ((g[j] - k1[j]) - k2[j] * (a[j] - k0[j])))
+
+
+cdef void _pass_rows(const in_t* x, const in_t* dy, out_t* y, bint stream, Py_ssize_t d,
+                     Py_ssize_t fold, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t w,
+                     const double* const* k, out_t* staging, const pass_t* kind) noexcept nogil:
+    """The pass (pass_t) over rows r0..r1 of columns c0..c0+w (k: its
+    coefficients from column c0), whole rows folded `fold` at a time.
+    stream: y is written with streaming stores, through staging (w values)
+    unless its rows are whole lines."""
+    cdef Py_ssize_t i = r0
+    cdef const in_t* g = NULL
+    if fold > 1 and w == d:
+        i = _pass_folded(x, dy, y, stream, d, fold, r0, r1, k, kind)
+    elif (pass_t is AffinePass and stream
+            and w * <Py_ssize_t>sizeof(out_t) >= STREAM_DIRECT_MIN_BYTES
             and bnfast_lines_fit(y + i * d + c0, d * sizeof(out_t), w * sizeof(out_t))):
         if in_t is float and out_t is float:
-            bnfast_affine_stream_ff(x + i * d + c0, y + i * d + c0, d, r1 - i, w, center, scale,
-                                    shift)
+            bnfast_affine_stream_ff(x + i * d + c0, y + i * d + c0, d, r1 - i, w, k[0], k[1], k[2])
             return
         elif in_t is double and out_t is double:
-            bnfast_affine_stream_dd(x + i * d + c0, y + i * d + c0, d, r1 - i, w, center, scale,
-                                    shift)
+            bnfast_affine_stream_dd(x + i * d + c0, y + i * d + c0, d, r1 - i, w, k[0], k[1], k[2])
             return
     if not stream:
         while i + 4 <= r1:
-            a = x + i * d + c0
-            o = y + i * d + c0
-            if in_t is float and out_t is float:
-                bnfast_affine_ff(a, o, d, 4, w, center, scale, shift)
-            elif in_t is double and out_t is double and BNF_VECTOR_LOOPS:
-                bnfast_affine_dd(a, o, d, 4, w, center, scale, shift)
-            else:
-                for j in range(w):
-                    c = center[j]
-                    k = scale[j]
-                    b = shift[j]
-                    o[j] = <out_t>((a[j] - c) * k + b)
-                    o[d + j] = <out_t>((a[d + j] - c) * k + b)
-                    o[2 * d + j] = <out_t>((a[2 * d + j] - c) * k + b)
-                    o[3 * d + j] = <out_t>((a[3 * d + j] - c) * k + b)
+            if pass_t is GradInputPass:
+                g = dy + i * d + c0
+            _pass_step(x + i * d + c0, g, y + i * d + c0, d, 4, w, k, kind)
             i += 4
     while i < r1:
-        a = x + i * d + c0
-        o = staging if stream else y + i * d + c0
-        if in_t is float and out_t is float:
-            bnfast_affine_ff(a, o, d, 1, w, center, scale, shift)
-        elif in_t is double and out_t is double and BNF_VECTOR_LOOPS:
-            bnfast_affine_dd(a, o, d, 1, w, center, scale, shift)
-        else:
-            for j in range(w):
-                o[j] = <out_t>((a[j] - center[j]) * scale[j] + shift[j])
+        if pass_t is GradInputPass:
+            g = dy + i * d + c0
+        _pass_step(x + i * d + c0, g, staging if stream else y + i * d + c0, d, 1, w, k, kind)
         if stream:
             bnfast_stream(y + i * d + c0, staging, w * sizeof(out_t))
         i += 1
 
 
-cdef Py_ssize_t _affine_folded(const in_t* x, out_t* y, bint stream, Py_ssize_t d,
-                              Py_ssize_t m, Py_ssize_t r0, Py_ssize_t r1, const double* center,
-                              const double* scale, const double* shift) noexcept nogil:
-    """_affine_rows over the whole groups of m rows in r0..r1 as folded rows;
+cdef Py_ssize_t _pass_folded(const in_t* x, const in_t* dy, out_t* y, bint stream, Py_ssize_t d,
+                             Py_ssize_t m, Py_ssize_t r0, Py_ssize_t r1, const double* const* k,
+                             const pass_t* kind) noexcept nogil:
+    """_pass_rows over the whole groups of m rows in r0..r1 as folded rows;
     returns the first row left."""
-    cdef Py_ssize_t lanes = m * d, groups = (r1 - r0) // m
-    cdef double lanes_center[FOLD_MAX_LANES]
-    cdef double lanes_scale[FOLD_MAX_LANES]
-    cdef double lanes_shift[FOLD_MAX_LANES]
+    cdef Py_ssize_t lanes = m * d, groups = (r1 - r0) // m, off = r0 * d
+    cdef double lanes_k[4 * FOLD_MAX_LANES]
     cdef double staging[FOLD_MAX_LANES]
+    cdef const double* kl[4]
+    cdef int i
     if groups == 0:
         return r0
-    _repeat(center, d, m, lanes_center)
-    _repeat(scale, d, m, lanes_scale)
-    _repeat(shift, d, m, lanes_shift)
-    _affine_rows(x + r0 * d, y + r0 * d, stream, lanes, 1, 0, groups, 0, lanes, lanes_center,
-                 lanes_scale, lanes_shift, <out_t*>staging)
+    for i in range(4):
+        kl[i] = NULL
+        if k[i] != NULL:
+            kl[i] = lanes_k + i * FOLD_MAX_LANES
+            _repeat(k[i], d, m, lanes_k + i * FOLD_MAX_LANES)
+    _pass_rows(x + off, dy + off if dy != NULL else NULL, y + off, stream, lanes, 1, 0, groups, 0,
+               lanes, kl, <out_t*>staging, kind)
     return r0 + groups * m
 
 
@@ -861,17 +905,18 @@ cdef inline void _page_bounds(const Grid* g, Py_ssize_t t, Py_ssize_t* r0, Py_ss
     c1[0] = c0[0] + g.page_cols if c0[0] + g.page_cols < g.n_cols else g.n_cols
 
 
-cdef void _affine_pages(const Grid* g, Py_ssize_t t, const in_t* x, out_t* y,
-                        const double* center, const double* scale, const double* shift,
-                        out_t* staging) noexcept nogil:
+cdef void _pass_pages(const Grid* g, Py_ssize_t t, const in_t* x, const in_t* dy, out_t* y,
+                      const double* const* k, out_t* staging, const pass_t* kind) noexcept nogil:
     """Element-pass task t: its rows, column block by column block (each
     block's coefficients stay in L1 for all the rows)."""
-    cdef Py_ssize_t r0, r1, c0, c1, w
+    cdef Py_ssize_t r0, r1, c0, c1, w, i
+    cdef const double* kc[4]
     _page_bounds(g, t, &r0, &r1, &c0, &c1)
     while c0 < c1:
         w = g.col_block if c0 + g.col_block <= c1 else c1 - c0
-        _affine_rows(x, y, g.stream_pages, g.n_cols, g.fold, r0, r1, c0, w, center + c0,
-                     scale + c0, shift + c0, staging)
+        for i in range(4):
+            kc[i] = k[i] + c0 if k[i] != NULL else NULL
+        _pass_rows(x, dy, y, g.stream_pages, g.n_cols, g.fold, r0, r1, c0, w, kc, staging, kind)
         c0 += g.col_block
 
 
@@ -886,94 +931,6 @@ cdef void _grad_sums_rows(const in_t* x, const in_t* dy, Py_ssize_t d, Py_ssize_
         sum_dy_xc[j] = 0.0
     _row_sums(x, dy, <in_t*>NULL, d, fold, r0, r1, c0, w, center, sum_dy, sum_dy_xc,
               <const GradSums*>NULL)
-
-
-cdef void _grad_input_rows(const in_t* x, const in_t* dy, out_t* dx, bint stream, Py_ssize_t d,
-                           Py_ssize_t fold, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
-                           Py_ssize_t w, const double* center, const double* mean_dy,
-                           const double* k_xc, const double* k, out_t* staging) noexcept nogil:
-    """dx = k * ((dy - mean_dy) - k_xc * (x - center)), per feature.
-
-    The differences come first so that what cancels mathematically cancels
-    exactly (a batch of one gives dx == 0, as in the reference).  Four rows
-    share each load of the four coefficients."""
-    cdef Py_ssize_t i = r0, j, m_fold = fold if w == d else 1
-    cdef const in_t* a
-    cdef const in_t* g
-    cdef out_t* o
-    cdef double c, m, q, kk
-    if m_fold > 1:
-        i = _grad_input_folded(x, dy, dx, stream, d, m_fold, r0, r1, center, mean_dy, k_xc, k)
-    if not stream:
-        while i + 4 <= r1:
-            a = x + i * d + c0
-            g = dy + i * d + c0
-            o = dx + i * d + c0
-            if in_t is float and out_t is float:
-                bnfast_grad_input_ff(a, g, o, d, 4, w, center, mean_dy, k_xc, k)
-            elif in_t is double and out_t is double and BNF_VECTOR_LOOPS:
-                bnfast_grad_input_dd(a, g, o, d, 4, w, center, mean_dy, k_xc, k)
-            else:
-                for j in range(w):
-                    c = center[j]
-                    m = mean_dy[j]
-                    q = k_xc[j]
-                    kk = k[j]
-                    o[j] = <out_t>(kk * ((g[j] - m) - q * (a[j] - c)))
-                    o[d + j] = <out_t>(kk * ((g[d + j] - m) - q * (a[d + j] - c)))
-                    o[2 * d + j] = <out_t>(kk * ((g[2 * d + j] - m) - q * (a[2 * d + j] - c)))
-                    o[3 * d + j] = <out_t>(kk * ((g[3 * d + j] - m) - q * (a[3 * d + j] - c)))
-            i += 4
-    while i < r1:
-        a = x + i * d + c0
-        g = dy + i * d + c0
-        o = staging if stream else dx + i * d + c0
-        if in_t is float and out_t is float:
-            bnfast_grad_input_ff(a, g, o, d, 1, w, center, mean_dy, k_xc, k)
-        elif in_t is double and out_t is double and BNF_VECTOR_LOOPS:
-            bnfast_grad_input_dd(a, g, o, d, 1, w, center, mean_dy, k_xc, k)
-        else:
-            for j in range(w):
-                o[j] = <out_t>(k[j] * ((g[j] - mean_dy[j]) - k_xc[j] * (a[j] - center[j])))
-        if stream:
-            bnfast_stream(dx + i * d + c0, staging, w * sizeof(out_t))
-        i += 1
-
-
-cdef Py_ssize_t _grad_input_folded(const in_t* x, const in_t* dy, out_t* dx, bint stream,
-                                   Py_ssize_t d, Py_ssize_t m, Py_ssize_t r0, Py_ssize_t r1,
-                                   const double* center, const double* mean_dy,
-                                   const double* k_xc, const double* k) noexcept nogil:
-    """_grad_input_rows over the whole groups of m rows in r0..r1 as folded
-    rows; returns the first row left."""
-    cdef Py_ssize_t lanes = m * d, groups = (r1 - r0) // m, off = r0 * d
-    cdef double lanes_center[FOLD_MAX_LANES]
-    cdef double lanes_mean_dy[FOLD_MAX_LANES]
-    cdef double lanes_k_xc[FOLD_MAX_LANES]
-    cdef double lanes_k[FOLD_MAX_LANES]
-    cdef double staging[FOLD_MAX_LANES]
-    if groups == 0:
-        return r0
-    _repeat(center, d, m, lanes_center)
-    _repeat(mean_dy, d, m, lanes_mean_dy)
-    _repeat(k_xc, d, m, lanes_k_xc)
-    _repeat(k, d, m, lanes_k)
-    _grad_input_rows(x + off, dy + off, dx + off, stream, lanes, 1, 0, groups, 0, lanes,
-                     lanes_center, lanes_mean_dy, lanes_k_xc, lanes_k, <out_t*>staging)
-    return r0 + groups * m
-
-
-cdef void _grad_input_pages(const Grid* g, Py_ssize_t t, const in_t* x, const in_t* dy,
-                            out_t* dx, const double* center, const double* mean_dy,
-                            const double* k_xc, const double* k, out_t* staging) noexcept nogil:
-    """_grad_input_rows over element-pass task t (see _affine_pages)."""
-    cdef Py_ssize_t r0, r1, c0, c1, w
-    _page_bounds(g, t, &r0, &r1, &c0, &c1)
-    while c0 < c1:
-        w = g.col_block if c0 + g.col_block <= c1 else c1 - c0
-        _grad_input_rows(x, dy, dx, g.stream_pages, g.n_cols, g.fold, r0, r1, c0, w, center + c0,
-                         mean_dy + c0, k_xc + c0, k + c0, staging)
-        c0 += g.col_block
 
 
 cdef void _eval_grad_rows(const in_t* x, const in_t* dy, out_t* dx, bint stream, Py_ssize_t d,
@@ -1126,7 +1083,7 @@ cdef void _step(const Call* c, const Work* w, Step step, Py_ssize_t t, double* m
     elif step == STEP_TRAIN_COEF:
         _train_coefficients(g, t, w.shifts, <const TrainArgs*>c.args, w.part, mine)
     elif step == STEP_AFFINE_PAGES:
-        _affine_pages(g, t, x, y, w.coef[0], w.coef[1], w.coef[2], staging)
+        _pass_pages(g, t, x, dy, y, w.coef, staging, <const AffinePass*>NULL)
     elif step == STEP_EVAL:
         _eval_task(g, t, x, y, c.vec[0], c.vec[1], c.vec[2], c.vec[3], c.eps, mine)
     elif step == STEP_BACKWARD_STRIP:
@@ -1136,7 +1093,7 @@ cdef void _step(const Call* c, const Work* w, Step step, Py_ssize_t t, double* m
     elif step == STEP_BACKWARD_COEF:
         _backward_block_coefficients(g, t, <const GradArgs*>c.args, w.part, w.totals)
     elif step == STEP_GRAD_INPUT_PAGES:
-        _grad_input_pages(g, t, x, dy, y, w.coef[0], w.coef[1], w.coef[2], w.coef[3], staging)
+        _pass_pages(g, t, x, dy, y, w.coef, staging, <const GradInputPass*>NULL)
     elif step == STEP_EVAL_BACKWARD:
         _eval_backward_task(g, t, x, dy, y, <const EvalArgs*>c.args, w.part, mine)
     elif step == STEP_PLANE_MOMENTS:
@@ -1209,13 +1166,15 @@ cdef void _train_strip(const Grid* g, Py_ssize_t t, const in_t* x, in_t* cache, 
     mine: 4 rows (shift, then sums; then beta, scale, temp, staging)."""
     cdef Task task = _task(g, t)
     cdef Py_ssize_t cb = g.col_block
+    cdef const double* k[4]
     _shift_of(x, g.n_cols, g.n_rows, task.c0, task.w, mine)
     _stats_rows(x, cache, g.stream_cache, g.n_rows, g.n_cols, g.fold, task.r0, task.r1, task.c0,
                 task.w, g.block_rows, mine, a.mean + task.c0, a.var + task.c0, mine + cb,
                 mine + 2 * cb)
     _finish_stats(a, g.n_rows, task.c0, task.w, mine, mine + cb, mine, mine + 2 * cb)
-    _affine_rows(x, y, g.stream, g.n_cols, g.fold, task.r0, task.r1, task.c0, task.w,
-                 a.mean + task.c0, mine + cb, mine, <out_t*>(mine + 3 * cb))
+    k[0], k[1], k[2], k[3] = a.mean + task.c0, mine + cb, mine, NULL
+    _pass_rows(x, <const in_t*>NULL, y, g.stream, g.n_cols, g.fold, task.r0, task.r1, task.c0,
+               task.w, k, <out_t*>(mine + 3 * cb), <const AffinePass*>NULL)
 
 
 cdef void _block_shifts(const Grid* g, const in_t* x, double* shifts) noexcept nogil:
@@ -1289,12 +1248,14 @@ cdef void _eval_task(const Grid* g, Py_ssize_t t, const in_t* x, out_t* y, const
     into L1 scratch, used for all the task's rows), then the rows.
     mine: 4 rows."""
     cdef Py_ssize_t r0, r1, c0, c1, w, cb = g.col_block
+    cdef const double* k[4]
+    k[0], k[1], k[2], k[3] = mine, mine + cb, mine + 2 * cb, NULL
     _page_bounds(g, t, &r0, &r1, &c0, &c1)
     while c0 < c1:
         w = cb if c0 + cb <= c1 else c1 - c0
         _eval_coefficients(gamma, beta, rm, rv, eps, c0, w, mine, mine + cb, mine + 2 * cb)
-        _affine_rows(x, y, g.stream_pages, g.n_cols, g.fold, r0, r1, c0, w, mine, mine + cb,
-                     mine + 2 * cb, <out_t*>(mine + 3 * cb))
+        _pass_rows(x, <const in_t*>NULL, y, g.stream_pages, g.n_cols, g.fold, r0, r1, c0, w, k,
+                   <out_t*>(mine + 3 * cb), <const AffinePass*>NULL)
         c0 += cb
 
 
@@ -1310,13 +1271,14 @@ cdef void _backward_strip(const Grid* g, Py_ssize_t t, const in_t* x, const in_t
     """Strip task: sums, coefficients and dx of whole columns (pass 2 from L2)."""
     cdef Task task = _task(g, t)
     cdef Py_ssize_t cb = g.col_block
+    cdef const double* k[4]
     _grad_sums_rows(x, dy, g.n_cols, g.fold, task.r0, task.r1, task.c0, task.w, a.mean + task.c0,
                     mine, mine + cb)
     _backward_coefficients(g.n_rows, task.c0, task.w, a.invstd + task.c0, a.gamma, mine,
                            mine + cb, mine + 2 * cb, mine + 3 * cb, a.dgamma, a.dbeta)
-    _grad_input_rows(x, dy, dx, g.stream, g.n_cols, g.fold, task.r0, task.r1, task.c0, task.w,
-                     a.mean + task.c0, mine, mine + 2 * cb, mine + 3 * cb,
-                     <out_t*>(mine + 4 * cb))
+    k[0], k[1], k[2], k[3] = a.mean + task.c0, mine, mine + 2 * cb, mine + 3 * cb
+    _pass_rows(x, dy, dx, g.stream, g.n_cols, g.fold, task.r0, task.r1, task.c0, task.w, k,
+               <out_t*>(mine + 4 * cb), <const GradInputPass*>NULL)
 
 
 cdef void _backward_block_sums(const Grid* g, Py_ssize_t t, const in_t* x, const in_t* dy,
