@@ -687,7 +687,7 @@ cdef void _merge_block(const in_t* x, Py_ssize_t d, Py_ssize_t b0, Py_ssize_t b1
     per feature, merged into (mean_acc, m2_acc), which hold the na rows
     before it (set, when na is 0)."""
     cdef Py_ssize_t j, n_bad = 0
-    cdef double nb = <double>(b1 - b0), n, wa, wb, mb, m2b, delta
+    cdef double nb = <double>(b1 - b0), n, wa, wb
     cdef double inv_nb = _exact_inverse(b1 - b0)
     # The first block's moments go straight to the accumulators (no copy
     # pass); later ones replace their sums, for the merge.  (Each loop has
@@ -724,29 +724,30 @@ cdef void _merge_block(const in_t* x, Py_ssize_t d, Py_ssize_t b0, Py_ssize_t b1
     wa = nb / n
     wb = na * nb / n
     for j in range(w):
-        mb = s1[j]
-        m2b = s2[j]
-        delta = mb - mean_acc[j]
-        if _finite(mb) and _finite(mean_acc[j]):
-            mean_acc[j] += delta * wa
-            m2_acc[j] += m2b + delta * delta * wb
-        else:
-            mean_acc[j] += mb
-            m2_acc[j] += m2b
+        _chan_merge(&mean_acc[j], &m2_acc[j], s1[j], s2[j], wa, wb)
 
 
-cdef void _merge_chunks(const Grid* g, const double* part_mean, const double* part_m2,
-                        double* mean, double* m2) noexcept nogil:
-    """Chan's merge of the per-chunk (mean, M2), always in chunk order."""
-    _merge_chunk_columns(g, part_mean, part_m2, mean, m2, 0, g.n_cols)
+cdef inline void _chan_merge(double* mean, double* m2, double mb, double m2b, double wa,
+                             double wb) noexcept nogil:
+    """Chan's formula: the mean and M2 of na values merged with those (mb,
+    m2b) of nb more; wa = nb / n, wb = na nb / n, n = na + nb.  Where a mean
+    is not finite the two add, as the reference's column sums do."""
+    cdef double delta = mb - mean[0]
+    if _finite(mb) and _finite(mean[0]):
+        mean[0] += delta * wa
+        m2[0] += m2b + delta * delta * wb
+    else:
+        mean[0] += mb
+        m2[0] += m2b
 
 
 cdef void _merge_chunk_columns(const Grid* g, const double* part_mean, const double* part_m2,
                                double* mean, double* m2, Py_ssize_t c0,
                                Py_ssize_t c1) noexcept nogil:
-    """_merge_chunks of columns c0..c1 (column ranges merge independently)."""
+    """Chan's merge of the per-chunk (mean, M2) of columns c0..c1, always in
+    chunk order (column ranges merge independently)."""
     cdef Py_ssize_t k, j, d = g.n_cols
-    cdef double na, nb, n, wa, wb, delta, mb
+    cdef double na, nb, n, wa, wb
     for j in range(c0, c1):
         mean[j] = part_mean[j]
         m2[j] = part_m2[j]
@@ -759,14 +760,7 @@ cdef void _merge_chunk_columns(const Grid* g, const double* part_mean, const dou
         wa = nb / n
         wb = na * nb / n
         for j in range(c0, c1):
-            mb = part_mean[k * d + j]
-            if _finite(mb) and _finite(mean[j]):
-                delta = mb - mean[j]
-                mean[j] += delta * wa
-                m2[j] += part_m2[k * d + j] + delta * delta * wb
-            else:
-                mean[j] += mb
-                m2[j] += part_m2[k * d + j]
+            _chan_merge(&mean[j], &m2[j], part_mean[k * d + j], part_m2[k * d + j], wa, wb)
         na = n
 
 
@@ -1428,7 +1422,7 @@ cdef int _moments(const Call* c, const in_t* x, double* mean, double* m2) noexce
     if _drive(c, &w, x, <double*>NULL) != 0:
         free(w.part)
         return -1
-    _merge_chunks(g, w.part, w.part + g.n_chunks * d, mean, m2)
+    _merge_chunk_columns(g, w.part, w.part + g.n_chunks * d, mean, m2, 0, d)
     for j in range(d):      # the mean relative to the shift -> the mean
         mean[j] = w.shifts[j] + mean[j]
     free(w.part)
