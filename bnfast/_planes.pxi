@@ -23,17 +23,12 @@ cdef extern from "planes.h":
 
 
 cdef void _channel_shift(const Planes* p, const in_t* x, double* shift) noexcept nogil:
-    """Per channel: the mean of its first (up to 8) elements, 0 if not finite."""
-    cdef Py_ssize_t ch, i, m = p.s if p.s < 8 else 8
-    cdef const in_t* a
-    cdef double v
+    """Per channel: the shift of the rows (_shift_of) over its first plane's
+    values, one to a row: the mean of its first (up to 8) elements, summed
+    pairwise, 0 if not finite."""
+    cdef Py_ssize_t ch
     for ch in range(p.c):
-        a = x + ch * p.s
-        v = 0.0
-        for i in range(m):
-            v += a[i]
-        v = v / m
-        shift[ch] = v if v - v == 0.0 else 0.0
+        _shift_of(x + ch * p.s, 1, p.s, 0, 1, &shift[ch])
 
 
 cdef inline void _lanes_total(const double* lanes, double tail, double* total) noexcept nogil:
