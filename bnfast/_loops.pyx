@@ -184,11 +184,7 @@ cdef inline Task _task(const Grid* g, Py_ssize_t t) noexcept nogil:
 # through the same loops in float64, converted SETUP_PIECE features at a
 # time on the stack (_set_up_converted).
 
-cdef enum:
-    SETUP_PIECE = 64    # features per converted piece: 8 rows of doubles, 4 KiB of stack
-
-
-cdef enum Setup:
+cdef enum SetUpKind:
     SETUP_TRAIN
     SETUP_EVAL
     SETUP_BACKWARD
@@ -200,7 +196,7 @@ cdef struct SetUp:
     # feature c0 on: inputs gamma, beta, running mean, running variance and
     # outputs new running mean, new running variance, dgamma, dbeta (NULL,
     # or an OutVec without data: not used).
-    Setup kind
+    SetUpKind kind
     Py_ssize_t n                # rows the sums ran over
     Py_ssize_t c0, w
     double eps
@@ -210,8 +206,8 @@ cdef struct SetUp:
     const OutVec* vout[4]
 
 
-cdef inline SetUp _setup(Setup kind, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
-                         double eps) noexcept nogil:
+cdef inline SetUp _new_set_up(SetUpKind kind, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w,
+                              double eps) noexcept nogil:
     cdef SetUp s
     memset(&s, 0, sizeof(s))
     s.kind = kind
@@ -424,7 +420,7 @@ cdef void _finish_stats(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssiz
     columns c0..c0+w: mean, var, invstd (in tmp where a.invstd is NULL),
     the affine coefficients (scale, shift) and the running statistics.
     shift may alias k."""
-    cdef SetUp s = _setup(SETUP_TRAIN, n, c0, w, a.eps)
+    cdef SetUp s = _new_set_up(SETUP_TRAIN, n, c0, w, a.eps)
     s.train = a
     s.row[0], s.row[1], s.row[3], s.row[4], s.row[5] = a.mean + c0, a.var + c0, <double*>k, scale, shift
     s.row[2] = a.invstd + c0 if a.invstd != NULL else tmp
@@ -439,7 +435,7 @@ cdef void _eval_coefficients(const Vec* gamma, const Vec* beta, const Vec* rm, c
                              double* scale, double* shift) noexcept nogil:
     """Eval-mode coefficients of columns c0..c0+w, as float64: center = rm,
     scale = gamma / sqrt(rv + eps), shift = beta."""
-    cdef SetUp s = _setup(SETUP_EVAL, 0, c0, w, eps)
+    cdef SetUp s = _new_set_up(SETUP_EVAL, 0, c0, w, eps)
     s.row[0], s.row[1], s.row[2] = center, scale, shift
     s.vin[0], s.vin[1], s.vin[2], s.vin[3] = gamma, beta, rm, rv
     _set_up(&s)
@@ -452,7 +448,7 @@ cdef void _backward_coefficients(Py_ssize_t n, Py_ssize_t c0, Py_ssize_t w, cons
     """dgamma, dbeta and the pass-2 coefficients of columns c0..c0+w; turns
     sum_dy into mean(dy) (and sum_dy_xc, scratch, into its mean).  invstd
     points at column c0."""
-    cdef SetUp s = _setup(SETUP_BACKWARD, n, c0, w, 0.0)
+    cdef SetUp s = _new_set_up(SETUP_BACKWARD, n, c0, w, 0.0)
     s.row[0], s.row[1], s.row[2], s.row[3], s.row[4] = <double*>invstd, sum_dy, sum_dy_xc, k_xc, k
     s.vin[0], s.vout[2], s.vout[3] = gamma, dgamma, dbeta
     _set_up(&s)

@@ -89,6 +89,11 @@ cdef enum:
     FOLD_MAX_LANES = 256
     # Scratch doubles that the driver keeps on the stack (16 KiB).
     LOCAL_SCRATCH = 2048
+    # Features per piece where a per-feature set-up converts its operands to
+    # float64 (a broadcast gamma, mixed dtypes: _set_up_converted), in 8
+    # stack rows of this many doubles (4 KiB).  Not a speed trade on the
+    # layer's operands, which never take that route.
+    SETUP_PIECE = 64
 
     # Per-channel (NCHW planes) kernels, _planes.pxi:
     # Partial sums per channel and task (bnfast_*_sums work in 16 lanes).
