@@ -422,8 +422,9 @@ cdef void _finish_stats(const TrainArgs* a, Py_ssize_t n, Py_ssize_t c0, Py_ssiz
     shift may alias k."""
     cdef SetUp s = _new_set_up(SETUP_TRAIN, n, c0, w, a.eps)
     s.train = a
-    s.row[0], s.row[1], s.row[3], s.row[4], s.row[5] = a.mean + c0, a.var + c0, <double*>k, scale, shift
+    s.row[0], s.row[1] = a.mean + c0, a.var + c0
     s.row[2] = a.invstd + c0 if a.invstd != NULL else tmp
+    s.row[3], s.row[4], s.row[5] = <double*>k, scale, shift
     s.vin[0], s.vin[1] = a.gamma, a.beta
     if a.rm_new.data != NULL:
         s.vin[2], s.vin[3], s.vout[0], s.vout[1] = a.rm_old, a.rv_old, &a.rm_new, &a.rv_new
@@ -618,8 +619,9 @@ cdef Py_ssize_t _row_sums_folded(const in_t* x, const in_t* dy, in_t* copy_to, P
     for j in range(lanes):
         l1[j] = 0.0
         l2[j] = 0.0
-    _row_sums(x + off, dy + off if dy != NULL else NULL, copy_to + off if copy_to != NULL else NULL,
-              lanes, 1, 0, groups, 0, lanes, k_lanes, l1, l2, kind)
+    _row_sums(x + off, dy + off if dy != NULL else NULL,
+              copy_to + off if copy_to != NULL else NULL, lanes, 1, 0, groups, 0, lanes, k_lanes,
+              l1, l2, kind)
     _add_lanes(l1, d, m, s1)
     _add_lanes(l2, d, m, s2)
     return r0 + groups * m

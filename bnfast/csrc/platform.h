@@ -1,5 +1,7 @@
-/* OpenMP where the build has it, the build's flags, and the restrict
- * qualifier of the kernels' accumulators (bnfast/_loops.pyx).
+/* OpenMP where the build has it, the build's flags, the restrict
+ * qualifier of the kernels' accumulators (bnfast/_loops.pyx), and the
+ * always-inline qualifier of the C loops that take their kind as an
+ * argument.
  */
 #ifndef BNFAST_PLATFORM_H
 #define BNFAST_PLATFORM_H
