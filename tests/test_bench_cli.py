@@ -257,12 +257,15 @@ def test_a_turn_starts_with_an_untimed_call():
         state["cold"] = True
 
     def slow_when_cold():
-        time.sleep(0.008 if state["cold"] else 0.0002)
+        time.sleep(0.03 if state["cold"] else 0.0002)
         state["cold"] = False
     timings = interleaved({"other": other, "measured": slow_when_cold}, 3, target_s=0.001,
                           settle_s=0)
+    # A charged cold call would make a turn's mean at least 30 ms / 5 = 6 ms;
+    # the bound leaves the 0.2 ms sleeps room to oversleep on a loaded
+    # machine (one took 1.1 ms in CI against a 1 ms bound).
     assert timings["measured"].iterations <= 5
-    assert max(timings["measured"].seconds) < 0.001
+    assert max(timings["measured"].seconds) < 0.005
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread states in /proc")
