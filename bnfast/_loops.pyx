@@ -71,22 +71,21 @@ cdef extern from "stats.h":
 
 cdef extern from "rows.h":
     const int BNF_VECTOR_LOOPS    # (simd.h)
-    void bnfast_affine_ff(const float* x, float* o, Py_ssize_t d, int rows, Py_ssize_t w,
-                          const double* c, const double* k, const double* b) noexcept nogil
-    void bnfast_affine_dd(const double* x, double* o, Py_ssize_t d, int rows, Py_ssize_t w,
-                          const double* c, const double* k, const double* b) noexcept nogil
-    void bnfast_affine_plane_ff(const float* x, float* o, Py_ssize_t n, double c, double k,
-                                double b) noexcept nogil
-    void bnfast_grad_input_ff(const float* x, const float* dy, float* o, Py_ssize_t d,
+    # one: coefficients c[0], k[0], ... for every value (a plane), a constant
+    void bnfast_affine_ff(bint one, const float* x, float* o, Py_ssize_t d, int rows,
+                          Py_ssize_t w, const double* c, const double* k,
+                          const double* b) noexcept nogil
+    void bnfast_affine_dd(bint one, const double* x, double* o, Py_ssize_t d, int rows,
+                          Py_ssize_t w, const double* c, const double* k,
+                          const double* b) noexcept nogil
+    void bnfast_grad_input_ff(bint one, const float* x, const float* dy, float* o, Py_ssize_t d,
                               int rows, Py_ssize_t w, const double* c, const double* m,
                               const double* q, const double* k) noexcept nogil
-    void bnfast_grad_input_dd(const double* x, const double* dy, double* o, Py_ssize_t d,
-                              int rows, Py_ssize_t w, const double* c, const double* m,
-                              const double* q, const double* k) noexcept nogil
+    void bnfast_grad_input_dd(bint one, const double* x, const double* dy, double* o,
+                              Py_ssize_t d, int rows, Py_ssize_t w, const double* c,
+                              const double* m, const double* q, const double* k) noexcept nogil
     void bnfast_row_sums_f(bint grad, const float* x, const float* dy, Py_ssize_t d, int rows,
                            Py_ssize_t w, const double* k, double* s1, double* s2) noexcept nogil
-    void bnfast_grad_input_plane_ff(const float* x, const float* dy, float* o, Py_ssize_t n,
-                                    double c, double m, double q, double k) noexcept nogil
     bint bnfast_lines_fit(const void* o, Py_ssize_t stride_bytes,
                           Py_ssize_t w_bytes) noexcept nogil
     void bnfast_affine_stream_ff(const float* x, float* o, Py_ssize_t d, Py_ssize_t rows,
@@ -776,58 +775,84 @@ cdef struct AffinePass:         # y = (x - k[0]) * k[1] + k[2]
 cdef struct GradInputPass:      # dx = k[3] * ((dy - k[1]) - k[2] * (x - k[0]))
     char unused
 
+cdef struct ScalePass:          # dx = dy * k[0] (the per-channel eval backward's)
+    char unused
+
 ctypedef fused pass_t:
     AffinePass
     GradInputPass
+    ScalePass
+
+# How a pass's coefficients vary along its run of w values, as a type
+# (coefs_t): one per feature, k[i][j] at column j (rows), or one value
+# k[i][0] for the whole run (a per-channel plane).
+cdef struct PerFeature:
+    char unused
+
+cdef struct PerPlane:
+    char unused
+
+ctypedef fused coefs_t:
+    PerFeature
+    PerPlane
 
 
 cdef inline void _pass_step(const in_t* a, const in_t* g, out_t* o, Py_ssize_t d, int rows,
-                            Py_ssize_t w, const double* const* k,
-                            const pass_t* kind) noexcept nogil:
+                            Py_ssize_t w, const double* const* k, const pass_t* kind,
+                            const coefs_t* coefs) noexcept nogil:
     """The pass (pass_t; kind: NULL, naming it) over `rows` rows (4 or 1) at
-    a (and g, dy's rows: GradInputPass), written to o; row stride d, w
-    columns.  Four rows share each load of the coefficients."""
-    cdef Py_ssize_t j
+    a (and g, dy's rows: GradInputPass, ScalePass), written to o; row stride
+    d, w columns, coefficients as coefs_t says (coefs: NULL, naming it).
+    Four rows share each load of the coefficients."""
+    cdef Py_ssize_t j, r, per = 1 if coefs_t is PerFeature else 0    # coefficient stride
+    cdef bint one = coefs_t is PerPlane
     cdef const double* k0 = k[0]
     cdef const double* k1 = k[1]
     cdef const double* k2 = k[2]
     cdef const double* k3 = k[3]
     cdef double c, s, b, q
+    if coefs_t is PerPlane:
+        rows = 1        # (a constant for the C loops: a plane is one run)
     if pass_t is AffinePass:
         if in_t is float and out_t is float:
-            bnfast_affine_ff(a, o, d, rows, w, k0, k1, k2)
+            bnfast_affine_ff(one, a, o, d, rows, w, k0, k1, k2)
         elif in_t is double and out_t is double and BNF_VECTOR_LOOPS:
-            bnfast_affine_dd(a, o, d, rows, w, k0, k1, k2)
+            bnfast_affine_dd(one, a, o, d, rows, w, k0, k1, k2)
         elif rows == 4:
             for j in range(w):
-                c = k0[j]
-                s = k1[j]
-                b = k2[j]
+                c = k0[j * per]
+                s = k1[j * per]
+                b = k2[j * per]
                 o[j] = <out_t>((a[j] - c) * s + b)
                 o[d + j] = <out_t>((a[d + j] - c) * s + b)
                 o[2 * d + j] = <out_t>((a[2 * d + j] - c) * s + b)
                 o[3 * d + j] = <out_t>((a[3 * d + j] - c) * s + b)
         else:
             for j in range(w):
-                o[j] = <out_t>((a[j] - k0[j]) * k1[j] + k2[j])
-    else:
+                o[j] = <out_t>((a[j] - k0[j * per]) * k1[j * per] + k2[j * per])
+    elif pass_t is GradInputPass:
         if in_t is float and out_t is float:
-            bnfast_grad_input_ff(a, g, o, d, rows, w, k0, k1, k2, k3)
+            bnfast_grad_input_ff(one, a, g, o, d, rows, w, k0, k1, k2, k3)
         elif in_t is double and out_t is double and BNF_VECTOR_LOOPS:
-            bnfast_grad_input_dd(a, g, o, d, rows, w, k0, k1, k2, k3)
+            bnfast_grad_input_dd(one, a, g, o, d, rows, w, k0, k1, k2, k3)
         elif rows == 4:
             for j in range(w):
-                c = k0[j]
-                b = k1[j]
-                q = k2[j]
-                s = k3[j]
+                c = k0[j * per]
+                b = k1[j * per]
+                q = k2[j * per]
+                s = k3[j * per]
                 o[j] = <out_t>(s * ((g[j] - b) - q * (a[j] - c)))
                 o[d + j] = <out_t>(s * ((g[d + j] - b) - q * (a[d + j] - c)))
                 o[2 * d + j] = <out_t>(s * ((g[2 * d + j] - b) - q * (a[2 * d + j] - c)))
                 o[3 * d + j] = <out_t>(s * ((g[3 * d + j] - b) - q * (a[3 * d + j] - c)))
         else:
             for j in range(w):
-                o[j] = <out_t>(k3[j] * ((g[j] - k1[j]) - k2[j] * (a[j] - k0[j])))
+                o[j] = <out_t>(k3[j * per] * ((g[j] - k1[j * per])
+                                              - k2[j * per] * (a[j] - k0[j * per])))
+    else:
+        for r in range(rows):
+            for j in range(w):
+                o[r * d + j] = <out_t>(g[r * d + j] * k0[j * per])
 
 
 cdef void _pass_rows(const in_t* x, const in_t* dy, out_t* y, bint stream, Py_ssize_t d,
@@ -852,14 +877,16 @@ cdef void _pass_rows(const in_t* x, const in_t* dy, out_t* y, bint stream, Py_ss
             return
     if not stream:
         while i + 4 <= r1:
-            if pass_t is GradInputPass:
+            if pass_t is not AffinePass:
                 g = dy + i * d + c0
-            _pass_step(x + i * d + c0, g, y + i * d + c0, d, 4, w, k, kind)
+            _pass_step(x + i * d + c0, g, y + i * d + c0, d, 4, w, k, kind,
+                       <const PerFeature*>NULL)
             i += 4
     while i < r1:
-        if pass_t is GradInputPass:
+        if pass_t is not AffinePass:
             g = dy + i * d + c0
-        _pass_step(x + i * d + c0, g, staging if stream else y + i * d + c0, d, 1, w, k, kind)
+        _pass_step(x + i * d + c0, g, staging if stream else y + i * d + c0, d, 1, w, k, kind,
+                   <const PerFeature*>NULL)
         if stream:
             bnfast_stream(y + i * d + c0, staging, w * sizeof(out_t))
         i += 1
@@ -1095,11 +1122,11 @@ cdef void _step(const Call* c, const Work* w, Step step, Py_ssize_t t, double* m
     elif step == STEP_PLANE_COPY:
         _plane_copy_task(p, t, x, cache)
     elif step == STEP_PLANE_AFFINE:
-        _plane_affine_task(p, t, x, cache, y, w.coef[0], w.coef[1], w.coef[2])
+        _plane_pass_task(p, t, x, dy, cache, y, w.coef, <const AffinePass*>NULL)
     elif step == STEP_PLANE_GRAD_INPUT:
-        _plane_grad_input_task(p, t, x, dy, y, w.coef[0], w.coef[1], w.coef[2], w.coef[3])
+        _plane_pass_task(p, t, x, dy, NULL, y, w.coef, <const GradInputPass*>NULL)
     elif step == STEP_PLANE_SCALE:
-        _plane_scale_task(p, t, dy, y, w.coef[0])
+        _plane_pass_task(p, t, x, dy, NULL, y, w.coef, <const ScalePass*>NULL)
 
 
 cdef int _drive(const Call* c, const Work* w, const in_t* in_type,

@@ -162,33 +162,34 @@ cdef inline void _copy_run(const Planes* p, in_t* cache, const in_t* x, Py_ssize
         memcpy(cache + start, x + start, (end - start) * sizeof(in_t))
 
 
-cdef void _plane_affine_task(const Planes* p, Py_ssize_t t, const in_t* x, in_t* cache,
-                             out_t* y, const double* center, const double* scale,
-                             const double* shift) noexcept nogil:
-    """y = (x - center) * scale + shift over task t's planes (address order),
-    and cache = x unless NULL: here, not in the statistics tasks, whose planes
-    interleave across threads and would share cache lines at their ends."""
-    cdef Py_ssize_t q, j, q0 = t * p.per_task, q1 = t * p.per_task + p.per_task
-    cdef Py_ssize_t ch
-    cdef double m, k, b
-    cdef const in_t* src
-    cdef out_t* dst
+cdef void _plane_pass_task(const Planes* p, Py_ssize_t t, const in_t* x, const in_t* dy,
+                           in_t* cache, out_t* y, const double* const* k,
+                           const pass_t* kind) noexcept nogil:
+    """The pass (pass_t) over task t's planes, in address order, each with its
+    channel's coefficients k[i][channel]; and cache = x unless NULL: here,
+    not in the statistics tasks, whose planes interleave across threads and
+    would share cache lines at their ends."""
+    cdef Py_ssize_t q, i, off, q0 = t * p.per_task, q1 = t * p.per_task + p.per_task
+    cdef Py_ssize_t ch = q0 % p.c       # plane q's channel (no division per plane)
+    # The plane's coefficients, in locals that the output cannot alias: the
+    # loops keep them in registers instead of loading them at every store.
+    cdef double kv[4]
+    cdef const double* kq[4]
+    for i in range(4):
+        kq[i] = &kv[i]
+        kv[i] = 0.0
     if q1 > p.n * p.c:
         q1 = p.n * p.c
     for q in range(q0, q1):
-        ch = q % p.c
-        m = center[ch]
-        k = scale[ch]
-        b = shift[ch]
-        src = x + q * p.s
-        dst = y + q * p.s
+        for i in range(4):
+            if k[i] != NULL:
+                kv[i] = k[i][ch]
+        off = q * p.s
         if cache != NULL:
-            _copy_run(p, cache, x, q * p.s, (q + 1) * p.s)
-        if in_t is float and out_t is float:
-            bnfast_affine_plane_ff(src, dst, p.s, m, k, b)
-        else:
-            for j in range(p.s):
-                dst[j] = <out_t>((src[j] - m) * k + b)
+            _copy_run(p, cache, x, off, off + p.s)
+        _pass_step(x + off, dy + off if dy != NULL else NULL, y + off, 0, 1, p.s, kq, kind,
+                   <const PerPlane*>NULL)
+        ch = ch + 1 if ch + 1 < p.c else 0
 
 
 cdef void _plane_copy_task(const Planes* p, Py_ssize_t t, const in_t* x,
@@ -236,42 +237,6 @@ cdef int _planes_eval_forward(const Call* c, const in_t* x, out_t* y) noexcept n
     _planes_pass(c, STEP_PLANE_AFFINE, x, y, work, work + nc, work + 2 * nc, NULL)
     free(work)
     return 0
-
-
-cdef void _plane_grad_input_task(const Planes* p, Py_ssize_t t, const in_t* x, const in_t* dy,
-                                 out_t* dx, const double* center, const double* mean_dy,
-                                 const double* k_xc, const double* k) noexcept nogil:
-    """dx = k * ((dy - mean_dy) - k_xc * (x - center)) over task t's planes."""
-    cdef Py_ssize_t q, j, ch, off, q0 = t * p.per_task, q1 = t * p.per_task + p.per_task
-    cdef double c0, m, qq, kk
-    if q1 > p.n * p.c:
-        q1 = p.n * p.c
-    for q in range(q0, q1):
-        ch = q % p.c
-        c0 = center[ch]
-        m = mean_dy[ch]
-        qq = k_xc[ch]
-        kk = k[ch]
-        off = q * p.s
-        if in_t is float and out_t is float:
-            bnfast_grad_input_plane_ff(x + off, dy + off, dx + off, p.s, c0, m, qq, kk)
-        else:
-            for j in range(p.s):
-                dx[off + j] = <out_t>(kk * ((dy[off + j] - m) - qq * (x[off + j] - c0)))
-
-
-cdef void _plane_scale_task(const Planes* p, Py_ssize_t t, const in_t* dy, out_t* dx,
-                            const double* k) noexcept nogil:
-    """dx = dy * k (per channel) over task t's planes."""
-    cdef Py_ssize_t q, j, off, q0 = t * p.per_task, q1 = t * p.per_task + p.per_task
-    cdef double kk
-    if q1 > p.n * p.c:
-        q1 = p.n * p.c
-    for q in range(q0, q1):
-        kk = k[q % p.c]
-        off = q * p.s
-        for j in range(p.s):
-            dx[off + j] = <out_t>(dy[off + j] * kk)
 
 
 cdef int _planes_train_backward(const Call* c, const in_t* x, out_t* dx) noexcept nogil:

@@ -32,24 +32,32 @@
 #else
 #define BNF_ROW_VECTORS(...)
 #endif
+/* The element passes' coefficients at feature j, as a vector (BNF_KV) and
+   a value (BNF_K): one per feature, or, where the argument `one` is set,
+   one value c[0] for every value of the run (a per-channel plane).  `one`
+   is a constant at every call (BNF_INLINE), so each form is compiled
+   without a test inside its loop. */
+#define BNF_KV(c, j) (one ? bnf_set1((c)[0]) : bnf_ldd((c) + (j)))
+#define BNF_K(c, j) ((c)[one ? 0 : (j)])
 /* o = (x - c) * k + b over `rows` rows (row stride d) of w features.  The
    float64 one is for the vector sets (BNF_VECTOR_LOOPS): elsewhere the
    kernels' Cython loop, which compilers vectorize better than this tail,
    does the work. */
 #define BNF_AFFINE_ROWS(NAME, T, LOAD, STORE)                                      \
-    static inline void NAME(const T* x, T* BNF_RESTRICT o, ptrdiff_t d, int rows,  \
-                            ptrdiff_t w, const double* c, const double* k,          \
-                            const double* b) {                                      \
+    BNF_INLINE void NAME(int one, const T* x, T* BNF_RESTRICT o, ptrdiff_t d,       \
+                         int rows, ptrdiff_t w, const double* c, const double* k,   \
+                         const double* b) {                                         \
         ptrdiff_t j = 0;                                                            \
         int r;                                                                      \
         BNF_ROW_VECTORS(for (; j + BNF_VL <= w; j += BNF_VL) {                      \
-            bnf_vd vc = bnf_ldd(c + j), vk = bnf_ldd(k + j), vb = bnf_ldd(b + j);  \
+            bnf_vd vc = BNF_KV(c, j), vk = BNF_KV(k, j), vb = BNF_KV(b, j);         \
             for (r = 0; r < rows; r++)                                              \
                 STORE(o + r * d + j, bnf_fmadd(bnf_sub(LOAD(x + r * d + j), vc), vk, vb)); \
         })                                                                          \
         for (; j < w; j++)                                                          \
             for (r = 0; r < rows; r++)                                              \
-                o[r * d + j] = (T)(((double)x[r * d + j] - c[j]) * k[j] + b[j]);    \
+                o[r * d + j] = (T)(((double)x[r * d + j] - BNF_K(c, j)) * BNF_K(k, j) \
+                                   + BNF_K(b, j));                                  \
     }
 BNF_AFFINE_ROWS(bnfast_affine_ff, float, bnf_ld, bnf_st)
 BNF_AFFINE_ROWS(bnfast_affine_dd, double, bnf_ldd, bnf_std)
@@ -96,29 +104,17 @@ static inline void bnfast_affine_stream_dd(const double* x, double* o, ptrdiff_t
                                         bnf_ldd(k + j), bnf_ldd(b + j)));
 #endif
 }
-/* bnfast_affine_ff with one (c, k, b) for all n values (a per-channel plane). */
-static inline void bnfast_affine_plane_ff(const float* x, float* o, ptrdiff_t n, double c,
-                                          double k, double b) {
-    ptrdiff_t j = 0;
-#ifdef BNF_OPS
-    bnf_vd vc = bnf_set1(c), vk = bnf_set1(k), vb = bnf_set1(b);
-    for (; j + BNF_VL <= n; j += BNF_VL)
-        bnf_st(o + j, bnf_fmadd(bnf_sub(bnf_ld(x + j), vc), vk, vb));
-#endif
-    for (; j < n; j++)
-        o[j] = (float)(((double)x[j] - c) * k + b);
-}
 /* dx = k * ((dy - m) - q * (x - c)) over `rows` rows of w features (the
    float64 one as bnfast_affine_dd). */
 #define BNF_GRAD_INPUT_ROWS(NAME, T, LOAD, STORE)                                  \
-    static inline void NAME(const T* x, const T* dy, T* BNF_RESTRICT o, ptrdiff_t d, \
-                            int rows, ptrdiff_t w, const double* c, const double* m, \
-                            const double* q, const double* k) {                     \
+    BNF_INLINE void NAME(int one, const T* x, const T* dy, T* BNF_RESTRICT o,       \
+                         ptrdiff_t d, int rows, ptrdiff_t w, const double* c,       \
+                         const double* m, const double* q, const double* k) {       \
         ptrdiff_t j = 0;                                                            \
         int r;                                                                      \
         BNF_ROW_VECTORS(for (; j + BNF_VL <= w; j += BNF_VL) {                      \
-            bnf_vd vc = bnf_ldd(c + j), vm = bnf_ldd(m + j), vq = bnf_ldd(q + j);  \
-            bnf_vd vk = bnf_ldd(k + j);                                             \
+            bnf_vd vc = BNF_KV(c, j), vm = BNF_KV(m, j), vq = BNF_KV(q, j);         \
+            bnf_vd vk = BNF_KV(k, j);                                               \
             for (r = 0; r < rows; r++)                                              \
                 STORE(o + r * d + j,                                                \
                       bnf_mul(vk, bnf_fnmadd(vq, bnf_sub(LOAD(x + r * d + j), vc), \
@@ -126,8 +122,8 @@ static inline void bnfast_affine_plane_ff(const float* x, float* o, ptrdiff_t n,
         })                                                                          \
         for (; j < w; j++)                                                          \
             for (r = 0; r < rows; r++)                                              \
-                o[r * d + j] = (T)(k[j] * (((double)dy[r * d + j] - m[j])           \
-                                           - q[j] * ((double)x[r * d + j] - c[j]))); \
+                o[r * d + j] = (T)(BNF_K(k, j) * (((double)dy[r * d + j] - BNF_K(m, j)) \
+                                   - BNF_K(q, j) * ((double)x[r * d + j] - BNF_K(c, j)))); \
     }
 BNF_GRAD_INPUT_ROWS(bnfast_grad_input_ff, float, bnf_ld, bnf_st)
 BNF_GRAD_INPUT_ROWS(bnfast_grad_input_dd, double, bnf_ldd, bnf_std)
@@ -179,19 +175,4 @@ BNF_INLINE void bnfast_row_sums_f(int grad, const float* x, const float* dy, ptr
         }
     }
 }
-/* bnfast_grad_input_ff with one set of coefficients for all n values (a plane). */
-static inline void bnfast_grad_input_plane_ff(const float* x, const float* dy, float* o,
-                                              ptrdiff_t n, double c, double m, double q,
-                                              double k) {
-    ptrdiff_t j = 0;
-#ifdef BNF_OPS
-    bnf_vd vc = bnf_set1(c), vm = bnf_set1(m), vq = bnf_set1(q), vk = bnf_set1(k);
-    for (; j + BNF_VL <= n; j += BNF_VL)
-        bnf_st(o + j, bnf_mul(vk, bnf_fnmadd(vq, bnf_sub(bnf_ld(x + j), vc),
-                                             bnf_sub(bnf_ld(dy + j), vm))));
-#endif
-    for (; j < n; j++)
-        o[j] = (float)(k * (((double)dy[j] - m) - q * ((double)x[j] - c)));
-}
-
 #endif /* BNFAST_ROWS_H */
