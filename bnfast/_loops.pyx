@@ -860,14 +860,14 @@ cdef void _pass_rows(const in_t* x, const in_t* dy, out_t* y, bint stream, Py_ss
                      const double* const* k, out_t* staging, const pass_t* kind) noexcept nogil:
     """The pass (pass_t) over rows r0..r1 of columns c0..c0+w (k: its
     coefficients from column c0), whole rows folded `fold` at a time.
-    stream: y is written with streaming stores, through staging (w values)
-    unless its rows are whole lines."""
+    stream: y is written with streaming stores, straight from the registers
+    where its rows are whole 64-byte lines (bnfast_lines_fit), else through
+    staging (w values), one more store and load per value."""
     cdef Py_ssize_t i = r0
     cdef const in_t* g = NULL
     if fold > 1 and w == d:
         i = _pass_folded(x, dy, y, stream, d, fold, r0, r1, k, kind)
     elif (pass_t is AffinePass and stream
-            and w * <Py_ssize_t>sizeof(out_t) >= STREAM_DIRECT_MIN_BYTES
             and bnfast_lines_fit(y + i * d + c0, d * sizeof(out_t), w * sizeof(out_t))):
         if in_t is float and out_t is float:
             bnfast_affine_stream_ff(x + i * d + c0, y + i * d + c0, d, r1 - i, w, k[0], k[1], k[2])

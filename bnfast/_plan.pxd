@@ -62,12 +62,6 @@ cdef enum:
     # more: 64 to 256 features per row 15-65 % faster in every op; 512 even;
     # 1024 and 4096 5-30 % slower, where the four-row loop saves more).
     STREAM_PAGES_MAX_COLS = 256
-    # Streamed rows at least this long go straight from the registers
-    # (bnfast_affine_stream; measured on strips of 2048-8192 features);
-    # shorter ones (a channels-last batch's rows of 64 channels) keep the
-    # staging row: on those, runs of either version swung 0.3-2x with the
-    # process's memory layout, so no gain was shown.
-    STREAM_DIRECT_MIN_BYTES = 4096
     # Element passes give each task about this much output, written in
     # address order: a fresh output's pages (2 MiB when transparent huge
     # pages are on) are then zeroed by the OS and filled by one thread while

@@ -506,8 +506,9 @@ def _train_with_cache(x, cache, planes):
 def test_streamed_outputs_equal_cached_ones_at_any_alignment(rng, dtype, knobs, shape):
     """Outputs too large for the cache are written with streaming stores:
     straight from the registers where every row starts on a cache line and
-    fills whole lines (a 4096- or 1024-wide batch at a line boundary), else
-    through a staging row.  Wherever y sits, the bits are those of ordinary
+    fills whole lines, however short (here rows of 4096, 1024 and 96
+    features, and blocks of 16 columns, at a line boundary), else through a
+    staging row.  Wherever y sits, the bits are those of ordinary
     stores, for any thread count, and nothing around y is touched."""
     n, d = shape
     x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
