@@ -58,10 +58,15 @@ cdef enum:
     CACHE_STREAM_MIN_BYTES = 4194304
     # Element passes over rows this short also stream a large output (one
     # that g.stream streams): their tasks write long runs of whole rows, and
-    # skipping the read-for-ownership pays (measured, 2 threads, 25 MiB and
-    # more: 64 to 256 features per row 15-65 % faster in every op; 512 even;
-    # 1024 and 4096 5-30 % slower, where the four-row loop saves more).
-    STREAM_PAGES_MAX_COLS = 256
+    # skipping the read-for-ownership pays where rows are short (measured,
+    # 2 threads, 25 MiB and more: 64 to 256 features per row 15-65 % faster
+    # in every op).  Since whole-line rows stream straight from the
+    # registers, 320-512 features gain too (8-64 MiB outputs, every op: up
+    # to 47 % on the AVX2 kernels, 37 % on the baseline kernels, no cell
+    # slower beyond its noise); 1024 features gain on the AVX2 kernels
+    # (1-27 %) but lose up to 22 % on the baseline kernels, which stream
+    # through a staging row.
+    STREAM_PAGES_MAX_COLS = 512
     # Element passes give each task about this much output, written in
     # address order: a fresh output's pages (2 MiB when transparent huge
     # pages are on) are then zeroed by the OS and filled by one thread while
