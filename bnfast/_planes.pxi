@@ -171,6 +171,8 @@ cdef void _plane_pass_task(const Planes* p, Py_ssize_t t, const in_t* x, const i
     would share cache lines at their ends."""
     cdef Py_ssize_t q, i, off, q0 = t * p.per_task, q1 = t * p.per_task + p.per_task
     cdef Py_ssize_t ch = q0 % p.c       # plane q's channel (no division per plane)
+    # the kind's coefficients: k[0..2] (affine), k[0..3] (dx), k[0] (scale)
+    cdef int n_coef = 3 if pass_t is AffinePass else (4 if pass_t is GradInputPass else 1)
     # The plane's coefficients, in locals that the output cannot alias: the
     # loops keep them in registers instead of loading them at every store.
     cdef double kv[4]
@@ -181,14 +183,13 @@ cdef void _plane_pass_task(const Planes* p, Py_ssize_t t, const in_t* x, const i
     if q1 > p.n * p.c:
         q1 = p.n * p.c
     for q in range(q0, q1):
-        for i in range(4):
-            if k[i] != NULL:
-                kv[i] = k[i][ch]
+        for i in range(n_coef):
+            kv[i] = k[i][ch]
         off = q * p.s
         if cache != NULL:
             _copy_run(p, cache, x, off, off + p.s)
-        _pass_step(x + off, dy + off if dy != NULL else NULL, y + off, 0, 1, p.s, kq, kind,
-                   <const PerPlane*>NULL)
+        _pass_step(x + off, NULL if pass_t is AffinePass else dy + off, y + off, 0, 1, p.s, kq,
+                   kind, <const PerPlane*>NULL)
         ch = ch + 1 if ch + 1 < p.c else 0
 
 
