@@ -40,8 +40,9 @@ static inline void bnfast_barrier(void) {
 #endif
 typedef double* BNF_RESTRICT bnfast_acc_t;
 /* Inlined at every call: the loops that take their kind as a constant
-   argument (bnfast_row_sums_f, bnfast_lane_sums_*) are then compiled once
-   per kind, with no test inside them. */
+   argument (bnfast_row_sums_f and bnfast_lane_sums_*: which sums; the
+   element-pass row loops of rows.h: per feature or per plane) are then
+   compiled once per kind, with no test inside them. */
 #if defined(__GNUC__) || defined(__clang__)
 #define BNF_INLINE static inline __attribute__((always_inline))
 #elif defined(_MSC_VER)
