@@ -42,7 +42,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional, Sequence
@@ -52,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bnfast                                           # noqa: E402
 from bnfast import _native, bench                       # noqa: E402
 from bnfast._timing import calls_per_repeat             # noqa: E402
-from tuning import Shape, layer_call, make_data         # noqa: E402
+from tuning import Shape, _loop, layer_call, make_data  # noqa: E402
 
 OPS = ("train", "eval", "backward")
 DTYPES = ("float64", "float32")
@@ -110,13 +109,6 @@ def parse_cells(text: str) -> list[tuple[Shape, str, str]]:
         dims = tuple(int(n) for n in parts[0].split("x"))
         cells.append((Shape(dims, parts[1]), parts[2], parts[3]))
     return cells
-
-
-def _loop(call: Any, iterations: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iterations):
-        call()
-    return (time.perf_counter() - start) / iterations
 
 
 def time_cell(shape: Shape, dtype: str, op: str, base: ModuleType, repeats: int,
