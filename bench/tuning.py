@@ -137,9 +137,11 @@ SWEEPS: tuple[Sweep, ...] = (
           why="short, wide batches: strip width, and strips against row blocks"),
     Sweep("stream_min_bytes", "STREAM_MIN_BYTES", _half_double_off,
           ((_flat(32, 65536), "float32"), (_flat(1024, 4096), "float32"),
-           (_cl(16, 64, 56, 56), "float32"), (_flat(1024, 2048), "float64")),
+           (_cl(16, 64, 56, 56), "float32"), (_flat(1024, 2048), "float64"),
+           (_nchw(32, 64, 56, 56), "float32"), (_nchw(64, 256, 28, 28), "float64")),
           why="outputs of 8-16 MiB, around the last-level-cache threshold (wide rows: "
-              "strips and row blocks; 64 channels: element passes too)"),
+              "strips and row blocks; 64 channels: element passes too); NCHW batches of "
+              "25-100 MiB: whole channel blocks, or two phases where off"),
     Sweep("col_block", "COL_BLOCK",
           lambda d: [("half", d // 2), ("quarter", d // 4)],
           ((_flat(512, 2048), "float32"), (_flat(1024, 4096), "float32"),
@@ -273,8 +275,7 @@ _EVAL_FIELDS = ("col_block", "page_rows", "page_cols", "n_col_splits", "n_page_t
 _PAGE_FIELDS = ("page_rows", "page_cols", "n_col_splits", "n_page_tasks", "stream_pages")
 
 
-def route(shape: Shape, dtype: str, op: str, settings: dict[str, Any],
-          constants: dict[str, int]) -> tuple[Any, ...]:
+def route(shape: Shape, dtype: str, op: str, settings: dict[str, Any]) -> tuple[Any, ...]:
     """What the kernels do for `op` on this batch under `settings`: the
     fields of the work grid (or per-channel plan) that `op` reads, plus the
     route switches the grid does not show.  Two variants with equal routes
@@ -285,7 +286,7 @@ def route(shape: Shape, dtype: str, op: str, settings: dict[str, Any],
     set_tuning(settings)
     try:
         if kind == "planes":
-            return ("planes",) + _planes_route(n, c, s, itemsize, op, settings, constants)
+            return ("planes",) + _planes_route(dict(kernels._planes_info(n, c, s, itemsize)), op)
         grid = dict(kernels._grid_info(n, c, itemsize, itemsize))
     finally:
         restore_defaults()
@@ -302,23 +303,19 @@ def route(shape: Shape, dtype: str, op: str, settings: dict[str, Any],
     return (op, folded) + tuple(sorted(grid.items()))
 
 
-def _planes_route(n: int, c: int, s: int, itemsize: int, op: str, settings: dict[str, Any],
-                  constants: dict[str, int]) -> tuple[Any, ...]:
-    """The two knob-dependent fields of _make_planes (bnfast/_kernels.pyx):
-    planes per element-pass task and whether the training forward streams
-    its copy of x.  (The reductions' split depends on compile-time
-    constants only.  The thread count is taken as the kernels' where the
-    batch is big enough for a team; _make_planes also caps it at the
-    reduction tasks: 16 or more on every swept shape.)"""
-    planes = n * c
-    nbytes = planes * s * itemsize
-    threads = bnfast.get_num_threads()
-    if nbytes < constants.get("PARALLEL_MIN_BYTES", 262144):
-        threads = 1
-    per_task = max(1, settings.get("page_bytes", 1) // (s * itemsize))
-    per_task = min(per_task, -(-planes // (2 * threads)))
-    stream_cache = op == "train" and nbytes >= settings.get("cache_stream_min_bytes", NEVER)
-    return (op, per_task, stream_cache)
+def _planes_route(planes: dict[str, Any], op: str) -> tuple[Any, ...]:
+    """The fields of a per-channel plan (_planes_info) that `op` reads: an
+    eval forward only its element-pass tasks; whole channel blocks
+    (`fused`) no element-pass tasks; only a training forward the copy's
+    streaming."""
+    if op == "eval":
+        return (op, planes["per_task"], planes["n_elem_tasks"], planes["n_threads"])
+    if op != "train":
+        planes.pop("stream_cache")
+    if planes["fused"]:
+        planes.pop("per_task")
+        planes.pop("n_elem_tasks")
+    return (op,) + tuple(sorted(planes.items()))
 
 
 # --------------------------------------------------------------------------
@@ -720,8 +717,8 @@ class Plan:
     note: str
 
 
-def plan_knob(sweep: Sweep, defaults: dict[str, Any], quick: bool,
-              constants: dict[str, int]) -> Iterator[tuple[Shape, str, list[Plan]]]:
+def plan_knob(sweep: Sweep, defaults: dict[str, Any],
+              quick: bool) -> Iterator[tuple[Shape, str, list[Plan]]]:
     """Per (shape, dtype) of the sweep: a Plan for each alternative."""
     default = defaults[sweep.knob]
     for shape, dtype in _cells(sweep, quick):
@@ -737,19 +734,19 @@ def plan_knob(sweep: Sweep, defaults: dict[str, Any], quick: bool,
             finally:
                 restore_defaults()
             changed = tuple(op for op in sweep.ops
-                            if route(shape, dtype, op, {sweep.knob: value}, constants)
-                            != route(shape, dtype, op, {}, constants))
+                            if route(shape, dtype, op, {sweep.knob: value})
+                            != route(shape, dtype, op, {}))
             same = tuple(op for op in sweep.ops if op not in changed)
             plans.append(Plan(label, value, changed, same, "same grid — not timed"))
         yield shape, dtype, plans
 
 
 def sweep_knob(sweep: Sweep, defaults: dict[str, Any], args: argparse.Namespace,
-               constants: dict[str, int], log: Callable[[str], None]) -> KnobResult:
+               log: Callable[[str], None]) -> KnobResult:
     start = time.perf_counter()
     default = defaults[sweep.knob]
     result = KnobResult(sweep, default, threads=bnfast.get_num_threads())
-    for shape, dtype, plans in plan_knob(sweep, defaults, args.quick, constants):
+    for shape, dtype, plans in plan_knob(sweep, defaults, args.quick):
         data: Optional[Data] = None
         for op in sweep.ops:
             timed = [(p.label, p.value) for p in plans if op in p.changed]
@@ -841,7 +838,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"(known: {', '.join(s.knob for s in SWEEPS)})", file=sys.stderr)
             return 2
     constants = compiled_constants()
-    values = {c.name: c.value for c in constants}
 
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -863,7 +859,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                           "build's _set_tuning: not swept"))
                 continue
             log(f"{sweep.knob} (default {format_value(defaults[sweep.knob], sweep.knob)})")
-            result = sweep_knob(sweep, defaults, args, values, log)
+            result = sweep_knob(sweep, defaults, args, log)
             log(f"  -> {verdict(result)} [{result.seconds:.1f} s]")
             results.append(result)
     finally:

@@ -57,6 +57,7 @@ cdef int _num_threads = 1
 # Tunables (see _set_tuning); start at the compile-time defaults.
 cdef Py_ssize_t _strip_bytes = STRIP_BYTES
 cdef Py_ssize_t _stream_min_bytes = STREAM_MIN_BYTES   # set at import, below
+cdef Py_ssize_t _llc_bytes = 3 * STREAM_MIN_BYTES        # set at import, below
 cdef Py_ssize_t _cache_stream_min_bytes = CACHE_STREAM_MIN_BYTES
 cdef Py_ssize_t _col_block = COL_BLOCK
 cdef Py_ssize_t _max_strip_cols = MAX_STRIP_COLS
@@ -194,10 +195,24 @@ cdef Planes _make_planes(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s,
         p.channel_block = 1
     p.n_channel_blocks = _ceil_div(c, p.channel_block)
     p.n_tasks = p.n_chunks * p.n_channel_blocks
-    p.stream_cache = planes * s * itemsize >= _cache_stream_min_bytes
     p.n_threads = 1
     if planes * s * itemsize >= PARALLEL_MIN_BYTES and _num_threads > 1:
         p.n_threads = _num_threads if _num_threads < p.n_tasks else <int>p.n_tasks
+    # Batches that overflow the last-level cache run each channel block's
+    # reductions and element pass as one task (p.fused), so that the pass
+    # reads the block again from the cache: blocks that leave
+    # MIN_REDUCTION_TASKS tasks and fit FUSED_BLOCK_PARTS times over in
+    # every thread's share of it.  (Results are the same bits either way.)
+    wanted = _llc_bytes // (FUSED_BLOCK_PARTS * p.n_threads * n * s * itemsize)
+    if wanted > _ceil_div(c, MIN_REDUCTION_TASKS):
+        wanted = _ceil_div(c, MIN_REDUCTION_TASKS)
+    if planes * s * itemsize >= _stream_min_bytes and c >= MIN_REDUCTION_TASKS and wanted >= 1:
+        p.fused = True
+        if p.channel_block > wanted:
+            p.channel_block = wanted
+        p.n_channel_blocks = _ceil_div(c, p.channel_block)
+        p.n_tasks = p.n_chunks * p.n_channel_blocks
+    p.stream_cache = planes * s * itemsize >= _cache_stream_min_bytes
     # Element passes (no reductions, so their split may follow the thread
     # count): about PAGE_BYTES of planes per task, at least two tasks a thread.
     p.per_task = _page_bytes // (s * itemsize)
@@ -747,6 +762,9 @@ def _default_stream_min_bytes(l3_bytes):
 
 DEFAULT_STREAM_MIN_BYTES = _default_stream_min_bytes(_last_level_cache_bytes())
 _stream_min_bytes = DEFAULT_STREAM_MIN_BYTES
+# The last-level cache, as large as STREAM_MIN_BYTES assumes where unknown.
+LLC_BYTES = _last_level_cache_bytes() or 3 * STREAM_MIN_BYTES
+_llc_bytes = LLC_BYTES
 
 
 def _set_tuning(strip_bytes=STRIP_BYTES, stream_min_bytes=DEFAULT_STREAM_MIN_BYTES,
@@ -797,6 +815,12 @@ def _grid_info(Py_ssize_t n, Py_ssize_t d, Py_ssize_t itemsize, Py_ssize_t out_i
     """The work grid the kernels use for an (n, d) batch, as a dict (for tests)."""
     _size(n, d, 0)
     return _make_grid(n, d, itemsize, n * d * out_itemsize)
+
+
+def _planes_info(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, Py_ssize_t itemsize):
+    """The partition the kernels use for an (n, c, s) NCHW batch, as a dict (for tests)."""
+    _size(n, c, s)
+    return _make_planes(n, c, s, itemsize)
 
 
 def get_num_threads():

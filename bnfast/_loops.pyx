@@ -1043,6 +1043,8 @@ cdef enum Step:
     STEP_PLANE_AFFINE       # as STEP_AFFINE_PAGES (and cache = x) over a task's planes
     STEP_PLANE_GRAD_INPUT   # as STEP_GRAD_INPUT_PAGES over a task's planes
     STEP_PLANE_SCALE        # dx = dy * coef[0] over a task's planes
+    STEP_PLANE_TRAIN_BLOCK  # a channel block's statistics, y and cache = x
+    STEP_PLANE_BACKWARD_BLOCK  # a channel block's sums, coefficients and dx
 
 
 
@@ -1127,6 +1129,10 @@ cdef void _step(const Call* c, const Work* w, Step step, Py_ssize_t t, double* m
         _plane_pass_task(p, t, x, dy, NULL, y, w.coef, <const GradInputPass*>NULL)
     elif step == STEP_PLANE_SCALE:
         _plane_pass_task(p, t, x, dy, NULL, y, w.coef, <const ScalePass*>NULL)
+    elif step == STEP_PLANE_TRAIN_BLOCK:
+        _plane_train_block(p, t, x, cache, y, <const TrainArgs*>c.args, w.part, w.totals)
+    elif step == STEP_PLANE_BACKWARD_BLOCK:
+        _plane_backward_block(p, t, x, dy, y, <const GradArgs*>c.args, w.part, w.totals)
 
 
 cdef int _drive(const Call* c, const Work* w, const in_t* in_type,

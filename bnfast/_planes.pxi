@@ -22,12 +22,13 @@ cdef extern from "planes.h":
                                   double k, double* a1, double* a2) noexcept nogil
 
 
-cdef void _channel_shift(const Planes* p, const in_t* x, double* shift) noexcept nogil:
-    """Per channel: the shift of the rows (_shift_of) over its first plane's
-    values, one to a row: the mean of its first (up to 8) elements, summed
-    pairwise, 0 if not finite."""
+cdef void _channel_shift(const Planes* p, const in_t* x, Py_ssize_t c0, Py_ssize_t c1,
+                         double* shift) noexcept nogil:
+    """Per channel c0..c1: the shift of the rows (_shift_of) over its first
+    plane's values, one to a row: the mean of its first (up to 8) elements,
+    summed pairwise, 0 if not finite."""
     cdef Py_ssize_t ch
-    for ch in range(p.c):
+    for ch in range(c0, c1):
         _shift_of(x + ch * p.s, 1, p.s, 0, 1, &shift[ch])
 
 
@@ -134,20 +135,27 @@ cdef int _planes_sums(const Call* c, const in_t* x, const in_t* dy, const double
     return 0
 
 
-cdef int _planes_moments(const Call* c, const in_t* x, double* shift, double* mean,
-                         double* m2) noexcept nogil:
-    """Per channel: shift, mean relative to it and M2."""
-    cdef const Planes* p = c.planes
+cdef void _channel_moments(const Planes* p, const in_t* x, const double* shift,
+                           Py_ssize_t c0, Py_ssize_t c1, double* mean, double* m2) noexcept nogil:
+    """Channels c0..c1: their sums (in mean, m2) -> mean relative to the
+    shift and M2, as a rows block's; ill-conditioned ones by the two-pass."""
     cdef Py_ssize_t ch
-    _channel_shift(p, x, shift)
-    if _planes_sums(c, x, <const in_t*>NULL, shift, mean, m2) != 0:
-        return -1
-    for ch in range(p.c):       # the sums -> mean and M2, as a rows block's
+    for ch in range(c0, c1):
         if _block_moments(mean[ch], m2[ch], mean[ch] / <double>(p.n * p.s), &mean[ch],
                           &m2[ch]):
             _two_pass(x + ch * p.s, p.c * p.s, p.n, p.s, shift[ch], &mean[ch], &m2[ch])
             if m2[ch] < 0.0:
                 m2[ch] = 0.0
+
+
+cdef int _planes_moments(const Call* c, const in_t* x, double* shift, double* mean,
+                         double* m2) noexcept nogil:
+    """Per channel: shift, mean relative to it and M2."""
+    cdef const Planes* p = c.planes
+    _channel_shift(p, x, 0, p.c, shift)
+    if _planes_sums(c, x, <const in_t*>NULL, shift, mean, m2) != 0:
+        return -1
+    _channel_moments(p, x, shift, 0, p.c, mean, m2)
     return 0
 
 
@@ -162,14 +170,14 @@ cdef inline void _copy_run(const Planes* p, in_t* cache, const in_t* x, Py_ssize
         memcpy(cache + start, x + start, (end - start) * sizeof(in_t))
 
 
-cdef void _plane_pass_task(const Planes* p, Py_ssize_t t, const in_t* x, const in_t* dy,
-                           in_t* cache, out_t* y, const double* const* k,
-                           const pass_t* kind) noexcept nogil:
-    """The pass (pass_t) over task t's planes, in address order, each with its
+cdef void _plane_run(const Planes* p, Py_ssize_t q0, Py_ssize_t q1, const in_t* x,
+                     const in_t* dy, in_t* cache, out_t* y, const double* const* k,
+                     const pass_t* kind) noexcept nogil:
+    """The pass (pass_t) over planes q0..q1, in address order, each with its
     channel's coefficients k[i][channel]; and cache = x unless NULL: here,
     not in the statistics tasks, whose planes interleave across threads and
     would share cache lines at their ends."""
-    cdef Py_ssize_t q, i, off, q0 = t * p.per_task, q1 = t * p.per_task + p.per_task
+    cdef Py_ssize_t q, i, off
     cdef Py_ssize_t ch = q0 % p.c       # plane q's channel (no division per plane)
     # the kind's coefficients: k[0..2] (affine), k[0..3] (dx), k[0] (scale)
     cdef int n_coef = 3 if pass_t is AffinePass else (4 if pass_t is GradInputPass else 1)
@@ -180,8 +188,6 @@ cdef void _plane_pass_task(const Planes* p, Py_ssize_t t, const in_t* x, const i
     for i in range(4):
         kq[i] = &kv[i]
         kv[i] = 0.0
-    if q1 > p.n * p.c:
-        q1 = p.n * p.c
     for q in range(q0, q1):
         for i in range(n_coef):
             kv[i] = k[i][ch]
@@ -191,6 +197,69 @@ cdef void _plane_pass_task(const Planes* p, Py_ssize_t t, const in_t* x, const i
         _pass_step(x + off, NULL if pass_t is AffinePass else dy + off, y + off, 0, 1, p.s, kq,
                    kind, <const PerPlane*>NULL)
         ch = ch + 1 if ch + 1 < p.c else 0
+
+
+cdef void _plane_pass_task(const Planes* p, Py_ssize_t t, const in_t* x, const in_t* dy,
+                           in_t* cache, out_t* y, const double* const* k,
+                           const pass_t* kind) noexcept nogil:
+    """Element-pass task t: _plane_run over its planes."""
+    cdef Py_ssize_t q0 = t * p.per_task, q1 = t * p.per_task + p.per_task
+    if q1 > p.n * p.c:
+        q1 = p.n * p.c
+    _plane_run(p, q0, q1, x, dy, cache, y, k, kind)
+
+
+cdef inline void _block_channels(const Planes* p, Py_ssize_t b, Py_ssize_t* c0,
+                                 Py_ssize_t* c1) noexcept nogil:
+    c0[0] = b * p.channel_block
+    c1[0] = c0[0] + p.channel_block if c0[0] + p.channel_block < p.c else p.c
+
+
+cdef void _plane_train_block(const Planes* p, Py_ssize_t b, const in_t* x, in_t* cache,
+                             out_t* y, const TrainArgs* a, double* part,
+                             double* work) noexcept nogil:
+    """Channel block b of the training forward in one task: shifts, the sums
+    of each chunk (added in chunk order), statistics, then y and cache = x,
+    whose second read of the block comes from cache.  work rows: shift (then
+    the affine shift), scale, temp (as _planes_train_forward's)."""
+    cdef Py_ssize_t k, i, c0, c1, nc = p.c
+    cdef const double* kk[4]
+    _block_channels(p, b, &c0, &c1)
+    _channel_shift(p, x, c0, c1, work)
+    for k in range(p.n_chunks):
+        _plane_sums_task(p, k * p.n_channel_blocks + b, x, <const in_t*>NULL, work, part,
+                         <const StatSums*>NULL)
+    _sum_chunk_columns(p.n_chunks, nc, part, a.mean, a.var, c0, c1)
+    _channel_moments(p, x, work, c0, c1, a.mean, a.var)
+    _finish_stats(a, p.n * p.s, c0, c1 - c0, work + c0, work + nc + c0, work + c0,
+                  work + 2 * nc + c0)
+    kk[0], kk[1], kk[2], kk[3] = a.mean, work + nc, work, NULL
+    for i in range(p.n):
+        _plane_run(p, i * nc + c0, i * nc + c1, x, <const in_t*>NULL, cache, y, kk,
+                   <const AffinePass*>NULL)
+
+
+cdef void _plane_backward_block(const Planes* p, Py_ssize_t b, const in_t* x, const in_t* dy,
+                                out_t* dx, const GradArgs* a, double* part,
+                                double* work) noexcept nogil:
+    """Channel block b of the training backward in one task: the sums of
+    each chunk (the reduction tasks' own, added in chunk order), the
+    coefficients, then dx, whose second read of the block comes from cache.
+    work rows: sum_dy, sum_dy_xc, k_xc, k (as _planes_train_backward's)."""
+    cdef Py_ssize_t k, i, c0, c1, nc = p.c
+    cdef const double* kk[4]
+    _block_channels(p, b, &c0, &c1)
+    for k in range(p.n_chunks):
+        _plane_sums_task(p, k * p.n_channel_blocks + b, x, dy, a.mean, part,
+                         <const GradSums*>NULL)
+    _sum_chunk_columns(p.n_chunks, nc, part, work, work + nc, c0, c1)
+    _backward_coefficients(p.n * p.s, c0, c1 - c0, a.invstd + c0, a.gamma, work + c0,
+                           work + nc + c0, work + 2 * nc + c0, work + 3 * nc + c0, a.dgamma,
+                           a.dbeta)
+    kk[0], kk[1], kk[2], kk[3] = a.mean, work, work + 2 * nc, work + 3 * nc
+    for i in range(p.n):
+        _plane_run(p, i * nc + c0, i * nc + c1, x, dy, <in_t*>NULL, dx, kk,
+                   <const GradInputPass*>NULL)
 
 
 cdef void _plane_copy_task(const Planes* p, Py_ssize_t t, const in_t* x,
@@ -214,10 +283,23 @@ cdef int _planes_train_forward(const Call* c, const in_t* x, out_t* y) noexcept 
     """Per-channel training forward: statistics, then y (and cache = x)."""
     cdef const TrainArgs* a = <const TrainArgs*>c.args
     cdef Py_ssize_t nc = c.planes.c
+    cdef Work w
     cdef double* work = <double*>malloc(4 * nc * sizeof(double))
     if work == NULL:
         return -1
     # work rows: shift (then the affine shift), scale, temp, spare
+    if c.planes.fused:
+        w = _work(c.planes.n_threads, 0, 0)
+        w.part = <double*>malloc(2 * c.planes.n_chunks * nc * sizeof(double))
+        if w.part == NULL:
+            free(work)
+            return -1
+        w.totals = work
+        _phase(&w, STEP_PLANE_TRAIN_BLOCK, c.planes.n_channel_blocks, True)
+        _drive(c, &w, x, y)
+        free(w.part)
+        free(work)
+        return 0
     if _planes_moments(c, x, work, a.mean, a.var) != 0:
         free(work)
         return -1
@@ -244,10 +326,23 @@ cdef int _planes_train_backward(const Call* c, const in_t* x, out_t* dx) noexcep
     """Backward of the per-channel training forward: sums, then dx."""
     cdef const GradArgs* a = <const GradArgs*>c.args
     cdef Py_ssize_t nc = c.planes.c
+    cdef Work w
     cdef double* work = <double*>malloc(4 * nc * sizeof(double))
     if work == NULL:
         return -1
     # work rows: sum_dy (then mean dy), sum_dy_xc, k_xc, k
+    if c.planes.fused:
+        w = _work(c.planes.n_threads, 0, 0)
+        w.part = <double*>malloc(2 * c.planes.n_chunks * nc * sizeof(double))
+        if w.part == NULL:
+            free(work)
+            return -1
+        w.totals = work
+        _phase(&w, STEP_PLANE_BACKWARD_BLOCK, c.planes.n_channel_blocks, True)
+        _drive(c, &w, x, dx)
+        free(w.part)
+        free(work)
+        return 0
     if _planes_sums(c, x, <const in_t*>c.dy, a.mean, work, work + nc) != 0:
         free(work)
         return -1

@@ -12,7 +12,8 @@ import bnfast
 from bnfast import functional as F
 from bnfast.reference import BatchNormalization as Twin
 from conftest import assert_close, layouts, tolerance
-from test_kernels import threads, tuning
+from bnfast._native import kernels
+from test_kernels import THREADS, threads, tuning
 from test_layer import assert_backward_matches_central_differences
 
 SHAPES = [(6, 3), (5, 4, 7), (4, 3, 5, 6), (3, 2, 3, 4, 2)]
@@ -188,6 +189,33 @@ def test_streaming_the_cached_copy_changes_no_result(rng):
             got = full_round(bnfast.BatchNormalization(gamma, beta, per_channel=True), x, dout)
         for key in expected:
             assert np.array_equal(got[key], expected[key]), key
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")   # the inf's channel
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_whole_channel_blocks_give_the_two_phase_bits(rng, dtype):
+    """NCHW batches that overflow the cache run each block of channels'
+    statistics and pass in one task; forced on a small batch (several
+    sample chunks, a last block narrower than the others, a channel offset
+    far from zero that needs the exact two-pass, one that is not finite),
+    every result is bitwise the two-phase one, on any thread count."""
+    n, c, s = 300, 37, 256
+    gamma, beta = params(rng, c, dtype)
+    x = rng.standard_normal((n, c, 16, 16)) * 2 + 1
+    x[:, 5] += 1e9
+    x = x.astype(dtype)
+    x[3, 9, 2, 2] = np.inf
+    dout = rng.standard_normal(x.shape).astype(dtype)
+    with tuning(stream_min_bytes=1 << 40):
+        assert not kernels._planes_info(n, c, s, x.itemsize)["fused"]
+        expected = full_round(bnfast.BatchNormalization(gamma, beta, per_channel=True), x, dout)
+    for n_threads in THREADS:
+        with threads(n_threads), tuning(stream_min_bytes=0):
+            p = kernels._planes_info(n, c, s, x.itemsize)
+            assert p["fused"] and p["n_chunks"] > 1 and c % p["channel_block"]
+            got = full_round(bnfast.BatchNormalization(gamma, beta, per_channel=True), x, dout)
+        for key in expected:
+            assert np.array_equal(got[key], expected[key], equal_nan=True), (n_threads, key)
 
 
 def test_errors_name_channels_and_change_nothing(rng):

@@ -376,6 +376,33 @@ def test_grid_follows_its_rules(shape, itemsize):
     assert 1 <= grid["n_threads"] <= max(1, bnfast.get_num_threads())
 
 
+@pytest.mark.parametrize("itemsize", [4, 8])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (8, 256, 196), (64, 3, 4096), (32, 64, 3136),
+                                   (16, 64, 3136), (64, 256, 784), (128, 64, 3136),
+                                   (2, 16, 1 << 20), (4096, 20, 256)])
+def test_planes_follow_their_rules(shape, itemsize):
+    """The NCHW partition: reduction tasks cover every (sample, channel) once,
+    and channel blocks run whole (statistics, then their pass) exactly where
+    the batch overflows the last-level cache and the blocks fit in it."""
+    n, c, s = shape
+    p = kernels._planes_info(n, c, s, itemsize)
+    assert p == kernels._planes_info(n, c, s, itemsize)
+    assert p["n_chunks"] * p["chunk_n"] >= n > (p["n_chunks"] - 1) * p["chunk_n"]
+    blocks, width = p["n_channel_blocks"], p["channel_block"]
+    assert blocks * width >= c > (blocks - 1) * width
+    assert p["n_tasks"] == p["n_chunks"] * blocks
+    assert p["n_elem_tasks"] * p["per_task"] >= n * c
+    assert 1 <= p["n_threads"] <= max(1, bnfast.get_num_threads())
+    nbytes = n * c * s * itemsize
+    block_bytes = width * n * s * itemsize
+    if p["fused"]:
+        assert nbytes >= kernels.DEFAULT_STREAM_MIN_BYTES and blocks >= 16
+        assert 4 * p["n_threads"] * block_bytes <= kernels.LLC_BYTES
+    elif nbytes >= kernels.DEFAULT_STREAM_MIN_BYTES and c >= 16:
+        # too big a channel to keep a block of it in every thread's share
+        assert 4 * p["n_threads"] * n * s * itemsize > kernels.LLC_BYTES
+
+
 def test_thread_settings():
     before = bnfast.get_num_threads()
     assert before >= 1
