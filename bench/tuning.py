@@ -138,10 +138,11 @@ SWEEPS: tuple[Sweep, ...] = (
     Sweep("stream_min_bytes", "STREAM_MIN_BYTES", _half_double_off,
           ((_flat(32, 65536), "float32"), (_flat(1024, 4096), "float32"),
            (_cl(16, 64, 56, 56), "float32"), (_flat(1024, 2048), "float64"),
-           (_nchw(32, 64, 56, 56), "float32"), (_nchw(64, 256, 28, 28), "float64")),
+           (_nchw(32, 64, 56, 56), "float32"), (_nchw(64, 256, 28, 28), "float64"),
+           (_flat(256, 65536), "float64")),
           why="outputs of 8-16 MiB, around the last-level-cache threshold (wide rows: "
-              "strips and row blocks; 64 channels: element passes too); NCHW batches of "
-              "25-100 MiB: whole channel blocks, or two phases where off"),
+              "strips and row blocks; 64 channels: element passes too); batches of "
+              "25-128 MiB: whole channel or column blocks, or the phases where off"),
     Sweep("col_block", "COL_BLOCK",
           lambda d: [("half", d // 2), ("quarter", d // 4)],
           ((_flat(512, 2048), "float32"), (_flat(1024, 4096), "float32"),
@@ -306,13 +307,13 @@ def route(shape: Shape, dtype: str, op: str, settings: dict[str, Any]) -> tuple[
 def _planes_route(planes: dict[str, Any], op: str) -> tuple[Any, ...]:
     """The fields of a per-channel plan (_planes_info) that `op` reads: an
     eval forward only its element-pass tasks; whole channel blocks
-    (`fused`) no element-pass tasks; only a training forward the copy's
+    (`whole_blocks`) no element-pass tasks; only a training forward the copy's
     streaming."""
     if op == "eval":
         return (op, planes["per_task"], planes["n_elem_tasks"], planes["n_threads"])
     if op != "train":
         planes.pop("stream_cache")
-    if planes["fused"]:
+    if planes["whole_blocks"]:
         planes.pop("per_task")
         planes.pop("n_elem_tasks")
     return (op,) + tuple(sorted(planes.items()))

@@ -1031,10 +1031,12 @@ cdef enum Step:
     STEP_STATS_BLOCK        # per-chunk mean and M2 of a (row chunk, column block), cache = x
     STEP_TRAIN_COEF         # a column block's merge, statistics, scale and shift
     STEP_AFFINE_PAGES       # y = (x - coef[0]) * coef[1] + coef[2], by pages
+    STEP_TRAIN_WHOLE_BLOCK  # a column block's statistics, merge and output
     STEP_EVAL               # the eval forward's coefficients and output, by pages
     STEP_BACKWARD_STRIP     # a training backward's sums, coefficients and dx of whole columns
     STEP_GRAD_SUMS_BLOCK    # per-chunk sum(dy) and sum(dy * (x - coef[0])) of a block
     STEP_BACKWARD_COEF      # a column block's sums added, dgamma, dbeta, dx coefficients
+    STEP_BACKWARD_WHOLE_BLOCK  # a column block's sums, merge and dx
     STEP_GRAD_INPUT_PAGES   # dx = coef[3] * ((dy - coef[1]) - coef[2] * (x - coef[0])), by pages
     STEP_EVAL_BACKWARD      # the eval backward's dx and per-chunk sums of a block
     STEP_PLANE_MOMENTS      # per-chunk sums of x - coef[0] and its square, of channels
@@ -1105,6 +1107,8 @@ cdef void _step(const Call* c, const Work* w, Step step, Py_ssize_t t, double* m
         _train_coefficients(g, t, w.shifts, <const TrainArgs*>c.args, w.part, mine)
     elif step == STEP_AFFINE_PAGES:
         _pass_pages(g, t, x, dy, y, w.coef, staging, <const AffinePass*>NULL)
+    elif step == STEP_TRAIN_WHOLE_BLOCK:
+        _train_whole_block(g, t, x, cache, y, w, <const TrainArgs*>c.args, staging, mine)
     elif step == STEP_EVAL:
         _eval_task(g, t, x, y, c.vec[0], c.vec[1], c.vec[2], c.vec[3], c.eps, mine)
     elif step == STEP_BACKWARD_STRIP:
@@ -1113,6 +1117,8 @@ cdef void _step(const Call* c, const Work* w, Step step, Py_ssize_t t, double* m
         _backward_block_sums(g, t, x, dy, w.coef[0], w.part)
     elif step == STEP_BACKWARD_COEF:
         _backward_block_coefficients(g, t, <const GradArgs*>c.args, w.part, w.totals)
+    elif step == STEP_BACKWARD_WHOLE_BLOCK:
+        _backward_whole_block(g, t, x, dy, y, w, <const GradArgs*>c.args, staging)
     elif step == STEP_GRAD_INPUT_PAGES:
         _pass_pages(g, t, x, dy, y, w.coef, staging, <const GradInputPass*>NULL)
     elif step == STEP_EVAL_BACKWARD:
@@ -1236,6 +1242,32 @@ cdef void _train_coefficients(const Grid* g, Py_ssize_t t, const double* shifts,
     _finish_stats(a, g.n_rows, c0, w, shifts + c0, part + c0, part + d + c0, mine)
 
 
+cdef void _pass_block(const Grid* g, Py_ssize_t b, const in_t* x, const in_t* dy, out_t* y,
+                      const double* const* k, out_t* staging, const pass_t* kind) noexcept nogil:
+    """The pass (pass_t) over every row of column block b (k: its
+    coefficients from column 0), streamed as the strips' are."""
+    cdef Py_ssize_t i, c0 = b * g.col_block
+    cdef Py_ssize_t w = g.col_block if c0 + g.col_block <= g.n_cols else g.n_cols - c0
+    cdef const double* kc[4]
+    for i in range(4):
+        kc[i] = k[i] + c0 if k[i] != NULL else NULL
+    _pass_rows(x, dy, y, g.stream if pass_t is AffinePass else g.stream_pages, g.n_cols, g.fold,
+               0, g.n_rows, c0, w, kc, staging, kind)
+
+
+cdef void _train_whole_block(const Grid* g, Py_ssize_t b, const in_t* x, in_t* cache, out_t* y,
+                             const Work* w, const TrainArgs* a, out_t* staging,
+                             double* mine) noexcept nogil:
+    """Column block b of the row-block training forward in one task
+    (Grid.whole_blocks): its chunks' statistics, their merge, then its
+    output, which reads the block again from the cache."""
+    cdef Py_ssize_t k
+    for k in range(g.n_chunks):
+        _train_block_stats(g, k * g.n_col_blocks + b, x, cache, w.shifts, w.part, mine)
+    _train_coefficients(g, b, w.shifts, a, w.part, mine)
+    _pass_block(g, b, x, <const in_t*>NULL, y, w.coef, staging, <const AffinePass*>NULL)
+
+
 cdef int _train_forward(const Call* c, const in_t* x, out_t* y) noexcept nogil:
     """y = gamma * (x - mean) / sqrt(var + eps) + beta with the batch's own
     statistics; also mean, var, invstd, running statistics, cache = x."""
@@ -1257,9 +1289,12 @@ cdef int _train_forward(const Call* c, const in_t* x, out_t* y) noexcept nogil:
     w.shifts = w.part + 2 * (g.n_chunks + 1) * d
     _block_shifts(g, x, w.shifts)
     w.coef[0], w.coef[1], w.coef[2] = (<const TrainArgs*>c.args).mean, w.part, w.part + d
-    _phase(&w, STEP_STATS_BLOCK, g.n_tasks, True)
-    _phase(&w, STEP_TRAIN_COEF, g.n_col_blocks, False)
-    _phase(&w, STEP_AFFINE_PAGES, g.n_page_tasks, False)
+    if g.whole_blocks:
+        _phase(&w, STEP_TRAIN_WHOLE_BLOCK, g.n_col_blocks, True)
+    else:
+        _phase(&w, STEP_STATS_BLOCK, g.n_tasks, True)
+        _phase(&w, STEP_TRAIN_COEF, g.n_col_blocks, False)
+        _phase(&w, STEP_AFFINE_PAGES, g.n_page_tasks, False)
     status = _drive(c, &w, x, y)
     free(w.part)
     return status
@@ -1341,6 +1376,18 @@ cdef void _backward_block_coefficients(const Grid* g, Py_ssize_t t, const GradAr
                            totals + d + c0, part + c0, part + d + c0, a.dgamma, a.dbeta)
 
 
+cdef void _backward_whole_block(const Grid* g, Py_ssize_t b, const in_t* x, const in_t* dy,
+                                out_t* dx, const Work* w, const GradArgs* a,
+                                out_t* staging) noexcept nogil:
+    """Column block b of the row-block training backward in one task
+    (Grid.whole_blocks): its chunks' sums, added, then its dx."""
+    cdef Py_ssize_t k
+    for k in range(g.n_chunks):
+        _backward_block_sums(g, k * g.n_col_blocks + b, x, dy, a.mean, w.part)
+    _backward_block_coefficients(g, b, a, w.part, w.totals)
+    _pass_block(g, b, x, dy, dx, w.coef, staging, <const GradInputPass*>NULL)
+
+
 cdef int _train_backward(const Call* c, const in_t* x, out_t* dx) noexcept nogil:
     """dx = gamma*invstd*(dy - mean(dy) - xhat*mean(dy*xhat)); two passes."""
     cdef const Grid* g = c.grid
@@ -1361,9 +1408,12 @@ cdef int _train_backward(const Call* c, const in_t* x, out_t* dx) noexcept nogil
         return -1
     w.totals = w.part + 2 * g.n_chunks * d
     w.coef[0], w.coef[1], w.coef[2], w.coef[3] = a.mean, w.totals, w.part, w.part + d
-    _phase(&w, STEP_GRAD_SUMS_BLOCK, g.n_tasks, True)
-    _phase(&w, STEP_BACKWARD_COEF, g.n_col_blocks, False)
-    _phase(&w, STEP_GRAD_INPUT_PAGES, g.n_page_tasks, False)
+    if g.whole_blocks:
+        _phase(&w, STEP_BACKWARD_WHOLE_BLOCK, g.n_col_blocks, True)
+    else:
+        _phase(&w, STEP_GRAD_SUMS_BLOCK, g.n_tasks, True)
+        _phase(&w, STEP_BACKWARD_COEF, g.n_col_blocks, False)
+        _phase(&w, STEP_GRAD_INPUT_PAGES, g.n_page_tasks, False)
     status = _drive(c, &w, x, dx)
     free(w.part)
     return status

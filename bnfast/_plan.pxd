@@ -113,16 +113,19 @@ cdef enum:
     # reductions still have MIN_REDUCTION_TASKS tasks where there are channels.
     MAX_CHANNEL_BLOCK = 64
     MIN_REDUCTION_TASKS = 16
-    # Batches too big for the last-level cache (x of stream_min_bytes or
-    # more) with MIN_REDUCTION_TASKS channels or more run a channel block's
-    # statistics and element pass in one task, the pass reading the block
-    # from the cache instead of memory, where each thread's block of x (and
-    # of dy) is at most 1 / (FUSED_BLOCK_PARTS * threads) of that cache: x
-    # and dy of the blocks in flight then fill at most half of it.  Measured
-    # in one process against two phases, 2 threads, 32 MiB L3: 32 x 64 x 56 x
-    # 56 float32 backward 1.33x, training 1.07-1.11x; 64 x 256 x 28 x 28
-    # float32 (blocks of 3.2 MB) 1.23x, 1.12x; blocks of 6.4 MB (float64,
-    # 128 x 64 x 56 x 56 float32) gained nothing, and lost up to 16 % beyond.
+    # Whole blocks: batches too big for the last-level cache run a block of
+    # channels (NCHW, 16 channels or more, x of stream_min_bytes or more) or
+    # of columns (row blocks, x of twice that) through its statistics and
+    # its element pass in one task, the pass reading the block from the
+    # cache instead of memory, where each thread's block of x (and of dy) is
+    # at most 1 / (FUSED_BLOCK_PARTS * threads) of that cache: x and dy of
+    # the blocks in flight then fill at most half of it.  Measured in one
+    # process against the phases, 2 threads, 32 MiB L3: 32 x 64 x 56 x 56
+    # NCHW float32 backward 1.25-1.34x, training 1.04-1.11x; 64 x 256 x 28 x
+    # 28 float32 (blocks of 3.2 MB) 1.18-1.23x, 1.10-1.12x; 256 x 65536
+    # float32 and float64 1.18-1.40x, 1.04-1.37x (baseline kernels 1.04-1.27x);
+    # blocks of 6.4 MB (float64, 128 x 64 x 56 x 56 float32) gained nothing,
+    # and lost up to 16 % beyond.
     FUSED_BLOCK_PARTS = 4
 
 
@@ -146,6 +149,7 @@ cdef struct Grid:
     bint stream          # write strip outputs with streaming stores
     bint stream_cache    # copy x to the cache with streaming stores
     bint stream_pages    # write row-major (page-ordered) outputs with streaming stores
+    bint whole_blocks    # row blocks: a task takes a column block through every phase
 
 
 cdef struct Vec:
@@ -207,7 +211,7 @@ cdef struct Planes:
     Py_ssize_t n_elem_tasks
     int n_threads
     bint stream_cache          # copy x to the cache with streaming stores
-    bint fused                 # one task per channel block: sums, then its pass
+    bint whole_blocks          # a task takes a channel block through sums and pass
 
 
 cdef enum Op:

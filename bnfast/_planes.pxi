@@ -288,7 +288,7 @@ cdef int _planes_train_forward(const Call* c, const in_t* x, out_t* y) noexcept 
     if work == NULL:
         return -1
     # work rows: shift (then the affine shift), scale, temp, spare
-    if c.planes.fused:
+    if c.planes.whole_blocks:
         w = _work(c.planes.n_threads, 0, 0)
         w.part = <double*>malloc(2 * c.planes.n_chunks * nc * sizeof(double))
         if w.part == NULL:
@@ -331,7 +331,7 @@ cdef int _planes_train_backward(const Call* c, const in_t* x, out_t* dx) noexcep
     if work == NULL:
         return -1
     # work rows: sum_dy (then mean dy), sum_dy_xc, k_xc, k
-    if c.planes.fused:
+    if c.planes.whole_blocks:
         w = _work(c.planes.n_threads, 0, 0)
         w.part = <double*>malloc(2 * c.planes.n_chunks * nc * sizeof(double))
         if w.part == NULL:

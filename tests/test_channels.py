@@ -207,12 +207,12 @@ def test_whole_channel_blocks_give_the_two_phase_bits(rng, dtype):
     x[3, 9, 2, 2] = np.inf
     dout = rng.standard_normal(x.shape).astype(dtype)
     with tuning(stream_min_bytes=1 << 40):
-        assert not kernels._planes_info(n, c, s, x.itemsize)["fused"]
+        assert not kernels._planes_info(n, c, s, x.itemsize)["whole_blocks"]
         expected = full_round(bnfast.BatchNormalization(gamma, beta, per_channel=True), x, dout)
     for n_threads in THREADS:
         with threads(n_threads), tuning(stream_min_bytes=0):
             p = kernels._planes_info(n, c, s, x.itemsize)
-            assert p["fused"] and p["n_chunks"] > 1 and c % p["channel_block"]
+            assert p["whole_blocks"] and p["n_chunks"] > 1 and c % p["channel_block"]
             got = full_round(bnfast.BatchNormalization(gamma, beta, per_channel=True), x, dout)
         for key in expected:
             assert np.array_equal(got[key], expected[key], equal_nan=True), (n_threads, key)

@@ -178,6 +178,34 @@ def test_every_work_partition_gives_the_same_numbers(rng, knobs, shape):
                 assert_close(a, c, rtol=1e-12, scale=float(np.max(np.abs(c))) + 1.0)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")   # the inf's feature
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_whole_column_blocks_give_the_three_phase_bits(rng, dtype):
+    """Row blocks of batches far too big for the cache run each column block
+    through statistics, merge and pass in one task; forced on a small batch
+    (several row chunks, a last block narrower than the others, a feature far
+    from zero that needs the exact two-pass, one that is not finite), every
+    result is bitwise the three phases' one, on any thread count."""
+    n, d = 3000, 100
+    blocks = dict(strip_bytes=1, col_block=16)        # 7 column blocks, 2-3 row chunks
+    gamma, beta = make_params(rng, d, dtype)
+    x = rng.standard_normal((n, d)) * 2 + 1
+    x[:, 5] += 1e9
+    x = x.astype(dtype)
+    x[7, 9] = np.inf
+    dout = rng.standard_normal(x.shape).astype(dtype)
+    with tuning(stream_min_bytes=1 << 40, **blocks):
+        assert not kernels._grid_info(n, d, x.itemsize, x.itemsize)["whole_blocks"]
+        expected = run_all(x, dout, gamma, beta)
+    for n_threads in THREADS:
+        with threads(n_threads), tuning(stream_min_bytes=0, **blocks):
+            g = kernels._grid_info(n, d, x.itemsize, x.itemsize)
+            assert g["whole_blocks"] and g["n_chunks"] > 1 and d % g["col_block"]
+            got = run_all(x, dout, gamma, beta)
+        for i, (a, b) in enumerate(zip(got, expected)):
+            assert np.array_equal(a, b, equal_nan=True), (n_threads, i)
+
+
 def _train_outputs(x, gamma, beta, rm_old, rv_old, stat_dtype, shape=None):
     """Everything train_forward writes, for one set of per-feature operands."""
     n, d = x.shape
@@ -351,7 +379,7 @@ def test_outputs_are_streamed_only_when_a_training_forward_overflows_the_cache()
 @pytest.mark.parametrize("itemsize", [4, 8])
 @pytest.mark.parametrize("shape", [(1, 1), (100, 100), (32, 128), (256, 1024), (1024, 4096),
                                    (5000, 40), (32, 65536), (8, 150528), (256, 65536),
-                                   (100352, 64), (4096, 16), (2048, 16)])
+                                   (100352, 64), (4096, 16), (2048, 16), (512, 8192)])
 def test_grid_follows_its_rules(shape, itemsize):
     """Every field of the work grid is set, by the documented rules (a field
     left unset once read stack garbage and picked a partition at random)."""
@@ -373,6 +401,10 @@ def test_grid_follows_its_rules(shape, itemsize):
         assert grid["n_tasks"] > 1 or nbytes < 256 << 10
     else:                       # no two-phase strips: row blocks
         assert grid["col_block"] == min(d, 1024)
+    if grid["whole_blocks"]:    # row blocks far too big for the cache, blocks that fit in it
+        assert not grid["fused"] and nbytes >= 2 * kernels.DEFAULT_STREAM_MIN_BYTES
+        assert grid["n_col_blocks"] >= 2 * grid["n_threads"]
+        assert 4 * grid["n_threads"] * n * grid["col_block"] * itemsize <= kernels.LLC_BYTES
     assert 1 <= grid["n_threads"] <= max(1, bnfast.get_num_threads())
 
 
@@ -395,7 +427,7 @@ def test_planes_follow_their_rules(shape, itemsize):
     assert 1 <= p["n_threads"] <= max(1, bnfast.get_num_threads())
     nbytes = n * c * s * itemsize
     block_bytes = width * n * s * itemsize
-    if p["fused"]:
+    if p["whole_blocks"]:
         assert nbytes >= kernels.DEFAULT_STREAM_MIN_BYTES and blocks >= 16
         assert 4 * p["n_threads"] * block_bytes <= kernels.LLC_BYTES
     elif nbytes >= kernels.DEFAULT_STREAM_MIN_BYTES and c >= 16:
