@@ -1087,6 +1087,19 @@ cdef inline void _phase(Work* w, Step step, Py_ssize_t n_tasks, bint dynamic) no
     w.n_phases += 1
 
 
+cdef inline void _row_block_phases(Work* w, const Grid* g, Step whole, Step reduce, Step merge,
+                                   Step pass_) noexcept nogil:
+    """A row-block operation's phases: `reduce` per (row chunk, column
+    block), `merge` per column block, `pass_` by pages; or, where the grid
+    says whole blocks, `whole`, which runs all three for a column block."""
+    if g.whole_blocks:
+        _phase(w, whole, g.n_col_blocks, True)
+    else:
+        _phase(w, reduce, g.n_tasks, True)
+        _phase(w, merge, g.n_col_blocks, False)
+        _phase(w, pass_, g.n_page_tasks, False)
+
+
 cdef void _step(const Call* c, const Work* w, Step step, Py_ssize_t t, double* mine,
                 const in_t* in_type, out_t* out_type) noexcept nogil:
     """Task t of a phase (in_type, out_type: NULL, naming the dtypes)."""
@@ -1289,12 +1302,8 @@ cdef int _train_forward(const Call* c, const in_t* x, out_t* y) noexcept nogil:
     w.shifts = w.part + 2 * (g.n_chunks + 1) * d
     _block_shifts(g, x, w.shifts)
     w.coef[0], w.coef[1], w.coef[2] = (<const TrainArgs*>c.args).mean, w.part, w.part + d
-    if g.whole_blocks:
-        _phase(&w, STEP_TRAIN_WHOLE_BLOCK, g.n_col_blocks, True)
-    else:
-        _phase(&w, STEP_STATS_BLOCK, g.n_tasks, True)
-        _phase(&w, STEP_TRAIN_COEF, g.n_col_blocks, False)
-        _phase(&w, STEP_AFFINE_PAGES, g.n_page_tasks, False)
+    _row_block_phases(&w, g, STEP_TRAIN_WHOLE_BLOCK, STEP_STATS_BLOCK, STEP_TRAIN_COEF,
+                      STEP_AFFINE_PAGES)
     status = _drive(c, &w, x, y)
     free(w.part)
     return status
@@ -1408,12 +1417,8 @@ cdef int _train_backward(const Call* c, const in_t* x, out_t* dx) noexcept nogil
         return -1
     w.totals = w.part + 2 * g.n_chunks * d
     w.coef[0], w.coef[1], w.coef[2], w.coef[3] = a.mean, w.totals, w.part, w.part + d
-    if g.whole_blocks:
-        _phase(&w, STEP_BACKWARD_WHOLE_BLOCK, g.n_col_blocks, True)
-    else:
-        _phase(&w, STEP_GRAD_SUMS_BLOCK, g.n_tasks, True)
-        _phase(&w, STEP_BACKWARD_COEF, g.n_col_blocks, False)
-        _phase(&w, STEP_GRAD_INPUT_PAGES, g.n_page_tasks, False)
+    _row_block_phases(&w, g, STEP_BACKWARD_WHOLE_BLOCK, STEP_GRAD_SUMS_BLOCK, STEP_BACKWARD_COEF,
+                      STEP_GRAD_INPUT_PAGES)
     status = _drive(c, &w, x, dx)
     free(w.part)
     return status

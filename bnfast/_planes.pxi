@@ -279,27 +279,35 @@ cdef int _planes_pass(const Call* c, Step step, const in_t* x, out_t* y, const d
     return _drive(c, &w, x, y)
 
 
+cdef int _planes_whole_blocks(const Call* c, Step step, const in_t* x, out_t* y,
+                              double* work) noexcept nogil:
+    """step (a whole-block task) over every channel block, the tasks sharing
+    the per-chunk partials and the operation's work rows."""
+    cdef Work w = _work(c.planes.n_threads, 0, 0)
+    cdef int status
+    w.part = <double*>malloc(2 * c.planes.n_chunks * c.planes.c * sizeof(double))
+    if w.part == NULL:
+        return -1
+    w.totals = work
+    _phase(&w, step, c.planes.n_channel_blocks, True)
+    status = _drive(c, &w, x, y)
+    free(w.part)
+    return status
+
+
 cdef int _planes_train_forward(const Call* c, const in_t* x, out_t* y) noexcept nogil:
     """Per-channel training forward: statistics, then y (and cache = x)."""
     cdef const TrainArgs* a = <const TrainArgs*>c.args
     cdef Py_ssize_t nc = c.planes.c
-    cdef Work w
+    cdef int status
     cdef double* work = <double*>malloc(4 * nc * sizeof(double))
     if work == NULL:
         return -1
     # work rows: shift (then the affine shift), scale, temp, spare
     if c.planes.whole_blocks:
-        w = _work(c.planes.n_threads, 0, 0)
-        w.part = <double*>malloc(2 * c.planes.n_chunks * nc * sizeof(double))
-        if w.part == NULL:
-            free(work)
-            return -1
-        w.totals = work
-        _phase(&w, STEP_PLANE_TRAIN_BLOCK, c.planes.n_channel_blocks, True)
-        _drive(c, &w, x, y)
-        free(w.part)
+        status = _planes_whole_blocks(c, STEP_PLANE_TRAIN_BLOCK, x, y, work)
         free(work)
-        return 0
+        return status
     if _planes_moments(c, x, work, a.mean, a.var) != 0:
         free(work)
         return -1
@@ -326,23 +334,15 @@ cdef int _planes_train_backward(const Call* c, const in_t* x, out_t* dx) noexcep
     """Backward of the per-channel training forward: sums, then dx."""
     cdef const GradArgs* a = <const GradArgs*>c.args
     cdef Py_ssize_t nc = c.planes.c
-    cdef Work w
+    cdef int status
     cdef double* work = <double*>malloc(4 * nc * sizeof(double))
     if work == NULL:
         return -1
     # work rows: sum_dy (then mean dy), sum_dy_xc, k_xc, k
     if c.planes.whole_blocks:
-        w = _work(c.planes.n_threads, 0, 0)
-        w.part = <double*>malloc(2 * c.planes.n_chunks * nc * sizeof(double))
-        if w.part == NULL:
-            free(work)
-            return -1
-        w.totals = work
-        _phase(&w, STEP_PLANE_BACKWARD_BLOCK, c.planes.n_channel_blocks, True)
-        _drive(c, &w, x, dx)
-        free(w.part)
+        status = _planes_whole_blocks(c, STEP_PLANE_BACKWARD_BLOCK, x, dx, work)
         free(work)
-        return 0
+        return status
     if _planes_sums(c, x, <const in_t*>c.dy, a.mean, work, work + nc) != 0:
         free(work)
         return -1
