@@ -216,8 +216,8 @@ cdef Planes _make_planes(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s,
     # MIN_REDUCTION_TASKS tasks and fit FUSED_BLOCK_PARTS times over in
     # every thread's share of it.  (Results are the same bits either way.)
     wanted = _llc_bytes // (FUSED_BLOCK_PARTS * p.n_threads * n * s * itemsize)
-    if wanted > _ceil_div(c, MIN_REDUCTION_TASKS):
-        wanted = _ceil_div(c, MIN_REDUCTION_TASKS)
+    if wanted > c // MIN_REDUCTION_TASKS:
+        wanted = c // MIN_REDUCTION_TASKS
     if planes * s * itemsize >= _stream_min_bytes and c >= MIN_REDUCTION_TASKS and wanted >= 1:
         p.whole_blocks = True
         if p.channel_block > wanted:
