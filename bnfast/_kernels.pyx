@@ -772,11 +772,13 @@ def _default_stream_min_bytes(l3_bytes):
     return STREAM_MIN_BYTES if l3_bytes <= 0 else max(STREAM_MIN_BYTES, l3_bytes // 3 + 1)
 
 
-DEFAULT_STREAM_MIN_BYTES = _default_stream_min_bytes(_last_level_cache_bytes())
+_l3_read = _last_level_cache_bytes()
+DEFAULT_STREAM_MIN_BYTES = _default_stream_min_bytes(_l3_read)
 _stream_min_bytes = DEFAULT_STREAM_MIN_BYTES
 # The last-level cache, as large as STREAM_MIN_BYTES assumes where unknown.
-LLC_BYTES = _last_level_cache_bytes() or 3 * STREAM_MIN_BYTES
+LLC_BYTES = _l3_read or 3 * STREAM_MIN_BYTES
 _llc_bytes = LLC_BYTES
+del _l3_read
 
 
 def _set_tuning(strip_bytes=STRIP_BYTES, stream_min_bytes=DEFAULT_STREAM_MIN_BYTES,

@@ -1260,13 +1260,13 @@ cdef void _pass_block(const Grid* g, Py_ssize_t b, const in_t* x, const in_t* dy
     """The pass (pass_t) over every row of column block b (k: its
     coefficients from column 0): y streamed as the strips' is, dx as the
     pages' (through the staging row, wide rows' dx lost 16 %)."""
-    cdef Py_ssize_t i, c0 = b * g.col_block
-    cdef Py_ssize_t w = g.col_block if c0 + g.col_block <= g.n_cols else g.n_cols - c0
+    cdef Task task = _task(g, b)      # task b: row chunk 0, column block b
     cdef const double* kc[4]
+    cdef int i
     for i in range(4):
-        kc[i] = k[i] + c0 if k[i] != NULL else NULL
+        kc[i] = k[i] + task.c0 if k[i] != NULL else NULL
     _pass_rows(x, dy, y, g.stream if pass_t is AffinePass else g.stream_pages, g.n_cols, g.fold,
-               0, g.n_rows, c0, w, kc, staging, kind)
+               0, g.n_rows, task.c0, task.w, kc, staging, kind)
 
 
 cdef void _train_whole_block(const Grid* g, Py_ssize_t b, const in_t* x, in_t* cache, out_t* y,

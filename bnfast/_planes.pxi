@@ -209,12 +209,6 @@ cdef void _plane_pass_task(const Planes* p, Py_ssize_t t, const in_t* x, const i
     _plane_run(p, q0, q1, x, dy, cache, y, k, kind)
 
 
-cdef inline void _block_channels(const Planes* p, Py_ssize_t b, Py_ssize_t* c0,
-                                 Py_ssize_t* c1) noexcept nogil:
-    c0[0] = b * p.channel_block
-    c1[0] = c0[0] + p.channel_block if c0[0] + p.channel_block < p.c else p.c
-
-
 cdef void _plane_train_block(const Planes* p, Py_ssize_t b, const in_t* x, in_t* cache,
                              out_t* y, const TrainArgs* a, double* part,
                              double* work) noexcept nogil:
@@ -222,9 +216,9 @@ cdef void _plane_train_block(const Planes* p, Py_ssize_t b, const in_t* x, in_t*
     of each chunk (added in chunk order), statistics, then y and cache = x,
     whose second read of the block comes from cache.  work rows: shift (then
     the affine shift), scale, temp (as _planes_train_forward's)."""
-    cdef Py_ssize_t k, i, c0, c1, nc = p.c
+    cdef Py_ssize_t k, i, n0, n1, c0, c1, nc = p.c
     cdef const double* kk[4]
-    _block_channels(p, b, &c0, &c1)
+    _reduction_task(p, b, &n0, &n1, &c0, &c1)     # task b: chunk 0, channel block b
     _channel_shift(p, x, c0, c1, work)
     for k in range(p.n_chunks):
         _plane_sums_task(p, k * p.n_channel_blocks + b, x, <const in_t*>NULL, work, part,
@@ -246,9 +240,9 @@ cdef void _plane_backward_block(const Planes* p, Py_ssize_t b, const in_t* x, co
     each chunk (the reduction tasks' own, added in chunk order), the
     coefficients, then dx, whose second read of the block comes from cache.
     work rows: sum_dy, sum_dy_xc, k_xc, k (as _planes_train_backward's)."""
-    cdef Py_ssize_t k, i, c0, c1, nc = p.c
+    cdef Py_ssize_t k, i, n0, n1, c0, c1, nc = p.c
     cdef const double* kk[4]
-    _block_channels(p, b, &c0, &c1)
+    _reduction_task(p, b, &n0, &n1, &c0, &c1)     # task b: chunk 0, channel block b
     for k in range(p.n_chunks):
         _plane_sums_task(p, k * p.n_channel_blocks + b, x, dy, a.mean, part,
                          <const GradSums*>NULL)
