@@ -349,25 +349,16 @@ cdef int _planes_train_backward(const Call* c, const in_t* x, out_t* dx) noexcep
 
 cdef int _planes_eval_backward(const Call* c, const in_t* x, out_t* dx) noexcept nogil:
     """Gradient of the per-channel eval-mode function (statistics constant)."""
-    cdef const EvalArgs* a = <const EvalArgs*>c.args
-    cdef Py_ssize_t nc = c.planes.c, j
-    cdef double* work = <double*>malloc(4 * nc * sizeof(double))
+    cdef Py_ssize_t nc = c.planes.c
+    cdef double* work = <double*>malloc(5 * nc * sizeof(double))
     if work == NULL:
         return -1
-    # work rows: running mean, invstd (then dx scale), sum_dy, sum_dy_xc
-    _expand(a.rm, 0, nc, work)
-    _expand(a.rv, 0, nc, work + nc)
-    if _planes_sums(c, x, <const in_t*>c.dy, work, work + 2 * nc, work + 3 * nc) != 0:
+    # work rows: running mean, invstd, dx's scale, sum_dy, sum_dy_xc
+    _eval_grad_coefficients(<const EvalArgs*>c.args, nc, work, work + nc, work + 2 * nc)
+    if _planes_sums(c, x, <const in_t*>c.dy, work, work + 3 * nc, work + 4 * nc) != 0:
         free(work)
         return -1
-    for j in range(nc):
-        work[nc + j] = 1.0 / sqrt(work[nc + j] + a.eps)
-        work[3 * nc + j] = work[3 * nc + j] * work[nc + j]       # dgamma
-    _store(c.dbeta, 0, nc, work + 2 * nc)
-    _store(c.dgamma, 0, nc, work + 3 * nc)
-    _expand(a.gamma, 0, nc, work + 2 * nc)
-    for j in range(nc):
-        work[nc + j] = work[2 * nc + j] * work[nc + j]
-    _planes_pass(c, STEP_PLANE_SCALE, x, dx, work + nc, NULL, NULL, NULL)
+    _eval_grad_results(c, nc, work + nc, work + 3 * nc, work + 4 * nc)
+    _planes_pass(c, STEP_PLANE_SCALE, x, dx, work + 2 * nc, NULL, NULL, NULL)
     free(work)
     return 0
