@@ -1089,7 +1089,8 @@ cdef struct Work:
     int n_threads
     Py_ssize_t rows         # scratch rows per thread, of col_block doubles
     Py_ssize_t col_block
-    double* part            # per-chunk partials
+    double* part            # per-chunk partials (_new_part)
+    void* raw               # part's allocation
     double* shifts          # the statistics' per-feature shifts
     double* totals          # per-feature sums, merged
     const double* coef[4]   # an element pass's per-feature coefficients
@@ -1102,6 +1103,15 @@ cdef inline Work _work(int n_threads, Py_ssize_t col_block, Py_ssize_t rows) noe
     w.col_block = col_block
     w.rows = rows
     return w
+
+
+cdef inline bint _new_part(Work* w, Py_ssize_t n_doubles) noexcept nogil:
+    """w.part: n_doubles for the partials and the coefficient rows, from a
+    64-byte line (as the scratch's, see _drive); freed with w.raw.  True
+    where there is no memory."""
+    w.raw = malloc((n_doubles + 8) * sizeof(double))
+    w.part = <double*>((<uintptr_t>w.raw + 63) & ~(<uintptr_t>63))
+    return w.raw == NULL
 
 
 cdef inline void _phase(Work* w, Step step, Py_ssize_t n_tasks, bint dynamic) noexcept nogil:
@@ -1321,8 +1331,7 @@ cdef int _train_forward(const Call* c, const in_t* x, out_t* y) noexcept nogil:
     # output.  part rows: per-chunk means and M2s; after the coefficients,
     # its first two hold scale and shift; its last row holds the shifts.
     w = _work(g.n_threads, g.col_block, 3)
-    w.part = <double*>malloc((2 * (g.n_chunks + 1) + 1) * d * sizeof(double))
-    if w.part == NULL:
+    if _new_part(&w, (2 * (g.n_chunks + 1) + 1) * d):
         return -1
     w.shifts = w.part + 2 * (g.n_chunks + 1) * d
     _block_shifts(g, x, w.shifts)
@@ -1330,7 +1339,7 @@ cdef int _train_forward(const Call* c, const in_t* x, out_t* y) noexcept nogil:
     _row_block_phases(&w, g, STEP_TRAIN_WHOLE_BLOCK, STEP_STATS_BLOCK, STEP_TRAIN_COEF,
                       STEP_AFFINE_PAGES)
     status = _drive(c, &w, x, y)
-    free(w.part)
+    free(w.raw)
     return status
 
 
@@ -1437,15 +1446,14 @@ cdef int _train_backward(const Call* c, const in_t* x, out_t* dx) noexcept nogil
     # 0..K-1 sum_dy per chunk, K..2K-1 sum_dy_xc per chunk, 2K and 2K+1 the
     # totals; once merged, rows 0 and 1 hold the coefficients k_xc and k.
     w = _work(g.n_threads, g.col_block, 1)
-    w.part = <double*>malloc(2 * (g.n_chunks + 1) * d * sizeof(double))
-    if w.part == NULL:
+    if _new_part(&w, 2 * (g.n_chunks + 1) * d):
         return -1
     w.totals = w.part + 2 * g.n_chunks * d
     w.coef[0], w.coef[1], w.coef[2], w.coef[3] = a.mean, w.totals, w.part, w.part + d
     _row_block_phases(&w, g, STEP_BACKWARD_WHOLE_BLOCK, STEP_GRAD_SUMS_BLOCK, STEP_BACKWARD_COEF,
                       STEP_GRAD_INPUT_PAGES)
     status = _drive(c, &w, x, dx)
-    free(w.part)
+    free(w.raw)
     return status
 
 
@@ -1471,12 +1479,9 @@ cdef int _eval_backward(const Call* c, const in_t* x, out_t* dx) noexcept nogil:
     cdef Work w = _work(g.n_threads, g.col_block, 1)
     # part rows: 0..K-1 sum_dy per chunk, K..2K-1 sum_dy_xc per chunk, then
     # the set-up's rm, invstd and dx_scale and the two sums' totals
-    w.part = <double*>malloc(((2 * g.n_chunks + 5) * d + 8) * sizeof(double))
-    if w.part == NULL:
+    if _new_part(&w, (2 * g.n_chunks + 5) * d):
         return -1
-    # (on a 64-byte line, as the driver's scratch: rows that vector loads
-    # read mid-line ran 5-15 % slower)
-    rows = <double*>((<uintptr_t>(w.part + 2 * g.n_chunks * d) + 63) & ~(<uintptr_t>63))
+    rows = w.part + 2 * g.n_chunks * d
     _eval_grad_coefficients(<const EvalArgs*>c.args, d, rows, rows + d, rows + 2 * d)
     w.coef[0], w.coef[1] = rows, rows + 2 * d
     _phase(&w, STEP_EVAL_BACKWARD, g.n_tasks, False)
@@ -1484,7 +1489,7 @@ cdef int _eval_backward(const Call* c, const in_t* x, out_t* dx) noexcept nogil:
     if status == 0:
         _sum_chunk_columns(g.n_chunks, d, w.part, rows + 3 * d, rows + 4 * d, 0, d)
         _eval_grad_results(c, d, rows + d, rows + 3 * d, rows + 4 * d)
-    free(w.part)
+    free(w.raw)
     return status
 
 
@@ -1518,19 +1523,18 @@ cdef int _moments(const Call* c, const in_t* x, double* mean, double* m2) noexce
         return 0
     # part rows: per-chunk means and M2s, then the shifts
     w = _work(g.n_threads, g.col_block, 2)
-    w.part = <double*>malloc((2 * g.n_chunks + 1) * d * sizeof(double))
-    if w.part == NULL:
+    if _new_part(&w, (2 * g.n_chunks + 1) * d):
         return -1
     w.shifts = w.part + 2 * g.n_chunks * d
     _block_shifts(g, x, w.shifts)
     _phase(&w, STEP_STATS_BLOCK, g.n_tasks, True)
     if _drive(c, &w, x, <double*>NULL) != 0:
-        free(w.part)
+        free(w.raw)
         return -1
     _merge_chunk_columns(g, w.part, w.part + g.n_chunks * d, mean, m2, 0, d)
     for j in range(d):      # the mean relative to the shift -> the mean
         mean[j] = w.shifts[j] + mean[j]
-    free(w.part)
+    free(w.raw)
     return 0
 
 
@@ -1556,14 +1560,13 @@ cdef int _grad_sums(const Call* c, const in_t* x, double* sum_dy,
     if c.planes != NULL:
         return _planes_sums(c, x, <const in_t*>c.dy, c.coef[0], sum_dy, sum_dy_xc)
     w = _work(g.n_threads, g.col_block, 0)
-    w.part = <double*>malloc(2 * g.n_chunks * d * sizeof(double))
-    if w.part == NULL:
+    if _new_part(&w, 2 * g.n_chunks * d):
         return -1
     w.coef[0] = c.coef[0]
     _phase(&w, STEP_GRAD_SUMS_BLOCK, g.n_tasks, True)
     _drive(c, &w, x, <double*>NULL)
     _sum_chunk_columns(g.n_chunks, d, w.part, sum_dy, sum_dy_xc, 0, d)
-    free(w.part)
+    free(w.raw)
     return 0
 
 

@@ -124,14 +124,13 @@ cdef int _planes_sums(const Call* c, const in_t* x, const in_t* dy, const double
     chunks added in order."""
     cdef const Planes* p = c.planes
     cdef Work w = _work(p.n_threads, 0, 0)
-    w.part = <double*>malloc(2 * p.n_chunks * p.c * sizeof(double))
-    if w.part == NULL:
+    if _new_part(&w, 2 * p.n_chunks * p.c):
         return -1
     w.coef[0] = center
     _phase(&w, STEP_PLANE_MOMENTS if dy == NULL else STEP_PLANE_GRAD_SUMS, p.n_tasks, True)
     _drive(c, &w, x, <double*>NULL)
     _sum_chunk_columns(p.n_chunks, p.c, w.part, s1, s2, 0, p.c)
-    free(w.part)
+    free(w.raw)
     return 0
 
 
@@ -279,13 +278,12 @@ cdef int _planes_whole_blocks(const Call* c, Step step, const in_t* x, out_t* y,
     the per-chunk partials and the operation's work rows."""
     cdef Work w = _work(c.planes.n_threads, 0, 0)
     cdef int status
-    w.part = <double*>malloc(2 * c.planes.n_chunks * c.planes.c * sizeof(double))
-    if w.part == NULL:
+    if _new_part(&w, 2 * c.planes.n_chunks * c.planes.c):
         return -1
     w.totals = work
     _phase(&w, step, c.planes.n_channel_blocks, True)
     status = _drive(c, &w, x, y)
-    free(w.part)
+    free(w.raw)
     return status
 
 
