@@ -16,10 +16,12 @@
 # address order.
 
 cdef extern from "planes.h":
-    Py_ssize_t bnfast_lane_sums_d(bint grad, const double* x, const double* g, Py_ssize_t n,
-                                  double k, double* a1, double* a2) noexcept nogil
-    Py_ssize_t bnfast_lane_sums_f(bint grad, const float* x, const float* g, Py_ssize_t n,
-                                  double k, double* a1, double* a2) noexcept nogil
+    void bnfast_lane_sums_d(bint grad, const double* x, const double* g, Py_ssize_t n,
+                            Py_ssize_t planes, Py_ssize_t stride, double k, double* a1,
+                            double* a2, double* t1, double* t2) noexcept nogil
+    void bnfast_lane_sums_f(bint grad, const float* x, const float* g, Py_ssize_t n,
+                            Py_ssize_t planes, Py_ssize_t stride, double k, double* a1,
+                            double* a2, double* t1, double* t2) noexcept nogil
 
 
 cdef void _channel_shift(const Planes* p, const in_t* x, Py_ssize_t c0, Py_ssize_t c1,
@@ -55,23 +57,16 @@ cdef inline void _reduction_task(const Planes* p, Py_ssize_t t, Py_ssize_t* n0, 
     c1[0] = c0[0] + p.channel_block if c0[0] + p.channel_block < p.c else p.c
 
 
-cdef inline void _plane_sums(const in_t* x, const in_t* dy, Py_ssize_t s, double k, double* a1,
-                             double* a2, double* t1, double* t2,
-                             const sums_t* kind) noexcept nogil:
-    """One plane's sums (sums_t; kind: NULL, naming it) added to the lane
-    sums a1, a2 and, past the last whole 16 values, to t1, t2."""
-    cdef Py_ssize_t j
-    cdef double a, b
+cdef inline void _plane_sums(const in_t* x, const in_t* dy, Py_ssize_t s, Py_ssize_t planes,
+                             Py_ssize_t stride, double k, double* a1, double* a2, double* t1,
+                             double* t2, const sums_t* kind) noexcept nogil:
+    """The sums (sums_t; kind: NULL, naming it) of `planes` planes, stride
+    values apart, added to the lane sums a1, a2 and, past each plane's last
+    whole 16 values, to t1, t2 (planes.h)."""
     if in_t is double:
-        j = bnfast_lane_sums_d(sums_t is GradSums, x, dy, s, k, a1, a2)
+        bnfast_lane_sums_d(sums_t is GradSums, x, dy, s, planes, stride, k, a1, a2, t1, t2)
     else:
-        j = bnfast_lane_sums_f(sums_t is GradSums, x, dy, s, k, a1, a2)
-    while j < s:
-        b = x[j] - k
-        a = dy[j] if sums_t is GradSums else b
-        t1[0] += a
-        t2[0] += a * b
-        j += 1
+        bnfast_lane_sums_f(sums_t is GradSums, x, dy, s, planes, stride, k, a1, a2, t1, t2)
 
 
 cdef void _plane_sums_task(const Planes* p, Py_ssize_t t, const in_t* x, const in_t* dy,
@@ -95,10 +90,9 @@ cdef void _plane_sums_task(const Planes* p, Py_ssize_t t, const in_t* x, const i
         for l in range(LANES):
             one1[l] = 0.0
             one2[l] = 0.0
-        for i in range(n0, n1):
-            off = (i * p.c + c0) * p.s
-            _plane_sums(x + off, dy + off if dy != NULL else NULL, p.s, center[c0], one1, one2,
-                        &s1, &s2, kind)
+        off = (n0 * p.c + c0) * p.s
+        _plane_sums(x + off, dy + off if dy != NULL else NULL, p.s, n1 - n0, p.c * p.s,
+                    center[c0], one1, one2, &s1, &s2, kind)
         _lanes_total(one1, s1, &part[k * p.c + c0])
         _lanes_total(one2, s2, &part[(p.n_chunks + k) * p.c + c0])
         return
@@ -111,7 +105,7 @@ cdef void _plane_sums_task(const Planes* p, Py_ssize_t t, const in_t* x, const i
     for i in range(n0, n1):
         for b in range(nb):
             off = (i * p.c + c0 + b) * p.s
-            _plane_sums(x + off, dy + off if dy != NULL else NULL, p.s, center[c0 + b],
+            _plane_sums(x + off, dy + off if dy != NULL else NULL, p.s, 1, 0, center[c0 + b],
                         &a1[b * LANES], &a2[b * LANES], &t1[b], &t2[b], kind)
     for b in range(nb):
         _lanes_total(&a1[b * LANES], t1[b], &part[k * p.c + c0 + b])
