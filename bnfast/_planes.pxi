@@ -75,38 +75,31 @@ cdef void _plane_sums_task(const Planes* p, Py_ssize_t t, const in_t* x, const i
     """Task t = (chunk k, channels c0..c1): per channel, _plane_sums over the
     chunk's planes, samples in order, into part's rows k and n_chunks + k.
     A block of channels is read sample by sample, each sample's planes of
-    the block one run; a single channel keeps its sums in registers."""
+    the block one run; a single channel's planes go to one call, which keeps
+    its lane sums in registers."""
     cdef Py_ssize_t n0, n1, c0, c1, i, l, b, off, nb, k = t // p.n_channel_blocks
     cdef double a1[MAX_CHANNEL_BLOCK * LANES]
     cdef double a2[MAX_CHANNEL_BLOCK * LANES]
     cdef double t1[MAX_CHANNEL_BLOCK]
     cdef double t2[MAX_CHANNEL_BLOCK]
-    cdef double one1[LANES]
-    cdef double one2[LANES]
-    cdef double s1 = 0.0, s2 = 0.0
     _reduction_task(p, t, &n0, &n1, &c0, &c1)
     nb = c1 - c0
-    if nb == 1:
-        for l in range(LANES):
-            one1[l] = 0.0
-            one2[l] = 0.0
-        off = (n0 * p.c + c0) * p.s
-        _plane_sums(x + off, dy + off if dy != NULL else NULL, p.s, n1 - n0, p.c * p.s,
-                    center[c0], one1, one2, &s1, &s2, kind)
-        _lanes_total(one1, s1, &part[k * p.c + c0])
-        _lanes_total(one2, s2, &part[(p.n_chunks + k) * p.c + c0])
-        return
     for l in range(nb * LANES):
         a1[l] = 0.0
         a2[l] = 0.0
     for b in range(nb):
         t1[b] = 0.0
         t2[b] = 0.0
-    for i in range(n0, n1):
-        for b in range(nb):
-            off = (i * p.c + c0 + b) * p.s
-            _plane_sums(x + off, dy + off if dy != NULL else NULL, p.s, 1, 0, center[c0 + b],
-                        &a1[b * LANES], &a2[b * LANES], &t1[b], &t2[b], kind)
+    if nb == 1:
+        off = (n0 * p.c + c0) * p.s
+        _plane_sums(x + off, dy + off if dy != NULL else NULL, p.s, n1 - n0, p.c * p.s,
+                    center[c0], a1, a2, t1, t2, kind)
+    else:
+        for i in range(n0, n1):
+            for b in range(nb):
+                off = (i * p.c + c0 + b) * p.s
+                _plane_sums(x + off, dy + off if dy != NULL else NULL, p.s, 1, 0, center[c0 + b],
+                            &a1[b * LANES], &a2[b * LANES], &t1[b], &t2[b], kind)
     for b in range(nb):
         _lanes_total(&a1[b * LANES], t1[b], &part[k * p.c + c0 + b])
         _lanes_total(&a2[b * LANES], t2[b], &part[(p.n_chunks + k) * p.c + c0 + b])
